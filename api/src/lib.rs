@@ -1,0 +1,1 @@
+//! Ledgerflow's HTTP surface (public API, webhooks, admin); filled by the API issue.

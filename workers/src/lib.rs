@@ -1,0 +1,1 @@
+//! Ledgerflow worker process (runner lands next).

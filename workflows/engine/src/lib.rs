@@ -1,0 +1,44 @@
+//! The durable runtime of Ledgerflow, with no domain knowledge.
+//!
+//! Everything that must survive a crash goes through this crate, and all of the
+//! runtime's SQL lives here (Architecture Invariant: handlers never build SQL).
+//!
+//! Layout, one concept per module:
+//! - [`job`]      — job rows, states, and the `NewJob` builder used to enqueue;
+//! - [`store`]    — the queue's SQL: insert, claim, heartbeat, finish, rescue,
+//!   promote, prune and the operator actions (retry, cancel, discard);
+//! - [`lease`]    — a claimed attempt's lease and the fenced transaction that
+//!   lets a handler commit its own writes together with the job's completion;
+//! - [`outcome`]  — what a handler returns (complete, retry, fail, cancel, snooze);
+//! - [`retry`]    — exponential backoff with jitter;
+//! - [`queue`]    — queue controls (pause/resume) and statistics;
+//! - [`notify`]   — LISTEN/NOTIFY channel names and the wake-up listener;
+//! - [`clock`]    — the injectable clock (database clock by default);
+//! - [`testing`]  — (feature `testing`) per-test databases and helpers.
+//!
+//! The schema is in the workspace's `migrations/` folder and is applied with
+//! [`MIGRATOR`], the one migrator that binaries, tests and the Helm migration
+//! Job all use.
+
+pub mod clock;
+pub mod error;
+pub mod job;
+pub mod lease;
+pub mod notify;
+pub mod outcome;
+pub mod queue;
+pub mod retry;
+pub mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use clock::{Clock, DbClock, ManualClock};
+pub use error::{Error, Result};
+pub use job::{Inserted, Job, JobId, JobState, NewJob};
+pub use lease::{FencedTx, Lease};
+pub use outcome::Outcome;
+pub use retry::RetryPolicy;
+pub use store::{Store, StoreConfig};
+
+/// The workspace's migrations, embedded at compile time.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");

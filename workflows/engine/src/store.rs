@@ -1,0 +1,757 @@
+//! The job queue's SQL: insert, claim, heartbeat, finish, rescue, promote,
+//! prune, and the operator actions.
+//!
+//! Operation names are noun-first (`job_insert`, `job_claim`, …), one method
+//! each. Methods that end in `_in` run on a connection the caller provides —
+//! usually inside the caller's own transaction — so that enqueueing or
+//! finishing a job commits together with the caller's writes.
+//!
+//! Every statement takes "now" as a parameter from the injected [`Clock`] and
+//! falls back to the database's `now()` when the clock has no opinion (the
+//! production default), so all workers share the database's timeline.
+use crate::job::{Attempt, JOB_COLUMNS};
+use crate::lease::Lease;
+use crate::notify::JOBS_CHANNEL;
+use crate::{Clock, DbClock, Error, Inserted, Job, JobId, JobState, NewJob, Outcome, Result, RetryPolicy};
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, PgPool, Row};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use uuid::Uuid;
+
+/// Settings of a [`Store`].
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// How long a claim's lease lasts without a heartbeat.
+    pub lease_ttl: Duration,
+    /// Send NOTIFY on inserts (turn off behind poolers that can't LISTEN).
+    pub notify: bool,
+    /// Backoff for retried attempts.
+    pub retry: RetryPolicy,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            lease_ttl: Duration::from_secs(10),
+            notify: true,
+            retry: RetryPolicy::default(),
+        }
+    }
+}
+
+/// Handle on the job store. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: PgPool,
+    clock: Arc<dyn Clock>,
+    config: Arc<StoreConfig>,
+}
+
+/// A job claimed under a lease, ready for its handler.
+#[derive(Debug, Clone)]
+pub struct ClaimedJob {
+    pub id: JobId,
+    pub queue: String,
+    pub kind: String,
+    pub args: serde_json::Value,
+    pub priority: i16,
+    pub timeout: Option<Duration>,
+    pub workflow_id: Option<Uuid>,
+    pub workflow_step: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub run_at: DateTime<Utc>,
+    /// The attempt's lease (attempt number, token, owner).
+    pub lease: Lease,
+}
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl Store {
+    /// A store on `pool` with default settings and the database clock.
+    pub fn new(pool: PgPool) -> Self {
+        Self::with_config(pool, StoreConfig::default())
+    }
+
+    /// A store with explicit settings.
+    pub fn with_config(pool: PgPool, config: StoreConfig) -> Self {
+        Self {
+            pool,
+            clock: Arc::new(DbClock),
+            config: Arc::new(config),
+        }
+    }
+
+    /// Replaces the clock (tests use a [`crate::ManualClock`]).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &StoreConfig {
+        &self.config
+    }
+
+    /// The clock's reading (`None`: the database's `now()`).
+    pub fn now(&self) -> Option<DateTime<Utc>> {
+        self.clock.now()
+    }
+
+    // ---------------------------------------------------------------- insert
+
+    /// Enqueues one job in its own transaction.
+    pub async fn job_insert(&self, job: &NewJob) -> Result<Inserted> {
+        let mut conn = self.pool.acquire().await?;
+        self.job_insert_in(&mut conn, job).await
+    }
+
+    /// Enqueues one job on the caller's connection (inside their transaction,
+    /// if one is open). A unique-key conflict returns the existing job and
+    /// never aborts the caller's transaction.
+    pub async fn job_insert_in(&self, conn: &mut PgConnection, job: &NewJob) -> Result<Inserted> {
+        job.validate()?;
+        let row = sqlx::query(
+            "WITH t AS (SELECT coalesce($12::timestamptz, now()) AS n),
+             ins AS (
+               INSERT INTO jobs (id, queue, kind, args, state, priority, max_attempts, timeout_ms,
+                                 run_at, unique_key, workflow_id, workflow_step, created_at)
+               SELECT $1, $2, $3, $4,
+                      CASE WHEN coalesce($8, t.n) <= t.n THEN 'available'::job_state
+                           ELSE 'scheduled'::job_state END,
+                      $5, $6, $7, coalesce($8, t.n), $9, $10, $11, t.n
+               FROM t
+               ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL DO NOTHING
+               RETURNING id, state, queue
+             ),
+             ntf AS (
+               SELECT count(pg_notify($14, queue)) AS n
+               FROM (SELECT DISTINCT queue FROM ins WHERE $13 AND state = 'available') q
+             )
+             SELECT ins.id, ntf.n FROM ins, ntf",
+        )
+        .bind(job.id)
+        .bind(&job.queue)
+        .bind(&job.kind)
+        .bind(&job.args)
+        .bind(job.priority)
+        .bind(job.max_attempts)
+        .bind(job.timeout_ms())
+        .bind(job.run_at)
+        .bind(&job.unique_key)
+        .bind(job.workflow_id)
+        .bind(&job.workflow_step)
+        .bind(self.now())
+        .bind(self.config.notify)
+        .bind(JOBS_CHANNEL)
+        .fetch_optional(&mut *conn)
+        .await?;
+        if let Some(row) = row {
+            return Ok(Inserted::New(row.try_get(0)?));
+        }
+        let key = job.unique_key.clone().unwrap_or_default();
+        let existing: Option<Uuid> = sqlx::query_scalar("SELECT id FROM jobs WHERE unique_key = $1")
+            .bind(&key)
+            .fetch_optional(&mut *conn)
+            .await?;
+        existing
+            .map(Inserted::Existing)
+            .ok_or(Error::UniqueKeyNotVisible { key })
+    }
+
+    /// Enqueues many jobs in one transaction, in chunks of a few thousand rows
+    /// per statement. Returns one [`Inserted`] per input, in order.
+    pub async fn job_insert_many(&self, jobs: &[NewJob]) -> Result<Vec<Inserted>> {
+        let mut tx = self.pool.begin().await?;
+        let out = self.job_insert_many_in(&mut tx, jobs).await?;
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    /// Bulk insert on the caller's connection.
+    pub async fn job_insert_many_in(
+        &self,
+        conn: &mut PgConnection,
+        jobs: &[NewJob],
+    ) -> Result<Vec<Inserted>> {
+        const CHUNK: usize = 5_000;
+        let mut out = Vec::with_capacity(jobs.len());
+        for chunk in jobs.chunks(CHUNK) {
+            out.extend(self.insert_chunk(conn, chunk).await?);
+        }
+        Ok(out)
+    }
+
+    async fn insert_chunk(&self, conn: &mut PgConnection, jobs: &[NewJob]) -> Result<Vec<Inserted>> {
+        let n = jobs.len();
+        let (mut ids, mut queues, mut kinds, mut args) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let (mut prios, mut maxes, mut timeouts, mut run_ats) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let (mut keys, mut wf_ids, mut wf_steps) =
+            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        for j in jobs {
+            j.validate()?;
+            ids.push(j.id);
+            queues.push(j.queue.as_str());
+            kinds.push(j.kind.as_str());
+            args.push(j.args.clone());
+            prios.push(j.priority);
+            maxes.push(j.max_attempts);
+            timeouts.push(j.timeout_ms());
+            run_ats.push(j.run_at);
+            keys.push(j.unique_key.as_deref());
+            wf_ids.push(j.workflow_id);
+            wf_steps.push(j.workflow_step.as_deref());
+        }
+        let rows = sqlx::query(
+            "WITH t AS (SELECT coalesce($12::timestamptz, now()) AS n),
+             ins AS (
+               INSERT INTO jobs (id, queue, kind, args, state, priority, max_attempts, timeout_ms,
+                                 run_at, unique_key, workflow_id, workflow_step, created_at)
+               SELECT s.id, s.queue, s.kind, s.args,
+                      CASE WHEN coalesce(s.run_at, t.n) <= t.n THEN 'available'::job_state
+                           ELSE 'scheduled'::job_state END,
+                      s.priority, s.max_attempts, s.timeout_ms, coalesce(s.run_at, t.n),
+                      s.unique_key, s.workflow_id, s.workflow_step, t.n
+               FROM unnest($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::int2[], $6::int4[],
+                           $7::int4[], $8::timestamptz[], $9::text[], $10::uuid[], $11::text[])
+                    AS s(id, queue, kind, args, priority, max_attempts, timeout_ms, run_at,
+                         unique_key, workflow_id, workflow_step),
+                    t
+               ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL DO NOTHING
+               RETURNING id, state, queue
+             ),
+             ntf AS (
+               SELECT count(pg_notify($14, queue)) AS n
+               FROM (SELECT DISTINCT queue FROM ins WHERE $13 AND state = 'available') q
+             )
+             SELECT ins.id FROM ins, ntf",
+        )
+        .bind(&ids)
+        .bind(&queues)
+        .bind(&kinds)
+        .bind(&args)
+        .bind(&prios)
+        .bind(&maxes)
+        .bind(&timeouts)
+        .bind(&run_ats)
+        .bind(&keys)
+        .bind(&wf_ids)
+        .bind(&wf_steps)
+        .bind(self.now())
+        .bind(self.config.notify)
+        .bind(JOBS_CHANNEL)
+        .fetch_all(&mut *conn)
+        .await?;
+        let mut inserted = std::collections::HashSet::with_capacity(rows.len());
+        for r in &rows {
+            inserted.insert(r.try_get::<Uuid, _>(0)?);
+        }
+        let missing: Vec<&str> = jobs
+            .iter()
+            .filter(|j| !inserted.contains(&j.id))
+            .filter_map(|j| j.unique_key.as_deref())
+            .collect();
+        let mut existing: HashMap<String, Uuid> = HashMap::new();
+        if !missing.is_empty() {
+            let rows = sqlx::query("SELECT unique_key, id FROM jobs WHERE unique_key = ANY($1)")
+                .bind(&missing)
+                .fetch_all(&mut *conn)
+                .await?;
+            for r in rows {
+                existing.insert(r.try_get(0)?, r.try_get(1)?);
+            }
+        }
+        jobs.iter()
+            .map(|j| {
+                if inserted.contains(&j.id) {
+                    return Ok(Inserted::New(j.id));
+                }
+                let key = j.unique_key.clone().unwrap_or_default();
+                existing
+                    .get(&key)
+                    .copied()
+                    .map(Inserted::Existing)
+                    .ok_or(Error::UniqueKeyNotVisible { key })
+            })
+            .collect()
+    }
+
+    // ----------------------------------------------------------------- read
+
+    /// One job by id.
+    pub async fn job_get(&self, id: JobId) -> Result<Option<Job>> {
+        let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1");
+        Ok(sqlx::query_as::<_, Job>(&sql)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    /// Every recorded unsuccessful attempt of a job, oldest first.
+    pub async fn job_attempts(&self, id: JobId) -> Result<Vec<Attempt>> {
+        Ok(sqlx::query_as::<_, Attempt>(
+            "SELECT job_id, attempt, worker, outcome, error, started_at, finished_at
+             FROM job_attempts WHERE job_id = $1 ORDER BY attempt",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    // ---------------------------------------------------------------- claim
+
+    /// Claims up to `limit` available jobs of `queue` for `owner`, in
+    /// priority then `run_at` order, skipping rows other workers hold. Each
+    /// claimed job gets a new lease token and `attempt + 1`. A paused queue
+    /// yields nothing.
+    pub async fn job_claim(&self, queue: &str, owner: &Arc<str>, limit: u32) -> Result<Vec<ClaimedJob>> {
+        let rows = sqlx::query(
+            "WITH t AS (SELECT coalesce($4::timestamptz, now()) AS n),
+             next AS (
+               SELECT id FROM jobs
+               WHERE state = 'available' AND queue = $1
+                 AND NOT EXISTS (SELECT 1 FROM queues q WHERE q.name = $1 AND q.paused)
+               ORDER BY priority, run_at, id
+               LIMIT $2
+               FOR UPDATE SKIP LOCKED
+             )
+             UPDATE jobs j
+             SET state = 'running', attempt = j.attempt + 1, attempted_at = t.n,
+                 lease_owner = $3, lease_token = gen_random_uuid(),
+                 lease_expires_at = t.n + $5 * interval '1 millisecond'
+             FROM next, t
+             WHERE j.id = next.id
+             RETURNING j.id, j.kind, j.args, j.priority, j.timeout_ms, j.workflow_id,
+                       j.workflow_step, j.created_at, j.run_at, j.lease_token, j.attempt,
+                       j.max_attempts, j.attempted_at",
+        )
+        .bind(queue)
+        .bind(i64::from(limit))
+        .bind(&**owner)
+        .bind(self.now())
+        .bind(ms(self.config.lease_ttl))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|r| {
+                let id: Uuid = r.try_get(0)?;
+                let timeout_ms: Option<i32> = r.try_get(4)?;
+                Ok(ClaimedJob {
+                    id,
+                    queue: queue.to_string(),
+                    kind: r.try_get(1)?,
+                    args: r.try_get(2)?,
+                    priority: r.try_get(3)?,
+                    timeout: timeout_ms.map(|m| Duration::from_millis(u64::try_from(m).unwrap_or(0))),
+                    workflow_id: r.try_get(5)?,
+                    workflow_step: r.try_get(6)?,
+                    created_at: r.try_get(7)?,
+                    run_at: r.try_get(8)?,
+                    lease: Lease::new(
+                        id,
+                        r.try_get(9)?,
+                        owner.clone(),
+                        r.try_get(10)?,
+                        r.try_get(11)?,
+                        r.try_get(12)?,
+                    ),
+                })
+            })
+            .collect()
+    }
+
+    /// Extends the leases of running attempts. Rows locked by a handler's
+    /// [`crate::FencedTx`] are skipped (the reaper skips them too, and they are
+    /// about to finish). Returns the ids whose lease was extended.
+    pub async fn job_heartbeat(&self, leases: &[(JobId, Uuid)]) -> Result<Vec<JobId>> {
+        if leases.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (ids, tokens): (Vec<Uuid>, Vec<Uuid>) = leases.iter().copied().unzip();
+        Ok(sqlx::query_scalar(
+            "WITH t AS (SELECT coalesce($3::timestamptz, now()) AS n),
+             h AS (
+               SELECT j.id FROM jobs j
+               JOIN unnest($1::uuid[], $2::uuid[]) AS c(id, token)
+                 ON j.id = c.id AND j.lease_token = c.token
+               WHERE j.state = 'running'
+               FOR UPDATE OF j SKIP LOCKED
+             )
+             UPDATE jobs j SET lease_expires_at = t.n + $4 * interval '1 millisecond'
+             FROM h, t WHERE j.id = h.id
+             RETURNING j.id",
+        )
+        .bind(&ids)
+        .bind(&tokens)
+        .bind(self.now())
+        .bind(ms(self.config.lease_ttl))
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    // --------------------------------------------------------------- finish
+
+    /// Completes many attempts in one statement (the runner's fast path).
+    /// Only attempts whose token is still current complete; returns their ids.
+    pub async fn job_complete_many(&self, leases: &[(JobId, Uuid)]) -> Result<Vec<JobId>> {
+        if leases.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (ids, tokens): (Vec<Uuid>, Vec<Uuid>) = leases.iter().copied().unzip();
+        Ok(sqlx::query_scalar(
+            "WITH t AS (SELECT coalesce($3::timestamptz, now()) AS n)
+             UPDATE jobs j
+             SET state = 'completed', finished_at = t.n, completed_by = j.lease_owner,
+                 lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL
+             FROM unnest($1::uuid[], $2::uuid[]) AS c(id, token), t
+             WHERE j.id = c.id AND j.lease_token = c.token AND j.state = 'running'
+             RETURNING j.id",
+        )
+        .bind(&ids)
+        .bind(&tokens)
+        .bind(self.now())
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Records an attempt's outcome in its own transaction.
+    pub async fn job_finish(&self, lease: &Lease, outcome: &Outcome) -> Result<()> {
+        let mut conn = self.pool.acquire().await?;
+        self.job_finish_in(&mut conn, lease, outcome).await
+    }
+
+    /// Records an attempt's outcome on the caller's connection. Fails with
+    /// [`Error::StaleLease`] when the lease is no longer current; the caller
+    /// must then roll back whatever else its transaction wrote.
+    pub async fn job_finish_in(
+        &self,
+        conn: &mut PgConnection,
+        lease: &Lease,
+        outcome: &Outcome,
+    ) -> Result<()> {
+        // (new state, delay before run_at, attempts given back, error text, attempt-row outcome)
+        let (state, delay, give_back, error, recorded): (JobState, Option<Duration>, i32, Option<&str>, Option<&str>) =
+            match outcome {
+                Outcome::Complete => (JobState::Completed, None, 0, None, None),
+                Outcome::Retry { error, delay } if lease.is_last_attempt() => {
+                    let _ = delay;
+                    (JobState::Discarded, None, 0, Some(error), Some("discarded"))
+                }
+                Outcome::Retry { error, delay } => {
+                    let d = delay.unwrap_or_else(|| self.config.retry.backoff(lease.attempt));
+                    (JobState::Retryable, Some(d), 0, Some(error), Some("retry"))
+                }
+                Outcome::Fail { error } => (JobState::Failed, None, 0, Some(error), Some("failed")),
+                Outcome::Cancel { reason } => {
+                    (JobState::Cancelled, None, 0, Some(reason), Some("cancelled"))
+                }
+                Outcome::Snooze(d) => (JobState::Scheduled, Some(*d), 1, None, None),
+            };
+        let done: i64 = sqlx::query_scalar(
+            "WITH t AS (SELECT coalesce($3::timestamptz, now()) AS n),
+             upd AS (
+               UPDATE jobs j
+               SET state = $4,
+                   run_at = CASE WHEN $5::bigint IS NULL THEN j.run_at
+                                 ELSE t.n + $5 * interval '1 millisecond' END,
+                   attempt = j.attempt - $6,
+                   last_error = coalesce($7, j.last_error),
+                   finished_at = CASE WHEN $4 IN ('completed', 'failed', 'cancelled', 'discarded')
+                                      THEN t.n END,
+                   completed_by = CASE WHEN $4 = 'completed' THEN j.lease_owner END,
+                   lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL
+               FROM t
+               WHERE j.id = $1 AND j.lease_token = $2 AND j.state = 'running'
+               RETURNING j.id, t.n
+             ),
+             att AS (
+               INSERT INTO job_attempts (job_id, attempt, worker, outcome, error, started_at, finished_at)
+               SELECT id, $9, $8, $10, $7, $11, n FROM upd WHERE $10::text IS NOT NULL
+               ON CONFLICT DO NOTHING
+             )
+             SELECT count(*) FROM upd",
+        )
+        .bind(lease.job_id)
+        .bind(lease.token)
+        .bind(self.now())
+        .bind(state)
+        .bind(delay.map(ms))
+        .bind(give_back)
+        .bind(error)
+        .bind(&*lease.owner)
+        .bind(lease.attempt)
+        .bind(recorded)
+        .bind(lease.attempted_at)
+        .fetch_one(&mut *conn)
+        .await?;
+        if done == 0 {
+            return Err(Error::StaleLease {
+                job_id: lease.job_id,
+                token: lease.token,
+            });
+        }
+        Ok(())
+    }
+
+    /// Gives leases back without using up an attempt (graceful shutdown):
+    /// the jobs become available at once. Returns how many were released.
+    pub async fn job_release(&self, leases: &[(JobId, Uuid)]) -> Result<u64> {
+        if leases.is_empty() {
+            return Ok(0);
+        }
+        let (ids, tokens): (Vec<Uuid>, Vec<Uuid>) = leases.iter().copied().unzip();
+        let n: i64 = sqlx::query_scalar(
+            "WITH t AS (SELECT coalesce($3::timestamptz, now()) AS n),
+             upd AS (
+               UPDATE jobs j
+               SET state = 'available', attempt = j.attempt - 1, run_at = t.n,
+                   lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL
+               FROM unnest($1::uuid[], $2::uuid[]) AS c(id, token), t
+               WHERE j.id = c.id AND j.lease_token = c.token AND j.state = 'running'
+               RETURNING j.queue
+             ),
+             ntf AS (
+               SELECT count(pg_notify($4, queue)) AS n
+               FROM (SELECT DISTINCT queue FROM upd WHERE $5) q
+             )
+             SELECT (SELECT count(*) FROM upd) + 0 * (SELECT n FROM ntf)",
+        )
+        .bind(&ids)
+        .bind(&tokens)
+        .bind(self.now())
+        .bind(JOBS_CHANNEL)
+        .bind(self.config.notify)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    // ---------------------------------------------------------- maintenance
+
+    /// The lease reaper: jobs whose lease expired (their worker died or hung)
+    /// become available again, or are discarded if that was their last
+    /// attempt. Each rescue is recorded as a `lease_expired` attempt.
+    pub async fn job_rescue_expired(&self, limit: u32) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar(
+            "WITH t AS (SELECT coalesce($1::timestamptz, now()) AS n),
+             expired AS (
+               SELECT j.id, j.lease_owner, j.attempt, j.attempted_at
+               FROM jobs j, t
+               WHERE j.state = 'running' AND j.lease_expires_at < t.n
+               ORDER BY j.lease_expires_at
+               LIMIT $2
+               FOR UPDATE OF j SKIP LOCKED
+             ),
+             upd AS (
+               UPDATE jobs j
+               SET state = CASE WHEN j.attempt >= j.max_attempts THEN 'discarded'::job_state
+                                ELSE 'available'::job_state END,
+                   run_at = t.n,
+                   finished_at = CASE WHEN j.attempt >= j.max_attempts THEN t.n END,
+                   last_error = 'lease expired: worker ' || e.lease_owner || ' stopped heartbeating',
+                   lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL
+               FROM expired e, t
+               WHERE j.id = e.id
+               RETURNING j.id, j.queue, j.state, e.lease_owner, e.attempt, e.attempted_at, t.n
+             ),
+             att AS (
+               INSERT INTO job_attempts (job_id, attempt, worker, outcome, error, started_at, finished_at)
+               SELECT id, attempt, lease_owner, 'lease_expired',
+                      'lease expired: worker ' || lease_owner || ' stopped heartbeating',
+                      coalesce(attempted_at, n), n
+               FROM upd
+               ON CONFLICT DO NOTHING
+             ),
+             ntf AS (
+               SELECT count(pg_notify($3, queue)) AS n
+               FROM (SELECT DISTINCT queue FROM upd WHERE $4 AND state = 'available') q
+             )
+             SELECT (SELECT count(*) FROM upd) + 0 * (SELECT n FROM ntf)",
+        )
+        .bind(self.now())
+        .bind(i64::from(limit))
+        .bind(JOBS_CHANNEL)
+        .bind(self.config.notify)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// Makes scheduled and retryable jobs whose `run_at` has come available,
+    /// waking their queues. Returns how many were promoted.
+    pub async fn job_promote_due(&self, limit: u32) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar(
+            "WITH t AS (SELECT coalesce($1::timestamptz, now()) AS n),
+             due AS (
+               SELECT j.id FROM jobs j, t
+               WHERE j.state IN ('scheduled', 'retryable') AND j.run_at <= t.n
+               ORDER BY j.run_at
+               LIMIT $2
+               FOR UPDATE OF j SKIP LOCKED
+             ),
+             upd AS (
+               UPDATE jobs j SET state = 'available' FROM due WHERE j.id = due.id RETURNING j.queue
+             ),
+             ntf AS (
+               SELECT count(pg_notify($3, queue)) AS n
+               FROM (SELECT DISTINCT queue FROM upd WHERE $4) q
+             )
+             SELECT (SELECT count(*) FROM upd) + 0 * (SELECT n FROM ntf)",
+        )
+        .bind(self.now())
+        .bind(i64::from(limit))
+        .bind(JOBS_CHANNEL)
+        .bind(self.config.notify)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// Deletes up to `limit` completed jobs finished before `completed_before`
+    /// and dead letters (failed, cancelled, discarded) finished before
+    /// `dead_before`, so history never slows the queue down. Returns the count.
+    pub async fn job_prune(
+        &self,
+        completed_before: DateTime<Utc>,
+        dead_before: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<u64> {
+        let done = sqlx::query(
+            "DELETE FROM jobs WHERE id IN (
+               SELECT id FROM jobs
+               WHERE finished_at IS NOT NULL
+                 AND ((state = 'completed' AND finished_at < $1)
+                      OR (state IN ('failed', 'cancelled', 'discarded') AND finished_at < $2))
+               LIMIT $3
+               FOR UPDATE SKIP LOCKED)",
+        )
+        .bind(completed_before)
+        .bind(dead_before)
+        .bind(i64::from(limit))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    // ------------------------------------------------------------- operator
+
+    /// Makes a job run again now: from `retryable`, `scheduled`, `failed`,
+    /// `cancelled` or `discarded`. A job out of attempts gets one more.
+    pub async fn job_retry_in(&self, conn: &mut PgConnection, id: JobId) -> Result<Job> {
+        self.operator_action(
+            conn,
+            id,
+            "retry",
+            &[
+                JobState::Retryable,
+                JobState::Scheduled,
+                JobState::Failed,
+                JobState::Cancelled,
+                JobState::Discarded,
+                JobState::Available,
+            ],
+            "state = 'available', run_at = t.n, finished_at = NULL,
+             max_attempts = greatest(j.max_attempts, j.attempt + 1)",
+            None,
+        )
+        .await
+    }
+
+    /// Cancels a job that has not finished. A running attempt is fenced off:
+    /// its lease is revoked, so nothing it later tries to commit is applied.
+    pub async fn job_cancel_in(&self, conn: &mut PgConnection, id: JobId, reason: &str) -> Result<Job> {
+        self.operator_action(
+            conn,
+            id,
+            "cancel",
+            &[
+                JobState::Scheduled,
+                JobState::Available,
+                JobState::Running,
+                JobState::Retryable,
+            ],
+            "state = 'cancelled', finished_at = t.n, last_error = $3,
+             lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL",
+            Some(reason),
+        )
+        .await
+    }
+
+    /// Discards a job (makes it a dead letter) unless it already finished
+    /// successfully or was cancelled. A running attempt is fenced off.
+    pub async fn job_discard_in(&self, conn: &mut PgConnection, id: JobId, reason: &str) -> Result<Job> {
+        self.operator_action(
+            conn,
+            id,
+            "discard",
+            &[
+                JobState::Scheduled,
+                JobState::Available,
+                JobState::Running,
+                JobState::Retryable,
+                JobState::Failed,
+            ],
+            "state = 'discarded', finished_at = t.n, last_error = $3,
+             lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL",
+            Some(reason),
+        )
+        .await
+    }
+
+    async fn operator_action(
+        &self,
+        conn: &mut PgConnection,
+        id: JobId,
+        action: &'static str,
+        from: &[JobState],
+        set: &'static str,
+        reason: Option<&str>,
+    ) -> Result<Job> {
+        let current: Option<JobState> =
+            sqlx::query_scalar("SELECT state FROM jobs WHERE id = $1 FOR UPDATE")
+                .bind(id)
+                .fetch_optional(&mut *conn)
+                .await?;
+        let current = current.ok_or(Error::JobNotFound(id))?;
+        if !from.contains(&current) {
+            return Err(Error::InvalidTransition {
+                job_id: id,
+                state: current.to_string(),
+                action,
+            });
+        }
+        // `set` is one of the constant fragments above, never input.
+        let sql = format!(
+            "WITH t AS (SELECT coalesce($2::timestamptz, now()) AS n),
+             upd AS (UPDATE jobs j SET {set} FROM t WHERE j.id = $1 RETURNING j.*),
+             ntf AS (SELECT count(pg_notify($4, queue)) AS n FROM upd WHERE $5 AND state = 'available')
+             SELECT {JOB_COLUMNS} FROM upd, ntf"
+        );
+        Ok(sqlx::query_as::<_, Job>(&sql)
+            .bind(id)
+            .bind(self.now())
+            .bind(reason)
+            .bind(JOBS_CHANNEL)
+            .bind(self.config.notify)
+            .fetch_one(&mut *conn)
+            .await?)
+    }
+}

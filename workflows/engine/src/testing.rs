@@ -1,0 +1,125 @@
+//! Test helpers: a fresh, migrated database per test.
+//!
+//! The first test of a run migrates a template database (named after a hash of
+//! the migrations, so a changed schema gets a new template) under an advisory
+//! lock; every test then clones it with `CREATE DATABASE … TEMPLATE`, which is
+//! fast and gives full isolation. `cargo xtask test` drops leftover clones
+//! before each run.
+//!
+//! The server comes from `TEST_DATABASE_URL` (or `DATABASE_URL`), defaulting to
+//! the role and database that `cargo xtask test` creates.
+use crate::{MIGRATOR, Result};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
+use std::str::FromStr;
+
+/// The default server URL, matching what `cargo xtask test` sets up.
+pub const DEFAULT_TEST_DATABASE_URL: &str =
+    "postgres://ledgerflow:ledgerflow@127.0.0.1:5432/ledgerflow";
+
+/// Prefix of every per-test database, so leftovers can be found and dropped.
+pub const TEST_DB_PREFIX: &str = "lf_test_";
+
+/// The URL of the test server's maintenance database.
+pub fn server_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .or_else(|_| std::env::var("DATABASE_URL"))
+        .unwrap_or_else(|_| DEFAULT_TEST_DATABASE_URL.to_string())
+}
+
+/// A per-test database, cloned from the migrated template.
+#[derive(Debug)]
+pub struct TestDb {
+    /// A pool on the test database.
+    pub pool: PgPool,
+    /// Its connection URL (for child processes).
+    pub url: String,
+    /// Its name.
+    pub name: String,
+}
+
+impl TestDb {
+    /// Creates a fresh database with every migration applied.
+    pub async fn new() -> Result<Self> {
+        Self::with_pool_size(8).await
+    }
+
+    /// Like [`TestDb::new`] with a pool of `max` connections.
+    pub async fn with_pool_size(max: u32) -> Result<Self> {
+        let base = PgConnectOptions::from_str(&server_url())?;
+        let template = template_name();
+        let mut admin = PgConnection::connect_with(&base).await?;
+        ensure_template(&mut admin, &base, &template).await?;
+        let name = format!("{TEST_DB_PREFIX}{}", uuid::Uuid::new_v4().simple());
+        sqlx::query(&format!(r#"CREATE DATABASE "{name}" TEMPLATE "{template}""#))
+            .execute(&mut admin)
+            .await?;
+        admin.close().await?;
+        let opts = base.clone().database(&name);
+        let url = opts.to_url_lossy().to_string();
+        let pool = PgPoolOptions::new()
+            .max_connections(max)
+            .connect_with(opts)
+            .await?;
+        Ok(Self { pool, url, name })
+    }
+
+    /// Connect options for this database (for extra pools in a test).
+    pub fn connect_options(&self) -> Result<PgConnectOptions> {
+        Ok(PgConnectOptions::from_str(&self.url)?)
+    }
+}
+
+fn template_name() -> String {
+    // FNV-1a over every migration's version and checksum: stable across
+    // processes, changes whenever a migration does.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for m in MIGRATOR.iter() {
+        for b in m.version.to_le_bytes().iter().chain(m.checksum.iter()) {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    format!("lf_template_{h:016x}")
+}
+
+async fn ensure_template(
+    admin: &mut PgConnection,
+    base: &PgConnectOptions,
+    template: &str,
+) -> Result<()> {
+    // One process migrates; the others wait on the lock and then see it done.
+    sqlx::query("SELECT pg_advisory_lock(7216354)")
+        .execute(&mut *admin)
+        .await?;
+    let result = async {
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+                .bind(template)
+                .fetch_one(&mut *admin)
+                .await?;
+        if !exists {
+            let building = format!("{template}_building");
+            sqlx::query(&format!(r#"DROP DATABASE IF EXISTS "{building}""#))
+                .execute(&mut *admin)
+                .await?;
+            sqlx::query(&format!(r#"CREATE DATABASE "{building}""#))
+                .execute(&mut *admin)
+                .await?;
+            let mut conn = PgConnection::connect_with(&base.clone().database(&building)).await?;
+            MIGRATOR.run(&mut conn).await?;
+            conn.close().await?;
+            // Renamed only once complete, so a crash mid-migration never
+            // leaves a half-built template behind under the real name.
+            sqlx::query(&format!(r#"ALTER DATABASE "{building}" RENAME TO "{template}""#))
+                .execute(&mut *admin)
+                .await?;
+        }
+        Ok::<_, crate::Error>(())
+    }
+    .await;
+    sqlx::query("SELECT pg_advisory_unlock(7216354)")
+        .execute(&mut *admin)
+        .await?;
+    result
+}
