@@ -1,1 +1,13 @@
-//! Ledgerflow worker process (runner lands next).
+//! Ledgerflow's worker process.
+//!
+//! - [`runner`] — job runners: claim with leases, run handlers on apalis
+//!   workers, heartbeat, finish through the lease fence, rescue and promote,
+//!   drain gracefully on shutdown.
+//!
+//! Kafka ingress consumers, the cron scheduler and the outbox relay join this
+//! crate as their own modules.
+
+pub mod ops;
+pub mod runner;
+
+pub use runner::{Handler, JobContext, QueueConfig, Registry, Runner, RunnerConfig, RunnerHandle};

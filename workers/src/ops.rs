@@ -1,0 +1,86 @@
+//! The operations endpoint of non-API roles: `/healthcheck` (liveness),
+//! `/readyz` (PostgreSQL reachable) and `/metrics` (Prometheus text).
+//!
+//! A deliberately tiny HTTP/1.1 responder on a tokio listener: probes and
+//! scrapes only need a status line and a short body, and this keeps the
+//! worker image free of a web framework.
+use sqlx::PgPool;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+/// Binds `addr` and serves until the returned task is aborted.
+pub async fn serve(addr: SocketAddr, pool: PgPool) -> std::io::Result<JoinHandle<()>> {
+    let listener = TcpListener::bind(addr).await?;
+    tracing::info!(addr = %listener.local_addr()?, "ops endpoint listening");
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                continue;
+            };
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let n = match tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf)).await {
+                    Ok(Ok(n)) => n,
+                    _ => return,
+                };
+                let head = String::from_utf8_lossy(&buf[..n]);
+                let path = head.split_whitespace().nth(1).unwrap_or("/");
+                let (status, body) = respond(path, &pool).await;
+                let reply = format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = sock.write_all(reply.as_bytes()).await;
+            });
+        }
+    }))
+}
+
+async fn respond(path: &str, pool: &PgPool) -> (&'static str, String) {
+    match path {
+        "/healthcheck" => ("200 OK", "ok\n".into()),
+        "/readyz" => {
+            let ping = tokio::time::timeout(
+                Duration::from_secs(2),
+                sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(pool),
+            )
+            .await;
+            match ping {
+                Ok(Ok(_)) => ("200 OK", "ready\n".into()),
+                _ => ("503 Service Unavailable", "postgres unreachable\n".into()),
+            }
+        }
+        "/metrics" => ("200 OK", metrics(pool).await),
+        _ => ("404 Not Found", "not found\n".into()),
+    }
+}
+
+async fn metrics(pool: &PgPool) -> String {
+    let mut out = String::from(
+        "# HELP ledgerflow_jobs Jobs by queue and live state.\n# TYPE ledgerflow_jobs gauge\n",
+    );
+    // Live states only: each is served by a partial index, so this stays
+    // cheap however much finished history the table holds.
+    let rows: Vec<(String, String, i64)> = sqlx::query_as(
+        "SELECT queue, state::text, count(*) FROM jobs
+         WHERE state IN ('scheduled', 'available', 'running', 'retryable')
+         GROUP BY 1, 2 ORDER BY 1, 2",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap_or_default();
+    for (queue, state, n) in rows {
+        let queue = escape_label(&queue);
+        out.push_str(&format!("ledgerflow_jobs{{queue=\"{queue}\",state=\"{state}\"}} {n}\n"));
+    }
+    out
+}
+
+/// Escapes a Prometheus label value (queue names are user-chosen).
+fn escape_label(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}

@@ -1,0 +1,160 @@
+//! The apalis service that runs one claimed job: look up its handler, run it
+//! (on its own tokio task, so handlers use every core and a panic is caught),
+//! apply the per-job timeout, then record the outcome through the lease fence.
+use super::backend::Claimed;
+use super::handler::JobContext;
+use super::Shared;
+use apalis_core::task::Task;
+use futures::future::BoxFuture;
+use ledgerflow_engine::{Error, JobId, Lease, Outcome};
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
+use uuid::Uuid;
+
+/// Handler tasks currently running, so shutdown can abort them after the
+/// grace period.
+#[derive(Debug, Default)]
+pub(crate) struct Executing {
+    tasks: Mutex<HashMap<JobId, AbortHandle>>,
+}
+
+impl Executing {
+    fn insert(&self, id: JobId, h: AbortHandle) {
+        self.tasks.lock().unwrap_or_else(|p| p.into_inner()).insert(id, h);
+    }
+
+    fn remove(&self, id: JobId) {
+        self.tasks.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+    }
+
+    pub(crate) fn abort_all(&self) -> usize {
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for h in tasks.values() {
+            h.abort();
+        }
+        tasks.len()
+    }
+}
+
+#[derive(Clone)]
+pub(crate) struct Dispatch {
+    shared: Arc<Shared>,
+    completer: mpsc::UnboundedSender<(JobId, Uuid)>,
+    executing: Arc<Executing>,
+}
+
+impl Dispatch {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        completer: mpsc::UnboundedSender<(JobId, Uuid)>,
+        executing: Arc<Executing>,
+    ) -> Self {
+        Self {
+            shared,
+            completer,
+            executing,
+        }
+    }
+}
+
+impl tower::Service<Task<Claimed>> for Dispatch {
+    type Response = ();
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<(), Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, task: Task<Claimed>) -> Self::Future {
+        let this = self.clone();
+        let Claimed { job, permit } = task.args;
+        Box::pin(async move {
+            if this.shared.stop_claiming.is_cancelled() {
+                // Shutting down: a prefetched job that has not started stays
+                // unstarted; its lease is released with the others.
+                drop(permit);
+                return Ok(());
+            }
+            let lease = job.lease.clone();
+            let kind = job.kind.clone();
+            let timeout = job.timeout;
+            let handler = this.shared.registry.get(&kind);
+            let ctx = JobContext::new(job, this.shared.store.clone());
+            let run = async move {
+                let Some(handler) = handler else {
+                    return Outcome::retry(format!("no handler registered for job kind {kind:?}"));
+                };
+                match timeout {
+                    Some(t) => tokio::time::timeout(t, handler.perform(ctx))
+                        .await
+                        .unwrap_or_else(|_| Outcome::retry(format!("timed out after {t:?}"))),
+                    None => handler.perform(ctx).await,
+                }
+            };
+            let spawned = tokio::spawn(run);
+            this.executing.insert(lease.job_id, spawned.abort_handle());
+            let joined = spawned.await;
+            this.executing.remove(lease.job_id);
+            drop(permit);
+            let outcome = match joined {
+                Ok(o) => o,
+                Err(e) if e.is_panic() => Outcome::retry(format!("handler panicked: {}", panic_text(e))),
+                // Aborted at shutdown: its lease is released by the runner.
+                Err(_) => return Ok(()),
+            };
+            finish(&this, &lease, outcome).await;
+            Ok(())
+        })
+    }
+}
+
+fn panic_text(e: tokio::task::JoinError) -> String {
+    let p = e.into_panic();
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".to_string())
+}
+
+async fn finish(this: &Dispatch, lease: &Lease, outcome: Outcome) {
+    let shared = &this.shared;
+    if lease.is_finished() {
+        // The handler committed its outcome in its own fenced transaction.
+        shared.drop_lease(lease.job_id);
+        return;
+    }
+    if outcome == Outcome::Complete {
+        if this.completer.send((lease.job_id, lease.token)).is_ok() {
+            return;
+        }
+    }
+    let mut backoff = Duration::from_millis(20);
+    loop {
+        match shared.store.job_finish(lease, &outcome).await {
+            Ok(()) => break,
+            Err(Error::StaleLease { .. }) => {
+                tracing::warn!(job_id = %lease.job_id, outcome = outcome.label(),
+                    "outcome rejected: lease is stale (the job was rescued or cancelled)");
+                break;
+            }
+            Err(e) if e.is_transient() && !shared.stop_services.is_cancelled() => {
+                tracing::warn!(job_id = %lease.job_id, error = %e, "recording outcome failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => {
+                tracing::error!(job_id = %lease.job_id, error = %e, "recording outcome failed");
+                // Keep the lease registered: shutdown releases it, or it
+                // expires and the job is rescued.
+                return;
+            }
+        }
+    }
+    shared.drop_lease(lease.job_id);
+}
