@@ -1,0 +1,27 @@
+//! Ledgerflow's payments domain: accounts, the double-entry ledger and the money workflows.
+//!
+//! Modules:
+//! - [`money`]  — assets, exact [`Amount`]s, and the strict JSON wire type [`AmountStr`];
+//! - [`ledger`] — accounts, idempotent transfers, deposits, holds and balances,
+//!   all on a caller-supplied connection so they join the caller's (fenced)
+//!   transaction;
+//! - [`users`]  — users, API keys, admins and their credentials;
+//! - [`ids`]    — typed row ids;
+//! - [`error`]  — the crate's one [`Error`] type.
+//!
+//! The invariants that keep money safe (double entry, no negative available
+//! balance, append-only history, asset scales) are enforced by the schema in
+//! `migrations/20261126001000_payments.sql`; this crate adds precise errors
+//! and idempotency on top.
+
+pub mod error;
+pub mod ids;
+pub mod ledger;
+pub mod money;
+pub mod users;
+
+pub use error::{Error, Result};
+pub use ids::{AccountId, AdminId, ApiKeyId, HoldId, TransferId, UserId};
+pub use ledger::{AccountKind, Balance, Hold, HoldState, Posted};
+pub use money::{Amount, AmountStr, Asset};
+pub use users::{Admin, AdminRole, PlaintextKey, User};
