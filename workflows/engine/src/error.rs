@@ -34,9 +34,10 @@ pub enum Error {
         action: &'static str,
     },
 
-    /// A unique key conflicted with a row that the caller's transaction cannot
-    /// see (it runs at REPEATABLE READ or SERIALIZABLE and the other row
-    /// committed after its snapshot).
+    /// A unique key conflicted with a row that is gone by the time it is
+    /// looked up (pruned in between). At REPEATABLE READ or SERIALIZABLE a
+    /// conflict with a row committed after the caller's snapshot is reported
+    /// by Postgres as a serialization failure instead (transient: retry).
     #[error("unique key {key:?} is taken by a job this transaction's snapshot cannot see")]
     UniqueKeyNotVisible { key: String },
 

@@ -174,7 +174,7 @@ impl NewJob {
     }
 
     /// At most one job with this key exists: inserting another returns the
-    /// existing job instead (and never aborts the caller's transaction).
+    /// existing job instead (at READ COMMITTED it never aborts the caller's transaction).
     pub fn unique(mut self, key: impl Into<String>) -> Self {
         self.unique_key = Some(key.into());
         self

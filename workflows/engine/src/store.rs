@@ -116,7 +116,10 @@ impl Store {
 
     /// Enqueues one job on the caller's connection (inside their transaction,
     /// if one is open). A unique-key conflict returns the existing job and
-    /// never aborts the caller's transaction.
+    /// never aborts the caller's transaction at READ COMMITTED (the default);
+    /// at REPEATABLE READ or SERIALIZABLE, a conflict with a job committed
+    /// after the caller's snapshot is a serialization failure, as for any
+    /// other write in such a transaction.
     pub async fn job_insert_in(&self, conn: &mut PgConnection, job: &NewJob) -> Result<Inserted> {
         job.validate()?;
         let row = sqlx::query(
@@ -653,8 +656,8 @@ impl Store {
 
     // ------------------------------------------------------------- operator
 
-    /// Makes a job run again now: from `retryable`, `scheduled`, `failed`,
-    /// `cancelled` or `discarded`. A job out of attempts gets one more.
+    /// Makes a job run again now: from `retryable`, `scheduled`, `available`
+    /// (no-op apart from `run_at`), `failed`, `cancelled` or `discarded`. A job out of attempts gets one more.
     pub async fn job_retry_in(&self, conn: &mut PgConnection, id: JobId) -> Result<Job> {
         self.operator_action(
             conn,

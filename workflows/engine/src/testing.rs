@@ -51,9 +51,11 @@ impl TestDb {
         let mut admin = PgConnection::connect_with(&base).await?;
         ensure_template(&mut admin, &base, &template).await?;
         let name = format!("{TEST_DB_PREFIX}{}", uuid::Uuid::new_v4().simple());
-        sqlx::query(&format!(r#"CREATE DATABASE "{name}" TEMPLATE "{template}""#))
-            .execute(&mut admin)
-            .await?;
+        sqlx::query(&format!(
+            r#"CREATE DATABASE "{name}" TEMPLATE "{template}""#
+        ))
+        .execute(&mut admin)
+        .await?;
         admin.close().await?;
         let opts = base.clone().database(&name);
         let url = opts.to_url_lossy().to_string();
@@ -111,9 +113,11 @@ async fn ensure_template(
             conn.close().await?;
             // Renamed only once complete, so a crash mid-migration never
             // leaves a half-built template behind under the real name.
-            sqlx::query(&format!(r#"ALTER DATABASE "{building}" RENAME TO "{template}""#))
-                .execute(&mut *admin)
-                .await?;
+            sqlx::query(&format!(
+                r#"ALTER DATABASE "{building}" RENAME TO "{template}""#
+            ))
+            .execute(&mut *admin)
+            .await?;
         }
         Ok::<_, crate::Error>(())
     }
