@@ -18,6 +18,7 @@ type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 const CHILD_DB: &str = "LF_CHILD_DB";
 const CHILD_QUEUE: &str = "LF_CHILD_QUEUE";
 const CHILD_SLEEP_MS: &str = "LF_CHILD_SLEEP_MS";
+const CHILD_APP: &str = "ledgerflow-test-child";
 
 fn store(pool: &PgPool, lease_ttl: Duration, notify: bool) -> Store {
     Store::with_config(
@@ -44,7 +45,9 @@ fn fast_config(worker: &str, queue: QueueConfig) -> RunnerConfig {
 
 /// A handler that sleeps, then writes one row to `effects` and completes the
 /// job in the same fenced transaction.
-fn effect_handler(sleep: Duration) -> impl Fn(JobContext) -> futures::future::BoxFuture<'static, Outcome> {
+fn effect_handler(
+    sleep: Duration,
+) -> impl Fn(JobContext) -> futures::future::BoxFuture<'static, Outcome> {
     move |ctx: JobContext| {
         Box::pin(async move {
             tokio::time::sleep(sleep).await;
@@ -113,9 +116,13 @@ async fn child_worker() -> TestResult {
     };
     let queue = std::env::var(CHILD_QUEUE)?;
     let sleep_ms: u64 = std::env::var(CHILD_SLEEP_MS)?.parse()?;
-    let pool = PgPool::connect(&url).await?;
+    // Named, so the parent can tell when the server has let go of this
+    // process's connections after a kill -9.
+    let opts: sqlx::postgres::PgConnectOptions = url.parse()?;
+    let pool = PgPool::connect_with(opts.application_name(CHILD_APP)).await?;
     let store = store(&pool, Duration::from_secs(2), true);
-    let registry = Registry::new().register("effect", effect_handler(Duration::from_millis(sleep_ms)));
+    let registry =
+        Registry::new().register("effect", effect_handler(Duration::from_millis(sleep_ms)));
     let _runner = Runner::start(
         store,
         registry,
@@ -139,17 +146,44 @@ async fn kill_9_mid_batch_then_another_worker_finishes_each_job_exactly_once() -
     s.job_insert_many(&jobs).await?;
 
     let mut child = spawn_child(&db, "crash", 25)?;
-    wait_for(&db.pool, "SELECT count(*) FROM effects", 30, Duration::from_secs(60)).await?;
+    wait_for(
+        &db.pool,
+        "SELECT count(*) FROM effects",
+        30,
+        Duration::from_secs(60),
+    )
+    .await?;
     child.kill()?; // SIGKILL: no chance to release anything
     child.wait()?;
+    // A COMMIT the child sent just before dying may still be landing; count
+    // its leases only once the server has dropped all of its sessions.
+    let gone = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'ledgerflow-test-child'";
+    let start = Instant::now();
+    while count(&db.pool, gone).await != 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "child sessions linger"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let leased_by_dead = count(
         &db.pool,
         "SELECT count(*) FROM jobs WHERE state = 'running' AND lease_owner = 'child-worker'",
     )
     .await;
-    assert!(leased_by_dead > 0, "the child should die holding leases (mid-batch)");
-    let done_before = count(&db.pool, "SELECT count(*) FROM jobs WHERE state = 'completed'").await;
-    assert!(done_before < 200, "the child should not have finished everything");
+    assert!(
+        leased_by_dead > 0,
+        "the child should die holding leases (mid-batch)"
+    );
+    let done_before = count(
+        &db.pool,
+        "SELECT count(*) FROM jobs WHERE state = 'completed'",
+    )
+    .await;
+    assert!(
+        done_before < 200,
+        "the child should not have finished everything"
+    );
 
     let survivor = Runner::start(
         s.clone(),
@@ -167,8 +201,18 @@ async fn kill_9_mid_batch_then_another_worker_finishes_each_job_exactly_once() -
     survivor.shutdown(Duration::from_secs(5)).await;
 
     assert_eq!(count(&db.pool, "SELECT count(*) FROM effects").await, 200);
-    assert_eq!(count(&db.pool, "SELECT count(DISTINCT job_id) FROM effects").await, 200);
-    assert_eq!(count(&db.pool, "SELECT count(*) FROM jobs WHERE state <> 'completed'").await, 0);
+    assert_eq!(
+        count(&db.pool, "SELECT count(DISTINCT job_id) FROM effects").await,
+        200
+    );
+    assert_eq!(
+        count(
+            &db.pool,
+            "SELECT count(*) FROM jobs WHERE state <> 'completed'"
+        )
+        .await,
+        0
+    );
     // Every job the dead worker held was rescued, and the rescue is on record.
     assert!(
         count(
@@ -247,14 +291,35 @@ async fn graceful_shutdown_finishes_in_flight_and_releases_the_rest() -> TestRes
     .await?;
     let started = Instant::now();
     let report = runner.shutdown(Duration::from_secs(2)).await;
-    assert!(started.elapsed() < Duration::from_secs(6), "shutdown must respect the grace period");
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "shutdown must respect the grace period"
+    );
     assert_eq!(report.aborted, 4, "{report:?}");
     assert_eq!(report.released, 8, "{report:?}");
-    assert_eq!(count(&db.pool, "SELECT count(*) FROM jobs WHERE state = 'running'").await, 0);
-    assert_eq!(count(&db.pool, "SELECT count(*) FROM jobs WHERE state = 'completed'").await, 4);
+    assert_eq!(
+        count(
+            &db.pool,
+            "SELECT count(*) FROM jobs WHERE state = 'running'"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        count(
+            &db.pool,
+            "SELECT count(*) FROM jobs WHERE state = 'completed'"
+        )
+        .await,
+        4
+    );
     // Released jobs are available at once and did not use up an attempt.
     assert_eq!(
-        count(&db.pool, "SELECT count(*) FROM jobs WHERE state = 'available' AND attempt = 0").await,
+        count(
+            &db.pool,
+            "SELECT count(*) FROM jobs WHERE state = 'available' AND attempt = 0"
+        )
+        .await,
         8
     );
     Ok(())
@@ -332,16 +397,21 @@ async fn backoff_survives_a_restart_and_is_never_shortened() -> TestResult {
     .await?;
     // The process "crashes" during the backoff (its runner goes away).
     first.shutdown(Duration::from_millis(100)).await;
-    let run_at: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT run_at FROM jobs WHERE id = $1")
-        .bind(id)
-        .fetch_one(&db.pool)
-        .await?;
-    let failed_at: chrono::DateTime<chrono::Utc> =
-        sqlx::query_scalar("SELECT finished_at FROM job_attempts WHERE job_id = $1 AND attempt = 1")
+    let run_at: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT run_at FROM jobs WHERE id = $1")
             .bind(id)
             .fetch_one(&db.pool)
             .await?;
-    assert!(run_at - failed_at >= chrono::Duration::milliseconds(2990), "backoff stored in run_at");
+    let failed_at: chrono::DateTime<chrono::Utc> = sqlx::query_scalar(
+        "SELECT finished_at FROM job_attempts WHERE job_id = $1 AND attempt = 1",
+    )
+    .bind(id)
+    .fetch_one(&db.pool)
+    .await?;
+    assert!(
+        run_at - failed_at >= chrono::Duration::milliseconds(2990),
+        "backoff stored in run_at"
+    );
 
     let second = Runner::start(
         s.clone(),
@@ -362,7 +432,10 @@ async fn backoff_survives_a_restart_and_is_never_shortened() -> TestResult {
             .bind(id)
             .fetch_one(&db.pool)
             .await?;
-    assert!(retried_at >= run_at, "retried at {retried_at}, before its run_at {run_at}");
+    assert!(
+        retried_at >= run_at,
+        "retried at {retried_at}, before its run_at {run_at}"
+    );
     Ok(())
 }
 
@@ -378,12 +451,22 @@ async fn timeouts_panics_and_unknown_kinds_become_retries_with_their_error() -> 
         .register("boom", |_: JobContext| async {
             panic!("kaboom");
         });
-    let slow = NewJob::new("slow", json!({})).queue("f").timeout(Duration::from_millis(100)).max_attempts(1);
+    let slow = NewJob::new("slow", json!({}))
+        .queue("f")
+        .timeout(Duration::from_millis(100))
+        .max_attempts(1);
     let boom = NewJob::new("boom", json!({})).queue("f").max_attempts(1);
-    let unknown = NewJob::new("nobody-handles-this", json!({})).queue("f").max_attempts(1);
+    let unknown = NewJob::new("nobody-handles-this", json!({}))
+        .queue("f")
+        .max_attempts(1);
     let ids = [slow.id(), boom.id(), unknown.id()];
     s.job_insert_many(&[slow, boom, unknown]).await?;
-    let runner = Runner::start(s.clone(), registry, fast_config("faults", QueueConfig::new("f", 4))).await?;
+    let runner = Runner::start(
+        s.clone(),
+        registry,
+        fast_config("faults", QueueConfig::new("f", 4)),
+    )
+    .await?;
     wait_for(
         &db.pool,
         "SELECT count(*) FROM jobs WHERE state = 'discarded'",
@@ -399,9 +482,18 @@ async fn timeouts_panics_and_unknown_kinds_become_retries_with_their_error() -> 
         }
         v
     };
-    assert!(errors[0].as_deref().unwrap_or("").contains("timed out"), "{errors:?}");
-    assert!(errors[1].as_deref().unwrap_or("").contains("kaboom"), "{errors:?}");
-    assert!(errors[2].as_deref().unwrap_or("").contains("no handler"), "{errors:?}");
+    assert!(
+        errors[0].as_deref().unwrap_or("").contains("timed out"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[1].as_deref().unwrap_or("").contains("kaboom"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[2].as_deref().unwrap_or("").contains("no handler"),
+        "{errors:?}"
+    );
     for id in ids {
         let attempts = s.job_attempts(id).await?;
         assert_eq!(attempts.len(), 1);

@@ -46,7 +46,11 @@ impl Backend for EngineBackend {
     type Task = Task<Claimed>;
     type Error = BackendError;
 
-    fn poll_ready(&mut self, _: &mut Context<'_>, _: &WorkerContext) -> Poll<Result<(), Self::Error>> {
+    fn poll_ready(
+        &mut self,
+        _: &mut Context<'_>,
+        _: &WorkerContext,
+    ) -> Poll<Result<(), Self::Error>> {
         Poll::Ready(Ok(()))
     }
 
@@ -55,10 +59,16 @@ impl Backend for EngineBackend {
         cx: &mut Context<'_>,
         _: &WorkerContext,
     ) -> Poll<Option<Result<Self::Task, Self::Error>>> {
-        self.rx.poll_recv(cx).map(|job| job.map(|j| Ok(Task::new(j))))
+        self.rx
+            .poll_recv(cx)
+            .map(|job| job.map(|j| Ok(Task::new(j))))
     }
 
-    fn poll_close(&mut self, _: &mut Context<'_>, _: &WorkerContext) -> Poll<Result<(), Self::Error>> {
+    fn poll_close(
+        &mut self,
+        _: &mut Context<'_>,
+        _: &WorkerContext,
+    ) -> Poll<Result<(), Self::Error>> {
         self.rx.close();
         Poll::Ready(Ok(()))
     }

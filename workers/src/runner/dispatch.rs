@@ -1,9 +1,9 @@
 //! The apalis service that runs one claimed job: look up its handler, run it
 //! (on its own tokio task, so handlers use every core and a panic is caught),
 //! apply the per-job timeout, then record the outcome through the lease fence.
+use super::Shared;
 use super::backend::Claimed;
 use super::handler::JobContext;
-use super::Shared;
 use apalis_core::task::Task;
 use futures::future::BoxFuture;
 use ledgerflow_engine::{Error, JobId, Lease, Outcome};
@@ -25,11 +25,17 @@ pub(crate) struct Executing {
 
 impl Executing {
     fn insert(&self, id: JobId, h: AbortHandle) {
-        self.tasks.lock().unwrap_or_else(|p| p.into_inner()).insert(id, h);
+        self.tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, h);
     }
 
     fn remove(&self, id: JobId) {
-        self.tasks.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        self.tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
     }
 
     pub(crate) fn abort_all(&self) -> usize {
@@ -104,7 +110,9 @@ impl tower::Service<Task<Claimed>> for Dispatch {
             drop(permit);
             let outcome = match joined {
                 Ok(o) => o,
-                Err(e) if e.is_panic() => Outcome::retry(format!("handler panicked: {}", panic_text(e))),
+                Err(e) if e.is_panic() => {
+                    Outcome::retry(format!("handler panicked: {}", panic_text(e)))
+                }
                 // Aborted at shutdown: its lease is released by the runner.
                 Err(_) => return Ok(()),
             };
@@ -129,10 +137,8 @@ async fn finish(this: &Dispatch, lease: &Lease, outcome: Outcome) {
         shared.drop_lease(lease.job_id);
         return;
     }
-    if outcome == Outcome::Complete {
-        if this.completer.send((lease.job_id, lease.token)).is_ok() {
-            return;
-        }
+    if outcome == Outcome::Complete && this.completer.send((lease.job_id, lease.token)).is_ok() {
+        return;
     }
     let mut backoff = Duration::from_millis(20);
     loop {

@@ -40,18 +40,21 @@ pub(crate) async fn run(
         }
         let mut permit = first;
         let extra = capacity.available_permits().min(max_batch - 1);
-        if extra > 0 {
-            if let Ok(p) = capacity
+        if extra > 0
+            && let Ok(p) = capacity
                 .clone()
                 .try_acquire_many_owned(u32::try_from(extra).unwrap_or(u32::MAX))
-            {
-                permit.merge(p);
-            }
+        {
+            permit.merge(p);
         }
         let want = permit.num_permits();
         let claimed = shared
             .store
-            .job_claim(&queue.name, &shared.owner, u32::try_from(want).unwrap_or(u32::MAX))
+            .job_claim(
+                &queue.name,
+                &shared.owner,
+                u32::try_from(want).unwrap_or(u32::MAX),
+            )
             .await;
         match claimed {
             Ok(jobs) => {

@@ -81,7 +81,8 @@ pub(crate) async fn pruner(shared: Arc<Shared>) {
         let s = s.clone();
         async move {
             let now = s.store.now().unwrap_or_else(chrono::Utc::now);
-            let cut = |d: Duration| now - chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);
+            let cut =
+                |d: Duration| now - chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);
             match s
                 .store
                 .job_prune(cut(retention.completed), cut(retention.dead), 10_000)

@@ -241,11 +241,8 @@ impl Runner {
                 capacity.clone(),
                 tx,
             )));
-            let service = dispatch::Dispatch::new(
-                shared.clone(),
-                completer.sender(),
-                executing.clone(),
-            );
+            let service =
+                dispatch::Dispatch::new(shared.clone(), completer.sender(), executing.clone());
             let worker = WorkerBuilder::new(format!("{}/{}", config.worker_id, q.name))
                 .backend(EngineBackend::new(rx))
                 .layer(ConcurrencyLimitLayer::new(q.concurrency))

@@ -14,6 +14,10 @@
 //! - [`queue`]    — queue controls (pause/resume) and statistics;
 //! - [`notify`]   — LISTEN/NOTIFY channel names and the wake-up listener;
 //! - [`clock`]    — the injectable clock (database clock by default);
+//! - [`workflow`] — workflow definitions, the step journal, durable timers,
+//!   signal waits, and `run_step` (one lease-fenced checkpoint per step);
+//! - [`signal`]   — signals that waiting workflows consume (deduplicated, kept
+//!   until consumed);
 //! - [`testing`]  — (feature `testing`) per-test databases and helpers.
 //!
 //! The schema is in the workspace's `migrations/` folder and is applied with
@@ -28,9 +32,11 @@ pub mod notify;
 pub mod outcome;
 pub mod queue;
 pub mod retry;
+pub mod signal;
 pub mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod workflow;
 
 pub use clock::{Clock, DbClock, ManualClock};
 pub use error::{Error, Result};
@@ -38,7 +44,13 @@ pub use job::{Inserted, Job, JobId, JobState, NewJob};
 pub use lease::{FencedTx, Lease};
 pub use outcome::Outcome;
 pub use retry::RetryPolicy;
+pub use signal::{SignalSent, signal_send, signal_send_in};
 pub use store::{Store, StoreConfig};
+pub use workflow::{
+    StepCtx, StepDef, StepOutcome, WORKFLOW_JOB_KIND, Workflow, WorkflowId, WorkflowRegistry,
+    WorkflowState, run_step, workflow_cancel_in, workflow_retry_in, workflow_start,
+    workflow_start_in,
+};
 
 /// The workspace's migrations, embedded at compile time.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");

@@ -1,0 +1,802 @@
+//! Workflows against a real database: the step journal, re-delivery, signals, timers, fencing.
+//!
+//! Each test gets its own migrated database and a [`ManualClock`]; step jobs
+//! are claimed and run by hand with `run_step` (as the worker's handler
+//! would), so every interleaving is explicit and nothing sleeps.
+use chrono::{DateTime, TimeDelta, Utc};
+use ledgerflow_engine::signal::signal_list_in;
+use ledgerflow_engine::store::ClaimedJob;
+use ledgerflow_engine::testing::TestDb;
+use ledgerflow_engine::workflow::{StepRow, WorkflowRow, workflow_get_in, workflow_steps_in};
+use ledgerflow_engine::{
+    ManualClock, NewJob, Outcome, Result, RetryPolicy, SignalSent, StepCtx, StepOutcome, Store,
+    StoreConfig, WORKFLOW_JOB_KIND, Workflow, WorkflowId, WorkflowRegistry, run_step, signal_send,
+    workflow_cancel_in, workflow_retry_in, workflow_start,
+};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+type TestResult = std::result::Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+/// 2030-01-01T00:00:00Z.
+fn t0() -> DateTime<Utc> {
+    DateTime::from_timestamp(1_893_456_000, 0).expect("a valid timestamp")
+}
+
+struct Env {
+    db: TestDb,
+    clock: ManualClock,
+    store: Store,
+}
+
+impl Env {
+    async fn new() -> Result<Self> {
+        let db = TestDb::new().await?;
+        let clock = ManualClock::new(t0());
+        let store = Store::with_config(
+            db.pool.clone(),
+            StoreConfig {
+                lease_ttl: Duration::from_secs(30),
+                notify: false,
+                retry: RetryPolicy {
+                    base: Duration::from_secs(10),
+                    max: Duration::from_secs(3600),
+                    jitter: 0.0,
+                },
+            },
+        )
+        .with_clock(Arc::new(clock.clone()));
+        sqlx::query("CREATE TABLE effects (workflow_id uuid NOT NULL, step text NOT NULL)")
+            .execute(&db.pool)
+            .await?;
+        Ok(Self { db, clock, store })
+    }
+
+    fn pool(&self) -> &PgPool {
+        &self.db.pool
+    }
+
+    async fn count(&self, sql: &str) -> Result<i64> {
+        Ok(sqlx::query_scalar(sql).fetch_one(self.pool()).await?)
+    }
+
+    async fn workflow(&self, id: WorkflowId) -> Result<WorkflowRow> {
+        let mut conn = self.pool().acquire().await?;
+        Ok(workflow_get_in(&mut conn, id)
+            .await?
+            .expect("the workflow exists"))
+    }
+
+    async fn journal(&self, id: WorkflowId) -> Result<Vec<StepRow>> {
+        let mut conn = self.pool().acquire().await?;
+        workflow_steps_in(&mut conn, id).await
+    }
+
+    async fn claim(&self, owner: &str, limit: u32) -> Result<Vec<ClaimedJob>> {
+        self.store.job_promote_due(1000).await?;
+        self.store
+            .job_claim("default", &Arc::from(owner), limit)
+            .await
+    }
+
+    /// Runs one claimed job the way the runner does: `run_step`, then record
+    /// the outcome unless the step already committed it.
+    async fn run(&self, registry: &WorkflowRegistry, job: &ClaimedJob) -> Result<Outcome> {
+        let outcome = run_step(&self.store, registry, job).await;
+        if !job.lease.is_finished() {
+            match self.store.job_finish(&job.lease, &outcome).await {
+                Ok(()) | Err(ledgerflow_engine::Error::StaleLease { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// Claims and runs due step jobs until none is left; returns how many ran.
+    async fn drain(&self, registry: &WorkflowRegistry) -> Result<usize> {
+        let mut ran = 0;
+        loop {
+            let jobs = self.claim("worker", 10).await?;
+            if jobs.is_empty() {
+                return Ok(ran);
+            }
+            for job in &jobs {
+                self.run(registry, job).await?;
+                ran += 1;
+            }
+        }
+    }
+}
+
+/// Executions per step name.
+#[derive(Default, Clone)]
+struct Calls(Arc<Mutex<HashMap<String, usize>>>);
+
+impl Calls {
+    fn hit(&self, step: &str) {
+        *self
+            .0
+            .lock()
+            .expect("not poisoned")
+            .entry(step.to_string())
+            .or_default() += 1;
+    }
+
+    fn get(&self, step: &str) -> usize {
+        self.0
+            .lock()
+            .expect("not poisoned")
+            .get(step)
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+async fn effect(ctx: &StepCtx) -> std::result::Result<(), String> {
+    let mut db = ctx.db().await.map_err(|e| e.to_string())?;
+    sqlx::query("INSERT INTO effects (workflow_id, step) VALUES ($1, $2)")
+        .bind(ctx.workflow_id())
+        .bind(ctx.step())
+        .execute(&mut *db)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// reserve → execute → settle; each writes an effect in its fenced transaction.
+fn three_steps(calls: &Calls, delay: Duration) -> Workflow {
+    let (c1, c2, c3) = (calls.clone(), calls.clone(), calls.clone());
+    Workflow::new("trade", 1)
+        .step("reserve", move |ctx: StepCtx| {
+            let calls = c1.clone();
+            async move {
+                calls.hit("reserve");
+                tokio::time::sleep(delay).await;
+                effect(&ctx).await?;
+                Ok(StepOutcome::Continue(
+                    json!({ "reserved": ctx.input()["amount"] }),
+                ))
+            }
+        })
+        .step("execute", move |ctx: StepCtx| {
+            let calls = c2.clone();
+            async move {
+                calls.hit("execute");
+                effect(&ctx).await?;
+                let reserved = ctx.output("reserve").cloned().unwrap_or(Value::Null);
+                Ok(StepOutcome::Continue(
+                    json!({ "executed": reserved, "key": ctx.idempotency_key() }),
+                ))
+            }
+        })
+        .step("settle", move |ctx: StepCtx| {
+            let calls = c3.clone();
+            async move {
+                calls.hit("settle");
+                effect(&ctx).await?;
+                let n = ctx.outputs().len();
+                Ok(StepOutcome::Continue(json!({ "settled": true, "seen": n })))
+            }
+        })
+}
+
+fn registry(wf: Workflow) -> Result<WorkflowRegistry> {
+    WorkflowRegistry::new().register(wf)
+}
+
+#[tokio::test]
+async fn three_steps_run_to_completion_with_outputs_journaled() -> TestResult {
+    let env = Env::new().await?;
+    let calls = Calls::default();
+    let reg = registry(three_steps(&calls, Duration::ZERO))?;
+    let id = workflow_start(
+        &env.store,
+        &reg,
+        "trade",
+        &json!({ "amount": "12.5" }),
+        None,
+    )
+    .await?;
+    let wf = env.workflow(id).await?;
+    assert_eq!((wf.state.as_str(), wf.version), ("running", 1));
+    assert_eq!(wf.current_step.as_deref(), Some("reserve"));
+
+    assert_eq!(env.drain(&reg).await?, 3);
+
+    let wf = env.workflow(id).await?;
+    assert_eq!(wf.state, "completed");
+    assert!(wf.finished_at.is_some() && wf.current_step.is_none());
+    assert_eq!(wf.output, Some(json!({ "settled": true, "seen": 2 })));
+    let journal = env.journal(id).await?;
+    let steps: Vec<_> = journal.iter().map(|s| s.step.as_str()).collect();
+    assert_eq!(steps, ["reserve", "execute", "settle"]);
+    assert!(journal.iter().all(|s| s.status == "completed"));
+    for s in &journal {
+        assert_eq!(s.idempotency_key, format!("{id}:{}", s.step));
+    }
+    assert_eq!(journal[0].output, Some(json!({ "reserved": "12.5" })));
+    assert_eq!(
+        journal[1].output,
+        Some(json!({ "executed": { "reserved": "12.5" }, "key": format!("{id}:execute") }))
+    );
+    assert_eq!(env.count("SELECT count(*) FROM effects").await?, 3);
+    assert_eq!(
+        env.count(
+            "SELECT count(*) FROM jobs WHERE state = 'completed' AND kind = 'ledgerflow.workflow'"
+        )
+        .await?,
+        3
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM jobs WHERE state <> 'completed'")
+            .await?,
+        0
+    );
+    for step in ["reserve", "execute", "settle"] {
+        assert_eq!(calls.get(step), 1, "{step}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn starting_twice_with_one_unique_key_gives_one_workflow() -> TestResult {
+    let env = Env::new().await?;
+    let reg = registry(three_steps(&Calls::default(), Duration::ZERO))?;
+    let a = workflow_start(&env.store, &reg, "trade", &json!({}), Some("req-1")).await?;
+    let b = workflow_start(&env.store, &reg, "trade", &json!({}), Some("req-1")).await?;
+    assert_eq!(a, b);
+    assert_eq!(env.count("SELECT count(*) FROM workflows").await?, 1);
+    assert_eq!(env.count("SELECT count(*) FROM jobs").await?, 1);
+    assert!(
+        workflow_start(&env.store, &reg, "nope", &json!({}), None)
+            .await
+            .is_err()
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_redelivered_step_job_does_not_rerun_a_journaled_step() -> TestResult {
+    let env = Env::new().await?;
+    let calls = Calls::default();
+    let reg = registry(three_steps(&calls, Duration::ZERO))?;
+    let id = workflow_start(&env.store, &reg, "trade", &json!({ "amount": "1" }), None).await?;
+    let first = env.claim("w", 1).await?;
+    env.run(&reg, &first[0]).await?;
+    assert_eq!(calls.get("reserve"), 1);
+
+    // The same step delivered again (as after a crash between the step's
+    // commit and anything that followed, or an operator re-run).
+    let again = NewJob::new(
+        WORKFLOW_JOB_KIND,
+        json!({ "workflow_id": id, "step": "reserve" }),
+    )
+    .workflow(id, "reserve");
+    env.store.job_insert(&again).await?;
+    env.drain(&reg).await?;
+
+    for step in ["reserve", "execute", "settle"] {
+        assert_eq!(calls.get(step), 1, "{step} ran more than once");
+    }
+    assert_eq!(env.count("SELECT count(*) FROM effects").await?, 3);
+    // The successor was not enqueued twice.
+    assert_eq!(
+        env.count("SELECT count(*) FROM jobs WHERE workflow_step = 'execute'")
+            .await?,
+        1
+    );
+    assert_eq!(env.workflow(id).await?.state, "completed");
+
+    // A late duplicate of a finished workflow's step is a no-op too.
+    let late = NewJob::new(
+        WORKFLOW_JOB_KIND,
+        json!({ "workflow_id": id, "step": "settle" }),
+    )
+    .workflow(id, "settle");
+    env.store.job_insert(&late).await?;
+    assert_eq!(env.drain(&reg).await?, 1);
+    assert_eq!(calls.get("settle"), 1);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_deliveries_of_one_step_run_it_once() -> TestResult {
+    let env = Env::new().await?;
+    let calls = Calls::default();
+    let reg = registry(three_steps(&calls, Duration::from_millis(300)))?;
+    let id = workflow_start(&env.store, &reg, "trade", &json!({}), None).await?;
+    let dup = NewJob::new(
+        WORKFLOW_JOB_KIND,
+        json!({ "workflow_id": id, "step": "reserve" }),
+    )
+    .workflow(id, "reserve");
+    env.store.job_insert(&dup).await?;
+    let jobs = env.claim("w", 2).await?;
+    assert_eq!(jobs.len(), 2);
+    let (a, b) = tokio::join!(env.run(&reg, &jobs[0]), env.run(&reg, &jobs[1]));
+    assert_eq!((a?, b?), (Outcome::Complete, Outcome::Complete));
+    assert_eq!(calls.get("reserve"), 1);
+    env.drain(&reg).await?;
+    assert_eq!(env.count("SELECT count(*) FROM effects").await?, 3);
+    assert_eq!(env.workflow(id).await?.state, "completed");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_stale_lease_checkpoints_nothing() -> TestResult {
+    let env = Env::new().await?;
+    let calls = Calls::default();
+    let reg = registry(three_steps(&calls, Duration::ZERO))?;
+    let id = workflow_start(&env.store, &reg, "trade", &json!({}), None).await?;
+    let old = env.claim("slow-worker", 1).await?;
+    // The slow worker's lease expires; the job is rescued and claimed again.
+    env.clock.advance(Duration::from_secs(31));
+    assert_eq!(env.store.job_rescue_expired(10).await?, 1);
+    let new = env.claim("other-worker", 1).await?;
+    assert_eq!(new.len(), 1);
+
+    let outcome = run_step(&env.store, &reg, &old[0]).await;
+    assert!(matches!(outcome, Outcome::Retry { .. }), "{outcome:?}");
+    assert!(!old[0].lease.is_finished());
+    assert_eq!(calls.get("reserve"), 0);
+    assert!(env.journal(id).await?.is_empty());
+    assert_eq!(env.count("SELECT count(*) FROM effects").await?, 0);
+    assert_eq!(env.count("SELECT count(*) FROM jobs").await?, 1);
+
+    env.run(&reg, &new[0]).await?;
+    assert_eq!(calls.get("reserve"), 1);
+    assert_eq!(env.journal(id).await?.len(), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_step_error_rolls_back_its_writes_and_retries() -> TestResult {
+    let env = Env::new().await?;
+    let calls = Calls::default();
+    let c = calls.clone();
+    let wf = Workflow::new("flaky", 1).step("only", move |ctx: StepCtx| {
+        let calls = c.clone();
+        async move {
+            calls.hit("only");
+            effect(&ctx).await?;
+            if ctx.attempt() == 1 {
+                return Err("exchange unavailable".to_string());
+            }
+            Ok(StepOutcome::Finish(json!({ "attempt": ctx.attempt() })))
+        }
+    });
+    let reg = registry(wf)?;
+    let id = workflow_start(&env.store, &reg, "flaky", &json!({}), None).await?;
+    env.drain(&reg).await?;
+    assert_eq!(env.count("SELECT count(*) FROM effects").await?, 0);
+    assert_eq!(
+        env.count("SELECT count(*) FROM jobs WHERE state = 'retryable'")
+            .await?,
+        1
+    );
+    assert!(env.journal(id).await?.is_empty());
+    env.clock.advance(Duration::from_secs(11));
+    env.drain(&reg).await?;
+    assert_eq!(calls.get("only"), 2);
+    assert_eq!(env.count("SELECT count(*) FROM effects").await?, 1);
+    let wf = env.workflow(id).await?;
+    assert_eq!(wf.state, "completed");
+    assert_eq!(wf.output, Some(json!({ "attempt": 2 })));
+    assert_eq!(env.journal(id).await?[0].attempt, 2);
+    Ok(())
+}
+
+#[tokio::test]
+async fn fail_and_exhausted_retries_fail_the_workflow() -> TestResult {
+    let env = Env::new().await?;
+    let reg = WorkflowRegistry::new()
+        .register(
+            Workflow::new("refused", 1).step("check", |_ctx: StepCtx| async {
+                Ok(StepOutcome::Fail("limit exceeded".to_string()))
+            }),
+        )?
+        .register(
+            Workflow::new("broken", 1)
+                .max_attempts(1)
+                .step("call", |_ctx: StepCtx| async { Err("boom".to_string()) }),
+        )?;
+    let refused = workflow_start(&env.store, &reg, "refused", &json!({}), None).await?;
+    let broken = workflow_start(&env.store, &reg, "broken", &json!({}), None).await?;
+    env.drain(&reg).await?;
+
+    let wf = env.workflow(refused).await?;
+    assert_eq!(
+        (wf.state.as_str(), wf.error.as_deref()),
+        ("failed", Some("limit exceeded"))
+    );
+    let j = env.journal(refused).await?;
+    assert_eq!(
+        (j[0].status.as_str(), j[0].error.as_deref()),
+        ("failed", Some("limit exceeded"))
+    );
+
+    let wf = env.workflow(broken).await?;
+    assert_eq!(
+        (wf.state.as_str(), wf.error.as_deref()),
+        ("failed", Some("boom"))
+    );
+    assert_eq!(env.journal(broken).await?[0].status, "failed");
+    assert_eq!(
+        env.count("SELECT count(*) FROM jobs WHERE state = 'failed' AND workflow_step = 'call'")
+            .await?,
+        1
+    );
+    Ok(())
+}
+
+/// place → await_fill (signal `fill`/`ORDER1`, timeout 60 s) → done.
+fn fill_workflow(calls: &Calls) -> Workflow {
+    let c = calls.clone();
+    Workflow::new("fill", 1)
+        .step("place", |_ctx: StepCtx| async {
+            Ok(StepOutcome::Continue(json!({ "order": "ORDER1" })))
+        })
+        .step("await_fill", move |ctx: StepCtx| {
+            let calls = c.clone();
+            async move {
+                calls.hit("await_fill");
+                if ctx.timed_out() {
+                    return Ok(StepOutcome::Continue(json!({ "timed_out": true })));
+                }
+                let order = ctx
+                    .output("place")
+                    .and_then(|o| o["order"].as_str())
+                    .unwrap_or("");
+                Ok(StepOutcome::wait_signal(
+                    "fill",
+                    order,
+                    Duration::from_secs(60),
+                ))
+            }
+        })
+        .step("done", |ctx: StepCtx| async move {
+            Ok(StepOutcome::Finish(
+                ctx.output("await_fill").cloned().unwrap_or(Value::Null),
+            ))
+        })
+}
+
+#[tokio::test]
+async fn a_signal_sent_before_the_wait_is_kept_and_consumed() -> TestResult {
+    let env = Env::new().await?;
+    let calls = Calls::default();
+    let reg = registry(fill_workflow(&calls))?;
+    let sent = signal_send(
+        &env.store,
+        "fill",
+        "ORDER1",
+        &json!({ "qty": "2" }),
+        "evt-1",
+    )
+    .await?;
+    assert_eq!(
+        sent.clone(),
+        SignalSent::New {
+            id: 1,
+            woke: vec![]
+        }
+    );
+
+    let id = workflow_start(&env.store, &reg, "fill", &json!({}), None).await?;
+    env.drain(&reg).await?;
+    let wf = env.workflow(id).await?;
+    assert_eq!(wf.state, "completed");
+    assert_eq!(wf.output, Some(json!({ "qty": "2" })));
+    assert_eq!(calls.get("await_fill"), 1);
+    let mut conn = env.pool().acquire().await?;
+    let signals = signal_list_in(&mut conn, "fill", "ORDER1").await?;
+    assert_eq!(signals.len(), 1);
+    assert!(signals[0].consumed_at.is_some());
+    assert_eq!(signals[0].consumed_by_step.as_deref(), Some("await_fill"));
+    assert_eq!(signals[0].workflow_id, Some(id));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_signal_wakes_a_waiting_workflow_and_duplicates_apply_once() -> TestResult {
+    let env = Env::new().await?;
+    let calls = Calls::default();
+    let reg = registry(fill_workflow(&calls))?;
+    let id = workflow_start(&env.store, &reg, "fill", &json!({}), None).await?;
+    env.drain(&reg).await?;
+    let wf = env.workflow(id).await?;
+    assert_eq!(wf.state, "waiting");
+    assert_eq!(wf.wait_reason.as_deref(), Some("signal:fill:ORDER1"));
+    assert_eq!(wf.current_step.as_deref(), Some("await_fill"));
+    assert_eq!(wf.wait_until, Some(t0() + TimeDelta::seconds(60)));
+
+    let payload = json!({ "qty": "3" });
+    let first = signal_send(&env.store, "fill", "ORDER1", &payload, "evt-9").await?;
+    let second = signal_send(
+        &env.store,
+        "fill",
+        "ORDER1",
+        &json!({ "qty": "999" }),
+        "evt-9",
+    )
+    .await?;
+    assert!(matches!(first, SignalSent::New { ref woke, .. } if woke == &vec![id]));
+    assert_eq!(second, SignalSent::Duplicate);
+    assert_eq!(env.count("SELECT count(*) FROM signals").await?, 1);
+    assert_eq!(
+        env.count("SELECT count(*) FROM jobs WHERE args->>'wake' = 'signal'")
+            .await?,
+        1
+    );
+
+    env.drain(&reg).await?;
+    let wf = env.workflow(id).await?;
+    assert_eq!(wf.state, "completed");
+    assert_eq!(wf.output, Some(payload));
+    // Woken without re-running the step function.
+    assert_eq!(calls.get("await_fill"), 1);
+
+    // The timeout job still fires later, and changes nothing.
+    env.clock.advance(Duration::from_secs(61));
+    assert_eq!(env.drain(&reg).await?, 1);
+    assert_eq!(calls.get("await_fill"), 1);
+    assert_eq!(env.workflow(id).await?.output, Some(json!({ "qty": "3" })));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_wait_that_times_out_runs_the_timeout_path() -> TestResult {
+    let env = Env::new().await?;
+    let calls = Calls::default();
+    let reg = registry(fill_workflow(&calls))?;
+    let id = workflow_start(&env.store, &reg, "fill", &json!({}), None).await?;
+    env.drain(&reg).await?;
+    assert_eq!(env.workflow(id).await?.state, "waiting");
+    env.clock.advance(Duration::from_secs(59));
+    assert_eq!(env.drain(&reg).await?, 0, "not yet");
+    env.clock.advance(Duration::from_secs(2));
+    env.drain(&reg).await?;
+    let wf = env.workflow(id).await?;
+    assert_eq!(wf.state, "completed");
+    assert_eq!(wf.output, Some(json!({ "timed_out": true })));
+    assert_eq!(calls.get("await_fill"), 2);
+
+    // A signal that comes too late is kept, unconsumed, for nobody.
+    let late = signal_send(&env.store, "fill", "ORDER1", &json!({}), "evt-late").await?;
+    assert!(matches!(late, SignalSent::New { ref woke, .. } if woke.is_empty()));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_timer_step_resumes_at_its_time() -> TestResult {
+    let env = Env::new().await?;
+    let calls = Calls::default();
+    let c = calls.clone();
+    let wake_at = t0() + TimeDelta::hours(1);
+    let wf = Workflow::new("cooldown", 1)
+        .step("pause", move |_ctx: StepCtx| async move {
+            Ok(StepOutcome::SleepUntil(wake_at))
+        })
+        .step("after", move |_ctx: StepCtx| {
+            let calls = c.clone();
+            async move {
+                calls.hit("after");
+                Ok(StepOutcome::Continue(json!("woke")))
+            }
+        });
+    let reg = registry(wf)?;
+    let id = workflow_start(&env.store, &reg, "cooldown", &json!({}), None).await?;
+    env.drain(&reg).await?;
+    let wf = env.workflow(id).await?;
+    assert_eq!(wf.state, "waiting");
+    assert_eq!(wf.wait_reason.as_deref(), Some("timer"));
+    assert_eq!(wf.wait_until, Some(wake_at));
+    assert_eq!(
+        env.count(
+            "SELECT count(*) FROM jobs WHERE state = 'scheduled' AND workflow_step = 'after'"
+        )
+        .await?,
+        1
+    );
+    env.clock.advance(Duration::from_secs(1800));
+    assert_eq!(env.drain(&reg).await?, 0);
+    env.clock.advance(Duration::from_secs(1800));
+    assert_eq!(env.drain(&reg).await?, 1);
+    assert_eq!(calls.get("after"), 1);
+    let wf = env.workflow(id).await?;
+    assert_eq!(
+        (wf.state.as_str(), wf.output),
+        ("completed", Some(json!("woke")))
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn instances_keep_their_version_and_new_starts_use_the_newest() -> TestResult {
+    let env = Env::new().await?;
+    let v1 = || {
+        Workflow::new("payout", 1)
+            .step("a", |_c: StepCtx| async {
+                Ok(StepOutcome::Continue(json!("v1a")))
+            })
+            .step("b", |_c: StepCtx| async {
+                Ok(StepOutcome::Continue(json!("v1b")))
+            })
+    };
+    let v2 = Workflow::new("payout", 2)
+        .step("a", |_c: StepCtx| async {
+            Ok(StepOutcome::Continue(json!("v2a")))
+        })
+        .step("c", |_c: StepCtx| async {
+            Ok(StepOutcome::Continue(json!("v2c")))
+        })
+        .step("d", |_c: StepCtx| async {
+            Ok(StepOutcome::Continue(json!("v2d")))
+        });
+    let old = registry(v1())?;
+    let old_id = workflow_start(&env.store, &old, "payout", &json!({}), None).await?;
+    let both = registry(v1())?.register(v2)?;
+    assert!(
+        both.clone().register(v1()).is_err(),
+        "a version registers once"
+    );
+    let new_id = workflow_start(&env.store, &both, "payout", &json!({}), None).await?;
+    env.drain(&both).await?;
+
+    let (a, b) = (env.workflow(old_id).await?, env.workflow(new_id).await?);
+    assert_eq!(
+        (a.version, a.state.as_str(), a.output),
+        (1, "completed", Some(json!("v1b")))
+    );
+    assert_eq!(
+        (b.version, b.state.as_str(), b.output),
+        (2, "completed", Some(json!("v2d")))
+    );
+    let steps = |rows: Vec<StepRow>| rows.into_iter().map(|r| r.step).collect::<Vec<_>>();
+    assert_eq!(steps(env.journal(old_id).await?), ["a", "b"]);
+    assert_eq!(steps(env.journal(new_id).await?), ["a", "c", "d"]);
+    Ok(())
+}
+
+/// A step that waits from the start, raced against its signal many times:
+/// every workflow must get its signal without the timeout (the clock never
+/// moves), whichever side commits first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_signal_racing_the_wait_checkpoint_is_never_lost() -> TestResult {
+    let env = Env::new().await?;
+    let waits = Arc::new(AtomicUsize::new(0));
+    let w = waits.clone();
+    let wf = Workflow::new("race", 1)
+        .step("wait", move |ctx: StepCtx| {
+            let waits = w.clone();
+            async move {
+                waits.fetch_add(1, Ordering::SeqCst);
+                let key = ctx.input()["key"].as_str().unwrap_or_default().to_string();
+                Ok(StepOutcome::wait_signal(
+                    "go",
+                    key,
+                    Duration::from_secs(3600),
+                ))
+            }
+        })
+        .step("end", |ctx: StepCtx| async move {
+            Ok(StepOutcome::Finish(
+                ctx.output("wait").cloned().unwrap_or(Value::Null),
+            ))
+        });
+    let reg = registry(wf)?;
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        let id = workflow_start(
+            &env.store,
+            &reg,
+            "race",
+            &json!({ "key": format!("k{i}") }),
+            None,
+        )
+        .await?;
+        let job = env.claim("w", 1).await?;
+        let store = env.store.clone();
+        let key = format!("k{i}");
+        let send = tokio::spawn(async move {
+            if i % 2 == 0 {
+                tokio::task::yield_now().await;
+            }
+            signal_send(&store, "go", &key, &json!({ "i": i }), &format!("evt-{i}")).await
+        });
+        env.run(&reg, &job[0]).await?;
+        send.await??;
+        ids.push(id);
+    }
+    env.drain(&reg).await?;
+    for (i, id) in ids.into_iter().enumerate() {
+        let wf = env.workflow(id).await?;
+        assert_eq!(wf.state, "completed", "workflow {i} lost its signal");
+        assert_eq!(wf.output, Some(json!({ "i": i })));
+    }
+    assert_eq!(
+        waits.load(Ordering::SeqCst),
+        40,
+        "the wait step ran once each"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_cancelled_workflow_runs_no_further_step() -> TestResult {
+    let env = Env::new().await?;
+    let calls = Calls::default();
+    let reg = registry(fill_workflow(&calls))?;
+    let id = workflow_start(&env.store, &reg, "fill", &json!({}), None).await?;
+    env.drain(&reg).await?;
+    assert_eq!(env.workflow(id).await?.state, "waiting");
+    let mut conn = env.pool().acquire().await?;
+    assert!(workflow_cancel_in(&mut conn, &env.store, id, "user asked").await?);
+    assert!(!workflow_cancel_in(&mut conn, &env.store, id, "again").await?);
+    let wf = env.workflow(id).await?;
+    assert_eq!(
+        (wf.state.as_str(), wf.error.as_deref()),
+        ("cancelled", Some("user asked"))
+    );
+    assert!(wf.finished_at.is_some());
+    // The pending timeout job is cancelled; a signal wakes nobody.
+    assert_eq!(
+        env.count(
+            "SELECT count(*) FROM jobs WHERE state = 'cancelled' AND args->>'wake' = 'timeout'"
+        )
+        .await?,
+        1
+    );
+    let sent = signal_send(&env.store, "fill", "ORDER1", &json!({}), "evt-x").await?;
+    assert!(matches!(sent, SignalSent::New { ref woke, .. } if woke.is_empty()));
+    env.clock.advance(Duration::from_secs(3600));
+    assert_eq!(env.drain(&reg).await?, 0);
+    assert_eq!(calls.get("await_fill"), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_operator_retry_reruns_the_failed_step() -> TestResult {
+    let env = Env::new().await?;
+    let fail_once = Arc::new(AtomicUsize::new(0));
+    let f = fail_once.clone();
+    let wf = Workflow::new("retryable", 1)
+        .step("first", |_c: StepCtx| async {
+            Ok(StepOutcome::Continue(json!(1)))
+        })
+        .step("second", move |_c: StepCtx| {
+            let f = f.clone();
+            async move {
+                if f.fetch_add(1, Ordering::SeqCst) == 0 {
+                    Ok(StepOutcome::Fail("rejected".to_string()))
+                } else {
+                    Ok(StepOutcome::Continue(json!(2)))
+                }
+            }
+        });
+    let reg = registry(wf)?;
+    let id = workflow_start(&env.store, &reg, "retryable", &json!({}), None).await?;
+    env.drain(&reg).await?;
+    assert_eq!(env.workflow(id).await?.state, "failed");
+    let mut conn = env.pool().acquire().await?;
+    assert!(workflow_retry_in(&mut conn, &env.store, id).await?);
+    assert!(
+        !workflow_retry_in(&mut conn, &env.store, id).await?,
+        "only failed workflows"
+    );
+    env.drain(&reg).await?;
+    let wf = env.workflow(id).await?;
+    assert_eq!(
+        (wf.state.as_str(), wf.output),
+        ("completed", Some(json!(2)))
+    );
+    assert!(wf.error.is_none());
+    let journal = env.journal(id).await?;
+    assert!(journal.iter().all(|s| s.status == "completed"));
+    assert_eq!(fail_once.load(Ordering::SeqCst), 2);
+    Ok(())
+}
