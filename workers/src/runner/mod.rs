@@ -247,8 +247,15 @@ impl Runner {
                 .backend(EngineBackend::new(rx))
                 .layer(ConcurrencyLimitLayer::new(q.concurrency))
                 .build(service);
+            // The worker stops (after its in-flight attempts) once claiming
+            // stops; apalis needs the explicit stop to finish.
+            let stop = shared.stop_claiming.clone();
             workers.push(tokio::spawn(async move {
-                if let Err(e) = worker.run().await {
+                let stopped = async move {
+                    stop.cancelled().await;
+                    Ok::<(), apalis_core::error::WorkerError>(())
+                };
+                if let Err(e) = worker.run_until(stopped).await {
                     tracing::error!(error = %e, "apalis worker stopped with an error");
                 }
             }));

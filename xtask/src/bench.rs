@@ -1,0 +1,53 @@
+//! `cargo xtask bench`: makes sure Postgres is up, then runs the `ledgerflow-bench` binary (release
+//! build) with `DATABASE_URL` pointing at it.
+//!
+//! Everything after `bench` goes to `ledgerflow-bench` unchanged (`cargo xtask bench --help`
+//! shows its help); with nothing after it, `queue` runs with the default workload — the same as
+//! the peers' scripts in `../shared/bench/peers`, whose `table.py` reads the `RESULT` line it
+//! prints.
+
+use crate::{cmd, pg};
+use anyhow::Result;
+
+#[derive(clap::Args, Debug)]
+#[command(
+    disable_help_flag = true,
+    after_help = "Examples:\n  \
+    cargo xtask bench                                   # queue benchmark, default workload\n  \
+    cargo xtask bench queue --json /tmp/lf-bench.json   # also write the results as JSON\n  \
+    cargo xtask bench queue --history 1000000           # with a million finished jobs\n  \
+    cargo xtask bench --help                            # every ledgerflow-bench option"
+)]
+pub struct Args {
+    /// Passed to `ledgerflow-bench` (default: `queue`).
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "BENCH_ARGS"
+    )]
+    pub bench_args: Vec<String>,
+}
+
+/// The binary's package and name.
+const PACKAGE: &str = "ledgerflow-workers";
+const BINARY: &str = "ledgerflow-bench";
+
+pub fn run(args: Args) -> Result<()> {
+    let bench_args = if args.bench_args.is_empty() {
+        vec!["queue".to_string()]
+    } else {
+        args.bench_args
+    };
+    // `--help` needs no database.
+    let help = bench_args
+        .iter()
+        .any(|a| matches!(a.as_str(), "-h" | "--help" | "help"));
+    let mut c = cmd::cargo();
+    c.args(["run", "--release", "-p", PACKAGE, "--bin", BINARY, "--"])
+        .args(&bench_args);
+    if !help {
+        let url = pg::ensure_postgres()?;
+        c.env("DATABASE_URL", url);
+    }
+    cmd::run(&mut c)
+}

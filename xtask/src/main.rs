@@ -1,0 +1,58 @@
+//! `cargo xtask`: project automation (lint + test harness, and more subcommands as modules).
+//!
+//! Each subcommand lives in its own module exposing `Args` (a `clap::Args`) and
+//! `run(Args) -> anyhow::Result<()>`. Adding one is three lines: the `mod`, the
+//! `Command` variant and its `match` arm.
+
+mod bench;
+mod cmd;
+mod dev;
+mod helm_check;
+mod openapi;
+mod pg;
+mod test;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Ledgerflow project automation"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start/prepare Postgres, then fmt, clippy and the whole test suite (what CI runs).
+    Test(test::Args),
+    /// Run the whole system locally (`--smoke`: one job end to end, then exit).
+    Dev(dev::Args),
+    /// Benchmarks (`queue`), printed as a table and optionally written as JSON.
+    Bench(bench::Args),
+    /// Lint, render and validate the Helm chart offline; check its container args against the binary.
+    HelmCheck,
+    /// Write the OpenAPI specs to api/openapi/.
+    Openapi(openapi::Args),
+}
+
+fn main() -> ExitCode {
+    let result: Result<()> = match Cli::parse().command {
+        Command::Test(args) => test::run(args),
+        Command::Dev(args) => dev::run(args),
+        Command::Bench(args) => bench::run(args),
+        Command::HelmCheck => helm_check::run(cmd::workspace_root()),
+        Command::Openapi(args) => openapi::run(args),
+    };
+    // Print the error chain on one line, without the backtrace `RUST_BACKTRACE` would add.
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}

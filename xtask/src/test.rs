@@ -1,0 +1,196 @@
+//! `cargo xtask test`: everything CI checks, as an ordered list of timed steps that stops at the
+//! first failure (Postgres setup, fmt, clippy, tests, doctests).
+
+use crate::{cmd, pg};
+use anyhow::{Context, Result};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+#[derive(clap::Args, Debug)]
+#[command(after_help = "Examples:\n  \
+    cargo xtask test                      # what CI runs\n  \
+    cargo xtask test --no-lint -- jobs::  # quick loop: only tests matching `jobs::`")]
+pub struct Args {
+    /// Skip `cargo fmt --check` and `cargo clippy` (quick local loop).
+    #[arg(long)]
+    pub no_lint: bool,
+
+    /// Passed to the test runner (`cargo nextest run`, or `cargo test` without nextest), e.g. a
+    /// test-name filter. Doctests are skipped when these are given.
+    #[arg(last = true, value_name = "RUNNER_ARGS")]
+    pub runner_args: Vec<String>,
+}
+
+/// What the steps share.
+struct Ctx {
+    args: Args,
+    /// Server URL for tests, set by the `postgres` step.
+    database_url: Option<String>,
+}
+
+impl Ctx {
+    /// A `cargo` command in the workspace root with the test services in its environment.
+    fn cargo(&self) -> Command {
+        let mut c = cmd::cargo();
+        if let Some(url) = &self.database_url {
+            c.env("TEST_DATABASE_URL", url).env("DATABASE_URL", url);
+        }
+        c
+    }
+}
+
+type StepFn = fn(&mut Ctx) -> Result<()>;
+
+struct Step {
+    name: &'static str,
+    run: StepFn,
+    /// Why the step doesn't run this time, if it doesn't.
+    skip: Option<&'static str>,
+}
+
+/// The steps, in order. New ones go here.
+fn steps(args: &Args) -> Vec<Step> {
+    let lint = args.no_lint.then_some("--no-lint");
+    let filtered = (!args.runner_args.is_empty()).then_some("runner args given");
+    vec![
+        Step {
+            name: "postgres",
+            run: postgres,
+            skip: None,
+        },
+        Step {
+            name: "fmt",
+            run: fmt,
+            skip: lint,
+        },
+        Step {
+            name: "clippy",
+            run: clippy,
+            skip: lint,
+        },
+        Step {
+            name: "tests",
+            run: tests,
+            skip: None,
+        },
+        Step {
+            name: "doctests",
+            run: doctests,
+            skip: filtered,
+        },
+        Step {
+            name: "helm-check",
+            run: helm_check,
+            skip: filtered,
+        },
+        Step {
+            name: "dev-smoke",
+            run: dev_smoke,
+            skip: filtered,
+        },
+    ]
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let steps = steps(&args);
+    let mut ctx = Ctx {
+        args,
+        database_url: None,
+    };
+    let started = Instant::now();
+    let total = steps.len();
+    let mut summary: Vec<(&str, String)> = Vec::new();
+
+    for (i, step) in steps.iter().enumerate() {
+        if let Some(reason) = step.skip {
+            println!(
+                "\n==> [{}/{total}] {}: skipped ({reason})",
+                i + 1,
+                step.name
+            );
+            summary.push((step.name, "skipped".into()));
+            continue;
+        }
+        println!("\n==> [{}/{total}] {}", i + 1, step.name);
+        let t = Instant::now();
+        let result = (step.run)(&mut ctx);
+        let took = secs(t.elapsed());
+        match result {
+            Ok(()) => {
+                println!("<== {}: ok in {took}", step.name);
+                summary.push((step.name, format!("ok in {took}")));
+            }
+            Err(e) => {
+                println!("<== {}: FAILED after {took}", step.name);
+                summary.push((step.name, format!("FAILED after {took}")));
+                print_summary(&summary, started);
+                return Err(e).with_context(|| format!("step `{}` failed", step.name));
+            }
+        }
+    }
+    print_summary(&summary, started);
+    Ok(())
+}
+
+fn print_summary(summary: &[(&str, String)], started: Instant) {
+    println!("\n==> summary ({} total)", secs(started.elapsed()));
+    for (name, outcome) in summary {
+        println!("    {name:<10} {outcome}");
+    }
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.1}s", d.as_secs_f64())
+}
+
+fn postgres(ctx: &mut Ctx) -> Result<()> {
+    let url = pg::ensure_postgres()?;
+    pg::drop_stale_test_databases(&url)?;
+    println!(
+        "tests get TEST_DATABASE_URL and DATABASE_URL = {}",
+        cmd::redact_url(&url)
+    );
+    ctx.database_url = Some(url);
+    Ok(())
+}
+
+fn fmt(ctx: &mut Ctx) -> Result<()> {
+    cmd::run(ctx.cargo().args(["fmt", "--all", "--", "--check"]))
+}
+
+fn clippy(ctx: &mut Ctx) -> Result<()> {
+    cmd::run(ctx.cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))
+}
+
+fn tests(ctx: &mut Ctx) -> Result<()> {
+    let mut c = ctx.cargo();
+    if cmd::which("cargo-nextest").is_some() {
+        c.args(["nextest", "run", "--workspace", "--no-fail-fast"]);
+    } else {
+        println!("(cargo-nextest not on PATH: using cargo test)");
+        c.args(["test", "--workspace", "--no-fail-fast"]);
+    }
+    cmd::run(c.args(&ctx.args.runner_args))
+}
+
+fn helm_check(_: &mut Ctx) -> Result<()> {
+    crate::helm_check::run(cmd::workspace_root())
+}
+
+fn dev_smoke(ctx: &mut Ctx) -> Result<()> {
+    crate::dev::run(crate::dev::Args::smoke(ctx.database_url.clone()))
+}
+
+fn doctests(ctx: &mut Ctx) -> Result<()> {
+    cmd::run(
+        ctx.cargo()
+            .args(["test", "--workspace", "--doc", "--no-fail-fast"]),
+    )
+}
