@@ -88,6 +88,14 @@ pub enum Error {
     /// Any other input out of range.
     #[error("invalid input: {0}")]
     Invalid(String),
+
+    /// An exchange call failed (rejected, in doubt or not sent).
+    #[error("exchange: {0}")]
+    Exchange(#[from] crate::exchange::Error),
+
+    /// A notification provider call failed.
+    #[error("notifier: {0}")]
+    Notify(#[from] crate::notifier::Error),
 }
 
 impl Error {

@@ -15,9 +15,11 @@
 //! and idempotency on top.
 
 pub mod error;
+pub mod exchange;
 pub mod ids;
 pub mod ledger;
 pub mod money;
+pub mod notifier;
 pub mod users;
 
 pub use error::{Error, Result};

@@ -1,0 +1,277 @@
+//! Notification providers (email, push): the [`Notifier`] trait and
+//! [`SimulatedNotifier`], an in-process provider with fault modes.
+//!
+//! Same contract as the exchange (rule 3): every [`Notification`] carries a
+//! deterministic `id` (derived from the workflow id and step), the provider
+//! delivers each id at most once, and a repeat returns the original
+//! [`SendReceipt`] (with `duplicate: true`). [`Error`] has the exchange's three
+//! kinds: `Rejected` (final), `Unavailable` (not sent, retry) and `Unknown`
+//! (maybe sent: a retry is safe only because the provider dedupes on `id`).
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
+
+/// `Result` with the notifier [`Error`] as the default error.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// How a send failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+#[serde(tag = "error", content = "reason", rename_all = "snake_case")]
+pub enum Error {
+    /// A definite "no" (bad address, unsubscribed …): do not retry.
+    #[error("rejected by the provider: {0}")]
+    Rejected(String),
+    /// Sent, no answer: may have been delivered. Retrying with the same id
+    /// is safe (the provider dedupes).
+    #[error("outcome unknown: {0}")]
+    Unknown(String),
+    /// Definitely not sent: retry.
+    #[error("provider unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// The name the issue uses for [`Error`].
+pub use self::Error as NotifyError;
+
+/// Delivery channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Channel {
+    /// E-mail.
+    Email,
+    /// Mobile push.
+    Push,
+}
+
+/// One message to send.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Notification {
+    /// Dedupe key: deterministic per workflow step (`"{workflow_id}:{step}"`).
+    pub id: String,
+    /// Email or push.
+    pub channel: Channel,
+    /// Address or device token.
+    pub to: String,
+    /// Subject / title.
+    pub subject: String,
+    /// Text.
+    pub body: String,
+}
+
+/// The provider's acknowledgement.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SendReceipt {
+    /// The provider's message id (the same for every repeat of an id).
+    pub provider_message_id: String,
+    /// True when this id had already been delivered and nothing was sent now.
+    pub duplicate: bool,
+}
+
+/// An email/push provider. Object safe: hold it as `Arc<dyn Notifier>`.
+#[async_trait]
+pub trait Notifier: Send + Sync {
+    /// Sends `notification` unless its id was already delivered.
+    async fn send(&self, notification: &Notification) -> Result<SendReceipt>;
+}
+
+/// How [`SimulatedNotifier`] fails the next sends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "mode", rename_all = "snake_case")]
+pub enum NotifyFault {
+    /// Fail without sending ([`Error::Unavailable`]).
+    Unavailable,
+    /// Deliver, then answer [`Error::Unknown`].
+    AcceptThenTimeout,
+    /// Refuse ([`Error::Rejected`]).
+    Reject {
+        /// The reason returned.
+        reason: String,
+    },
+}
+
+#[derive(Default)]
+struct State {
+    fault: Option<(NotifyFault, u32)>,
+    seq: u64,
+    delivered: HashMap<String, (Notification, String)>,
+    attempts: HashMap<String, u64>,
+    deliveries: Vec<Notification>,
+}
+
+/// An in-process provider: dedupes on id, counts attempts, and fails the
+/// next N sends on request.
+#[derive(Default)]
+pub struct SimulatedNotifier {
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for SimulatedNotifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimulatedNotifier").finish_non_exhaustive()
+    }
+}
+
+fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
+    // Never held across an await; a poisoned lock only means a test panicked.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl SimulatedNotifier {
+    /// A provider that succeeds.
+    pub fn new() -> Self {
+        SimulatedNotifier::default()
+    }
+
+    /// Fails the next `times` sends with `fault`, then succeeds again.
+    pub fn fail_times(&self, times: u32, fault: NotifyFault) {
+        lock(&self.state).fault = (times > 0).then_some((fault, times));
+    }
+
+    /// `send` calls received for `id` (retries included).
+    pub fn attempts(&self, id: &str) -> u64 {
+        lock(&self.state).attempts.get(id).copied().unwrap_or(0)
+    }
+
+    /// Times a message with `id` actually went out (0 or 1).
+    pub fn delivered_count(&self, id: &str) -> usize {
+        lock(&self.state)
+            .deliveries
+            .iter()
+            .filter(|n| n.id == id)
+            .count()
+    }
+
+    /// Every message that went out, in order.
+    pub fn deliveries(&self) -> Vec<Notification> {
+        lock(&self.state).deliveries.clone()
+    }
+}
+
+impl State {
+    fn take_fault(&mut self) -> Option<NotifyFault> {
+        let (fault, left) = self.fault.take()?;
+        if left > 1 {
+            self.fault = Some((fault.clone(), left - 1));
+        }
+        Some(fault)
+    }
+
+    fn deliver(&mut self, n: &Notification) -> String {
+        self.seq += 1;
+        let message_id = format!("msg_{:06}", self.seq);
+        self.delivered
+            .insert(n.id.clone(), (n.clone(), message_id.clone()));
+        self.deliveries.push(n.clone());
+        message_id
+    }
+}
+
+#[async_trait]
+impl Notifier for SimulatedNotifier {
+    async fn send(&self, n: &Notification) -> Result<SendReceipt> {
+        let mut st = lock(&self.state);
+        *st.attempts.entry(n.id.clone()).or_default() += 1;
+        if let Some((first, message_id)) = st.delivered.get(&n.id) {
+            if first != n {
+                return Err(Error::Rejected(format!(
+                    "notification id {} was already used for a different message",
+                    n.id
+                )));
+            }
+            return Ok(SendReceipt {
+                provider_message_id: message_id.clone(),
+                duplicate: true,
+            });
+        }
+        if n.to.trim().is_empty() {
+            return Err(Error::Rejected("empty recipient".into()));
+        }
+        match st.take_fault() {
+            Some(NotifyFault::Unavailable) => {
+                Err(Error::Unavailable("simulated provider outage".into()))
+            }
+            Some(NotifyFault::Reject { reason }) => Err(Error::Rejected(reason)),
+            Some(NotifyFault::AcceptThenTimeout) => {
+                st.deliver(n);
+                Err(Error::Unknown("simulated timeout after delivery".into()))
+            }
+            None => Ok(SendReceipt {
+                provider_message_id: st.deliver(n),
+                duplicate: false,
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+mod tests {
+    use super::*;
+
+    fn note(id: &str) -> Notification {
+        Notification {
+            id: id.into(),
+            channel: Channel::Email,
+            to: "ada@example.com".into(),
+            subject: "Trade filled".into(),
+            body: "0.5 BTC bought".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn dedupes_per_id() {
+        let p = SimulatedNotifier::new();
+        let a = p.send(&note("wf1:notify")).await.unwrap();
+        assert!(!a.duplicate);
+        let b = p.send(&note("wf1:notify")).await.unwrap();
+        assert!(b.duplicate);
+        assert_eq!(a.provider_message_id, b.provider_message_id);
+        assert_eq!(p.delivered_count("wf1:notify"), 1);
+        assert_eq!(p.attempts("wf1:notify"), 2);
+        let mut other = note("wf1:notify");
+        other.body = "something else".into();
+        assert!(matches!(p.send(&other).await, Err(Error::Rejected(_))));
+    }
+
+    #[tokio::test]
+    async fn fails_n_times_then_succeeds() {
+        let p = SimulatedNotifier::new();
+        p.fail_times(2, NotifyFault::Unavailable);
+        let n = note("wf2:notify");
+        assert!(matches!(p.send(&n).await, Err(Error::Unavailable(_))));
+        assert!(matches!(p.send(&n).await, Err(Error::Unavailable(_))));
+        assert!(!p.send(&n).await.unwrap().duplicate);
+        assert_eq!(p.attempts("wf2:notify"), 3);
+        assert_eq!(p.delivered_count("wf2:notify"), 1);
+    }
+
+    #[tokio::test]
+    async fn accept_then_timeout_delivers_once() {
+        let p = SimulatedNotifier::new();
+        p.fail_times(1, NotifyFault::AcceptThenTimeout);
+        let n = note("wf3:notify");
+        assert!(matches!(p.send(&n).await, Err(Error::Unknown(_))));
+        // The retry after an unknown outcome is answered from the dedupe table.
+        assert!(p.send(&n).await.unwrap().duplicate);
+        assert_eq!(p.delivered_count("wf3:notify"), 1);
+    }
+
+    #[tokio::test]
+    async fn reject_is_final() {
+        let p = SimulatedNotifier::new();
+        p.fail_times(
+            1,
+            NotifyFault::Reject {
+                reason: "unsubscribed".into(),
+            },
+        );
+        assert_eq!(
+            p.send(&note("wf4:notify")).await,
+            Err(Error::Rejected("unsubscribed".into()))
+        );
+        assert_eq!(p.delivered_count("wf4:notify"), 0);
+        assert!(p.deliveries().is_empty());
+    }
+}
