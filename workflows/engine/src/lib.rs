@@ -18,7 +18,9 @@
 //!   signal waits, and `run_step` (one lease-fenced checkpoint per step);
 //! - [`signal`]   — signals that waiting workflows consume (deduplicated, kept
 //!   until consumed);
-//! - [`testing`]  — (feature `testing`) per-test databases and helpers.
+//! - [`testing`]  — (feature `testing`) per-test databases and helpers;
+//! - `workflow_testing` — (feature `testing`) `WorkflowHarness`, which runs
+//!   workflow step jobs in-process and asserts on jobs, signals and journals.
 //!
 //! The schema is in the workspace's `migrations/` folder and is applied with
 //! [`MIGRATOR`], the one migrator that binaries, tests and the Helm migration
@@ -37,6 +39,8 @@ pub mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod workflow;
+#[cfg(feature = "testing")]
+pub mod workflow_testing;
 
 pub use clock::{Clock, DbClock, ManualClock};
 pub use error::{Error, Result};
@@ -50,6 +54,9 @@ pub use workflow::{
     StepCtx, StepDef, StepOutcome, WORKFLOW_JOB_KIND, Workflow, WorkflowId, WorkflowRegistry,
     WorkflowState, run_step, workflow_cancel_in, workflow_retry_in, workflow_start,
     workflow_start_in,
+};
+pub use workflow::{
+    CallError, ExternalError, ExternalResult, Reconciled, Resolution, workflow_resolve_in,
 };
 
 /// The workspace's migrations, embedded at compile time.

@@ -23,6 +23,29 @@
 //! ([`idempotency_key`]), that every external call it makes must carry
 //! (contract rule 3).
 //!
+//! Sagas: a step may register a compensation
+//! ([`Workflow::step_with_compensation`]). When a step fails permanently (its
+//! [`StepOutcome::Fail`], its retries exhausted, its in-doubt call resolved
+//! as failed), the workflow goes `compensating` and the compensations of the
+//! *completed* steps run in reverse order, each as its own lease-fenced job
+//! (unique key `wf:{id}:{step}:x{seq}`), journaled (step status
+//! `compensated` with the compensation's output) and retried like any step.
+//! The workflow ends `compensated`, or `failed` when a compensation exhausts
+//! its attempts (an operator's [`workflow_retry_in`] resumes compensating).
+//! With nothing to compensate, a failed step fails the workflow.
+//!
+//! External calls (contract rule 3): [`StepCtx::external_call`] commits the
+//! call's *intent* on the step's journal row (status `calling`) in its own
+//! transaction, makes the call with the step's idempotency key, and records
+//! the answer. An unknown outcome ([`CallError::Unknown`] or
+//! [`StepOutcome::InDoubt`]), or a re-run that finds an intent without an
+//! answer (the process died in between), puts the step `in_doubt` (the
+//! workflow `waiting`, `wait_reason = 'in_doubt:<step>'`): the call is never
+//! re-sent blindly. The step's reconcile hook ([`Workflow::reconcile`]) is
+//! asked what happened, at once and then with backoff (unique keys
+//! `wf:{id}:{step}:q{seq}.{n}`); [`Reconciled::Unknown`] after the last try
+//! leaves it for an admin, who settles it with [`workflow_resolve_in`].
+//!
 //! Costs to plan for: a running step holds its fenced transaction — one
 //! pooled connection, its job row and its workflow row — for as long as its
 //! function runs. Keep the workflow queue's concurrency below the pool size
@@ -32,6 +55,11 @@
 //! reaper rescues the job once its lease has expired. Signal senders never
 //! wait for a running step (they serialize with waiters on an advisory lock,
 //! see [`crate::signal`]); operator actions on the workflow row do.
+//! [`StepCtx::external_call`] writes its intent and answer on a second pooled
+//! connection: the step's transaction holds the workflow row `FOR NO KEY
+//! UPDATE`, which lets that connection's journal insert pass its foreign-key
+//! check, and the job row lock it also holds keeps the lease from moving
+//! while the call is in flight.
 use crate::job::DEFAULT_MAX_ATTEMPTS;
 use crate::signal::{lock_signal_key, signal_consume_in};
 use crate::store::ClaimedJob;
@@ -51,6 +79,9 @@ use uuid::Uuid;
 /// The job kind that runs workflow steps. Register a handler for it that calls
 /// [`run_step`].
 pub const WORKFLOW_JOB_KIND: &str = "ledgerflow.workflow";
+
+/// Default of [`Workflow::reconcile_attempts`].
+pub const DEFAULT_RECONCILE_ATTEMPTS: i32 = 5;
 
 /// A workflow instance's id (UUID v7).
 pub type WorkflowId = Uuid;
@@ -158,8 +189,15 @@ pub enum StepOutcome {
         correlation_key: String,
         timeout: Duration,
     },
-    /// Fail the workflow permanently with this error.
+    /// Fail the step permanently with this error: the completed steps are
+    /// compensated (sagas), or the workflow fails when there is nothing to
+    /// compensate.
     Fail(String),
+    /// The outcome of the step's external call is unknown (a timeout, a
+    /// connection reset after sending): the step's writes are discarded, it
+    /// goes `in_doubt` and its reconcile hook or an admin decides. Never
+    /// re-sent blindly (contract rule 3).
+    InDoubt(String),
 }
 
 impl StepOutcome {
@@ -197,6 +235,67 @@ where
     }
 }
 
+/// What a compensation returns: its output (journaled as the step's
+/// `compensation_output`), or a transient error, retried with backoff.
+pub type CompensationResult = std::result::Result<Value, String>;
+
+/// A step's compensation: undoes the step, given its context and the step's
+/// journaled output (e.g. the hold reference to release).
+pub trait CompensateFn: Send + Sync + 'static {
+    /// Runs the compensation once.
+    fn call(&self, ctx: StepCtx, output: Value) -> BoxFuture<'static, CompensationResult>;
+}
+
+impl<F, Fut> CompensateFn for F
+where
+    F: Fn(StepCtx, Value) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = CompensationResult> + Send + 'static,
+{
+    fn call(&self, ctx: StepCtx, output: Value) -> BoxFuture<'static, CompensationResult> {
+        Box::pin(self(ctx, output))
+    }
+}
+
+/// What a reconcile hook found out about an in-doubt external call.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reconciled {
+    /// The call took effect: the step completes with this output.
+    Succeeded(Value),
+    /// The call did not take effect: the step fails (→ compensation).
+    Failed(String),
+    /// Still unknown: ask again later, then leave it to an admin.
+    Unknown,
+}
+
+/// What a reconcile hook returns; `Err` is a transient error (retried).
+pub type ReconcileResult = std::result::Result<Reconciled, String>;
+
+/// A step's reconcile hook: asks the outside world (by the step's
+/// idempotency key) what became of an in-doubt call.
+pub trait ReconcileFn: Send + Sync + 'static {
+    /// Runs the hook once.
+    fn call(&self, ctx: StepCtx, idempotency_key: String) -> BoxFuture<'static, ReconcileResult>;
+}
+
+impl<F, Fut> ReconcileFn for F
+where
+    F: Fn(StepCtx, String) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ReconcileResult> + Send + 'static,
+{
+    fn call(&self, ctx: StepCtx, idempotency_key: String) -> BoxFuture<'static, ReconcileResult> {
+        Box::pin(self(ctx, idempotency_key))
+    }
+}
+
+/// How an admin settles an in-doubt step ([`workflow_resolve_in`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Resolution {
+    /// The call took effect: the step completes with this output.
+    Succeeded(Value),
+    /// It did not: the step fails (→ compensation).
+    Failed(String),
+}
+
 /// One named step of a workflow.
 #[derive(Clone)]
 pub struct StepDef {
@@ -204,11 +303,19 @@ pub struct StepDef {
     pub name: &'static str,
     /// Its body.
     pub run: Arc<dyn StepFn>,
+    /// Undoes the completed step when a later step fails (sagas).
+    pub compensate: Option<Arc<dyn CompensateFn>>,
+    /// Settles the step's in-doubt external call.
+    pub reconcile: Option<Arc<dyn ReconcileFn>>,
 }
 
 impl std::fmt::Debug for StepDef {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StepDef").field("name", &self.name).finish()
+        f.debug_struct("StepDef")
+            .field("name", &self.name)
+            .field("compensate", &self.compensate.is_some())
+            .field("reconcile", &self.reconcile.is_some())
+            .finish()
     }
 }
 
@@ -226,6 +333,10 @@ pub struct Workflow {
     pub queue: String,
     /// Attempts each step job gets.
     pub max_attempts: i32,
+    /// How many times a step's reconcile hook is asked (at once, then with
+    /// the store's backoff) before an in-doubt step is left to an admin.
+    pub reconcile_attempts: i32,
+    misplaced: Option<String>,
 }
 
 impl Workflow {
@@ -237,6 +348,8 @@ impl Workflow {
             steps: Vec::new(),
             queue: crate::job::DEFAULT_QUEUE.to_string(),
             max_attempts: DEFAULT_MAX_ATTEMPTS,
+            reconcile_attempts: DEFAULT_RECONCILE_ATTEMPTS,
+            misplaced: None,
         }
     }
 
@@ -245,7 +358,45 @@ impl Workflow {
         self.steps.push(StepDef {
             name,
             run: Arc::new(run),
+            compensate: None,
+            reconcile: None,
         });
+        self
+    }
+
+    /// Appends a step with its compensation, which receives the step's
+    /// journaled output when a later step fails.
+    pub fn step_with_compensation(
+        self,
+        name: &'static str,
+        run: impl StepFn,
+        compensate: impl CompensateFn,
+    ) -> Self {
+        self.step(name, run).compensate(compensate)
+    }
+
+    /// Sets the compensation of the last step added.
+    pub fn compensate(mut self, compensate: impl CompensateFn) -> Self {
+        match self.steps.last_mut() {
+            Some(step) => step.compensate = Some(Arc::new(compensate)),
+            None => self.misplaced = Some("compensate() before any step".to_string()),
+        }
+        self
+    }
+
+    /// Sets the reconcile hook of the last step added: asked what became of
+    /// the step's external call when its outcome is unknown.
+    pub fn reconcile(mut self, reconcile: impl ReconcileFn) -> Self {
+        match self.steps.last_mut() {
+            Some(step) => step.reconcile = Some(Arc::new(reconcile)),
+            None => self.misplaced = Some("reconcile() before any step".to_string()),
+        }
+        self
+    }
+
+    /// How many times reconcile hooks are asked (at least 1).
+    pub fn reconcile_attempts(mut self, n: i32) -> Self {
+        self.reconcile_attempts = n.max(1);
         self
     }
 
@@ -267,6 +418,9 @@ impl Workflow {
 
     fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Invalid(m));
+        if let Some(m) = &self.misplaced {
+            return bad(format!("workflow {}: {m}", self.kind));
+        }
         if self.kind.is_empty() || self.kind.len() > 128 {
             return bad("workflow kind must be 1..=128 bytes".to_string());
         }
@@ -350,13 +504,88 @@ struct StepInfo {
     kind: String,
     version: i32,
     step: String,
+    position: i32,
     input: Value,
     outputs: HashMap<String, Value>,
     idempotency_key: String,
     attempt: i32,
+    started_at: DateTime<Utc>,
     timed_out: bool,
     store: Store,
+    /// The step's external call as an earlier attempt left it.
+    prior_call: Option<PriorCall>,
+    /// What runs: a step body (the only place `external_call` is allowed),
+    /// a compensation or a reconcile hook.
+    role: Role,
+    track: std::sync::Mutex<CallTrack>,
 }
+
+/// What a [`StepCtx`] is handed to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Step,
+    Compensation,
+    Reconcile,
+}
+
+/// An external call recorded on the step's journal row.
+#[derive(Debug, Clone)]
+struct PriorCall {
+    state: String,
+    output: Option<Value>,
+    error: Option<String>,
+}
+
+/// What this run of the step did with its external call.
+#[derive(Debug, Default)]
+struct CallTrack {
+    made: bool,
+    in_doubt: Option<String>,
+}
+
+/// How an external call ended, as the closure given to
+/// [`StepCtx::external_call`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallError {
+    /// A definite "no": the provider refused and nothing happened.
+    #[error("rejected: {0}")]
+    Rejected(String),
+    /// The request certainly never reached the provider (connection refused,
+    /// DNS failure): safe to send again with the same key.
+    #[error("not sent: {0}")]
+    NotSent(String),
+    /// It may or may not have taken effect (timeout or reset after sending).
+    #[error("outcome unknown: {0}")]
+    Unknown(String),
+}
+
+/// Why [`StepCtx::external_call`] has no successful answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ExternalError {
+    /// The provider refused (recorded; a re-run gets the same answer).
+    #[error("external call rejected: {0}")]
+    Rejected(String),
+    /// Not delivered; returning it as the step's `Err` retries the step,
+    /// which sends again with the same key.
+    #[error("external call not sent: {0}")]
+    NotSent(String),
+    /// Unknown outcome: whatever the step returns now, it goes `in_doubt`.
+    #[error("external call in doubt: {0}")]
+    InDoubt(String),
+    /// The call was not made (a second call in one step, the intent could
+    /// not be recorded, the step is already journaled).
+    #[error("external call not made: {0}")]
+    NotMade(String),
+}
+
+impl From<ExternalError> for String {
+    fn from(e: ExternalError) -> Self {
+        e.to_string()
+    }
+}
+
+/// What [`StepCtx::external_call`] returns.
+pub type ExternalResult = std::result::Result<Value, ExternalError>;
 
 impl std::fmt::Debug for StepCtx {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -417,7 +646,9 @@ impl StepCtx {
     }
 
     /// The step's deterministic idempotency key, `"{workflow_id}:{step}"`:
-    /// pass it with every external call the step makes.
+    /// pass it with every external call the step makes. In a compensation it
+    /// is `"{workflow_id}:{step}:compensate"` (the undo is a call of its own);
+    /// a reconcile hook gets the step's key.
     pub fn idempotency_key(&self) -> &str {
         &self.info.idempotency_key
     }
@@ -435,6 +666,135 @@ impl StepCtx {
     /// The store.
     pub fn store(&self) -> &Store {
         &self.info.store
+    }
+
+    /// When this attempt started (recorded with the external call's intent).
+    pub fn started_at(&self) -> DateTime<Utc> {
+        self.info.started_at
+    }
+
+    /// Calls the outside world safely (contract rule 3); at most once per step.
+    ///
+    /// 1. The intent is committed first, in its own transaction, on the
+    ///    step's journal row (`status = 'calling'`, with attempt and time).
+    /// 2. `call` runs with the step's idempotency key.
+    /// 3. Its answer is recorded, again in its own transaction. A definite
+    ///    answer is returned (and a re-run of the step gets the recorded
+    ///    answer back without calling again); [`CallError::Unknown`] marks
+    ///    the step in doubt: whatever the step then returns, its writes are
+    ///    discarded and it goes `in_doubt` for its reconcile hook or an admin.
+    ///
+    /// A re-run that finds an intent without an answer (the process died
+    /// during the call) never gets here: the step goes `in_doubt` first.
+    pub async fn external_call<F, Fut>(&self, call: F) -> ExternalResult
+    where
+        F: FnOnce(String) -> Fut,
+        Fut: Future<Output = std::result::Result<Value, CallError>>,
+    {
+        if self.info.role != Role::Step {
+            return Err(ExternalError::NotMade(
+                "external_call is for step bodies; a compensation or reconcile hook must be \
+                 idempotent by its idempotency key"
+                    .to_string(),
+            ));
+        }
+        if std::mem::replace(&mut self.track().made, true) {
+            return Err(ExternalError::NotMade(
+                "a step makes at most one external call; split it into steps".to_string(),
+            ));
+        }
+        if let Some(prior) = &self.info.prior_call {
+            match prior.state.as_str() {
+                "answered" => return Ok(prior.output.clone().unwrap_or(Value::Null)),
+                "rejected" => {
+                    return Err(ExternalError::Rejected(
+                        prior.error.clone().unwrap_or_default(),
+                    ));
+                }
+                "not_sent" => {}
+                _ => {
+                    let reason = "an earlier attempt's call has no answer".to_string();
+                    self.track().in_doubt = Some(reason.clone());
+                    return Err(ExternalError::InDoubt(reason));
+                }
+            }
+        }
+        let info = &self.info;
+        let intent: std::result::Result<Option<i32>, sqlx::Error> = sqlx::query_scalar(
+            "INSERT INTO workflow_steps (workflow_id, step, position, status, idempotency_key,
+                                         attempt, started_at, call_state, call_attempt,
+                                         call_started_at)
+             VALUES ($1, $2, $3, 'calling', $4, $5, $6, 'calling', $5,
+                     coalesce($7::timestamptz, now()))
+             ON CONFLICT (workflow_id, step) DO UPDATE
+             SET status = 'calling', output = NULL, error = NULL, attempt = EXCLUDED.attempt,
+                 started_at = EXCLUDED.started_at, call_state = 'calling',
+                 call_attempt = EXCLUDED.call_attempt, call_started_at = EXCLUDED.call_started_at,
+                 call_finished_at = NULL, call_output = NULL, call_error = NULL
+             WHERE workflow_steps.status IN ('failed', 'calling')
+             RETURNING 1",
+        )
+        .bind(info.workflow_id)
+        .bind(&info.step)
+        .bind(info.position)
+        .bind(&info.idempotency_key)
+        .bind(info.attempt)
+        .bind(info.started_at)
+        .bind(info.store.now())
+        .fetch_optional(info.store.pool())
+        .await;
+        match intent {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                return Err(ExternalError::NotMade(
+                    "the step is already journaled".to_string(),
+                ));
+            }
+            Err(e) => {
+                return Err(ExternalError::NotMade(format!(
+                    "the call's intent could not be recorded: {e}"
+                )));
+            }
+        }
+        let answer = call(info.idempotency_key.clone()).await;
+        let (state, output, error) = match &answer {
+            Ok(v) => ("answered", Some(v), None),
+            Err(CallError::Rejected(e)) => ("rejected", None, Some(e.as_str())),
+            Err(CallError::NotSent(e)) => ("not_sent", None, Some(e.as_str())),
+            Err(CallError::Unknown(e)) => ("unknown", None, Some(e.as_str())),
+        };
+        let saved = sqlx::query(
+            "UPDATE workflow_steps
+             SET call_state = $3, call_output = $4, call_error = $5,
+                 call_finished_at = coalesce($6::timestamptz, now())
+             WHERE workflow_id = $1 AND step = $2 AND status = 'calling'",
+        )
+        .bind(info.workflow_id)
+        .bind(&info.step)
+        .bind(state)
+        .bind(output)
+        .bind(error)
+        .bind(info.store.now())
+        .execute(info.store.pool())
+        .await;
+        let in_doubt = |reason: String| {
+            self.track().in_doubt = Some(reason.clone());
+            Err(ExternalError::InDoubt(reason))
+        };
+        match (answer, saved) {
+            (Err(CallError::Unknown(e)), _) => in_doubt(e),
+            (_, Err(e)) => in_doubt(format!("the call's answer could not be recorded: {e}")),
+            (Ok(v), Ok(_)) => Ok(v),
+            (Err(CallError::Rejected(e)), Ok(_)) => Err(ExternalError::Rejected(e)),
+            (Err(CallError::NotSent(e)), Ok(_)) => Err(ExternalError::NotSent(e)),
+        }
+    }
+
+    fn track(&self) -> std::sync::MutexGuard<'_, CallTrack> {
+        self.info
+            .track
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The lease-fenced transaction, for the step's domain writes: they
@@ -462,6 +822,12 @@ pub(crate) enum Wake {
     /// An operator re-runs the failed step (`seq` is the workflow's `wait_seq`
     /// at the time, so each retry gets its own job).
     Retry { seq: i32 },
+    /// The `n`-th ask of the reconcile hook of the step that went in doubt
+    /// at the workflow's `wait_seq` `seq`.
+    Reconcile { seq: i32, n: i32 },
+    /// Run the completed step's compensation (`seq`: the workflow's
+    /// `wait_seq` when compensating reached the step).
+    Compensate { seq: i32 },
 }
 
 /// A step job's arguments (a wire format: change compatibly).
@@ -475,6 +841,8 @@ struct StepArgs {
     signal_id: Option<i64>,
     #[serde(default)]
     wait_seq: Option<i32>,
+    #[serde(default)]
+    n: Option<i32>,
 }
 
 impl StepArgs {
@@ -483,6 +851,11 @@ impl StepArgs {
             (Some("signal"), Some(signal_id), _) => Wake::Signal { signal_id },
             (Some("timeout"), _, Some(wait_seq)) => Wake::Timeout { wait_seq },
             (Some("retry"), _, Some(seq)) => Wake::Retry { seq },
+            (Some("reconcile"), _, Some(seq)) => Wake::Reconcile {
+                seq,
+                n: self.n.unwrap_or(1),
+            },
+            (Some("compensate"), _, Some(seq)) => Wake::Compensate { seq },
             _ => Wake::Entry,
         }
     }
@@ -502,6 +875,8 @@ pub(crate) fn step_job(
         Wake::Signal { signal_id } => format!("s{signal_id}"),
         Wake::Timeout { wait_seq } => format!("t{wait_seq}"),
         Wake::Retry { seq } => format!("r{seq}"),
+        Wake::Reconcile { seq, n } => format!("q{seq}.{n}"),
+        Wake::Compensate { seq } => format!("x{seq}"),
     };
     let args = match wake {
         Wake::Entry => json!({ "workflow_id": workflow_id, "step": step, "wake": "entry" }),
@@ -513,6 +888,12 @@ pub(crate) fn step_job(
         }),
         Wake::Retry { seq } => json!({
             "workflow_id": workflow_id, "step": step, "wake": "retry", "wait_seq": seq
+        }),
+        Wake::Reconcile { seq, n } => json!({
+            "workflow_id": workflow_id, "step": step, "wake": "reconcile", "wait_seq": seq, "n": n
+        }),
+        Wake::Compensate { seq } => json!({
+            "workflow_id": workflow_id, "step": step, "wake": "compensate", "wait_seq": seq
         }),
     };
     let mut job = NewJob::new(WORKFLOW_JOB_KIND, args)
@@ -650,19 +1031,28 @@ pub async fn workflow_cancel_in(
     Ok(true)
 }
 
-/// Runs a failed workflow's failed step again (operator action, on the
-/// caller's connection). Returns false unless the workflow is `failed`.
+/// Resumes a failed workflow (operator action, on the caller's connection):
+/// a failed step runs again; a workflow whose compensation exhausted its
+/// attempts resumes compensating at that step. Returns false unless the
+/// workflow is `failed`.
 pub async fn workflow_retry_in(
     conn: &mut PgConnection,
     store: &Store,
     id: WorkflowId,
 ) -> Result<bool> {
+    // The current step's journal row tells which way the workflow failed: a
+    // `completed` row means its compensation failed.
     let row = sqlx::query(
-        "UPDATE workflows
-         SET state = 'running', error = NULL, finished_at = NULL, wait_seq = wait_seq + 1,
+        "UPDATE workflows w
+         SET state = CASE WHEN s.status = 'completed' THEN 'compensating' ELSE 'running' END,
+             error = CASE WHEN s.status = 'completed' THEN w.error END,
+             finished_at = NULL, wait_seq = w.wait_seq + 1,
              updated_at = coalesce($2::timestamptz, now())
-         WHERE id = $1 AND state = 'failed' AND current_step IS NOT NULL
-         RETURNING current_step, queue, wait_seq",
+         FROM (SELECT w0.id, (SELECT ws.status FROM workflow_steps ws
+                              WHERE ws.workflow_id = w0.id AND ws.step = w0.current_step) AS status
+               FROM workflows w0 WHERE w0.id = $1 FOR NO KEY UPDATE) s
+         WHERE w.id = s.id AND w.state = 'failed' AND w.current_step IS NOT NULL
+         RETURNING w.current_step, w.queue, w.wait_seq, w.state",
     )
     .bind(id)
     .bind(store.now())
@@ -674,8 +1064,71 @@ pub async fn workflow_retry_in(
     let step: String = row.try_get(0)?;
     let queue: String = row.try_get(1)?;
     let seq: i32 = row.try_get(2)?;
-    let job = step_job(id, &queue, &step, Wake::Retry { seq }, None, None);
+    let state: String = row.try_get(3)?;
+    let wake = if state == "compensating" {
+        Wake::Compensate { seq }
+    } else {
+        Wake::Retry { seq }
+    };
+    let job = step_job(id, &queue, &step, wake, None, None);
     store.job_insert_in(conn, &job).await?;
+    Ok(true)
+}
+
+/// Settles an in-doubt step (admin action, on the caller's connection so the
+/// audit row commits with it): [`Resolution::Succeeded`] completes the step
+/// with the given output and enqueues its successor (or completes the
+/// workflow); [`Resolution::Failed`] fails it, which compensates the
+/// completed steps (or fails the workflow). Returns false when `step` of
+/// `id` is not in doubt (already settled, or never was). Call it inside a
+/// transaction: the workflow row is locked (`FOR NO KEY UPDATE`) until it
+/// commits, which serializes it with a reconcile hook running right now.
+/// A pending reconcile job finds the step settled and does nothing.
+pub async fn workflow_resolve_in(
+    conn: &mut PgConnection,
+    store: &Store,
+    registry: &WorkflowRegistry,
+    id: WorkflowId,
+    step: &str,
+    resolution: Resolution,
+) -> Result<bool> {
+    let Some(wf) = lock_workflow(conn, id).await? else {
+        return Ok(false);
+    };
+    if wf.state != WorkflowState::Waiting || wf.current_step.as_deref() != Some(step) {
+        return Ok(false);
+    }
+    let status: Option<String> = sqlx::query_scalar(
+        "SELECT status FROM workflow_steps WHERE workflow_id = $1 AND step = $2",
+    )
+    .bind(id)
+    .bind(step)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if status.as_deref() != Some("in_doubt") {
+        return Ok(false);
+    }
+    let def = registry.get(&wf.kind, wf.version).ok_or_else(|| {
+        Error::Invalid(format!(
+            "workflow {} v{} is not registered",
+            wf.kind, wf.version
+        ))
+    })?;
+    let idx = def.index_of(step).ok_or_else(|| {
+        Error::Invalid(format!(
+            "workflow {} v{} has no step {step:?}",
+            wf.kind, wf.version
+        ))
+    })?;
+    mark_resolved(conn, id, step, "admin").await?;
+    match resolution {
+        Resolution::Succeeded(output) => {
+            advance_in(conn, store, &wf, def, idx, &output, None, None).await?;
+        }
+        Resolution::Failed(reason) => {
+            fail_step_in(conn, store, &wf, def, idx, None, &reason).await?;
+        }
+    }
     Ok(true)
 }
 
@@ -715,6 +1168,7 @@ pub struct StepRow {
     pub step: String,
     /// The step's index in its workflow's definition.
     pub position: i32,
+    /// `calling`, `completed`, `failed`, `in_doubt` or `compensated`.
     pub status: String,
     pub output: Option<Value>,
     pub error: Option<String>,
@@ -722,6 +1176,19 @@ pub struct StepRow {
     pub attempt: i32,
     pub started_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// The external call: `calling` (intent only), `answered`, `rejected`,
+    /// `not_sent` or `unknown`.
+    pub call_state: Option<String>,
+    pub call_output: Option<Value>,
+    pub call_error: Option<String>,
+    /// Reconcile hook runs in the current in-doubt episode.
+    pub reconcile_attempts: i32,
+    /// Who settled the in-doubt step: `reconcile` or `admin`.
+    pub resolved_by: Option<String>,
+    pub compensation_output: Option<Value>,
+    /// The last error of a compensation that exhausted its attempts.
+    pub compensation_error: Option<String>,
+    pub compensated_at: Option<DateTime<Utc>>,
 }
 
 /// One workflow instance.
@@ -739,11 +1206,13 @@ pub async fn workflow_get_in(
     .await?)
 }
 
-/// An instance's step journal, in the order the steps finished.
+/// An instance's step journal, in the steps' definition order.
 pub async fn workflow_steps_in(conn: &mut PgConnection, id: WorkflowId) -> Result<Vec<StepRow>> {
     Ok(sqlx::query_as::<_, StepRow>(
         "SELECT workflow_id, step, position, status, output, error, idempotency_key, attempt,
-                started_at, finished_at
+                started_at, finished_at, call_state, call_output, call_error,
+                reconcile_attempts, resolved_by, compensation_output, compensation_error,
+                compensated_at
          FROM workflow_steps WHERE workflow_id = $1
          ORDER BY position, step",
     )
@@ -769,12 +1238,20 @@ struct Locked {
     queue: String,
 }
 
+/// A step's journal row, as `run_step` needs it.
+struct Journaled {
+    status: String,
+    output: Option<Value>,
+    call: Option<PriorCall>,
+}
+
 /// Runs the step a claimed `ledgerflow.workflow` job stands for, and
 /// checkpoints its result in one lease-fenced transaction. This is what the
 /// worker's handler for [`WORKFLOW_JOB_KIND`] calls. Whenever the step
 /// checkpointed, the job's outcome is already committed with it (the lease
 /// reports [`crate::Lease::is_finished`]); otherwise — a step error, a stale
 /// lease, a database error — the returned `Retry` is for the runner to record.
+/// The same job kind runs compensations and reconcile hooks.
 pub async fn run_step(store: &Store, registry: &WorkflowRegistry, job: &ClaimedJob) -> Outcome {
     let args: StepArgs = match serde_json::from_value(job.args.clone()) {
         Ok(a) => a,
@@ -802,7 +1279,11 @@ async fn run_step_inner(
         tx.finish(outcome.clone()).await?;
         return Ok(outcome);
     };
-    if wf.state.is_finished() || wf.state == WorkflowState::Compensating {
+    let wake = args.wake();
+    let compensating = wf.state == WorkflowState::Compensating;
+    if wf.state.is_finished() || compensating != matches!(wake, Wake::Compensate { .. }) {
+        // Finished, or a forward step job while compensating, or a
+        // compensation job while not: nothing to do.
         tx.complete().await?;
         return Ok(Outcome::Complete);
     }
@@ -821,17 +1302,22 @@ async fn run_step_inner(
         tx.finish(outcome.clone()).await?;
         return Ok(outcome);
     };
-    let journaled: Option<String> = sqlx::query_scalar(
-        "SELECT status FROM workflow_steps WHERE workflow_id = $1 AND step = $2",
-    )
-    .bind(wf.id)
-    .bind(&args.step)
-    .fetch_optional(tx.conn())
-    .await?;
+    let journaled = load_journaled(tx.conn(), wf.id, &args.step).await?;
+    match wake {
+        Wake::Compensate { seq } => {
+            return run_compensation(store, tx, &wf, &def, idx, job, journaled, seq).await;
+        }
+        Wake::Reconcile { seq, n } => {
+            return run_reconcile(store, tx, &wf, &def, idx, job, journaled, (seq, n)).await;
+        }
+        _ => {}
+    }
     // A `failed` row on a workflow that is not finished means an operator
-    // retried it: the step runs again. `in_doubt` steps are never re-run
-    // blindly (contract rule 3): they wait for a resolution.
-    if let Some(status) = journaled.filter(|s| s != "failed") {
+    // retried it: the step runs again. A `calling` row holds the intent of
+    // the step's external call. `in_doubt` steps are never re-run blindly
+    // (contract rule 3): they wait for a resolution.
+    let status = journaled.as_ref().map(|j| j.status.as_str());
+    if let Some(status) = status.filter(|s| !matches!(*s, "failed" | "calling")) {
         if status == "completed" {
             // A re-delivery: never run a journaled step again; only make sure
             // its successor is enqueued (a no-op when it already is).
@@ -875,7 +1361,7 @@ async fn run_step_inner(
             checkpoint_advance(tx, store, &wf, &def, idx, &payload, &job.lease, None).await?;
             return Ok(Outcome::Complete);
         }
-        match args.wake() {
+        match wake {
             Wake::Timeout { wait_seq } if wait_seq == wf.wait_seq => timed_out = true,
             _ => {
                 // A spurious or stale wake-up: keep waiting.
@@ -885,29 +1371,60 @@ async fn run_step_inner(
         }
     }
 
+    // Only a `calling` row's call belongs to this run of the step; a `failed`
+    // row's (an operator retry) is sent again under the same key.
+    let prior_call = journaled
+        .filter(|j| j.status == "calling")
+        .and_then(|j| j.call);
+    if let Some(call) = &prior_call
+        && matches!(call.state.as_str(), "calling" | "unknown")
+    {
+        // An earlier attempt recorded its call's intent but no definite
+        // answer (it died during the call, or the answer was unknown):
+        // never send again; ask the reconcile hook or an admin.
+        let reason = call
+            .error
+            .clone()
+            .unwrap_or_else(|| "the call's intent is recorded without an answer".to_string());
+        checkpoint_in_doubt(&mut tx, store, &wf, &def, idx, &job.lease, &reason).await?;
+        tx.complete().await?;
+        return Ok(Outcome::Complete);
+    }
+
     let outputs = load_outputs(tx.conn(), wf.id).await?;
-    let slot = Arc::new(Mutex::new(Some(tx)));
-    let ctx = StepCtx {
-        info: Arc::new(StepInfo {
-            workflow_id: wf.id,
-            kind: wf.kind.clone(),
-            version: wf.version,
-            step: args.step.clone(),
-            input: wf.input.clone(),
-            outputs,
-            idempotency_key: idempotency_key(wf.id, &args.step),
-            attempt: job.lease.attempt,
-            timed_out,
-            store: store.clone(),
-        }),
-        tx: slot.clone(),
+    let (ctx, slot) = step_ctx(
+        store,
+        &wf,
+        &def,
+        idx,
+        outputs,
+        job,
+        timed_out,
+        prior_call,
+        Role::Step,
+        tx,
+    );
+    let result = def.steps[idx].run.call(ctx.clone()).await;
+    let tx = take_tx(&slot).await?;
+    let flagged = ctx.track().in_doubt.take();
+
+    let in_doubt = match (&result, flagged) {
+        (Ok(StepOutcome::InDoubt(reason)), _) => Some(reason.clone()),
+        (_, Some(reason)) => Some(reason),
+        _ => None,
     };
-    let result = def.steps[idx].run.call(ctx).await;
-    let tx = slot
-        .lock()
-        .await
-        .take()
-        .ok_or_else(|| Error::Invalid("the step's transaction was taken".to_string()))?;
+    if let Some(reason) = in_doubt {
+        // The step's own writes are not applied; the step waits in doubt.
+        tx.rollback().await?;
+        let mut tx = FencedTx::begin(store, &job.lease).await?;
+        let Some(wf) = lock_workflow(tx.conn(), wf.id).await? else {
+            tx.rollback().await?;
+            return Ok(Outcome::retry(reason));
+        };
+        checkpoint_in_doubt(&mut tx, store, &wf, &def, idx, &job.lease, &reason).await?;
+        tx.complete().await?;
+        return Ok(Outcome::Complete);
+    }
 
     match result {
         Err(error) => {
@@ -921,7 +1438,7 @@ async fn run_step_inner(
                 tx.rollback().await?;
                 return Ok(Outcome::retry(error));
             };
-            checkpoint_fail(&mut tx, store, &wf, &def, idx, &job.lease, &error).await?;
+            fail_step_in(tx.conn(), store, &wf, &def, idx, Some(&job.lease), &error).await?;
             let outcome = Outcome::fail(&error);
             tx.finish(outcome.clone()).await?;
             Ok(outcome)
@@ -931,7 +1448,9 @@ async fn run_step_inner(
             Ok(Outcome::Complete)
         }
         Ok(StepOutcome::Finish(output)) => {
-            checkpoint_finish(tx, store, &wf, &def, idx, &output, &job.lease).await?;
+            let mut tx = tx;
+            finish_in(tx.conn(), store, &wf, &def, idx, &output, Some(&job.lease)).await?;
+            tx.complete().await?;
             Ok(Outcome::Complete)
         }
         Ok(StepOutcome::SleepUntil(at)) => {
@@ -941,9 +1460,14 @@ async fn run_step_inner(
         }
         Ok(StepOutcome::Fail(error)) => {
             let mut tx = tx;
-            checkpoint_fail(&mut tx, store, &wf, &def, idx, &job.lease, &error).await?;
+            fail_step_in(tx.conn(), store, &wf, &def, idx, Some(&job.lease), &error).await?;
             tx.complete().await?;
             Ok(Outcome::Complete)
+        }
+        Ok(StepOutcome::InDoubt(reason)) => {
+            // Handled above; kept for exhaustiveness.
+            tx.rollback().await?;
+            Ok(Outcome::retry(reason))
         }
         Ok(StepOutcome::WaitSignal {
             name,
@@ -998,11 +1522,249 @@ async fn run_step_inner(
     }
 }
 
+/// Builds the context a step, compensation or reconcile hook runs with,
+/// around the fenced transaction (returned as the slot to take it back from).
+#[allow(clippy::too_many_arguments)]
+fn step_ctx(
+    store: &Store,
+    wf: &Locked,
+    def: &Workflow,
+    idx: usize,
+    outputs: HashMap<String, Value>,
+    job: &ClaimedJob,
+    timed_out: bool,
+    prior_call: Option<PriorCall>,
+    role: Role,
+    tx: FencedTx,
+) -> (StepCtx, Arc<Mutex<Option<FencedTx>>>) {
+    let step = def.steps[idx].name;
+    let slot = Arc::new(Mutex::new(Some(tx)));
+    let ctx = StepCtx {
+        info: Arc::new(StepInfo {
+            workflow_id: wf.id,
+            kind: wf.kind.clone(),
+            version: wf.version,
+            step: step.to_string(),
+            position: i32::try_from(idx).unwrap_or(i32::MAX),
+            input: wf.input.clone(),
+            outputs,
+            idempotency_key: match role {
+                Role::Compensation => format!("{}:compensate", idempotency_key(wf.id, step)),
+                Role::Step | Role::Reconcile => idempotency_key(wf.id, step),
+            },
+            attempt: job.lease.attempt,
+            started_at: job.lease.attempted_at,
+            timed_out,
+            store: store.clone(),
+            prior_call,
+            role,
+            track: std::sync::Mutex::new(CallTrack::default()),
+        }),
+        tx: slot.clone(),
+    };
+    (ctx, slot)
+}
+
+async fn take_tx(slot: &Arc<Mutex<Option<FencedTx>>>) -> Result<FencedTx> {
+    slot.lock()
+        .await
+        .take()
+        .ok_or_else(|| Error::Invalid("the step's transaction was taken".to_string()))
+}
+
+/// Runs the compensation of completed step `idx` (the workflow is
+/// `compensating` and at this step), then moves on to the previous completed
+/// step with a compensation, or ends the workflow `compensated`.
+#[allow(clippy::too_many_arguments)]
+async fn run_compensation(
+    store: &Store,
+    tx: FencedTx,
+    wf: &Locked,
+    def: &Workflow,
+    idx: usize,
+    job: &ClaimedJob,
+    journaled: Option<Journaled>,
+    seq: i32,
+) -> Result<Outcome> {
+    let mut tx = tx;
+    let step = def.steps[idx].name;
+    let completed = journaled.filter(|j| j.status == "completed");
+    let Some(compensate) = def.steps[idx].compensate.clone().filter(|_| {
+        completed.is_some() && wf.current_step.as_deref() == Some(step) && wf.wait_seq == seq
+    }) else {
+        // Stale (already compensated, or not this step's turn).
+        tx.complete().await?;
+        return Ok(Outcome::Complete);
+    };
+    let output = completed.and_then(|j| j.output).unwrap_or(Value::Null);
+    let outputs = load_outputs(tx.conn(), wf.id).await?;
+    let (ctx, slot) = step_ctx(
+        store,
+        wf,
+        def,
+        idx,
+        outputs,
+        job,
+        false,
+        None,
+        Role::Compensation,
+        tx,
+    );
+    let result = compensate.call(ctx, output).await;
+    let mut tx = take_tx(&slot).await?;
+    match result {
+        Ok(comp_output) => {
+            sqlx::query(
+                "UPDATE workflow_steps
+                 SET status = 'compensated', compensation_output = $3, compensation_error = NULL,
+                     compensation_attempt = $4, compensated_at = coalesce($5::timestamptz, now())
+                 WHERE workflow_id = $1 AND step = $2",
+            )
+            .bind(wf.id)
+            .bind(step)
+            .bind(&comp_output)
+            .bind(job.lease.attempt)
+            .bind(store.now())
+            .execute(tx.conn())
+            .await?;
+            compensate_next_in(tx.conn(), store, wf, def, idx, None).await?;
+            tx.complete().await?;
+            Ok(Outcome::Complete)
+        }
+        Err(error) => {
+            tx.rollback().await?;
+            if !job.lease.is_last_attempt() {
+                return Ok(Outcome::retry(error));
+            }
+            // Exhausted: the workflow fails and needs an operator.
+            let mut tx = FencedTx::begin(store, &job.lease).await?;
+            sqlx::query(
+                "UPDATE workflow_steps SET compensation_error = $3, compensation_attempt = $4
+                 WHERE workflow_id = $1 AND step = $2",
+            )
+            .bind(wf.id)
+            .bind(step)
+            .bind(&error)
+            .bind(job.lease.attempt)
+            .execute(tx.conn())
+            .await?;
+            sqlx::query(
+                "UPDATE workflows
+                 SET state = 'failed', error = $2, updated_at = t.n, finished_at = t.n
+                 FROM (SELECT coalesce($3::timestamptz, now()) AS n) t
+                 WHERE id = $1 AND state = 'compensating'",
+            )
+            .bind(wf.id)
+            .bind(format!("compensation of step {step:?} failed: {error}"))
+            .bind(store.now())
+            .execute(tx.conn())
+            .await?;
+            let outcome = Outcome::fail(&error);
+            tx.finish(outcome.clone()).await?;
+            Ok(outcome)
+        }
+    }
+}
+
+/// Asks the reconcile hook of in-doubt step `idx` what became of its call.
+#[allow(clippy::too_many_arguments)]
+async fn run_reconcile(
+    store: &Store,
+    tx: FencedTx,
+    wf: &Locked,
+    def: &Workflow,
+    idx: usize,
+    job: &ClaimedJob,
+    journaled: Option<Journaled>,
+    (seq, n): (i32, i32),
+) -> Result<Outcome> {
+    let mut tx = tx;
+    let step = def.steps[idx].name;
+    let in_doubt = journaled.as_ref().is_some_and(|j| j.status == "in_doubt");
+    let Some(reconcile) = def.steps[idx].reconcile.clone().filter(|_| {
+        in_doubt
+            && wf.state == WorkflowState::Waiting
+            && wf.current_step.as_deref() == Some(step)
+            && wf.wait_seq == seq
+    }) else {
+        // Settled meanwhile (by an earlier hook run or an admin): nothing to do.
+        tx.complete().await?;
+        return Ok(Outcome::Complete);
+    };
+    let outputs = load_outputs(tx.conn(), wf.id).await?;
+    let prior_call = journaled.and_then(|j| j.call);
+    let (ctx, slot) = step_ctx(
+        store,
+        wf,
+        def,
+        idx,
+        outputs,
+        job,
+        false,
+        prior_call,
+        Role::Reconcile,
+        tx,
+    );
+    let result = reconcile.call(ctx, idempotency_key(wf.id, step)).await;
+    let mut tx = take_tx(&slot).await?;
+    sqlx::query(
+        "UPDATE workflow_steps SET reconcile_attempts = $3 WHERE workflow_id = $1 AND step = $2",
+    )
+    .bind(wf.id)
+    .bind(step)
+    .bind(n)
+    .execute(tx.conn())
+    .await?;
+    match result {
+        Err(error) => {
+            tx.rollback().await?;
+            Ok(Outcome::retry(error))
+        }
+        Ok(Reconciled::Succeeded(output)) => {
+            mark_resolved(tx.conn(), wf.id, step, "reconcile").await?;
+            advance_in(tx.conn(), store, wf, def, idx, &output, None, None).await?;
+            tx.complete().await?;
+            Ok(Outcome::Complete)
+        }
+        Ok(Reconciled::Failed(error)) => {
+            mark_resolved(tx.conn(), wf.id, step, "reconcile").await?;
+            fail_step_in(tx.conn(), store, wf, def, idx, None, &error).await?;
+            tx.complete().await?;
+            Ok(Outcome::Complete)
+        }
+        Ok(Reconciled::Unknown) => {
+            if n < def.reconcile_attempts {
+                let now = db_now(tx.conn(), store).await?;
+                let delay = chrono::Duration::from_std(store.config().retry.backoff(n))
+                    .unwrap_or(chrono::Duration::MAX);
+                let at = now
+                    .checked_add_signed(delay)
+                    .unwrap_or(DateTime::<Utc>::MAX_UTC);
+                let next = step_job(
+                    wf.id,
+                    &wf.queue,
+                    step,
+                    Wake::Reconcile { seq, n: n + 1 },
+                    Some(at),
+                    Some(def.max_attempts),
+                );
+                store.job_insert_in(tx.conn(), &next).await?;
+            }
+            // Else: it stays in doubt, waiting for an admin.
+            tx.complete().await?;
+            Ok(Outcome::Complete)
+        }
+    }
+}
+
 async fn lock_workflow(conn: &mut PgConnection, id: WorkflowId) -> Result<Option<Locked>> {
+    // NO KEY UPDATE: serializes deliveries and operators like FOR UPDATE,
+    // but lets `external_call`'s own transaction insert the step's journal
+    // row (its foreign-key check takes KEY SHARE on this row).
     let Some(r) = sqlx::query(
         "SELECT id, kind, version, state, input, current_step, wait_signal_name,
                 wait_correlation_key, wait_seq, wait_until, queue
-         FROM workflows WHERE id = $1 FOR UPDATE",
+         FROM workflows WHERE id = $1 FOR NO KEY UPDATE",
     )
     .bind(id)
     .fetch_optional(&mut *conn)
@@ -1026,9 +1788,43 @@ async fn lock_workflow(conn: &mut PgConnection, id: WorkflowId) -> Result<Option
     }))
 }
 
+async fn load_journaled(
+    conn: &mut PgConnection,
+    id: WorkflowId,
+    step: &str,
+) -> Result<Option<Journaled>> {
+    let Some(r) = sqlx::query(
+        "SELECT status, output, call_state, call_output, call_error
+         FROM workflow_steps WHERE workflow_id = $1 AND step = $2",
+    )
+    .bind(id)
+    .bind(step)
+    .fetch_optional(&mut *conn)
+    .await?
+    else {
+        return Ok(None);
+    };
+    let call_state: Option<String> = r.try_get(2)?;
+    let call = match call_state {
+        Some(state) => Some(PriorCall {
+            state,
+            output: r.try_get(3)?,
+            error: r.try_get(4)?,
+        }),
+        None => None,
+    };
+    Ok(Some(Journaled {
+        status: r.try_get(0)?,
+        output: r.try_get(1)?,
+        call,
+    }))
+}
+
+/// The outputs of the completed (and compensated) steps, by name.
 async fn load_outputs(conn: &mut PgConnection, id: WorkflowId) -> Result<HashMap<String, Value>> {
     let rows = sqlx::query(
-        "SELECT step, output FROM workflow_steps WHERE workflow_id = $1 AND status = 'completed'",
+        "SELECT step, output FROM workflow_steps
+         WHERE workflow_id = $1 AND status IN ('completed', 'compensated')",
     )
     .bind(id)
     .fetch_all(&mut *conn)
@@ -1052,6 +1848,8 @@ async fn db_now(conn: &mut PgConnection, store: &Store) -> Result<DateTime<Utc>>
 }
 
 /// Writes the step's journal row (overwriting anything but `completed`).
+/// With a lease, the row records that attempt; without (a reconcile hook's
+/// or an admin's resolution) it keeps the step's own attempt and start.
 #[allow(clippy::too_many_arguments)]
 async fn journal(
     conn: &mut PgConnection,
@@ -1061,15 +1859,19 @@ async fn journal(
     status: &str,
     output: Option<&Value>,
     error: Option<&str>,
-    lease: &crate::Lease,
+    lease: Option<&crate::Lease>,
 ) -> Result<()> {
     sqlx::query(
         "INSERT INTO workflow_steps (workflow_id, step, position, status, output, error,
                                      idempotency_key, attempt, started_at, finished_at)
-         VALUES ($1, $2, $10, $3, $4, $5, $6, $7, $8, coalesce($9::timestamptz, now()))
+         VALUES ($1, $2, $10, $3, $4, $5, $6, coalesce($7::integer, 1),
+                 coalesce($8::timestamptz, $9::timestamptz, now()),
+                 coalesce($9::timestamptz, now()))
          ON CONFLICT (workflow_id, step) DO UPDATE
          SET status = EXCLUDED.status, output = EXCLUDED.output, error = EXCLUDED.error,
-             attempt = EXCLUDED.attempt, started_at = EXCLUDED.started_at,
+             attempt = coalesce($7::integer, workflow_steps.attempt),
+             started_at = CASE WHEN $7::integer IS NULL THEN workflow_steps.started_at
+                               ELSE EXCLUDED.started_at END,
              finished_at = EXCLUDED.finished_at
          WHERE workflow_steps.status <> 'completed'",
     )
@@ -1079,8 +1881,8 @@ async fn journal(
     .bind(output)
     .bind(error)
     .bind(idempotency_key(wf, step))
-    .bind(lease.attempt)
-    .bind(lease.attempted_at)
+    .bind(lease.map(|l| l.attempt))
+    .bind(lease.map(|l| l.attempted_at))
     .bind(store.now())
     .bind(i32::try_from(position).unwrap_or(i32::MAX))
     .execute(&mut *conn)
@@ -1102,11 +1904,27 @@ async fn checkpoint_advance(
     lease: &crate::Lease,
     run_at: Option<DateTime<Utc>>,
 ) -> Result<()> {
+    advance_in(tx.conn(), store, wf, def, idx, output, Some(lease), run_at).await?;
+    tx.complete().await
+}
+
+/// The writes of [`checkpoint_advance`], on the caller's connection.
+#[allow(clippy::too_many_arguments)]
+async fn advance_in(
+    conn: &mut PgConnection,
+    store: &Store,
+    wf: &Locked,
+    def: &Workflow,
+    idx: usize,
+    output: &Value,
+    lease: Option<&crate::Lease>,
+    run_at: Option<DateTime<Utc>>,
+) -> Result<()> {
     let Some(next) = def.steps.get(idx + 1) else {
-        return checkpoint_finish(tx, store, wf, def, idx, output, lease).await;
+        return finish_in(conn, store, wf, def, idx, output, lease).await;
     };
     journal(
-        tx.conn(),
+        conn,
         store,
         wf.id,
         (idx, def.steps[idx].name),
@@ -1130,7 +1948,7 @@ async fn checkpoint_advance(
     .bind(sleeping)
     .bind(run_at)
     .bind(store.now())
-    .execute(tx.conn())
+    .execute(&mut *conn)
     .await?;
     let job = step_job(
         wf.id,
@@ -1140,22 +1958,22 @@ async fn checkpoint_advance(
         run_at,
         Some(def.max_attempts),
     );
-    store.job_insert_in(tx.conn(), &job).await?;
-    tx.complete().await
+    store.job_insert_in(conn, &job).await?;
+    Ok(())
 }
 
 /// Journals `step` as completed and completes the workflow with `output`.
-async fn checkpoint_finish(
-    mut tx: FencedTx,
+async fn finish_in(
+    conn: &mut PgConnection,
     store: &Store,
     wf: &Locked,
     def: &Workflow,
     idx: usize,
     output: &Value,
-    lease: &crate::Lease,
+    lease: Option<&crate::Lease>,
 ) -> Result<()> {
     journal(
-        tx.conn(),
+        conn,
         store,
         wf.id,
         (idx, def.steps[idx].name),
@@ -1176,23 +1994,25 @@ async fn checkpoint_finish(
     .bind(wf.id)
     .bind(output)
     .bind(store.now())
-    .execute(tx.conn())
+    .execute(&mut *conn)
     .await?;
-    tx.complete().await
+    Ok(())
 }
 
-/// Journals `step` as failed and fails the workflow (the caller finishes the job).
-async fn checkpoint_fail(
-    tx: &mut FencedTx,
+/// Journals `step` as failed; then compensates the completed steps (the
+/// workflow goes `compensating`), or fails the workflow when none has a
+/// compensation. The caller finishes the job.
+async fn fail_step_in(
+    conn: &mut PgConnection,
     store: &Store,
     wf: &Locked,
     def: &Workflow,
     idx: usize,
-    lease: &crate::Lease,
+    lease: Option<&crate::Lease>,
     error: &str,
 ) -> Result<()> {
     journal(
-        tx.conn(),
+        conn,
         store,
         wf.id,
         (idx, def.steps[idx].name),
@@ -1202,6 +2022,9 @@ async fn checkpoint_fail(
         lease,
     )
     .await?;
+    if compensate_next_in(conn, store, wf, def, idx, Some(error)).await? {
+        return Ok(());
+    }
     sqlx::query(
         "UPDATE workflows
          SET state = 'failed', error = $2, wait_reason = NULL, wait_signal_name = NULL,
@@ -1212,7 +2035,155 @@ async fn checkpoint_fail(
     .bind(wf.id)
     .bind(error)
     .bind(store.now())
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Moves compensation to the latest completed step before `below` that has
+/// a compensation: the workflow is `compensating` at that step (with `error`
+/// recorded when compensation starts) and its compensation job is enqueued.
+/// Without one: when compensation had started (`error` is `None`) the
+/// workflow ends `compensated`; returns false when there was nothing to
+/// compensate at all.
+async fn compensate_next_in(
+    conn: &mut PgConnection,
+    store: &Store,
+    wf: &Locked,
+    def: &Workflow,
+    below: usize,
+    error: Option<&str>,
+) -> Result<bool> {
+    let done: Vec<String> = sqlx::query_scalar(
+        "SELECT step FROM workflow_steps WHERE workflow_id = $1 AND status = 'completed'",
+    )
+    .bind(wf.id)
+    .fetch_all(&mut *conn)
+    .await?;
+    let next = def.steps[..below]
+        .iter()
+        .rev()
+        .find(|s| s.compensate.is_some() && done.iter().any(|d| d == s.name));
+    let Some(next) = next else {
+        if error.is_some() {
+            return Ok(false);
+        }
+        sqlx::query(
+            "UPDATE workflows
+             SET state = 'compensated', current_step = NULL, wait_reason = NULL,
+                 wait_signal_name = NULL, wait_correlation_key = NULL, wait_until = NULL,
+                 updated_at = t.n, finished_at = t.n
+             FROM (SELECT coalesce($2::timestamptz, now()) AS n) t
+             WHERE id = $1",
+        )
+        .bind(wf.id)
+        .bind(store.now())
+        .execute(&mut *conn)
+        .await?;
+        return Ok(true);
+    };
+    let seq: i32 = sqlx::query_scalar(
+        "UPDATE workflows
+         SET state = 'compensating', error = coalesce($3, error), current_step = $2,
+             wait_reason = NULL, wait_signal_name = NULL, wait_correlation_key = NULL,
+             wait_until = NULL, wait_seq = wait_seq + 1,
+             updated_at = coalesce($4::timestamptz, now())
+         WHERE id = $1
+         RETURNING wait_seq",
+    )
+    .bind(wf.id)
+    .bind(next.name)
+    .bind(error)
+    .bind(store.now())
+    .fetch_one(&mut *conn)
+    .await?;
+    let job = step_job(
+        wf.id,
+        &wf.queue,
+        next.name,
+        Wake::Compensate { seq },
+        None,
+        Some(def.max_attempts),
+    );
+    store.job_insert_in(conn, &job).await?;
+    Ok(true)
+}
+
+/// Journals `step` as in doubt and parks the workflow (`waiting`,
+/// `wait_reason = 'in_doubt:<step>'`); enqueues the first ask of its
+/// reconcile hook, if it has one. The caller completes the job.
+#[allow(clippy::too_many_arguments)]
+async fn checkpoint_in_doubt(
+    tx: &mut FencedTx,
+    store: &Store,
+    wf: &Locked,
+    def: &Workflow,
+    idx: usize,
+    lease: &crate::Lease,
+    reason: &str,
+) -> Result<()> {
+    let step = def.steps[idx].name;
+    journal(
+        tx.conn(),
+        store,
+        wf.id,
+        (idx, step),
+        "in_doubt",
+        None,
+        Some(reason),
+        Some(lease),
+    )
+    .await?;
+    sqlx::query(
+        "UPDATE workflow_steps
+         SET reconcile_attempts = 0, resolved_by = NULL,
+             call_state = CASE WHEN call_state = 'calling' THEN 'unknown' ELSE call_state END
+         WHERE workflow_id = $1 AND step = $2",
+    )
+    .bind(wf.id)
+    .bind(step)
     .execute(tx.conn())
     .await?;
+    let seq: i32 = sqlx::query_scalar(
+        "UPDATE workflows
+         SET state = 'waiting', wait_reason = 'in_doubt:' || $2, wait_signal_name = NULL,
+             wait_correlation_key = NULL, wait_until = NULL, wait_seq = wait_seq + 1,
+             updated_at = coalesce($3::timestamptz, now())
+         WHERE id = $1
+         RETURNING wait_seq",
+    )
+    .bind(wf.id)
+    .bind(step)
+    .bind(store.now())
+    .fetch_one(tx.conn())
+    .await?;
+    if def.steps[idx].reconcile.is_some() {
+        let job = step_job(
+            wf.id,
+            &wf.queue,
+            step,
+            Wake::Reconcile { seq, n: 1 },
+            None,
+            Some(def.max_attempts),
+        );
+        store.job_insert_in(tx.conn(), &job).await?;
+    }
+    tracing::warn!(workflow_id = %wf.id, step, reason, "workflow step in doubt");
+    Ok(())
+}
+
+/// Records who settled an in-doubt step.
+async fn mark_resolved(
+    conn: &mut PgConnection,
+    id: WorkflowId,
+    step: &str,
+    by: &str,
+) -> Result<()> {
+    sqlx::query("UPDATE workflow_steps SET resolved_by = $3 WHERE workflow_id = $1 AND step = $2")
+        .bind(id)
+        .bind(step)
+        .bind(by)
+        .execute(&mut *conn)
+        .await?;
     Ok(())
 }
