@@ -9,5 +9,6 @@
 
 pub mod ops;
 pub mod runner;
+pub mod scheduler;
 
 pub use runner::{Handler, JobContext, QueueConfig, Registry, Runner, RunnerConfig, RunnerHandle};

@@ -27,6 +27,7 @@
 //! Job all use.
 
 pub mod clock;
+pub mod cron;
 pub mod error;
 pub mod job;
 pub mod lease;
