@@ -5,15 +5,20 @@
 //! until SIGTERM/Ctrl-C, then drains gracefully.
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use ledgerflow_engine::{Outcome, Store, StoreConfig};
-use ledgerflow_workers::ops;
+use ledgerflow_engine::{JobState, NewJob, Outcome, Store, StoreConfig};
 use ledgerflow_workers::runner::{JobContext, QueueConfig, Registry, Runner, RunnerConfig};
+use ledgerflow_workers::{ops, scheduler};
 use sqlx::postgres::PgPoolOptions;
 use std::net::SocketAddr;
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Parser, Debug)]
-#[command(name = "ledgerflow", version, about = "Durable workflows and jobs on PostgreSQL and Kafka")]
+#[command(
+    name = "ledgerflow",
+    version,
+    about = "Durable workflows and jobs on PostgreSQL and Kafka"
+)]
 struct Cli {
     /// PostgreSQL connection URL.
     #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
@@ -29,6 +34,28 @@ enum Command {
     Migrate,
     /// Run roles in this process until SIGTERM or Ctrl-C.
     Run(RunArgs),
+    /// Enqueue one job (for operators and smoke tests).
+    Enqueue(EnqueueArgs),
+}
+
+#[derive(Parser, Debug)]
+struct EnqueueArgs {
+    /// The job kind (e.g. ledgerflow.noop).
+    #[arg(long)]
+    kind: String,
+    /// JSON arguments.
+    #[arg(long, default_value = "{}")]
+    args: String,
+    /// Queue.
+    #[arg(long, default_value = "default")]
+    queue: String,
+    /// Unique key: at most one job with this key exists.
+    #[arg(long)]
+    unique: Option<String>,
+    /// Wait up to this many seconds for the job to finish; exit non-zero
+    /// unless it completed.
+    #[arg(long)]
+    wait_secs: Option<u64>,
 }
 
 #[derive(Parser, Debug)]
@@ -38,8 +65,9 @@ struct RunArgs {
     roles: Vec<Role>,
 
     /// Queues for the worker role: name=concurrency[:prefetch], comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "default=32", env = "LEDGERFLOW_QUEUES")]
-    queues: Vec<String>,
+    #[arg(long, value_delimiter = ',', default_value = "default=32", env = "LEDGERFLOW_QUEUES",
+          value_parser = QueueConfig::parse)]
+    queues: Vec<QueueConfig>,
 
     /// Seconds in-flight jobs get to finish on shutdown.
     #[arg(long, env = "LEDGERFLOW_SHUTDOWN_GRACE_SECS", default_value_t = 25)]
@@ -62,7 +90,7 @@ struct RunArgs {
     no_notify: bool,
 }
 
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Role {
     /// Public API and webhook intake.
     Api,
@@ -99,28 +127,73 @@ async fn main() -> Result<()> {
         .context("DATABASE_URL is not set (e.g. postgres://user:pass@host:5432/db)")?;
     match cli.command {
         Command::Migrate => {
-            let pool = PgPoolOptions::new().max_connections(2).connect(&url).await?;
+            let pool = PgPoolOptions::new()
+                .max_connections(2)
+                .connect(&url)
+                .await?;
             ledgerflow_engine::MIGRATOR.run(&pool).await?;
             tracing::info!("migrations applied");
             Ok(())
         }
         Command::Run(args) => run(&url, args).await,
+        Command::Enqueue(args) => enqueue(&url, args).await,
+    }
+}
+
+async fn enqueue(url: &str, args: EnqueueArgs) -> Result<()> {
+    let pool = PgPoolOptions::new().max_connections(2).connect(url).await?;
+    let store = Store::new(pool);
+    let json: serde_json::Value =
+        serde_json::from_str(&args.args).context("--args must be a JSON value")?;
+    let mut job = NewJob::new(args.kind, json).queue(args.queue);
+    if let Some(key) = args.unique {
+        job = job.unique(key);
+    }
+    let inserted = store.job_insert(&job).await?;
+    println!(
+        "{} job {}",
+        if inserted.is_new() {
+            "enqueued"
+        } else {
+            "existing"
+        },
+        inserted.id()
+    );
+    let Some(secs) = args.wait_secs else {
+        return Ok(());
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        let job = store
+            .job_get(inserted.id())
+            .await?
+            .context("the job disappeared")?;
+        if job.state.is_finished() {
+            println!("job {} {}", job.id, job.state);
+            if job.state == JobState::Completed {
+                return Ok(());
+            }
+            bail!(
+                "job {} ended {}: {}",
+                job.id,
+                job.state,
+                job.last_error.unwrap_or_default()
+            );
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("job {} still {} after {secs}s", job.id, job.state);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
 async fn run(url: &str, args: RunArgs) -> Result<()> {
-    for role in &args.roles {
-        if *role != Role::Worker {
-            bail!(
-                "role {role:?} is not part of this build yet; available roles: worker"
-            );
-        }
+    let roles: std::collections::BTreeSet<Role> = args.roles.iter().copied().collect();
+    let built = [Role::Worker, Role::Scheduler];
+    if let Some(role) = roles.iter().find(|r| !built.contains(r)) {
+        bail!("role {role:?} is not part of this build yet; available roles: worker, scheduler");
     }
-    let queues = args
-        .queues
-        .iter()
-        .map(|q| QueueConfig::parse(q).map_err(anyhow::Error::msg))
-        .collect::<Result<Vec<_>>>()?;
+    let queues = args.queues;
     let total: usize = queues.iter().map(|q| q.concurrency).sum();
     let pool = PgPoolOptions::new()
         .max_connections(u32::try_from(total + 8).unwrap_or(64))
@@ -135,28 +208,65 @@ async fn run(url: &str, args: RunArgs) -> Result<()> {
             ..StoreConfig::default()
         },
     );
-    let config = RunnerConfig {
-        queues,
-        listen: !args.no_notify,
-        poll_interval: Duration::from_millis(args.poll_ms.max(10)),
-        heartbeat_interval: Duration::from_secs(args.lease_ttl_secs.max(1)) / 3,
-        ..RunnerConfig::default()
+    let stop = CancellationToken::new();
+    let mut background = Vec::new();
+
+    let runner = if roles.contains(&Role::Worker) {
+        let config = RunnerConfig {
+            queues,
+            listen: !args.no_notify,
+            poll_interval: Duration::from_millis(args.poll_ms.max(10)),
+            heartbeat_interval: Duration::from_secs(args.lease_ttl_secs.max(1)) / 3,
+            ..RunnerConfig::default()
+        };
+        let runner = Runner::start(store.clone(), builtin_handlers(), config).await?;
+        tracing::info!(worker = runner.worker_id(), "worker role running");
+        Some(runner)
+    } else {
+        None
     };
-    let runner = Runner::start(store, builtin_handlers(), config).await?;
-    tracing::info!(worker = runner.worker_id(), "worker running");
+    if roles.contains(&Role::Scheduler) {
+        let schedules = match std::env::var("LEDGERFLOW_CRON_SCHEDULES") {
+            Ok(json) => scheduler::schedules_from_json(&json)
+                .context("LEDGERFLOW_CRON_SCHEDULES must be a JSON array of schedules")?,
+            Err(_) => Vec::new(),
+        };
+        tracing::info!(config_schedules = schedules.len(), "scheduler role running");
+        background.push(tokio::spawn(scheduler::run(
+            store.clone(),
+            schedules,
+            stop.clone(),
+        )));
+    }
     let ops = ops::serve(args.ops_addr, pool.clone()).await?;
 
     shutdown_signal().await;
-    tracing::info!(grace_secs = args.grace_secs, "shutting down: draining in-flight jobs");
-    let report = runner.shutdown(Duration::from_secs(args.grace_secs)).await;
-    tracing::info!(aborted = report.aborted, released = report.released, "stopped");
+    tracing::info!(grace_secs = args.grace_secs, "shutting down");
+    stop.cancel();
+    if let Some(runner) = runner {
+        let report = runner.shutdown(Duration::from_secs(args.grace_secs)).await;
+        tracing::info!(
+            aborted = report.aborted,
+            released = report.released,
+            "worker stopped"
+        );
+    }
+    for task in background {
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "role stopped with an error"),
+            Err(e) => tracing::error!(error = %e, "role panicked"),
+        }
+    }
     ops.abort();
     Ok(())
 }
 
 /// Handlers every worker has, whatever domain is loaded.
 fn builtin_handlers() -> Registry {
-    Registry::new().register("ledgerflow.noop", |_: JobContext| async { Outcome::Complete })
+    Registry::new().register("ledgerflow.noop", |_: JobContext| async {
+        Outcome::Complete
+    })
 }
 
 async fn shutdown_signal() {
