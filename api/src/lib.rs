@@ -1,1 +1,306 @@
-//! Ledgerflow's HTTP surface (public API, webhooks, admin); filled by the API issue.
+//! Ledgerflow's HTTP surface: the public API and the admin API, each on its
+//! own listener, with health, readiness, metrics and OpenAPI/Swagger UI.
+//!
+//! The apps are built by functions ([`public_app`], [`admin_app`]) so tests
+//! run them in-process with `poem::test::TestClient`, and the binary serves
+//! both with [`serve`] (or [`serve_listeners`] on already-bound sockets,
+//! which is how tests use port 0).
+//!
+//! Layout:
+//! - [`public`]     — `/v1` for users (bearer API key): balances;
+//! - [`admin`]      — the admin API (bearer admin credential, roles, audit);
+//! - [`auth`]       — credentials and the role/permission allow-list;
+//! - [`ops`]        — `/healthcheck`, `/readyz` (a list of checks), `/metrics`;
+//! - [`middleware`] — body limit, timeout, problem+json for every error, metrics;
+//! - [`metrics`]    — the Prometheus registry and its catalogue;
+//! - [`error`]      — the crate's one error type and RFC 7807 problems;
+//! - [`types`]      — strict wire types for request bodies.
+//!
+//! Architecture Invariant: no SQL here. Job queries live in
+//! `ledgerflow_engine::admin_query`, audit rows in `ledgerflow_payments::audit`.
+
+pub mod admin;
+pub mod auth;
+pub mod error;
+pub mod metrics;
+pub mod middleware;
+pub mod ops;
+pub mod public;
+pub mod types;
+
+pub use error::{Error, Problem, Result};
+pub use ops::ReadinessCheck;
+
+use crate::metrics::Metrics;
+use crate::middleware::{Limits, Routes};
+use ledgerflow_engine::Store;
+use poem::listener::TcpAcceptor;
+use poem::{Endpoint, EndpointExt, Route, Server, get};
+use poem_openapi::OpenApiService;
+use sqlx::PgPool;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// The API version shown in the specs.
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Settings of both listeners.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    /// Largest request body in bytes (default 64 KiB).
+    pub body_limit: usize,
+    /// Longest time to answer one request (default 30 s).
+    pub request_timeout: Duration,
+    /// How long [`serve`] waits for in-flight requests on shutdown (default 10 s).
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            body_limit: 64 * 1024,
+            request_timeout: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What every handler shares. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    /// The Postgres pool (the store's, by default).
+    pub pool: PgPool,
+    /// The job store.
+    pub store: Store,
+    /// Settings.
+    pub config: Arc<ApiConfig>,
+    /// Metrics (exported by the public listener's `/metrics`).
+    pub metrics: Arc<Metrics>,
+    checks: Arc<Vec<Arc<dyn ReadinessCheck>>>,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState")
+            .field("config", &self.config)
+            .field(
+                "checks",
+                &self
+                    .checks
+                    .iter()
+                    .map(|c| c.name().to_string())
+                    .collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+impl AppState {
+    /// State on `store`'s pool with default settings and the Postgres readiness check.
+    pub fn new(store: Store) -> Result<Self> {
+        Self::with_config(store, ApiConfig::default())
+    }
+
+    /// State with explicit settings.
+    pub fn with_config(store: Store, config: ApiConfig) -> Result<Self> {
+        let metrics = Metrics::new().map_err(|e| Error::Internal(e.to_string()))?;
+        let pool = store.pool().clone();
+        Ok(Self {
+            checks: Arc::new(vec![Arc::new(ops::Postgres(pool.clone()))]),
+            pool,
+            store,
+            config: Arc::new(config),
+            metrics: Arc::new(metrics),
+        })
+    }
+
+    /// Adds a readiness check (e.g. Kafka's) to `/readyz`.
+    pub fn with_check(mut self, check: Arc<dyn ReadinessCheck>) -> Self {
+        let mut checks = (*self.checks).clone();
+        checks.push(check);
+        self.checks = Arc::new(checks);
+        self
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            body_bytes: self.config.body_limit,
+            request_timeout: self.config.request_timeout,
+        }
+    }
+}
+
+fn public_service() -> OpenApiService<public::PublicApi, ()> {
+    OpenApiService::new(public::PublicApi, "Ledgerflow public API", VERSION)
+        .description("Balances now; trades and withdrawals as their workflows land. Errors are RFC 7807 problems.")
+}
+
+fn admin_service() -> OpenApiService<admin::AdminApi, ()> {
+    OpenApiService::new(admin::AdminApi, "Ledgerflow admin API", VERSION).description(
+        "Jobs, queues and the audit log. Every mutation requires a reason and is audited \
+         in the same transaction. Errors are RFC 7807 problems.",
+    )
+}
+
+/// The public API's OpenAPI document (JSON), as committed in `api/openapi/public.json`.
+pub fn public_spec() -> String {
+    public_service().spec()
+}
+
+/// The admin API's OpenAPI document (JSON), as committed in `api/openapi/admin.json`.
+pub fn admin_spec() -> String {
+    admin_service().spec()
+}
+
+/// The public listener's app: `/v1/…`, `/healthcheck`, `/readyz`,
+/// `/metrics`, `/openapi.json`, `/docs`.
+pub fn public_app(state: AppState) -> impl Endpoint<Output = poem::Response> {
+    let service = public_service();
+    let route = Route::new()
+        .at("/healthcheck", get(ops::healthcheck))
+        .at("/readyz", get(ops::readyz))
+        .at("/metrics", get(ops::metrics))
+        .at("/openapi.json", service.spec_endpoint())
+        .nest("/docs", service.swagger_ui())
+        .nest("/", service)
+        .data(state.clone());
+    middleware::wrap(
+        route,
+        "public",
+        Routes::new(public::ROUTES),
+        state.limits(),
+        state.metrics.clone(),
+    )
+}
+
+/// The admin listener's app: `/v1/…` (admin credentials), `/healthcheck`,
+/// `/readyz`, `/metrics`, `/openapi.json`, `/docs`.
+pub fn admin_app(state: AppState) -> impl Endpoint<Output = poem::Response> {
+    let service = admin_service();
+    // Probes and scrapes too, so the admin role can run as its own Deployment.
+    let route = Route::new()
+        .at("/healthcheck", get(ops::healthcheck))
+        .at("/readyz", get(ops::readyz))
+        .at("/metrics", get(ops::metrics))
+        .at("/openapi.json", service.spec_endpoint())
+        .nest("/docs", service.swagger_ui())
+        .nest("/", service)
+        .data(state.clone());
+    middleware::wrap(
+        route,
+        "admin",
+        Routes::new(admin::ROUTES),
+        state.limits(),
+        state.metrics.clone(),
+    )
+}
+
+/// Binds both addresses and serves the public and admin apps until
+/// `shutdown` resolves, then drains in-flight requests for up to
+/// `config.shutdown_grace`. Bind errors are returned before anything is served.
+/// (One process, both listeners; see [`serve_public`] and [`serve_admin`]
+/// to run them as separate roles.)
+pub async fn serve(
+    public_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let public = tokio::net::TcpListener::bind(public_addr).await?;
+    let admin = tokio::net::TcpListener::bind(admin_addr).await?;
+    serve_listeners(public, admin, state, shutdown).await
+}
+
+/// Serves only the public app on `addr` until `shutdown` resolves.
+pub async fn serve_public(
+    addr: SocketAddr,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let grace = state.config.shutdown_grace;
+    serve_app(listener, public_app(state), "public", shutdown, grace).await
+}
+
+/// Serves only the admin app on `addr` until `shutdown` resolves.
+pub async fn serve_admin(
+    addr: SocketAddr,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let grace = state.config.shutdown_grace;
+    serve_app(listener, admin_app(state), "admin", shutdown, grace).await
+}
+
+async fn serve_app(
+    listener: tokio::net::TcpListener,
+    app: impl Endpoint + 'static,
+    name: &'static str,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> Result<()> {
+    tracing::info!(listener = name, addr = ?listener.local_addr().ok(), "api listening");
+    Server::new_with_acceptor(TcpAcceptor::from_tokio(listener)?)
+        .run_with_graceful_shutdown(app, shutdown, Some(grace))
+        .await?;
+    tracing::info!(listener = name, "api stopped");
+    Ok(())
+}
+
+/// Like [`serve`] on already-bound listeners (tests bind port 0 and read
+/// the address back). If either server fails, the other is stopped too.
+pub async fn serve_listeners(
+    public: tokio::net::TcpListener,
+    admin: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let token = CancellationToken::new();
+    let trigger = token.clone();
+    let watcher = tokio::spawn(async move {
+        tokio::select! {
+            () = shutdown => trigger.cancel(),
+            () = trigger.cancelled() => {}
+        }
+    });
+    let grace = state.config.shutdown_grace;
+    let (a, b) = tokio::join!(
+        async {
+            let r = serve_app(
+                public,
+                public_app(state.clone()),
+                "public",
+                token.clone().cancelled_owned(),
+                grace,
+            )
+            .await;
+            token.cancel();
+            r
+        },
+        async {
+            let r = serve_app(
+                admin,
+                admin_app(state.clone()),
+                "admin",
+                token.clone().cancelled_owned(),
+                grace,
+            )
+            .await;
+            token.cancel();
+            r
+        }
+    );
+    watcher.abort();
+    a?;
+    b?;
+    Ok(())
+}

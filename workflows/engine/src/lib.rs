@@ -26,6 +26,7 @@
 //! [`MIGRATOR`], the one migrator that binaries, tests and the Helm migration
 //! Job all use.
 
+pub mod admin_query;
 pub mod clock;
 pub mod cron;
 pub mod error;

@@ -14,6 +14,7 @@
 //! `migrations/20261126001000_payments.sql`; this crate adds precise errors
 //! and idempotency on top.
 
+pub mod audit;
 pub mod error;
 pub mod exchange;
 pub mod ids;

@@ -1,0 +1,128 @@
+//! Prometheus metrics of the API process, in a registry owned by the
+//! [`crate::AppState`] (not the global default registry, so tests running in
+//! parallel do not see each other's counts).
+//!
+//! | metric | type | labels | meaning |
+//! |---|---|---|---|
+//! | `http_requests_total` | counter | listener, method, route, status | requests answered |
+//! | `http_request_duration_seconds` | histogram | listener, method, route | time to answer |
+//! | `http_requests_in_flight` | gauge | listener | requests being answered |
+//! | `ledgerflow_queue_jobs` | gauge | queue, state | live jobs (available, scheduled, retryable, running), read at scrape time from the partial indexes |
+//! | `ledgerflow_db_pool_connections` | gauge | state (idle, in_use) | the API's Postgres pool |
+//! | `ledgerflow_metrics_scrape_errors_total` | counter | — | scrapes whose queue query failed |
+//!
+//! `route` is the matched route template (`/v1/jobs/{id}`), never the raw
+//! path, so ids and queue names cannot blow up the label cardinality;
+//! unknown paths are counted as `unmatched`.
+use ledgerflow_engine::Store;
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+/// The API's metrics and the registry they live in.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub(crate) requests: IntCounterVec,
+    pub(crate) duration: HistogramVec,
+    pub(crate) in_flight: IntGaugeVec,
+    queue_jobs: IntGaugeVec,
+    pool: IntGaugeVec,
+    scrape_errors: IntCounter,
+}
+
+impl Metrics {
+    /// Fresh metrics in a fresh registry.
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new("http_requests_total", "HTTP requests answered"),
+            &["listener", "method", "route", "status"],
+        )?;
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "http_request_duration_seconds",
+                "Time to answer an HTTP request",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+            &["listener", "method", "route"],
+        )?;
+        let in_flight = IntGaugeVec::new(
+            Opts::new("http_requests_in_flight", "HTTP requests being answered"),
+            &["listener"],
+        )?;
+        let queue_jobs = IntGaugeVec::new(
+            Opts::new(
+                "ledgerflow_queue_jobs",
+                "Live jobs per queue and state (available, scheduled, retryable, running)",
+            ),
+            &["queue", "state"],
+        )?;
+        let pool = IntGaugeVec::new(
+            Opts::new(
+                "ledgerflow_db_pool_connections",
+                "Connections of the API's Postgres pool",
+            ),
+            &["state"],
+        )?;
+        let scrape_errors = IntCounter::new(
+            "ledgerflow_metrics_scrape_errors_total",
+            "Scrapes whose database query failed",
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(duration.clone()))?;
+        registry.register(Box::new(in_flight.clone()))?;
+        registry.register(Box::new(queue_jobs.clone()))?;
+        registry.register(Box::new(pool.clone()))?;
+        registry.register(Box::new(scrape_errors.clone()))?;
+        Ok(Self {
+            registry,
+            requests,
+            duration,
+            in_flight,
+            queue_jobs,
+            pool,
+            scrape_errors,
+        })
+    }
+
+    /// The registry, to register more collectors (e.g. the webhook intake's).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Refreshes the database-backed gauges and renders everything in the
+    /// Prometheus text format.
+    pub async fn render(&self, store: &Store) -> String {
+        match store.queue_depths().await {
+            Ok(depths) => {
+                // Reset first so a queue that drained disappears instead of
+                // repeating its last value forever.
+                self.queue_jobs.reset();
+                for (queue, state, n) in depths {
+                    self.queue_jobs
+                        .with_label_values(&[queue.as_str(), state.as_str()])
+                        .set(n);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics: queue depth query failed");
+                self.scrape_errors.inc();
+            }
+        }
+        let size = i64::from(store.pool().size());
+        let idle = i64::try_from(store.pool().num_idle()).unwrap_or(i64::MAX);
+        self.pool.with_label_values(&["idle"]).set(idle);
+        self.pool
+            .with_label_values(&["in_use"])
+            .set(size.saturating_sub(idle));
+        let mut out = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!(error = %e, "metrics: encoding failed");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
