@@ -7,7 +7,10 @@
 //! Kafka ingress consumers, the cron scheduler and the outbox relay join this
 //! crate as their own modules.
 
+pub mod ingress;
+pub mod kafka;
 pub mod ops;
+pub mod relay;
 pub mod runner;
 pub mod scheduler;
 

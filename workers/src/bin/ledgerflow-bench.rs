@@ -1,0 +1,717 @@
+//! `ledgerflow-bench`: Ledgerflow's benchmarks, on the same workloads as the peers' scripts.
+//!
+//! `ledgerflow-bench queue` runs the two workloads of `../shared/bench/peers` (see its README),
+//! each on a fresh database (`bench_lf_<random>`) on the server of `DATABASE_URL`:
+//!
+//! - **W1**: `--jobs` no-op jobs enqueued with `Store::job_insert_many`, one call per 1000 jobs,
+//!   while no worker runs (→ enqueue jobs/s); then one runner (`--concurrency`, `--prefetch`)
+//!   drains them. Done is when a separate connection, polling every 50 ms, sees no unfinished
+//!   row left (every job durably `completed`). Processing jobs/s is measured from just before
+//!   `Runner::start` to that moment; the wall time from the first enqueue.
+//! - **W2**: the runner is started and left idle for a second; `--latency-jobs` jobs are then
+//!   enqueued one at a time (each `job_insert` awaited) at `--latency-rate` per second. Latency is
+//!   handler start minus an instant taken just before the enqueue call (same process, monotonic
+//!   clock: the send instant travels in the job's args as nanoseconds since a process anchor).
+//!
+//! `--history N` first fills each database with N completed jobs and `--backlog N` with N
+//! available jobs of another queue, so the effect of a large table can be measured.
+//!
+//! Before each workload the whole machine's CPU use is sampled from `/proc/stat` (waiting up to
+//! `--quiet-max` seconds for it to fall below `--quiet-pct`), and reported as `bg_pct`, because
+//! other load on the machine skews the figures. The results are printed as a table and as a
+//! `RESULT` line that `../shared/bench/peers/table.py` tabulates with the peers' lines; `--json`
+//! also writes them to a file.
+//!
+//! New benchmarks (`workflow`, `ingress`) are new [`Command`] variants with their own workload
+//! functions; they can reuse [`BenchDb`], [`Conn`] and [`cpu_busy`].
+
+use anyhow::{Context, Result, bail, ensure};
+use clap::{Parser, Subcommand};
+use ledgerflow_engine::{MIGRATOR, NewJob, Outcome, Store, StoreConfig};
+use ledgerflow_workers::{JobContext, QueueConfig, Registry, Runner, RunnerConfig};
+use serde_json::json;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The queue the benchmark's jobs go to.
+const QUEUE: &str = "bench";
+/// The queue of `--backlog` jobs (no runner works it).
+const BACKLOG_QUEUE: &str = "bench-backlog";
+/// The job kind of every benchmark job.
+const KIND: &str = "noop";
+/// Jobs per `job_insert_many` call in W1 (the peers' `BATCH`).
+const ENQUEUE_BATCH: usize = 1000;
+/// How often the W1 poller looks for unfinished jobs (as the peers' scripts do).
+const DONE_POLL: Duration = Duration::from_millis(50);
+/// W1 gives up when this long passes without all jobs completing.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
+/// W2 waits this long after the last enqueue for the last handler to start (as the peers do).
+const LATENCY_DRAIN: Duration = Duration::from_secs(30);
+/// Grace period for runner shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+#[derive(Parser)]
+#[command(
+    name = "ledgerflow-bench",
+    about = "Ledgerflow benchmarks (same workloads as ../shared/bench/peers)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Queue throughput (W1) and enqueue→start latency (W2).
+    Queue(QueueArgs),
+}
+
+/// Settings every benchmark shares.
+#[derive(clap::Args, Debug, Clone)]
+struct CommonArgs {
+    /// Server to benchmark on; each workload creates (and drops) its own database there.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://ledgerflow:ledgerflow@127.0.0.1:5432/ledgerflow",
+        hide_env_values = true
+    )]
+    database_url: String,
+
+    /// Also write the results to this JSON file.
+    #[arg(long, value_name = "PATH")]
+    json: Option<std::path::PathBuf>,
+
+    /// Other load on the machine (CPU busy %) considered quiet.
+    #[arg(long, default_value_t = 15)]
+    quiet_pct: u32,
+
+    /// Wait at most this many seconds for the machine to be quiet before each workload
+    /// (0: sample once for 1 s and go on).
+    #[arg(long, default_value_t = 30)]
+    quiet_max: u64,
+
+    /// Keep the benchmark databases instead of dropping them (for inspection).
+    #[arg(long)]
+    keep_db: bool,
+}
+
+/// The pool the store (runner and enqueuer) uses.
+#[derive(clap::Args, Debug, Clone, Copy)]
+struct PoolArgs {
+    /// Connections in the pool.
+    #[arg(long, default_value_t = 16)]
+    pool_size: u32,
+
+    /// `PgPoolOptions::test_before_acquire` (sqlx's default, like the `ledgerflow` binary's
+    /// pool): a ping before each checkout.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    test_before_acquire: bool,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct QueueArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+
+    /// W1: no-op jobs enqueued in bulk, then drained.
+    #[arg(long, default_value_t = 20_000)]
+    jobs: usize,
+
+    /// Handler slots of the runner's queue.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+
+    /// Jobs claimed ahead of free handler slots.
+    #[arg(long, default_value_t = 100)]
+    prefetch: usize,
+
+    /// W2: jobs enqueued one at a time.
+    #[arg(long, default_value_t = 500)]
+    latency_jobs: usize,
+
+    /// W2: enqueues per second.
+    #[arg(long, default_value_t = 50.0)]
+    latency_rate: f64,
+
+    /// Completed jobs inserted into each database before its workload.
+    #[arg(long, default_value_t = 0)]
+    history: u64,
+
+    /// Available jobs of another queue (nobody works it) inserted before each workload.
+    #[arg(long, default_value_t = 0)]
+    backlog: u64,
+
+    #[command(flatten)]
+    pool: PoolArgs,
+
+    /// Which workloads to run.
+    #[arg(long, value_delimiter = ',', default_values = ["w1", "w2"])]
+    workloads: Vec<Workload>,
+
+    /// `RunnerConfig::max_claim_batch` (default: the runner's).
+    #[arg(long)]
+    max_claim_batch: Option<usize>,
+
+    /// `RunnerConfig::max_complete_batch` (default: the runner's).
+    #[arg(long)]
+    max_complete_batch: Option<usize>,
+
+    /// `RunnerConfig::poll_interval` in milliseconds (default: the runner's).
+    #[arg(long)]
+    poll_ms: Option<u64>,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum Workload {
+    W1,
+    W2,
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Queue(args) => queue(args).await,
+    }
+}
+
+// ------------------------------------------------------------------ queue
+
+/// W1's figures.
+#[derive(Debug, Clone, Copy)]
+struct Throughput {
+    enqueue_per_s: f64,
+    processing_per_s: f64,
+    wall_s: f64,
+    bg_pct: u32,
+}
+
+/// W2's figures.
+#[derive(Debug, Clone, Copy)]
+struct Latency {
+    n: usize,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    /// The `job_insert` call alone (included in the latency).
+    insert_p50_ms: f64,
+    insert_p99_ms: f64,
+    bg_pct: u32,
+}
+
+async fn queue(args: QueueArgs) -> Result<()> {
+    ensure!(args.jobs > 0, "--jobs must be at least 1");
+    ensure!(
+        args.latency_rate > 0.0,
+        "--latency-rate must be greater than 0"
+    );
+    let common = &args.common;
+    let w1 = if args.workloads.contains(&Workload::W1) {
+        let bg_pct = quiet(common).await?;
+        let db = BenchDb::create(common, &args.pool).await?;
+        let out = throughput(&args, &db, bg_pct).await;
+        let r = db.finish(out).await?;
+        print_w1(&r);
+        Some(r)
+    } else {
+        None
+    };
+    let w2 = if args.workloads.contains(&Workload::W2) {
+        let bg_pct = quiet(common).await?;
+        let db = BenchDb::create(common, &args.pool).await?;
+        let out = latency(&args, &db, bg_pct).await;
+        let r = db.finish(out).await?;
+        print_w2(&r);
+        Some(r)
+    } else {
+        None
+    };
+    report(&args, w1, w2)
+}
+
+/// The store, runner settings and handler the workloads share.
+fn store(db: &BenchDb) -> Store {
+    Store::with_config(db.pool.clone(), StoreConfig::default())
+}
+
+fn runner_config(args: &QueueArgs) -> RunnerConfig {
+    let mut config = RunnerConfig {
+        queues: vec![QueueConfig::new(QUEUE, args.concurrency).prefetch(args.prefetch)],
+        ..RunnerConfig::default()
+    };
+    if let Some(n) = args.max_claim_batch {
+        config.max_claim_batch = n;
+    }
+    if let Some(n) = args.max_complete_batch {
+        config.max_complete_batch = n;
+    }
+    if let Some(ms) = args.poll_ms {
+        config.poll_interval = Duration::from_millis(ms);
+    }
+    config
+}
+
+/// Fills the database with `--history` completed and `--backlog` available jobs.
+async fn prefill(args: &QueueArgs, db: &BenchDb) -> Result<()> {
+    if args.history == 0 && args.backlog == 0 {
+        return Ok(());
+    }
+    let started = Instant::now();
+    let insert = |state: &'static str, queue: &'static str, finished: bool| {
+        // attempt/attempted_at/finished_at/completed_by only for finished rows, as the
+        // runner would leave them; v4 ids, as ids of jobs enqueued long ago sort first anyway.
+        format!(
+            "INSERT INTO jobs (id, queue, kind, args, state, attempt, max_attempts, run_at,
+                               created_at, attempted_at, finished_at, completed_by)
+             SELECT gen_random_uuid(), '{queue}', '{KIND}', jsonb_build_object('i', g),
+                    '{state}', {attempt}, 20, now(), now(), {at}, {at}, {by}
+             FROM generate_series(1, $1) g",
+            attempt = i32::from(finished),
+            at = if finished { "now()" } else { "NULL" },
+            by = if finished { "'history'" } else { "NULL" },
+        )
+    };
+    if args.history > 0 {
+        sqlx::query(&insert("completed", QUEUE, true))
+            .bind(i64::try_from(args.history)?)
+            .execute(&db.pool)
+            .await
+            .context("inserting --history jobs")?;
+    }
+    if args.backlog > 0 {
+        sqlx::query(&insert("available", BACKLOG_QUEUE, false))
+            .bind(i64::try_from(args.backlog)?)
+            .execute(&db.pool)
+            .await
+            .context("inserting --backlog jobs")?;
+    }
+    // A long-lived production table is vacuumed and analyzed; a freshly bulk-loaded one is not.
+    sqlx::raw_sql("VACUUM (ANALYZE) jobs")
+        .execute(&db.pool)
+        .await?;
+    eprintln!(
+        "prefilled {} completed + {} backlog jobs in {:.1}s",
+        args.history,
+        args.backlog,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// W1: bulk enqueue with no worker running, then one runner drains the queue.
+async fn throughput(args: &QueueArgs, db: &BenchDb, bg_pct: u32) -> Result<Throughput> {
+    prefill(args, db).await?;
+    let store = store(db);
+    let n = args.jobs;
+    // The poller's own connection, opened before anything is timed.
+    let mut poller = db.connect().await?;
+
+    let t0 = Instant::now();
+    let mut i = 0;
+    while i < n {
+        let k = ENQUEUE_BATCH.min(n - i);
+        let batch: Vec<NewJob> = (i..i + k)
+            .map(|j| NewJob::new(KIND, json!({ "i": j })).queue(QUEUE))
+            .collect();
+        store.job_insert_many(&batch).await?;
+        i += k;
+    }
+    let t1 = Instant::now();
+
+    let registry = Registry::new().register(KIND, |_ctx: JobContext| async { Outcome::Complete });
+    let runner = Runner::start(store.clone(), registry, runner_config(args)).await?;
+    let deadline = t1 + DRAIN_TIMEOUT;
+    loop {
+        // Served by the (state, created_at) index; finished history rows are never counted.
+        let left: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM jobs
+             WHERE state IN ('scheduled', 'available', 'running', 'retryable') AND queue = $1",
+        )
+        .bind(QUEUE)
+        .fetch_one(&mut poller.0)
+        .await?;
+        if left == 0 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{left} of {n} jobs still unfinished after {}s",
+                DRAIN_TIMEOUT.as_secs()
+            );
+        }
+        tokio::time::sleep(DONE_POLL).await;
+    }
+    let t2 = Instant::now();
+    runner.shutdown(SHUTDOWN_GRACE).await;
+
+    let completed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM jobs WHERE queue = $1 AND state = 'completed'
+           AND completed_by IS DISTINCT FROM 'history'",
+    )
+    .bind(QUEUE)
+    .fetch_one(&mut poller.0)
+    .await?;
+    poller.close().await;
+    ensure!(
+        usize::try_from(completed)? == n,
+        "only {completed} of {n} jobs completed (the others failed or were discarded)"
+    );
+    Ok(Throughput {
+        enqueue_per_s: n as f64 / (t1 - t0).as_secs_f64(),
+        processing_per_s: n as f64 / (t2 - t1).as_secs_f64(),
+        wall_s: (t2 - t0).as_secs_f64(),
+        bg_pct,
+    })
+}
+
+/// W2: paced single enqueues to an idle runner; enqueue→handler-start latency.
+async fn latency(args: &QueueArgs, db: &BenchDb, bg_pct: u32) -> Result<Latency> {
+    prefill(args, db).await?;
+    let store = store(db);
+    let n = args.latency_jobs;
+    let anchor = Instant::now();
+    let samples: Arc<Mutex<Vec<f64>>> = Arc::new(Mutex::new(Vec::with_capacity(n)));
+
+    let seen = samples.clone();
+    let registry = Registry::new().register(KIND, move |ctx: JobContext| {
+        // Taken when the runner calls the handler, before anything else.
+        let started = anchor.elapsed();
+        if let Some(sent) = ctx.job().args.get("t").and_then(serde_json::Value::as_u64) {
+            let ms = started.as_nanos().saturating_sub(u128::from(sent)) as f64 / 1e6;
+            seen.lock().unwrap_or_else(|p| p.into_inner()).push(ms);
+        }
+        async { Outcome::Complete }
+    });
+    let runner = Runner::start(store.clone(), registry, runner_config(args)).await?;
+    // Let the runner connect, LISTEN and go idle, as the peers' scripts do.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // How long each awaited `job_insert` took (its commit included): the part of the latency
+    // that is spent before the job exists for the runner.
+    let mut inserts = Vec::with_capacity(n);
+    let t0 = tokio::time::Instant::now();
+    for i in 0..n {
+        let due = t0 + Duration::from_secs_f64(i as f64 / args.latency_rate);
+        tokio::time::sleep_until(due).await;
+        let before = anchor.elapsed();
+        let sent = u64::try_from(before.as_nanos())?;
+        store
+            .job_insert(&NewJob::new(KIND, json!({ "t": sent })).queue(QUEUE))
+            .await?;
+        inserts.push((anchor.elapsed() - before).as_secs_f64() * 1e3);
+    }
+    let deadline = Instant::now() + LATENCY_DRAIN;
+    while samples.lock().unwrap_or_else(|p| p.into_inner()).len() < n && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    runner.shutdown(SHUTDOWN_GRACE).await;
+
+    let mut xs = std::mem::take(&mut *samples.lock().unwrap_or_else(|p| p.into_inner()));
+    ensure!(!xs.is_empty(), "no job started within {LATENCY_DRAIN:?}");
+    if xs.len() < n {
+        eprintln!(
+            "warning: only {} of {n} latency jobs started within {LATENCY_DRAIN:?}",
+            xs.len()
+        );
+    }
+    xs.sort_by(f64::total_cmp);
+    inserts.sort_by(f64::total_cmp);
+    Ok(Latency {
+        n: xs.len(),
+        p50_ms: percentile(&xs, 50.0),
+        p99_ms: percentile(&xs, 99.0),
+        max_ms: xs.last().copied().unwrap_or_default(),
+        insert_p50_ms: percentile(&inserts, 50.0),
+        insert_p99_ms: percentile(&inserts, 99.0),
+        bg_pct,
+    })
+}
+
+/// The sample at rank ⌊p/100·n⌋ of sorted `xs` (the peers' scripts use the same rule).
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((p / 100.0) * sorted.len() as f64).floor() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn print_w1(r: &Throughput) {
+    eprintln!(
+        "W1: enqueue {:.0} jobs/s, processing {:.0} jobs/s, wall {:.2}s (bg {}%)",
+        r.enqueue_per_s, r.processing_per_s, r.wall_s, r.bg_pct
+    );
+}
+
+fn print_w2(r: &Latency) {
+    eprintln!(
+        "W2: n={} p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; insert alone p50 {:.2} ms, p99 {:.2} ms (bg {}%)",
+        r.n, r.p50_ms, r.p99_ms, r.max_ms, r.insert_p50_ms, r.insert_p99_ms, r.bg_pct
+    );
+}
+
+fn report(args: &QueueArgs, w1: Option<Throughput>, w2: Option<Latency>) -> Result<()> {
+    let mut rows: Vec<(&str, String)> = vec![
+        ("jobs (W1)", args.jobs.to_string()),
+        (
+            "concurrency / prefetch",
+            format!("{} / {}", args.concurrency, args.prefetch),
+        ),
+    ];
+    if args.history > 0 || args.backlog > 0 {
+        rows.push((
+            "history / backlog rows",
+            format!("{} / {}", args.history, args.backlog),
+        ));
+    }
+    if let Some(r) = &w1 {
+        rows.extend([
+            ("enqueue jobs/s", format!("{:.0}", r.enqueue_per_s)),
+            ("processing jobs/s", format!("{:.0}", r.processing_per_s)),
+            ("W1 wall s", format!("{:.2}", r.wall_s)),
+        ]);
+    }
+    if let Some(r) = &w2 {
+        rows.extend([
+            ("W2 samples", r.n.to_string()),
+            ("W2 p50 ms", format!("{:.2}", r.p50_ms)),
+            ("W2 p99 ms", format!("{:.2}", r.p99_ms)),
+            ("W2 max ms", format!("{:.2}", r.max_ms)),
+            ("W2 job_insert p50 ms", format!("{:.2}", r.insert_p50_ms)),
+            ("W2 job_insert p99 ms", format!("{:.2}", r.insert_p99_ms)),
+        ]);
+    }
+    let bg = format!(
+        "{}/{}",
+        w1.map_or("-".into(), |r| r.bg_pct.to_string()),
+        w2.map_or("-".into(), |r| r.bg_pct.to_string())
+    );
+    rows.push(("bg_pct (W1/W2)", bg.clone()));
+
+    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    println!();
+    println!("| {:width$} | value |", "metric");
+    println!("|{}|-------|", "-".repeat(width + 2));
+    for (k, v) in &rows {
+        println!("| {k:width$} | {v} |");
+    }
+    println!();
+
+    // The peers' RESULT format, so table.py can put Ledgerflow in the same table.
+    let mut line = format!(
+        "RESULT peer=ledgerflow version={} conc={}(prefetch={})",
+        env!("CARGO_PKG_VERSION"),
+        args.concurrency,
+        args.prefetch
+    );
+    if args.history > 0 || args.backlog > 0 {
+        line.pop();
+        line.push_str(&format!(
+            ",history={},backlog={})",
+            args.history, args.backlog
+        ));
+    }
+    if let Some(r) = &w1 {
+        line.push_str(&format!(
+            " enq_per_s={:.0} proc_per_s={:.0} e2e_s={:.2}",
+            r.enqueue_per_s, r.processing_per_s, r.wall_s
+        ));
+    }
+    if let Some(r) = &w2 {
+        line.push_str(&format!(
+            " lat_n={} p50_ms={:.1} p99_ms={:.1}",
+            r.n, r.p50_ms, r.p99_ms
+        ));
+    }
+    // table.py parses both halves as integers.
+    let bg_int = format!(
+        "{}/{}",
+        w1.map_or(0, |r| r.bg_pct),
+        w2.map_or(0, |r| r.bg_pct)
+    );
+    line.push_str(&format!(" bg_pct={bg_int}"));
+    println!("{line}");
+
+    if let Some(path) = &args.common.json {
+        let doc = json!({
+            "jobs": args.jobs,
+            "enqueue_jobs_per_s": w1.map(|r| r.enqueue_per_s),
+            "processing_jobs_per_s": w1.map(|r| r.processing_per_s),
+            "wall_s": w1.map(|r| r.wall_s),
+            "latency_n": w2.map(|r| r.n),
+            "latency_p50_ms": w2.map(|r| r.p50_ms),
+            "latency_p99_ms": w2.map(|r| r.p99_ms),
+            "latency_max_ms": w2.map(|r| r.max_ms),
+            "insert_p50_ms": w2.map(|r| r.insert_p50_ms),
+            "insert_p99_ms": w2.map(|r| r.insert_p99_ms),
+            "concurrency": args.concurrency,
+            "prefetch": args.prefetch,
+            "history": args.history,
+            "backlog": args.backlog,
+            "pool_size": args.pool.pool_size,
+            "test_before_acquire": args.pool.test_before_acquire,
+            "bg_pct": bg,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&doc)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------- infrastructure
+
+/// A freshly created and migrated database, dropped by [`BenchDb::finish`].
+struct BenchDb {
+    server: PgConnectOptions,
+    name: String,
+    options: PgConnectOptions,
+    pool: PgPool,
+    keep: bool,
+}
+
+impl BenchDb {
+    async fn create(common: &CommonArgs, pool: &PoolArgs) -> Result<Self> {
+        let PoolArgs {
+            pool_size,
+            test_before_acquire,
+        } = *pool;
+        let server = PgConnectOptions::from_str(&common.database_url)
+            .context("DATABASE_URL is not a valid Postgres URL")?;
+        let name = format!(
+            "bench_lf_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
+        let mut admin = PgConnection::connect_with(&server).await.with_context(|| {
+            format!(
+                "cannot connect to {} (is Postgres running? `cargo xtask bench` starts it)",
+                server.to_url_lossy()
+            )
+        })?;
+        sqlx::raw_sql(&format!(r#"CREATE DATABASE "{name}""#))
+            .execute(&mut admin)
+            .await
+            .with_context(|| format!("creating database {name}"))?;
+        admin.close().await?;
+        let options = server.clone().database(&name);
+        let pool = PgPoolOptions::new()
+            .max_connections(pool_size.max(2))
+            .test_before_acquire(test_before_acquire)
+            .connect_with(options.clone())
+            .await?;
+        MIGRATOR.run(&pool).await.context("migrating")?;
+        Ok(Self {
+            server,
+            name,
+            options,
+            pool,
+            keep: common.keep_db,
+        })
+    }
+
+    /// Drops the database (unless `--keep-db`) whatever the workload's result `out` is.
+    async fn finish<T>(self, out: Result<T>) -> Result<T> {
+        self.pool.close().await;
+        if self.keep {
+            eprintln!("kept database {}", self.name);
+        } else if let Err(e) = self.drop_db().await {
+            eprintln!("warning: could not drop database {}: {e:#}", self.name);
+        }
+        out
+    }
+
+    async fn drop_db(&self) -> Result<()> {
+        let mut admin = PgConnection::connect_with(&self.server).await?;
+        sqlx::raw_sql(&format!(
+            r#"DROP DATABASE IF EXISTS "{}" WITH (FORCE)"#,
+            self.name
+        ))
+        .execute(&mut admin)
+        .await?;
+        admin.close().await?;
+        Ok(())
+    }
+
+    /// A connection outside the pool.
+    async fn connect(&self) -> Result<Conn> {
+        Ok(Conn(PgConnection::connect_with(&self.options).await?))
+    }
+}
+
+/// A dedicated connection (not from the pool).
+struct Conn(PgConnection);
+
+impl Conn {
+    async fn close(self) {
+        let _ = self.0.close().await;
+    }
+}
+
+/// Samples whole-machine CPU for 1 s, repeating (up to `--quiet-max` s) while it is at or above
+/// `--quiet-pct`; returns the last reading.
+async fn quiet(common: &CommonArgs) -> Result<u32> {
+    let end = Instant::now() + Duration::from_secs(common.quiet_max);
+    loop {
+        let busy = cpu_busy(Duration::from_secs(1)).await?;
+        if busy < common.quiet_pct || Instant::now() >= end {
+            return Ok(busy);
+        }
+        eprintln!("machine busy ({busy}%), waiting");
+    }
+}
+
+/// Whole-machine CPU busy % over `window`, from the first line of `/proc/stat` (the same
+/// arithmetic as the peers' `cpu_busy`: idle = idle + iowait over user..steal).
+async fn cpu_busy(window: Duration) -> Result<u32> {
+    fn read() -> Result<Vec<u64>> {
+        let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+        let line = stat.lines().next().unwrap_or_default();
+        line.split_whitespace()
+            .skip(1)
+            .take(8)
+            .map(|f| f.parse::<u64>().context("parsing /proc/stat"))
+            .collect()
+    }
+    let a = read()?;
+    tokio::time::sleep(window).await;
+    let b = read()?;
+    ensure!(a.len() == 8 && b.len() == 8, "unexpected /proc/stat format");
+    let delta: Vec<u64> = b
+        .iter()
+        .zip(&a)
+        .map(|(b, a)| b.saturating_sub(*a))
+        .collect();
+    let total: u64 = delta.iter().sum();
+    let idle = delta[3] + delta[4];
+    Ok(u32::try_from(
+        (100 * (total - idle)).checked_div(total).unwrap_or(0),
+    )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentile_uses_the_peers_rank_rule() {
+        let xs: Vec<f64> = (1..=500).map(f64::from).collect();
+        assert_eq!(percentile(&xs, 50.0), 251.0);
+        assert_eq!(percentile(&xs, 99.0), 496.0);
+        assert_eq!(percentile(&[3.0], 99.0), 3.0);
+    }
+
+    #[test]
+    fn cli_parses_defaults() {
+        let cli = Cli::try_parse_from(["ledgerflow-bench", "queue"]).expect("parses");
+        let Command::Queue(q) = cli.command;
+        assert_eq!((q.jobs, q.concurrency, q.prefetch), (20_000, 32, 100));
+        assert_eq!(q.workloads, vec![Workload::W1, Workload::W2]);
+    }
+}

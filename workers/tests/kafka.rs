@@ -1,0 +1,892 @@
+//! Kafka ingress and outbox relay against a real Postgres and a real
+//! Kafka-protocol broker: tansu, started per test on a free port (or
+//! `KAFKA_BROKERS`, with unique topic names).
+//!
+//! Tests that need a process to die re-run this test binary with
+//! `LF_CHILD_ROLE` set, which turns `child_role` into a long-running ingress
+//! or relay that the parent kills with `kill -9`.
+use ledgerflow_engine::Store;
+use ledgerflow_engine::outbox::{NewOutboxEvent, outbox_insert_in};
+use ledgerflow_engine::testing::TestDb;
+use ledgerflow_workers::ingress::{
+    EnqueueJob, HandlerError, HandlerRegistry, Ingress, IngressMessage, MessageHandler,
+};
+use ledgerflow_workers::kafka::{ID_HEADER, IngressConfig, KafkaConfig, RelayConfig, TopicConfig};
+use ledgerflow_workers::relay::Relay;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use sqlx::{PgConnection, PgPool};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+const CHILD_ROLE: &str = "LF_CHILD_ROLE";
+const CHILD_DB: &str = "LF_CHILD_DB";
+const CHILD_BROKERS: &str = "LF_CHILD_BROKERS";
+const CHILD_TOPIC: &str = "LF_CHILD_TOPIC";
+const CHILD_GROUP: &str = "LF_CHILD_GROUP";
+
+// ------------------------------------------------------------------ broker
+
+/// A tansu broker child process on a fixed port, killed on drop; or the
+/// external `KAFKA_BROKERS`.
+struct Broker {
+    port: u16,
+    child: Option<Child>,
+    external: Option<String>,
+}
+
+impl Broker {
+    fn start() -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+        if let Ok(b) = std::env::var("KAFKA_BROKERS")
+            && !b.is_empty()
+        {
+            return Ok(Self {
+                port: 0,
+                child: None,
+                external: Some(b),
+            });
+        }
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let mut broker = Self {
+            port,
+            child: None,
+            external: None,
+        };
+        broker.up()?;
+        Ok(broker)
+    }
+
+    fn tansu() -> std::path::PathBuf {
+        let home = std::env::var_os("CARGO_HOME")
+            .map(std::path::PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cargo"))
+            })
+            .unwrap_or_default();
+        let cargo_bin = home.join("bin").join("tansu");
+        if cargo_bin.is_file() {
+            cargo_bin
+        } else {
+            "tansu".into()
+        }
+    }
+
+    fn up(&mut self) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let child = Command::new(Self::tansu())
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .env("RUST_LOG", "error")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        self.child = Some(child);
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if start.elapsed() > Duration::from_secs(20) {
+                return Err("tansu did not start".into());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// Kills the broker (memory storage: its data is gone).
+    fn down(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn can_restart(&self) -> bool {
+        self.external.is_none()
+    }
+
+    fn servers(&self) -> String {
+        self.external
+            .clone()
+            .unwrap_or_else(|| format!("127.0.0.1:{}", self.port))
+    }
+
+    fn kafka(&self) -> KafkaConfig {
+        let mut k = KafkaConfig::new(self.servers());
+        k.properties
+            .insert("session.timeout.ms".into(), "6000".into());
+        k.properties
+            .insert("heartbeat.interval.ms".into(), "500".into());
+        k.properties
+            .insert("topic.metadata.refresh.interval.ms".into(), "1000".into());
+        k
+    }
+
+    fn client(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", self.servers());
+        c
+    }
+
+    async fn create_topics(&self, topics: &[&str]) -> TestResult {
+        let admin: AdminClient<DefaultClientContext> = self.client().create()?;
+        let new: Vec<NewTopic<'_>> = topics
+            .iter()
+            .map(|t| NewTopic::new(t, 3, TopicReplication::Fixed(1)))
+            .collect();
+        let start = Instant::now();
+        loop {
+            match admin.create_topics(&new, &AdminOptions::new()).await {
+                Ok(_) => return Ok(()),
+                Err(e) if start.elapsed() < Duration::from_secs(20) => {
+                    eprintln!("create topics: {e}; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    fn producer(&self) -> Result<FutureProducer, rdkafka::error::KafkaError> {
+        self.client()
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .create()
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.down();
+    }
+}
+
+fn unique(name: &str) -> String {
+    format!("{name}-{}", uuid::Uuid::new_v4().simple())
+}
+
+async fn produce(
+    producer: &FutureProducer,
+    topic: &str,
+    partition: Option<i32>,
+    key: &str,
+    id: Option<&str>,
+    payload: &[u8],
+) -> TestResult {
+    let mut record: FutureRecord<'_, str, [u8]> = FutureRecord::to(topic).key(key).payload(payload);
+    if let Some(id) = id {
+        record = record.headers(OwnedHeaders::new().insert(Header {
+            key: ID_HEADER,
+            value: Some(id),
+        }));
+    }
+    if let Some(p) = partition {
+        record = record.partition(p);
+    }
+    producer
+        .send(record, Duration::from_secs(10))
+        .await
+        .map_err(|(e, _)| e)?;
+    Ok(())
+}
+
+/// A consumed message: its id header, payload and headers.
+#[derive(Debug, Clone)]
+struct Seen {
+    id: Option<String>,
+    payload: Vec<u8>,
+    headers: HashMap<String, String>,
+}
+
+/// Reads `topic` from the beginning with a fresh group until `want` distinct
+/// messages (by id header) arrived or `within` passed.
+async fn consume_all(
+    broker: &Broker,
+    topic: &str,
+    want: usize,
+    within: Duration,
+) -> Result<Vec<Seen>, Box<dyn std::error::Error + Send + Sync>> {
+    let consumer: rdkafka::consumer::StreamConsumer = broker
+        .client()
+        .set("group.id", unique("reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    consumer.subscribe(&[topic])?;
+    let mut out = Vec::new();
+    let deadline = Instant::now() + within;
+    let mut distinct = HashSet::new();
+    while distinct.len() < want && Instant::now() < deadline {
+        let Ok(Ok(m)) = tokio::time::timeout(Duration::from_millis(500), consumer.recv()).await
+        else {
+            continue;
+        };
+        let mut headers = HashMap::new();
+        if let Some(h) = m.headers() {
+            for hd in h.iter() {
+                if let Some(v) = hd.value {
+                    headers.insert(hd.key.to_string(), String::from_utf8_lossy(v).into_owned());
+                }
+            }
+        }
+        distinct.insert(
+            headers
+                .get(ID_HEADER)
+                .cloned()
+                .unwrap_or_else(|| format!("#{}", out.len())),
+        );
+        out.push(Seen {
+            id: headers.get(ID_HEADER).cloned(),
+            payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+            headers,
+        });
+    }
+    Ok(out)
+}
+
+// ------------------------------------------------------------------- utils
+
+async fn count(pool: &PgPool, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap_or(-1)
+}
+
+async fn wait_for(pool: &PgPool, sql: &str, at_least: i64, within: Duration) -> TestResult {
+    let start = Instant::now();
+    loop {
+        let n = count(pool, sql).await;
+        if n >= at_least {
+            return Ok(());
+        }
+        if start.elapsed() > within {
+            return Err(format!("timed out waiting for `{sql}` >= {at_least} (last {n})").into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn ingress_config(broker: &Broker, topic: &str, group: &str, dlq: &str) -> IngressConfig {
+    let mut c = IngressConfig::new(
+        broker.kafka(),
+        group,
+        vec![TopicConfig {
+            name: topic.to_string(),
+            handler: "enqueue".to_string(),
+            business_id: Default::default(),
+            queue: Some("q".to_string()),
+        }],
+        dlq,
+    );
+    c.retry_backoff = Duration::from_millis(20);
+    c.commit_interval = Duration::from_millis(200);
+    c
+}
+
+fn enqueue() -> HandlerRegistry {
+    HandlerRegistry::new().register(
+        "enqueue",
+        EnqueueJob {
+            queue: "q".into(),
+            kind: "ingested".into(),
+        },
+    )
+}
+
+fn relay_config(broker: &Broker, batch: i64) -> RelayConfig {
+    let mut c = RelayConfig::new(broker.kafka());
+    c.batch_size = batch;
+    c.poll_interval = Duration::from_millis(50);
+    c.retry_backoff = Duration::from_millis(100);
+    c.max_backoff = Duration::from_millis(500);
+    c.delivery_timeout = Duration::from_secs(3);
+    c
+}
+
+async fn write_outbox(pool: &PgPool, topic: &str, keys: &[&str], per_key: usize) -> TestResult {
+    let mut tx = pool.begin().await?;
+    for seq in 0..per_key {
+        for key in keys {
+            let payload = format!("{key}:{seq}");
+            outbox_insert_in(
+                &mut tx,
+                &NewOutboxEvent {
+                    topic,
+                    key: Some(key),
+                    headers: None,
+                    payload: payload.as_bytes(),
+                },
+            )
+            .await?;
+        }
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Per key, the sequence numbers in the order first seen (duplicates, which
+/// a consumer drops by id, are skipped).
+fn first_seen_per_key(seen: &[Seen]) -> BTreeMap<String, Vec<usize>> {
+    let mut ids = HashSet::new();
+    let mut out: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for s in seen {
+        if let Some(id) = &s.id
+            && !ids.insert(id.clone())
+        {
+            continue;
+        }
+        let text = String::from_utf8_lossy(&s.payload);
+        if let Some((key, seq)) = text.split_once(':')
+            && let Ok(seq) = seq.parse()
+        {
+            out.entry(key.to_string()).or_default().push(seq);
+        }
+    }
+    out
+}
+
+fn spawn_child(
+    role: &str,
+    db: &TestDb,
+    broker: &Broker,
+    topic: &str,
+    group: &str,
+) -> std::io::Result<Child> {
+    Command::new(std::env::current_exe()?)
+        .args(["child_role", "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ROLE, role)
+        .env(CHILD_DB, &db.url)
+        .env(CHILD_BROKERS, broker.servers())
+        .env(CHILD_TOPIC, topic)
+        .env(CHILD_GROUP, group)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+}
+
+/// Not a test of its own: the body of a child ingress or relay process.
+/// Returns at once unless `LF_CHILD_ROLE` is set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn child_role() -> TestResult {
+    let Ok(role) = std::env::var(CHILD_ROLE) else {
+        return Ok(());
+    };
+    let pool = PgPool::connect(&std::env::var(CHILD_DB)?).await?;
+    let store = Store::new(pool);
+    let broker = Broker {
+        port: 0,
+        child: None,
+        external: Some(std::env::var(CHILD_BROKERS)?),
+    };
+    let topic = std::env::var(CHILD_TOPIC)?;
+    let cancel = CancellationToken::new();
+    if role == "ingress" {
+        let mut config =
+            ingress_config(&broker, &topic, &std::env::var(CHILD_GROUP)?, "unused-dlq");
+        // Never commit on its own: the parent kills it after the DB commits
+        // and before any offset commit.
+        config.commit_interval = Duration::from_secs(3600);
+        Ingress::start(store, config, enqueue(), cancel)?
+            .join()
+            .await?;
+    } else {
+        Relay::start(store, relay_config(&broker, 10), cancel)?
+            .join()
+            .await?;
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------------- tests
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_before_offset_commit_then_redelivered_and_duplicates_apply_once() -> TestResult {
+    let t0 = Instant::now();
+    let db = TestDb::new().await?;
+    let broker = Broker::start()?;
+    let topic = unique("orders");
+    let group = unique("ingress");
+    broker.create_topics(&[&topic]).await?;
+    let producer = broker.producer()?;
+    for i in 0..30 {
+        let id = format!("e{i}");
+        produce(
+            &producer,
+            &topic,
+            None,
+            &format!("k{}", i % 7),
+            Some(&id),
+            format!("{{\"n\":{i}}}").as_bytes(),
+        )
+        .await?;
+    }
+
+    // A child ingress applies all 30 and is killed before committing offsets.
+    let mut child = spawn_child("ingress", &db, &broker, &topic, &group)?;
+    let applied = wait_for(
+        &db.pool,
+        "SELECT count(*) FROM jobs WHERE kind = 'ingested'",
+        30,
+        Duration::from_secs(60),
+    )
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    applied?;
+    let committed = committed_offsets(&broker, &group, &topic)?;
+    assert!(
+        committed.iter().all(|o| *o <= 0),
+        "the killed consumer committed offsets {committed:?}"
+    );
+
+    // The same business events again, at new offsets.
+    for i in 0..5 {
+        let id = format!("e{i}");
+        produce(
+            &producer,
+            &topic,
+            None,
+            "dup",
+            Some(&id),
+            format!("{{\"n\":{i}}}").as_bytes(),
+        )
+        .await?;
+    }
+    // One new event per partition, last: once they are applied, everything
+    // before them in each partition was (re)processed.
+    for p in 0..3 {
+        produce(
+            &producer,
+            &topic,
+            Some(p),
+            "end",
+            Some(&format!("end{p}")),
+            b"{}",
+        )
+        .await?;
+    }
+    let store = Store::new(db.pool.clone());
+    let handle = Ingress::start(
+        store,
+        ingress_config(&broker, &topic, &group, "unused-dlq"),
+        enqueue(),
+        CancellationToken::new(),
+    )?;
+    wait_for(
+        &db.pool,
+        "SELECT count(*) FROM inbox WHERE business_id LIKE 'end%'",
+        3,
+        Duration::from_secs(60),
+    )
+    .await?;
+    handle.shutdown().await?;
+
+    assert_eq!(
+        count(
+            &db.pool,
+            "SELECT count(*) FROM jobs WHERE kind = 'ingested'"
+        )
+        .await,
+        33
+    );
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM inbox").await, 33);
+    assert_eq!(
+        count(&db.pool, "SELECT count(DISTINCT business_id) FROM inbox").await,
+        33
+    );
+    // The survivor committed past every message.
+    let committed = committed_offsets(&broker, &group, &topic)?;
+    assert_eq!(committed.iter().sum::<i64>(), 38, "committed {committed:?}");
+    eprintln!("redelivery test took {:?}", t0.elapsed());
+    Ok(())
+}
+
+fn committed_offsets(
+    broker: &Broker,
+    group: &str,
+    topic: &str,
+) -> Result<Vec<i64>, Box<dyn std::error::Error + Send + Sync>> {
+    let consumer: BaseConsumer = broker.client().set("group.id", group).create()?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..3 {
+        tpl.add_partition(topic, p);
+    }
+    let got = consumer.committed_offsets(tpl, Duration::from_secs(10))?;
+    Ok(got
+        .elements()
+        .iter()
+        .map(|e| match e.offset() {
+            Offset::Offset(o) => o,
+            _ => -1,
+        })
+        .collect())
+}
+
+/// Fails every attempt for payloads `{"fail": true}`, counting attempts.
+struct Flaky {
+    inner: EnqueueJob,
+    attempts: Arc<AtomicU32>,
+}
+
+#[async_trait::async_trait]
+impl MessageHandler for Flaky {
+    async fn handle(
+        &self,
+        conn: &mut PgConnection,
+        store: &Store,
+        msg: &IngressMessage,
+    ) -> Result<(), HandlerError> {
+        let v = msg.json()?;
+        if v.get("fail") == Some(&serde_json::Value::Bool(true)) {
+            self.attempts.fetch_add(1, Ordering::SeqCst);
+            return Err(HandlerError::Failed("downstream says no".into()));
+        }
+        self.inner.handle(conn, store, msg).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_messages_are_dead_lettered_and_their_partition_keeps_moving() -> TestResult {
+    let t0 = Instant::now();
+    let db = TestDb::new().await?;
+    let broker = Broker::start()?;
+    let topic = unique("requests");
+    let dlq = unique("requests-dlq");
+    broker.create_topics(&[&topic, &dlq]).await?;
+    let producer = broker.producer()?;
+    produce(&producer, &topic, Some(0), "a", Some("ok1"), b"{\"n\":1}").await?;
+    produce(
+        &producer,
+        &topic,
+        Some(0),
+        "a",
+        Some("bad"),
+        b"not json at all",
+    )
+    .await?;
+    produce(
+        &producer,
+        &topic,
+        Some(0),
+        "a",
+        Some("fails"),
+        b"{\"fail\":true}",
+    )
+    .await?;
+    produce(&producer, &topic, Some(0), "a", Some("ok2"), b"{\"n\":2}").await?;
+
+    let attempts = Arc::new(AtomicU32::new(0));
+    let handlers = HandlerRegistry::new().register(
+        "enqueue",
+        Flaky {
+            inner: EnqueueJob {
+                queue: "q".into(),
+                kind: "ingested".into(),
+            },
+            attempts: attempts.clone(),
+        },
+    );
+    let mut config = ingress_config(&broker, &topic, &unique("ingress"), &dlq);
+    config.max_attempts = 3;
+    let handle = Ingress::start(
+        Store::new(db.pool.clone()),
+        config,
+        handlers,
+        CancellationToken::new(),
+    )?;
+    wait_for(
+        &db.pool,
+        "SELECT count(*) FROM inbox WHERE business_id = 'ok2'",
+        1,
+        Duration::from_secs(60),
+    )
+    .await?;
+    handle.shutdown().await?;
+
+    assert_eq!(
+        count(
+            &db.pool,
+            "SELECT count(*) FROM jobs WHERE kind = 'ingested'"
+        )
+        .await,
+        2
+    );
+    assert_eq!(attempts.load(Ordering::SeqCst), 3);
+    let letters: Vec<(i64, i32, String)> = sqlx::query_as(
+        "SELECT \"offset\", attempts, error FROM dead_letters WHERE topic = $1 ORDER BY \"offset\"",
+    )
+    .bind(&topic)
+    .fetch_all(&db.pool)
+    .await?;
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    assert_eq!((letters[0].0, letters[0].1), (1, 1));
+    assert!(letters[0].2.contains("not JSON"), "{}", letters[0].2);
+    assert_eq!((letters[1].0, letters[1].1), (2, 3));
+    assert!(
+        letters[1].2.contains("downstream says no"),
+        "{}",
+        letters[1].2
+    );
+    // Neither poison message left a trace in the inbox.
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM inbox").await, 2);
+
+    let dead = consume_all(&broker, &dlq, 2, Duration::from_secs(30)).await?;
+    assert_eq!(dead.len(), 2);
+    let ids: HashSet<_> = dead.iter().filter_map(|d| d.id.clone()).collect();
+    assert_eq!(ids, HashSet::from(["bad".to_string(), "fails".to_string()]));
+    assert!(
+        dead.iter()
+            .all(|d| d.headers.contains_key("ledgerflow-error"))
+    );
+    eprintln!("poison test took {:?}", t0.elapsed());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_killed_mid_batch_publishes_every_event_at_least_once_in_key_order() -> TestResult {
+    let t0 = Instant::now();
+    let db = TestDb::new().await?;
+    let broker = Broker::start()?;
+    let topic = unique("events");
+    broker.create_topics(&[&topic]).await?;
+    let keys = ["a", "b", "c", "d", "e"];
+    write_outbox(&db.pool, &topic, &keys, 200).await?;
+
+    let mut child = spawn_child("relay", &db, &broker, &topic, "unused")?;
+    let some = wait_for(
+        &db.pool,
+        "SELECT count(*) FROM outbox WHERE published_at IS NOT NULL",
+        50,
+        Duration::from_secs(60),
+    )
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    some?;
+    let left = count(
+        &db.pool,
+        "SELECT count(*) FROM outbox WHERE published_at IS NULL",
+    )
+    .await;
+    eprintln!("relay killed with {left} of 1000 unpublished");
+
+    let relay = Relay::start(
+        Store::new(db.pool.clone()),
+        relay_config(&broker, 50),
+        CancellationToken::new(),
+    )?;
+    wait_for(
+        &db.pool,
+        "SELECT count(*) FROM outbox WHERE published_at IS NOT NULL",
+        1000,
+        Duration::from_secs(60),
+    )
+    .await?;
+    relay.shutdown().await?;
+
+    let seen = consume_all(&broker, &topic, 1000, Duration::from_secs(60)).await?;
+    let ids: HashSet<_> = seen.iter().filter_map(|s| s.id.clone()).collect();
+    let expected: HashSet<String> = sqlx::query_scalar::<_, uuid::Uuid>("SELECT id FROM outbox")
+        .fetch_all(&db.pool)
+        .await?
+        .into_iter()
+        .map(|u| u.to_string())
+        .collect();
+    assert_eq!(ids, expected, "every outbox id published");
+    for (key, seqs) in first_seen_per_key(&seen) {
+        assert_eq!(seqs, (0..200).collect::<Vec<_>>(), "order of key {key}");
+    }
+    eprintln!(
+        "relay kill test took {:?} ({} messages incl. duplicates)",
+        t0.elapsed(),
+        seen.len()
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_relays_at_once_keep_every_key_in_order() -> TestResult {
+    let t0 = Instant::now();
+    let db = TestDb::new().await?;
+    let broker = Broker::start()?;
+    let topic = unique("events");
+    broker.create_topics(&[&topic]).await?;
+    let keys = ["a", "b", "c", "d", "e", "f"];
+    let r1 = Relay::start(
+        Store::new(db.pool.clone()),
+        relay_config(&broker, 7),
+        CancellationToken::new(),
+    )?;
+    let r2 = Relay::start(
+        Store::new(db.pool.clone()),
+        relay_config(&broker, 7),
+        CancellationToken::new(),
+    )?;
+    // Written in several transactions while both relays run.
+    for _ in 0..5 {
+        write_outbox(&db.pool, &topic, &keys, 20).await?;
+    }
+    wait_for(
+        &db.pool,
+        "SELECT count(*) FROM outbox WHERE published_at IS NOT NULL",
+        600,
+        Duration::from_secs(60),
+    )
+    .await?;
+    r1.shutdown().await?;
+    r2.shutdown().await?;
+    let seen = consume_all(&broker, &topic, 600, Duration::from_secs(60)).await?;
+    assert_eq!(seen.len(), 600, "no duplicates without a crash");
+    let per_key = first_seen_per_key(&seen);
+    assert_eq!(per_key.len(), 6);
+    for (key, seqs) in per_key {
+        // write_outbox numbers 0..20 per call: five runs of 0..20 in order.
+        let expected: Vec<usize> = (0..5).flat_map(|_| 0..20).collect();
+        assert_eq!(seqs, expected, "order of key {key}");
+    }
+    eprintln!("two relays test took {:?}", t0.elapsed());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_down_and_back_delays_ingress_and_relay_but_loses_nothing() -> TestResult {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let t0 = Instant::now();
+    let db = TestDb::new().await?;
+    let mut broker = Broker::start()?;
+    if !broker.can_restart() {
+        eprintln!("KAFKA_BROKERS is set: skipping the restart test");
+        return Ok(());
+    }
+    let topic_in = unique("in");
+    let topic_out = unique("out");
+    broker.create_topics(&[&topic_in, &topic_out]).await?;
+    let store = Store::new(db.pool.clone());
+    let ingress = Ingress::start(
+        store.clone(),
+        ingress_config(&broker, &topic_in, &unique("ingress"), "unused-dlq"),
+        enqueue(),
+        CancellationToken::new(),
+    )?;
+    let relay = Relay::start(store, relay_config(&broker, 20), CancellationToken::new())?;
+
+    let producer = broker.producer()?;
+    for i in 0..5 {
+        produce(
+            &producer,
+            &topic_in,
+            None,
+            &format!("k{i}"),
+            Some(&format!("before{i}")),
+            b"{}",
+        )
+        .await?;
+    }
+    write_outbox(&db.pool, &topic_out, &["x", "y"], 3).await?;
+    wait_for(
+        &db.pool,
+        "SELECT count(*) FROM jobs WHERE kind = 'ingested'",
+        5,
+        Duration::from_secs(60),
+    )
+    .await?;
+    wait_for(
+        &db.pool,
+        "SELECT count(*) FROM outbox WHERE published_at IS NOT NULL",
+        6,
+        Duration::from_secs(60),
+    )
+    .await?;
+    drop(producer);
+
+    // Down: events written meanwhile stay in the outbox.
+    broker.down();
+    let mut tx = db.pool.begin().await?;
+    for seq in 3..8 {
+        for key in ["x", "y"] {
+            let payload = format!("{key}:{seq}");
+            outbox_insert_in(
+                &mut tx,
+                &NewOutboxEvent {
+                    topic: &topic_out,
+                    key: Some(key),
+                    headers: None,
+                    payload: payload.as_bytes(),
+                },
+            )
+            .await?;
+        }
+    }
+    tx.commit().await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        count(
+            &db.pool,
+            "SELECT count(*) FROM outbox WHERE published_at IS NULL"
+        )
+        .await,
+        10
+    );
+
+    // Back on the same port (memory storage: topics recreated, empty).
+    broker.up()?;
+    broker.create_topics(&[&topic_in, &topic_out]).await?;
+    wait_for(
+        &db.pool,
+        "SELECT count(*) FROM outbox WHERE published_at IS NOT NULL",
+        16,
+        Duration::from_secs(90),
+    )
+    .await?;
+    let producer = broker.producer()?;
+    for i in 0..5 {
+        produce(
+            &producer,
+            &topic_in,
+            None,
+            &format!("k{i}"),
+            Some(&format!("after{i}")),
+            b"{}",
+        )
+        .await?;
+    }
+    wait_for(
+        &db.pool,
+        "SELECT count(*) FROM jobs WHERE kind = 'ingested'",
+        10,
+        Duration::from_secs(90),
+    )
+    .await?;
+    ingress.shutdown().await?;
+    relay.shutdown().await?;
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM inbox").await, 10);
+
+    // Everything written while the broker was down reached it, in key order.
+    let seen = consume_all(&broker, &topic_out, 10, Duration::from_secs(30)).await?;
+    let per_key = first_seen_per_key(&seen);
+    for key in ["x", "y"] {
+        assert_eq!(
+            per_key.get(key),
+            Some(&(3..8).collect::<Vec<_>>()),
+            "order of key {key}: {per_key:?}"
+        );
+    }
+    eprintln!("broker restart test took {:?}", t0.elapsed());
+    Ok(())
+}

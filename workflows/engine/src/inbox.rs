@@ -1,0 +1,241 @@
+//! The inbox (deduplicated intake of external events) and dead letters.
+//!
+//! Every Kafka message or webhook that is accepted gets one `inbox` row,
+//! unique per `(source, dedupe_key)`, written in the SAME transaction as the
+//! event's effect (a job, a signal, a workflow start). A redelivered or
+//! re-sent event finds its row and is skipped, so effects happen once even
+//! though delivery is at-least-once. [`inbox_insert_in`] uses
+//! `ON CONFLICT DO NOTHING`, so a duplicate never aborts the caller's
+//! transaction.
+//!
+//! Poison messages go to `dead_letters` with their error; operators list and
+//! redrive them.
+use crate::Result;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::PgConnection;
+use sqlx::PgPool;
+
+/// One event to record in the inbox.
+#[derive(Debug, Clone, Default)]
+pub struct InboxEntry<'a> {
+    /// Where it came from, e.g. `kafka:<topic>` or a webhook provider.
+    pub source: &'a str,
+    /// Unique per source: the business id, or `topic/partition/offset`.
+    pub dedupe_key: &'a str,
+    /// Kafka coordinates, when the event came from Kafka.
+    pub topic: Option<&'a str>,
+    pub partition: Option<i32>,
+    pub offset: Option<i64>,
+    /// The business id the event carries, if any.
+    pub business_id: Option<&'a str>,
+    /// The raw bytes as received.
+    pub payload: Option<&'a [u8]>,
+    /// Headers as a JSON object (`name -> string or null`).
+    pub headers: Option<&'a serde_json::Value>,
+    /// True when the effect is applied in this same transaction (Kafka
+    /// ingress); false when a job will process it later (webhooks).
+    pub processed: bool,
+}
+
+/// What [`inbox_insert_in`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InboxInserted {
+    /// A new row: apply the event's effect in the same transaction.
+    Inserted(i64),
+    /// Seen before: apply nothing.
+    Duplicate,
+}
+
+impl InboxInserted {
+    /// True for a new event.
+    pub fn is_new(self) -> bool {
+        matches!(self, InboxInserted::Inserted(_))
+    }
+}
+
+/// An inbox row.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct InboxRow {
+    pub id: i64,
+    pub source: String,
+    pub dedupe_key: String,
+    pub topic: Option<String>,
+    pub partition: Option<i32>,
+    pub offset: Option<i64>,
+    pub business_id: Option<String>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: serde_json::Value,
+    pub received_at: DateTime<Utc>,
+    pub processed_at: Option<DateTime<Utc>>,
+}
+
+/// Records `entry` on the caller's connection (inside their transaction).
+/// Returns [`InboxInserted::Duplicate`] without writing when
+/// `(source, dedupe_key)` exists; never aborts the transaction on a conflict.
+pub async fn inbox_insert_in(
+    conn: &mut PgConnection,
+    entry: &InboxEntry<'_>,
+) -> Result<InboxInserted> {
+    if entry.source.is_empty() || entry.dedupe_key.is_empty() {
+        return Err(crate::Error::Invalid(
+            "inbox source and dedupe key must not be empty".into(),
+        ));
+    }
+    let empty = serde_json::Value::Object(serde_json::Map::new());
+    let id: Option<i64> = sqlx::query_scalar(
+        "INSERT INTO inbox (source, dedupe_key, topic, \"partition\", \"offset\", business_id,
+                            payload, headers, processed_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, CASE WHEN $9 THEN now() END)
+         ON CONFLICT (source, dedupe_key) DO NOTHING
+         RETURNING id",
+    )
+    .bind(entry.source)
+    .bind(entry.dedupe_key)
+    .bind(entry.topic)
+    .bind(entry.partition)
+    .bind(entry.offset)
+    .bind(entry.business_id)
+    .bind(entry.payload)
+    .bind(entry.headers.unwrap_or(&empty))
+    .bind(entry.processed)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(id.map_or(InboxInserted::Duplicate, InboxInserted::Inserted))
+}
+
+/// Marks an inbox row processed (for events processed by a later job).
+pub async fn inbox_mark_processed_in(conn: &mut PgConnection, id: i64) -> Result<bool> {
+    let n =
+        sqlx::query("UPDATE inbox SET processed_at = now() WHERE id = $1 AND processed_at IS NULL")
+            .bind(id)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+    Ok(n == 1)
+}
+
+/// Inbox rows of `source`, oldest first (at most `limit`).
+pub async fn inbox_list(pool: &PgPool, source: &str, limit: i64) -> Result<Vec<InboxRow>> {
+    Ok(sqlx::query_as::<_, InboxRow>(
+        "SELECT id, source, dedupe_key, topic, \"partition\", \"offset\", business_id, payload,
+                headers, received_at, processed_at
+         FROM inbox WHERE source = $1 ORDER BY id LIMIT $2",
+    )
+    .bind(source)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Jobs of `queue` waiting to run (`available`), counted up to `cap` (so the
+/// check stays cheap on a huge backlog). Used by ingress backpressure.
+pub async fn queue_available_backlog(pool: &PgPool, queue: &str, cap: i64) -> Result<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM (
+           SELECT 1 FROM jobs WHERE queue = $1 AND state = 'available' LIMIT $2) b",
+    )
+    .bind(queue)
+    .bind(cap.max(0))
+    .fetch_one(pool)
+    .await?)
+}
+
+// ------------------------------------------------------------ dead letters
+
+/// A poison message to record.
+#[derive(Debug, Clone, Default)]
+pub struct NewDeadLetter<'a> {
+    pub source: &'a str,
+    pub topic: Option<&'a str>,
+    pub partition: Option<i32>,
+    pub offset: Option<i64>,
+    pub key: Option<&'a [u8]>,
+    pub payload: Option<&'a [u8]>,
+    pub headers: Option<&'a serde_json::Value>,
+    pub error: &'a str,
+    pub attempts: i32,
+}
+
+/// A stored dead letter.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct DeadLetter {
+    pub id: i64,
+    pub source: String,
+    pub topic: Option<String>,
+    pub partition: Option<i32>,
+    pub offset: Option<i64>,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: serde_json::Value,
+    pub error: String,
+    pub attempts: i32,
+    pub created_at: DateTime<Utc>,
+    pub redriven_at: Option<DateTime<Utc>>,
+}
+
+const DEAD_LETTER_COLUMNS: &str = "id, source, topic, \"partition\", \"offset\", key, payload, \
+    headers, error, attempts, created_at, redriven_at";
+
+/// Records a dead letter on the caller's connection. A Kafka message already
+/// recorded (same topic/partition/offset, not redriven) is not recorded
+/// again: returns `None`.
+pub async fn dead_letter_insert_in(
+    conn: &mut PgConnection,
+    letter: &NewDeadLetter<'_>,
+) -> Result<Option<i64>> {
+    let empty = serde_json::Value::Object(serde_json::Map::new());
+    Ok(sqlx::query_scalar(
+        "INSERT INTO dead_letters (source, topic, \"partition\", \"offset\", key, payload, headers,
+                                   error, attempts)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+         ON CONFLICT DO NOTHING
+         RETURNING id",
+    )
+    .bind(letter.source)
+    .bind(letter.topic)
+    .bind(letter.partition)
+    .bind(letter.offset)
+    .bind(letter.key)
+    .bind(letter.payload)
+    .bind(letter.headers.unwrap_or(&empty))
+    .bind(letter.error)
+    .bind(letter.attempts.max(1))
+    .fetch_optional(&mut *conn)
+    .await?)
+}
+
+/// Dead letters newest first; `pending_only` hides redriven ones.
+pub async fn dead_letter_list(
+    pool: &PgPool,
+    pending_only: bool,
+    limit: i64,
+) -> Result<Vec<DeadLetter>> {
+    Ok(sqlx::query_as::<_, DeadLetter>(&format!(
+        "SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters
+         WHERE NOT $1 OR redriven_at IS NULL
+         ORDER BY id DESC LIMIT $2"
+    ))
+    .bind(pending_only)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Marks a pending dead letter redriven on the caller's connection and
+/// returns it, so the caller can re-publish or re-apply it in the same
+/// transaction (e.g. with `outbox_insert_in` to its original topic).
+/// `None` when it does not exist or was redriven already.
+pub async fn dead_letter_redrive_in(
+    conn: &mut PgConnection,
+    id: i64,
+) -> Result<Option<DeadLetter>> {
+    Ok(sqlx::query_as::<_, DeadLetter>(&format!(
+        "UPDATE dead_letters SET redriven_at = now()
+         WHERE id = $1 AND redriven_at IS NULL
+         RETURNING {DEAD_LETTER_COLUMNS}"
+    ))
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await?)
+}
