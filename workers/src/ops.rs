@@ -23,10 +23,11 @@ pub async fn serve(addr: SocketAddr, pool: PgPool) -> std::io::Result<JoinHandle
             let pool = pool.clone();
             tokio::spawn(async move {
                 let mut buf = [0u8; 1024];
-                let n = match tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf)).await {
-                    Ok(Ok(n)) => n,
-                    _ => return,
-                };
+                let n =
+                    match tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf)).await {
+                        Ok(Ok(n)) => n,
+                        _ => return,
+                    };
                 let head = String::from_utf8_lossy(&buf[..n]);
                 let path = head.split_whitespace().nth(1).unwrap_or("/");
                 let (status, body) = respond(path, &pool).await;
@@ -75,12 +76,16 @@ async fn metrics(pool: &PgPool) -> String {
     .unwrap_or_default();
     for (queue, state, n) in rows {
         let queue = escape_label(&queue);
-        out.push_str(&format!("ledgerflow_jobs{{queue=\"{queue}\",state=\"{state}\"}} {n}\n"));
+        out.push_str(&format!(
+            "ledgerflow_jobs{{queue=\"{queue}\",state=\"{state}\"}} {n}\n"
+        ));
     }
     out
 }
 
 /// Escapes a Prometheus label value (queue names are user-chosen).
 fn escape_label(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }

@@ -1,9 +1,11 @@
 //! `cargo xtask dev`: the whole system on this machine, for a newcomer.
 //!
 //! Uses `DATABASE_URL` when set, otherwise starts the installed PostgreSQL
-//! (see `pg.rs`); builds the `ledgerflow` binary, applies migrations, starts
-//! the roles this build has (today: the job worker) and prints how to use
-//! them. `--smoke` pushes a job end to end and exits 0 when it completed.
+//! (see `pg.rs`); uses `KAFKA_BROKERS` when set, otherwise a local tansu
+//! broker (see `kafka.rs`); builds the `ledgerflow` binary, applies
+//! migrations, starts every role in one process (api, admin, worker,
+//! scheduler, ingress, relay) and prints how to use them. `--smoke` checks
+//! every listener, pushes a job end to end and exits 0 when it completed.
 use crate::cmd;
 use anyhow::{Context, Result, bail};
 use std::io::{Read, Write};
@@ -17,9 +19,18 @@ pub struct Args {
     /// Run one job end to end, then stop everything and exit.
     #[arg(long)]
     smoke: bool,
-    /// Address for the worker's /healthcheck, /readyz and /metrics.
+    /// Address for /healthcheck, /readyz and /metrics of every role.
     #[arg(long, default_value = "127.0.0.1:9090")]
     ops_addr: String,
+    /// Address of the public API.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    api_addr: String,
+    /// Address of the admin API.
+    #[arg(long, default_value = "127.0.0.1:8081")]
+    admin_addr: String,
+    /// Kafka bootstrap servers to use instead of a local tansu broker.
+    #[arg(long, env = "KAFKA_BROKERS")]
+    kafka_brokers: Option<String>,
     /// PostgreSQL to use instead of starting the local cluster.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
@@ -28,11 +39,14 @@ pub struct Args {
 impl Args {
     /// The `--smoke` run used by `cargo xtask test`, on a port of its own so
     /// it does not collide with a developer's running `cargo xtask dev`.
-    pub fn smoke(database_url: Option<String>) -> Self {
+    pub fn smoke(database_url: Option<String>, kafka_brokers: Option<String>) -> Self {
         Self {
             smoke: true,
             ops_addr: "127.0.0.1:19090".into(),
+            api_addr: "127.0.0.1:18080".into(),
+            admin_addr: "127.0.0.1:18081".into(),
             database_url,
+            kafka_brokers,
         }
     }
 }
@@ -42,33 +56,60 @@ fn step(n: usize, total: usize, what: &str) {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let total = 4;
+    let total = 5;
     step(1, total, "PostgreSQL");
     let url = match args.database_url.clone() {
         Some(u) => u,
         None => crate::pg::ensure_postgres()?,
     };
     println!("      using {}", cmd::redact_url(&url));
+    step(2, total, "Kafka-protocol broker");
+    let brokers = match args.kafka_brokers.clone() {
+        Some(b) => b,
+        None => crate::kafka::ensure_broker()?,
+    };
+    println!("      using {brokers}");
 
-    step(2, total, "building the ledgerflow binary");
+    step(3, total, "building the ledgerflow binary");
     cmd::run(cmd::cargo().args(["build", "-p", "ledgerflow-workers", "--bin", "ledgerflow"]))?;
     let bin: PathBuf = cmd::workspace_root().join("target/debug/ledgerflow");
 
-    step(3, total, "applying migrations");
+    step(4, total, "applying migrations");
     cmd::run(Command::new(&bin).arg("migrate").env("DATABASE_URL", &url))?;
 
-    step(4, total, "starting roles: worker");
+    step(
+        5,
+        total,
+        "starting roles: api, admin, worker, scheduler, ingress, relay",
+    );
+    // The demo ingress turns messages on `ledgerflow.demo.jobs` into jobs.
+    let ingress = format!(
+        r#"{{"kafka": {{"bootstrap-servers": "{brokers}"}}, "group-id": "ledgerflow-dev",
+            "topics": [{{"name": "ledgerflow.demo.jobs", "handler": "enqueue:default:ledgerflow.noop"}}],
+            "dead-letter-topic": "ledgerflow.dead-letters"}}"#
+    );
     let mut child = Command::new(&bin)
-        .args(["run", "--roles", "worker", "--queues", "default=16"])
+        .args([
+            "run",
+            "--roles",
+            "api,admin,worker,scheduler,ingress,relay",
+            "--queues",
+            "default=16",
+        ])
         .env("DATABASE_URL", &url)
+        .env("KAFKA_BROKERS", &brokers)
+        .env("LEDGERFLOW_INGRESS_CONFIG", ingress)
         .env("LEDGERFLOW_OPS_ADDR", &args.ops_addr)
+        .env("LEDGERFLOW_API_ADDR", &args.api_addr)
+        .env("LEDGERFLOW_ADMIN_ADDR", &args.admin_addr)
         .env("LEDGERFLOW_SHUTDOWN_GRACE_SECS", "5")
         .spawn()
         .context("starting ledgerflow")?;
-    let up = wait_healthy(&args.ops_addr, Duration::from_secs(30));
-    if let Err(e) = up {
-        let _ = child.kill();
-        return Err(e);
+    for addr in [&args.ops_addr, &args.api_addr, &args.admin_addr] {
+        if let Err(e) = wait_healthy(addr, Duration::from_secs(60)) {
+            let _ = child.kill();
+            return Err(e);
+        }
     }
 
     let enqueue = format!(
@@ -89,6 +130,8 @@ pub fn run(args: Args) -> Result<()> {
     }
     println!();
     println!("Ledgerflow is running (Ctrl-C stops it gracefully).");
+    println!("  public API   http://{}/docs (Swagger UI)", args.api_addr);
+    println!("  admin API    http://{}/docs", args.admin_addr);
     println!("  health   http://{}/healthcheck", args.ops_addr);
     println!("  ready    http://{}/readyz", args.ops_addr);
     println!("  metrics  http://{}/metrics", args.ops_addr);

@@ -8,6 +8,7 @@ mod bench;
 mod cmd;
 mod dev;
 mod helm_check;
+mod kafka;
 mod openapi;
 mod pg;
 mod test;

@@ -26,6 +26,10 @@ struct Ctx {
     args: Args,
     /// Server URL for tests, set by the `postgres` step.
     database_url: Option<String>,
+    /// Bootstrap servers of the shared broker, set by the `kafka` step. The
+    /// Kafka tests start brokers of their own (they restart them); this one
+    /// serves `dev --smoke`.
+    kafka_brokers: Option<String>,
 }
 
 impl Ctx {
@@ -56,6 +60,11 @@ fn steps(args: &Args) -> Vec<Step> {
         Step {
             name: "postgres",
             run: postgres,
+            skip: None,
+        },
+        Step {
+            name: "kafka",
+            run: kafka,
             skip: None,
         },
         Step {
@@ -96,6 +105,7 @@ pub fn run(args: Args) -> Result<()> {
     let mut ctx = Ctx {
         args,
         database_url: None,
+        kafka_brokers: None,
     };
     let started = Instant::now();
     let total = steps.len();
@@ -154,6 +164,11 @@ fn postgres(ctx: &mut Ctx) -> Result<()> {
     Ok(())
 }
 
+fn kafka(ctx: &mut Ctx) -> Result<()> {
+    ctx.kafka_brokers = Some(crate::kafka::ensure_broker()?);
+    Ok(())
+}
+
 fn fmt(ctx: &mut Ctx) -> Result<()> {
     cmd::run(ctx.cargo().args(["fmt", "--all", "--", "--check"]))
 }
@@ -185,7 +200,10 @@ fn helm_check(_: &mut Ctx) -> Result<()> {
 }
 
 fn dev_smoke(ctx: &mut Ctx) -> Result<()> {
-    crate::dev::run(crate::dev::Args::smoke(ctx.database_url.clone()))
+    crate::dev::run(crate::dev::Args::smoke(
+        ctx.database_url.clone(),
+        ctx.kafka_brokers.clone(),
+    ))
 }
 
 fn doctests(ctx: &mut Ctx) -> Result<()> {

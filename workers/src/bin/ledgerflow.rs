@@ -6,6 +6,11 @@
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use ledgerflow_engine::{JobState, NewJob, Outcome, Store, StoreConfig};
+use ledgerflow_workers::ingress::{
+    EnqueueJob, HandlerRegistry, Ingress, IngressHandle, SendSignal,
+};
+use ledgerflow_workers::kafka::{IngressConfig, KafkaConfig, RelayConfig};
+use ledgerflow_workers::relay::{Relay, RelayHandle};
 use ledgerflow_workers::runner::{JobContext, QueueConfig, Registry, Runner, RunnerConfig};
 use ledgerflow_workers::{ops, scheduler};
 use sqlx::postgres::PgPoolOptions;
@@ -72,6 +77,14 @@ struct RunArgs {
     /// Seconds in-flight jobs get to finish on shutdown.
     #[arg(long, env = "LEDGERFLOW_SHUTDOWN_GRACE_SECS", default_value_t = 25)]
     grace_secs: u64,
+
+    /// Address of the public API (api role).
+    #[arg(long, env = "LEDGERFLOW_API_ADDR", default_value = "0.0.0.0:8080")]
+    api_addr: SocketAddr,
+
+    /// Address of the admin API and console (admin role).
+    #[arg(long, env = "LEDGERFLOW_ADMIN_ADDR", default_value = "0.0.0.0:8081")]
+    admin_addr: SocketAddr,
 
     /// Address of /healthcheck, /readyz and /metrics.
     #[arg(long, env = "LEDGERFLOW_OPS_ADDR", default_value = "0.0.0.0:9090")]
@@ -189,10 +202,6 @@ async fn enqueue(url: &str, args: EnqueueArgs) -> Result<()> {
 
 async fn run(url: &str, args: RunArgs) -> Result<()> {
     let roles: std::collections::BTreeSet<Role> = args.roles.iter().copied().collect();
-    let built = [Role::Worker, Role::Scheduler];
-    if let Some(role) = roles.iter().find(|r| !built.contains(r)) {
-        bail!("role {role:?} is not part of this build yet; available roles: worker, scheduler");
-    }
     let queues = args.queues;
     let total: usize = queues.iter().map(|q| q.concurrency).sum();
     let pool = PgPoolOptions::new()
@@ -232,11 +241,66 @@ async fn run(url: &str, args: RunArgs) -> Result<()> {
             Err(_) => Vec::new(),
         };
         tracing::info!(config_schedules = schedules.len(), "scheduler role running");
-        background.push(tokio::spawn(scheduler::run(
+        let (store, stop) = (store.clone(), stop.clone());
+        background.push(tokio::spawn(async move {
+            scheduler::run(store, schedules, stop)
+                .await
+                .map_err(anyhow::Error::from)
+        }));
+    }
+    if roles.contains(&Role::Api) || roles.contains(&Role::Admin) {
+        let state = ledgerflow_api::AppState::with_config(
             store.clone(),
-            schedules,
+            ledgerflow_api::ApiConfig::default(),
+        )?;
+        if roles.contains(&Role::Api) {
+            let (state, stop) = (state.clone(), stop.clone());
+            let addr = args.api_addr;
+            tracing::info!(%addr, "api role listening");
+            background.push(tokio::spawn(async move {
+                ledgerflow_api::serve_public(addr, state, stop.cancelled_owned())
+                    .await
+                    .map_err(anyhow::Error::from)
+            }));
+        }
+        if roles.contains(&Role::Admin) {
+            let stop = stop.clone();
+            let addr = args.admin_addr;
+            tracing::info!(%addr, "admin role listening");
+            background.push(tokio::spawn(async move {
+                ledgerflow_api::serve_admin(addr, state, stop.cancelled_owned())
+                    .await
+                    .map_err(anyhow::Error::from)
+            }));
+        }
+    }
+    let mut kafka_roles = Vec::new();
+    if roles.contains(&Role::Relay) {
+        let config: RelayConfig = match std::env::var("LEDGERFLOW_RELAY_CONFIG") {
+            Ok(json) => serde_json::from_str(&json).context("LEDGERFLOW_RELAY_CONFIG")?,
+            Err(_) => RelayConfig::new(KafkaConfig::new(kafka_brokers()?)),
+        };
+        tracing::info!("relay role running");
+        kafka_roles.push(KafkaRole::Relay(Relay::start(
+            store.clone(),
+            config,
             stop.clone(),
-        )));
+        )?));
+    }
+    if roles.contains(&Role::Ingress) {
+        let json = std::env::var("LEDGERFLOW_INGRESS_CONFIG").context(
+            "the ingress role needs LEDGERFLOW_INGRESS_CONFIG (JSON: kafka, group-id, topics, dead-letter-topic)",
+        )?;
+        let config: IngressConfig =
+            serde_json::from_str(&json).context("LEDGERFLOW_INGRESS_CONFIG")?;
+        let handlers = ingress_handlers(&config)?;
+        tracing::info!(topics = config.topics.len(), "ingress role running");
+        kafka_roles.push(KafkaRole::Ingress(Ingress::start(
+            store.clone(),
+            config,
+            handlers,
+            stop.clone(),
+        )?));
     }
     let ops = ops::serve(args.ops_addr, pool.clone()).await?;
 
@@ -251,6 +315,15 @@ async fn run(url: &str, args: RunArgs) -> Result<()> {
             "worker stopped"
         );
     }
+    for role in kafka_roles {
+        let stopped = match role {
+            KafkaRole::Ingress(h) => h.shutdown().await,
+            KafkaRole::Relay(h) => h.shutdown().await,
+        };
+        if let Err(e) = stopped {
+            tracing::error!(error = %e, "kafka role stopped with an error");
+        }
+    }
     for task in background {
         match task.await {
             Ok(Ok(())) => {}
@@ -260,6 +333,48 @@ async fn run(url: &str, args: RunArgs) -> Result<()> {
     }
     ops.abort();
     Ok(())
+}
+
+enum KafkaRole {
+    Ingress(IngressHandle),
+    Relay(RelayHandle),
+}
+
+fn kafka_brokers() -> Result<String> {
+    std::env::var("KAFKA_BROKERS").context("KAFKA_BROKERS is not set (e.g. kafka:9092)")
+}
+
+/// Builds the ingress handlers named by the topics. A topic's `handler` is a
+/// spec: `enqueue:<queue>:<job kind>` turns each message into a job, and
+/// `signal:<name>:<payload field>` into a workflow signal correlated by that
+/// payload field.
+fn ingress_handlers(config: &IngressConfig) -> Result<HandlerRegistry> {
+    let mut registry = HandlerRegistry::new();
+    for topic in &config.topics {
+        let spec = topic.handler.as_str();
+        let parts: Vec<&str> = spec.splitn(3, ':').collect();
+        registry = match parts.as_slice() {
+            ["enqueue", queue, kind] if !queue.is_empty() && !kind.is_empty() => registry.register(
+                spec,
+                EnqueueJob {
+                    queue: (*queue).to_string(),
+                    kind: (*kind).to_string(),
+                },
+            ),
+            ["signal", name, field] if !name.is_empty() && !field.is_empty() => registry.register(
+                spec,
+                SendSignal {
+                    name: (*name).to_string(),
+                    correlation_field: (*field).to_string(),
+                },
+            ),
+            _ => bail!(
+                "topic {:?}: handler {spec:?} is not enqueue:<queue>:<kind> or signal:<name>:<field>",
+                topic.name
+            ),
+        };
+    }
+    Ok(registry)
 }
 
 /// Handlers every worker has, whatever domain is loaded.
