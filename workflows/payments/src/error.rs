@@ -96,6 +96,15 @@ pub enum Error {
     /// A notification provider call failed.
     #[error("notifier: {0}")]
     Notify(#[from] crate::notifier::Error),
+
+    /// The caller may not do this (e.g. an approver approving their own
+    /// withdrawal, or an admin without the `approver` role).
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+
+    /// The workflow engine failed (starting a workflow, sending a signal).
+    #[error("engine: {0}")]
+    Engine(#[from] ledgerflow_engine::Error),
 }
 
 impl Error {

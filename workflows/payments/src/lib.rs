@@ -7,7 +7,8 @@
 //!   transaction;
 //! - [`users`]  — users, API keys, admins and their credentials;
 //! - [`ids`]    — typed row ids;
-//! - [`error`]  — the crate's one [`Error`] type.
+//! - [`error`]  — the crate's one [`Error`] type;
+//! - [`workflows`] — the trade, withdrawal, notification and webhook workflows.
 //!
 //! The invariants that keep money safe (double entry, no negative available
 //! balance, append-only history, asset scales) are enforced by the schema in
@@ -22,6 +23,7 @@ pub mod ledger;
 pub mod money;
 pub mod notifier;
 pub mod users;
+pub mod workflows;
 
 pub use error::{Error, Result};
 pub use ids::{AccountId, AdminId, ApiKeyId, HoldId, TransferId, UserId};

@@ -1,0 +1,94 @@
+//! Webhook processing (`payments.webhook`): a verified, stored exchange
+//! event becomes the signal its workflow waits for.
+//!
+//! The intake (api) verifies the signature and commits the raw body to the
+//! inbox, then starts this workflow with the event's JSON (unique key
+//! `webhook:{event id}`, see [`start_in`]). Its one step, `signal`, sends
+//! signal `event.type` (`order.filled`, `order.cancelled`,
+//! `withdrawal.confirmed`) with correlation key = the event's idempotency
+//! key and dedupe key = the event id, in the step's fenced transaction: a
+//! redelivered event is applied once, and a signal that arrives before its
+//! waiter is kept for it.
+use super::db;
+use crate::exchange::Event;
+use ledgerflow_engine::workflow::StepResult;
+use ledgerflow_engine::{
+    SignalSent, StepCtx, StepOutcome, Store, Workflow, WorkflowId, WorkflowRegistry,
+    signal_send_in, workflow_start_in,
+};
+use serde_json::json;
+use sqlx::PgConnection;
+
+/// The workflow's kind.
+pub const KIND: &str = "payments.webhook";
+
+/// The definition (no injected dependency: it only writes a signal).
+pub(super) fn definition() -> Workflow {
+    Workflow::new(KIND, 1).step("signal", signal_step)
+}
+
+/// Sends the signal of `event` on the caller's connection (inside their
+/// transaction).
+pub async fn signal_event_in(
+    conn: &mut PgConnection,
+    store: &Store,
+    event: &Event,
+) -> crate::Result<SignalSent> {
+    let payload = serde_json::to_value(event)
+        .map_err(|e| crate::Error::Invalid(format!("event payload: {e}")))?;
+    Ok(signal_send_in(
+        conn,
+        store,
+        event.kind.as_str(),
+        event.idempotency_key.as_str(),
+        &payload,
+        &event.id,
+    )
+    .await?)
+}
+
+/// Starts the processing of a verified event (once per event id).
+pub async fn start_in(
+    conn: &mut PgConnection,
+    store: &Store,
+    registry: &WorkflowRegistry,
+    event: &Event,
+) -> crate::Result<WorkflowId> {
+    let input = json!({ "event": event });
+    Ok(workflow_start_in(
+        conn,
+        store,
+        registry,
+        KIND,
+        &input,
+        Some(&format!("webhook:{}", event.id)),
+    )
+    .await?)
+}
+
+async fn signal_step(ctx: StepCtx) -> StepResult {
+    let event: Event = match ctx
+        .input()
+        .get("event")
+        .cloned()
+        .map(serde_json::from_value)
+    {
+        Some(Ok(e)) => e,
+        Some(Err(e)) => return Ok(StepOutcome::Fail(format!("not an exchange event: {e}"))),
+        None => return Ok(StepOutcome::Fail("input has no event".to_string())),
+    };
+    let mut conn = db(&ctx).await?;
+    let sent = signal_event_in(&mut conn, ctx.store(), &event)
+        .await
+        .map_err(|e| e.to_string())?;
+    let woke = match &sent {
+        SignalSent::New { woke, .. } => woke.clone(),
+        SignalSent::Duplicate => Vec::new(),
+    };
+    Ok(StepOutcome::Finish(json!({
+        "event_id": event.id,
+        "signal": event.kind.as_str(),
+        "new": sent.is_new(),
+        "woke": woke,
+    })))
+}
