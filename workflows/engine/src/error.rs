@@ -16,7 +16,6 @@ pub enum Error {
     #[error("migration error: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
 
-
     /// The attempt's lease is no longer current: the job was rescued and
     /// claimed again, or finished by someone else. Nothing was written.
     #[error("lease for job {job_id} is stale (token {token}); its writes were rolled back")]

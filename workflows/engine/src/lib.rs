@@ -55,12 +55,12 @@ pub use retry::RetryPolicy;
 pub use signal::{SignalSent, signal_send, signal_send_in};
 pub use store::{Store, StoreConfig};
 pub use workflow::{
+    CallError, ExternalError, ExternalResult, Reconciled, Resolution, workflow_resolve_in,
+};
+pub use workflow::{
     StepCtx, StepDef, StepOutcome, WORKFLOW_JOB_KIND, Workflow, WorkflowId, WorkflowRegistry,
     WorkflowState, run_step, workflow_cancel_in, workflow_retry_in, workflow_start,
     workflow_start_in,
-};
-pub use workflow::{
-    CallError, ExternalError, ExternalResult, Reconciled, Resolution, workflow_resolve_in,
 };
 
 /// The workspace's migrations, embedded at compile time.

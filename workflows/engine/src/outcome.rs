@@ -9,7 +9,10 @@ pub enum Outcome {
     Complete,
     /// Try again later: after `delay` if given, else after the retry policy's
     /// backoff. The job is discarded when this was its last attempt.
-    Retry { error: String, delay: Option<Duration> },
+    Retry {
+        error: String,
+        delay: Option<Duration>,
+    },
     /// A permanent failure: no further attempts.
     Fail { error: String },
     /// Stop: the work is no longer wanted.

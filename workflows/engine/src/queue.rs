@@ -42,9 +42,16 @@ impl Store {
         self.queue_resume_in(&mut conn, queue).await
     }
 
-    async fn queue_set_paused(&self, conn: &mut PgConnection, queue: &str, paused: bool) -> Result<()> {
+    async fn queue_set_paused(
+        &self,
+        conn: &mut PgConnection,
+        queue: &str,
+        paused: bool,
+    ) -> Result<()> {
         if queue.is_empty() || queue.len() > 128 {
-            return Err(crate::Error::Invalid("queue name must be 1..=128 bytes".into()));
+            return Err(crate::Error::Invalid(
+                "queue name must be 1..=128 bytes".into(),
+            ));
         }
         sqlx::query(
             "WITH t AS (SELECT coalesce($3::timestamptz, now()) AS n),

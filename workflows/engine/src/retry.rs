@@ -73,7 +73,10 @@ mod tests {
         assert_eq!(p.backoff_with(1, 1.0), Duration::from_secs(6));
         for _ in 0..1000 {
             let d = p.backoff(1);
-            assert!(d <= Duration::from_secs(8) && d >= Duration::from_secs(6), "{d:?}");
+            assert!(
+                d <= Duration::from_secs(8) && d >= Duration::from_secs(6),
+                "{d:?}"
+            );
         }
     }
 

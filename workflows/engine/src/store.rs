@@ -12,7 +12,9 @@
 use crate::job::{Attempt, JOB_COLUMNS};
 use crate::lease::Lease;
 use crate::notify::JOBS_CHANNEL;
-use crate::{Clock, DbClock, Error, Inserted, Job, JobId, JobState, NewJob, Outcome, Result, RetryPolicy};
+use crate::{
+    Clock, DbClock, Error, Inserted, Job, JobId, JobState, NewJob, Outcome, Result, RetryPolicy,
+};
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool, Row};
 use std::collections::HashMap;
@@ -161,10 +163,11 @@ impl Store {
             return Ok(Inserted::New(row.try_get(0)?));
         }
         let key = job.unique_key.clone().unwrap_or_default();
-        let existing: Option<Uuid> = sqlx::query_scalar("SELECT id FROM jobs WHERE unique_key = $1")
-            .bind(&key)
-            .fetch_optional(&mut *conn)
-            .await?;
+        let existing: Option<Uuid> =
+            sqlx::query_scalar("SELECT id FROM jobs WHERE unique_key = $1")
+                .bind(&key)
+                .fetch_optional(&mut *conn)
+                .await?;
         existing
             .map(Inserted::Existing)
             .ok_or(Error::UniqueKeyNotVisible { key })
@@ -193,7 +196,11 @@ impl Store {
         Ok(out)
     }
 
-    async fn insert_chunk(&self, conn: &mut PgConnection, jobs: &[NewJob]) -> Result<Vec<Inserted>> {
+    async fn insert_chunk(
+        &self,
+        conn: &mut PgConnection,
+        jobs: &[NewJob],
+    ) -> Result<Vec<Inserted>> {
         let n = jobs.len();
         let (mut ids, mut queues, mut kinds, mut args) = (
             Vec::with_capacity(n),
@@ -207,8 +214,11 @@ impl Store {
             Vec::with_capacity(n),
             Vec::with_capacity(n),
         );
-        let (mut keys, mut wf_ids, mut wf_steps) =
-            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut keys, mut wf_ids, mut wf_steps) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
         for j in jobs {
             j.validate()?;
             ids.push(j.id);
@@ -325,7 +335,12 @@ impl Store {
     /// priority then `run_at` order, skipping rows other workers hold. Each
     /// claimed job gets a new lease token and `attempt + 1`. A paused queue
     /// yields nothing.
-    pub async fn job_claim(&self, queue: &str, owner: &Arc<str>, limit: u32) -> Result<Vec<ClaimedJob>> {
+    pub async fn job_claim(
+        &self,
+        queue: &str,
+        owner: &Arc<str>,
+        limit: u32,
+    ) -> Result<Vec<ClaimedJob>> {
         let rows = sqlx::query(
             "WITH t AS (SELECT coalesce($4::timestamptz, now()) AS n),
              next AS (
@@ -363,7 +378,8 @@ impl Store {
                     kind: r.try_get(1)?,
                     args: r.try_get(2)?,
                     priority: r.try_get(3)?,
-                    timeout: timeout_ms.map(|m| Duration::from_millis(u64::try_from(m).unwrap_or(0))),
+                    timeout: timeout_ms
+                        .map(|m| Duration::from_millis(u64::try_from(m).unwrap_or(0))),
                     workflow_id: r.try_get(5)?,
                     workflow_step: r.try_get(6)?,
                     created_at: r.try_get(7)?,
@@ -451,23 +467,32 @@ impl Store {
         outcome: &Outcome,
     ) -> Result<()> {
         // (new state, delay before run_at, attempts given back, error text, attempt-row outcome)
-        let (state, delay, give_back, error, recorded): (JobState, Option<Duration>, i32, Option<&str>, Option<&str>) =
-            match outcome {
-                Outcome::Complete => (JobState::Completed, None, 0, None, None),
-                Outcome::Retry { error, delay } if lease.is_last_attempt() => {
-                    let _ = delay;
-                    (JobState::Discarded, None, 0, Some(error), Some("discarded"))
-                }
-                Outcome::Retry { error, delay } => {
-                    let d = delay.unwrap_or_else(|| self.config.retry.backoff(lease.attempt));
-                    (JobState::Retryable, Some(d), 0, Some(error), Some("retry"))
-                }
-                Outcome::Fail { error } => (JobState::Failed, None, 0, Some(error), Some("failed")),
-                Outcome::Cancel { reason } => {
-                    (JobState::Cancelled, None, 0, Some(reason), Some("cancelled"))
-                }
-                Outcome::Snooze(d) => (JobState::Scheduled, Some(*d), 1, None, None),
-            };
+        let (state, delay, give_back, error, recorded): (
+            JobState,
+            Option<Duration>,
+            i32,
+            Option<&str>,
+            Option<&str>,
+        ) = match outcome {
+            Outcome::Complete => (JobState::Completed, None, 0, None, None),
+            Outcome::Retry { error, delay } if lease.is_last_attempt() => {
+                let _ = delay;
+                (JobState::Discarded, None, 0, Some(error), Some("discarded"))
+            }
+            Outcome::Retry { error, delay } => {
+                let d = delay.unwrap_or_else(|| self.config.retry.backoff(lease.attempt));
+                (JobState::Retryable, Some(d), 0, Some(error), Some("retry"))
+            }
+            Outcome::Fail { error } => (JobState::Failed, None, 0, Some(error), Some("failed")),
+            Outcome::Cancel { reason } => (
+                JobState::Cancelled,
+                None,
+                0,
+                Some(reason),
+                Some("cancelled"),
+            ),
+            Outcome::Snooze(d) => (JobState::Scheduled, Some(*d), 1, None, None),
+        };
         let done: i64 = sqlx::query_scalar(
             "WITH t AS (SELECT coalesce($3::timestamptz, now()) AS n),
              upd AS (
@@ -680,7 +705,12 @@ impl Store {
 
     /// Cancels a job that has not finished. A running attempt is fenced off:
     /// its lease is revoked, so nothing it later tries to commit is applied.
-    pub async fn job_cancel_in(&self, conn: &mut PgConnection, id: JobId, reason: &str) -> Result<Job> {
+    pub async fn job_cancel_in(
+        &self,
+        conn: &mut PgConnection,
+        id: JobId,
+        reason: &str,
+    ) -> Result<Job> {
         self.operator_action(
             conn,
             id,
@@ -700,7 +730,12 @@ impl Store {
 
     /// Discards a job (makes it a dead letter) unless it already finished
     /// successfully or was cancelled. A running attempt is fenced off.
-    pub async fn job_discard_in(&self, conn: &mut PgConnection, id: JobId, reason: &str) -> Result<Job> {
+    pub async fn job_discard_in(
+        &self,
+        conn: &mut PgConnection,
+        id: JobId,
+        reason: &str,
+    ) -> Result<Job> {
         self.operator_action(
             conn,
             id,
