@@ -5,7 +5,12 @@
 //! until SIGTERM/Ctrl-C, then drains gracefully.
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use ledgerflow_engine::{JobState, NewJob, Outcome, Store, StoreConfig};
+use ledgerflow_engine::{
+    JobState, NewJob, Outcome, Store, StoreConfig, WORKFLOW_JOB_KIND, run_step,
+};
+use ledgerflow_payments::exchange::http::{HttpConfig, HttpExchange};
+use ledgerflow_payments::notifier::SimulatedNotifier;
+use ledgerflow_payments::workflows::{Deps, WorkflowsConfig, registry as payments_registry};
 use ledgerflow_workers::ingress::{
     EnqueueJob, HandlerRegistry, Ingress, IngressHandle, SendSignal,
 };
@@ -15,6 +20,7 @@ use ledgerflow_workers::runner::{JobContext, QueueConfig, Registry, Runner, Runn
 use ledgerflow_workers::{ops, scheduler};
 use sqlx::postgres::PgPoolOptions;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -228,7 +234,7 @@ async fn run(url: &str, args: RunArgs) -> Result<()> {
             heartbeat_interval: Duration::from_secs(args.lease_ttl_secs.max(1)) / 3,
             ..RunnerConfig::default()
         };
-        let runner = Runner::start(store.clone(), builtin_handlers(), config).await?;
+        let runner = Runner::start(store.clone(), worker_handlers()?, config).await?;
         tracing::info!(worker = runner.worker_id(), "worker role running");
         Some(runner)
     } else {
