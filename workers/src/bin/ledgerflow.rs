@@ -383,11 +383,32 @@ fn ingress_handlers(config: &IngressConfig) -> Result<HandlerRegistry> {
     Ok(registry)
 }
 
-/// Handlers every worker has, whatever domain is loaded.
-fn builtin_handlers() -> Registry {
-    Registry::new().register("ledgerflow.noop", |_: JobContext| async {
+/// The worker role's handlers: the built-in no-op, and — when an exchange is
+/// configured (`LEDGERFLOW_EXCHANGE_URL`) — the payments workflows' steps.
+fn worker_handlers() -> Result<Registry> {
+    let registry = Registry::new().register("ledgerflow.noop", |_: JobContext| async {
         Outcome::Complete
-    })
+    });
+    let Ok(url) = std::env::var("LEDGERFLOW_EXCHANGE_URL") else {
+        tracing::info!("LEDGERFLOW_EXCHANGE_URL is not set: payments workflows are not run here");
+        return Ok(registry);
+    };
+    let exchange = HttpExchange::new(&url, HttpConfig::default())
+        .map_err(|e| anyhow::anyhow!("LEDGERFLOW_EXCHANGE_URL: {e}"))?;
+    // No email/push provider adapter exists yet: notifications go to the
+    // in-process simulated provider, and the log says so.
+    tracing::warn!("notifications use the simulated provider (no real provider is configured)");
+    let workflows = Arc::new(payments_registry(Deps {
+        exchange: Arc::new(exchange),
+        notifier: Arc::new(SimulatedNotifier::new()),
+        config: WorkflowsConfig::default(),
+    })?);
+    Ok(
+        registry.register(WORKFLOW_JOB_KIND, move |ctx: JobContext| {
+            let workflows = workflows.clone();
+            async move { run_step(ctx.store(), &workflows, ctx.job()).await }
+        }),
+    )
 }
 
 async fn shutdown_signal() {
