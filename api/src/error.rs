@@ -40,6 +40,10 @@ pub enum Error {
     /// The resource's current state does not allow the action.
     #[error("{0}")]
     Conflict(String),
+    /// Well-formed, but not acceptable (e.g. an `Idempotency-Key` reused
+    /// with another request).
+    #[error("{0}")]
+    Unprocessable(String),
     /// The body is larger than the limit.
     #[error("request body exceeds {limit} bytes")]
     PayloadTooLarge { limit: usize },
@@ -66,6 +70,7 @@ impl Error {
             Error::Validation(_) => StatusCode::BAD_REQUEST,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::Conflict(_) => StatusCode::CONFLICT,
+            Error::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Error::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::Timeout { .. } | Error::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Error::Internal(_) | Error::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -276,6 +281,7 @@ impl ApiResponse for Error {
                 problem("No such resource", 404),
                 problem("The resource's state does not allow this", 409),
                 problem("The request body is too large", 413),
+                problem("Not acceptable (e.g. a reused Idempotency-Key)", 422),
                 problem("Internal error (details are logged, never returned)", 500),
                 problem("A dependency is unavailable or the request timed out", 503),
             ],

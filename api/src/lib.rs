@@ -7,7 +7,9 @@
 //! which is how tests use port 0).
 //!
 //! Layout:
-//! - [`public`]     — `/v1` for users (bearer API key): balances;
+//! - [`public`]     — `/v1` for users (bearer API key): balances, trades,
+//!   withdrawals;
+//! - [`idempotency`] — the `Idempotency-Key` protocol of the public POSTs;
 //! - [`admin`]      — the admin API (bearer admin credential, roles, audit);
 //! - [`auth`]       — credentials and the role/permission allow-list;
 //! - [`ops`]        — `/healthcheck`, `/readyz` (a list of checks), `/metrics`;
@@ -22,11 +24,13 @@
 pub mod admin;
 pub mod auth;
 pub mod error;
+pub mod idempotency;
 pub mod metrics;
 pub mod middleware;
 pub mod ops;
 pub mod public;
 pub mod types;
+pub mod webhooks;
 
 pub use error::{Error, Problem, Result};
 pub use ops::ReadinessCheck;
@@ -35,7 +39,7 @@ use crate::metrics::Metrics;
 use crate::middleware::{Limits, Routes};
 use ledgerflow_engine::Store;
 use poem::listener::TcpAcceptor;
-use poem::{Endpoint, EndpointExt, Route, Server, get};
+use poem::{Endpoint, EndpointExt, Route, Server, get, post};
 use poem_openapi::OpenApiService;
 use sqlx::PgPool;
 use std::future::Future;
@@ -56,6 +60,8 @@ pub struct ApiConfig {
     pub request_timeout: Duration,
     /// How long [`serve`] waits for in-flight requests on shutdown (default 10 s).
     pub shutdown_grace: Duration,
+    /// Webhook providers (see [`webhooks`]; default: none).
+    pub webhooks: webhooks::WebhookProviders,
 }
 
 impl Default for ApiConfig {
@@ -64,6 +70,7 @@ impl Default for ApiConfig {
             body_limit: 64 * 1024,
             request_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),
+            webhooks: webhooks::WebhookProviders::default(),
         }
     }
 }
@@ -79,6 +86,11 @@ pub struct AppState {
     pub config: Arc<ApiConfig>,
     /// Metrics (exported by the public listener's `/metrics`).
     pub metrics: Arc<Metrics>,
+    /// The webhook intake (providers, workflow registry, rejection counter).
+    pub webhooks: Arc<webhooks::Intake>,
+    /// The workflows the public API starts (trades, withdrawals); set by
+    /// [`AppState::with_workflows`]. Without it, those POSTs answer 503.
+    pub workflows: Option<Arc<ledgerflow_engine::WorkflowRegistry>>,
     checks: Arc<Vec<Arc<dyn ReadinessCheck>>>,
 }
 
@@ -108,13 +120,25 @@ impl AppState {
     pub fn with_config(store: Store, config: ApiConfig) -> Result<Self> {
         let metrics = Metrics::new().map_err(|e| Error::Internal(e.to_string()))?;
         let pool = store.pool().clone();
+        let intake = webhooks::Intake::new(&metrics, config.webhooks.clone())
+            .map_err(|e| Error::Internal(e.to_string()))?;
         Ok(Self {
+            webhooks: Arc::new(intake),
+            workflows: None,
             checks: Arc::new(vec![Arc::new(ops::Postgres(pool.clone()))]),
             pool,
             store,
             config: Arc::new(config),
             metrics: Arc::new(metrics),
         })
+    }
+
+    /// Lets the webhook intake start the `payments.webhook` workflow
+    /// (without it, valid deliveries are answered 503).
+    pub fn with_workflows(mut self, registry: Arc<ledgerflow_engine::WorkflowRegistry>) -> Self {
+        self.webhooks = Arc::new(self.webhooks.with_workflows(registry.clone()));
+        self.workflows = Some(registry);
+        self
     }
 
     /// Adds a readiness check (e.g. Kafka's) to `/readyz`.
@@ -140,7 +164,7 @@ impl AppState {
 
 fn public_service() -> OpenApiService<public::PublicApi, ()> {
     OpenApiService::new(public::PublicApi, "Ledgerflow public API", VERSION)
-        .description("Balances now; trades and withdrawals as their workflows land. Errors are RFC 7807 problems.")
+        .description("Balances, trades and withdrawals. POSTs need an Idempotency-Key. Errors are RFC 7807 problems.")
 }
 
 fn admin_service() -> OpenApiService<admin::AdminApi, ()> {
@@ -168,6 +192,7 @@ pub fn public_app(state: AppState) -> impl Endpoint<Output = poem::Response> {
         .at("/healthcheck", get(ops::healthcheck))
         .at("/readyz", get(ops::readyz))
         .at("/metrics", get(ops::metrics))
+        .at("/v1/webhooks/:provider", post(webhooks::receive))
         .at("/openapi.json", service.spec_endpoint())
         .nest("/docs", service.swagger_ui())
         .nest("/", service)
@@ -175,7 +200,7 @@ pub fn public_app(state: AppState) -> impl Endpoint<Output = poem::Response> {
     middleware::wrap(
         route,
         "public",
-        Routes::new(public::ROUTES),
+        Routes::new(&[public::ROUTES, webhooks::ROUTES].concat()),
         state.limits(),
         state.metrics.clone(),
     )

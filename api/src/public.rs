@@ -1,20 +1,49 @@
 //! The public API (`/v1`, bearer user API key). Amounts travel as decimal
 //! strings at their asset's scale, never as JSON numbers (DESIGN.md rule 4).
 //!
-//! Trades and withdrawals are added here by the issues that build their
-//! workflows.
+//! - `GET  /v1/accounts/me/balances` — the caller's balances;
+//! - `POST /v1/trades`, `GET /v1/trades/{id}` — limit orders (workflow
+//!   `payments.trade`);
+//! - `POST /v1/withdrawals`, `GET /v1/withdrawals/{id}` — withdrawals
+//!   (workflow `payments.withdrawal`).
+//!
+//! Request bodies are explicit allow-lists (`deny_unknown_fields`): a field a
+//! client may not set (`status`, `fee`, `user_id` …) is a 400 problem, never
+//! mass-assigned. Every POST needs an `Idempotency-Key` (see
+//! [`crate::idempotency`]); it is validated completely (amounts parsed at the
+//! asset's scale) before anything is written, then starts its workflow with
+//! `workflow_start_in` in the same transaction as the idempotency record and
+//! answers 201 only after the commit. A user sees only their own trades and
+//! withdrawals: another user's id is a 404, like a missing one.
 use crate::AppState;
 use crate::auth::{self, UserKey};
 use crate::error::Error;
+use crate::idempotency::{self, Begun};
+use crate::types::Text;
+use ledgerflow_engine::{WorkflowRegistry, workflow_start_in};
+use ledgerflow_payments::exchange::Side;
+use ledgerflow_payments::idempotency::{self as records, TradeRecord, WithdrawalRecord};
 use ledgerflow_payments::ledger;
+use ledgerflow_payments::money::{Amount, AmountStr, Asset};
+use ledgerflow_payments::workflows::trade::{self, TradeInput};
+use ledgerflow_payments::workflows::withdrawal::{self, WithdrawalInput};
 use poem::web::Data;
+use poem_openapi::param::{Header, Path};
 use poem_openapi::payload::Json;
-use poem_openapi::{Object, OpenApi, Tags};
+use poem_openapi::types::{ParseFromJSON, ToJSON};
+use poem_openapi::{ApiResponse, Enum, Object, OpenApi, Tags};
+use serde_json::{Value, json};
+use sqlx::PgConnection;
+use std::sync::Arc;
 
 #[derive(Tags)]
 enum Tag {
     /// The caller's accounts.
     Accounts,
+    /// Limit orders.
+    Trades,
+    /// Withdrawals to external addresses.
+    Withdrawals,
 }
 
 /// One account's money.
@@ -37,6 +66,179 @@ pub struct BalanceView {
 #[derive(Debug, Object)]
 pub struct Balances {
     pub balances: Vec<BalanceView>,
+}
+
+/// Buy or sell the base asset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+#[oai(rename_all = "lowercase")]
+pub enum TradeSide {
+    /// Buy `base_amount` of the base asset, paying in the quote asset.
+    Buy,
+    /// Sell `base_amount` of the base asset for the quote asset.
+    Sell,
+}
+
+/// A new limit order. Exactly these fields; any other is refused.
+#[derive(Debug, Object)]
+#[oai(deny_unknown_fields)]
+pub struct NewTrade {
+    /// `buy` or `sell` the base asset.
+    pub side: TradeSide,
+    /// The base asset's code, e.g. `BTC`.
+    pub base_asset: Text,
+    /// The quote asset's code, e.g. `USD`.
+    pub quote_asset: Text,
+    /// How much of the base asset: a decimal STRING within the asset's scale (`"0.5"`).
+    pub base_amount: Text,
+    /// The worst acceptable price (quote per base): a decimal STRING within
+    /// the quote asset's scale (`"30000.00"`).
+    pub limit_price: Text,
+}
+
+/// A trade as its owner sees it.
+#[derive(Debug, Clone, Object)]
+pub struct TradeView {
+    pub id: uuid::Uuid,
+    /// `buy` or `sell`.
+    pub side: String,
+    pub base_asset: String,
+    pub quote_asset: String,
+    /// A decimal string.
+    pub base_amount: String,
+    /// A decimal string.
+    pub limit_price: String,
+    /// `pending` (accepted, not yet validated by its workflow), then
+    /// `validated`, `held`, `placed`, `filled`, `settled`, or `rejected`,
+    /// `cancelled`.
+    pub status: String,
+    /// Why the trade was rejected or cancelled, if it was.
+    pub error: Option<String>,
+    /// When the trade was accepted (RFC 3339).
+    pub created_at: String,
+}
+
+/// A new withdrawal. Exactly these fields; any other is refused.
+#[derive(Debug, Object)]
+#[oai(deny_unknown_fields)]
+pub struct NewWithdrawal {
+    /// The asset's code, e.g. `BTC`.
+    pub asset: Text,
+    /// How much: a decimal STRING within the asset's scale (`"0.01"`).
+    pub amount: Text,
+    /// The destination address (1–200 characters).
+    pub address: Text,
+}
+
+/// A withdrawal as its owner sees it.
+#[derive(Debug, Clone, Object)]
+pub struct WithdrawalView {
+    pub id: uuid::Uuid,
+    pub asset: String,
+    /// A decimal string.
+    pub amount: String,
+    pub address: String,
+    /// `pending` (accepted, not yet validated by its workflow), then
+    /// `validated`, `held`, `awaiting_approval`, `approved`, `submitted`,
+    /// `completed`, or `rejected`, `cancelled`.
+    pub status: String,
+    /// Why the withdrawal was rejected or cancelled, if it was.
+    pub error: Option<String>,
+    /// When the withdrawal was accepted (RFC 3339).
+    pub created_at: String,
+}
+
+/// A created trade (or, for a repeated `Idempotency-Key`, the first answer).
+#[derive(ApiResponse)]
+pub enum TradeCreated {
+    /// The trade's workflow is started and committed.
+    #[oai(status = 201)]
+    Created(Json<TradeView>),
+}
+
+/// A created withdrawal (or, for a repeated `Idempotency-Key`, the first answer).
+#[derive(ApiResponse)]
+pub enum WithdrawalCreated {
+    /// The withdrawal's workflow is started and committed.
+    #[oai(status = 201)]
+    Created(Json<WithdrawalView>),
+}
+
+fn rfc3339(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+impl From<TradeRecord> for TradeView {
+    fn from(r: TradeRecord) -> Self {
+        TradeView {
+            id: r.id,
+            side: r.side,
+            base_asset: r.base_asset,
+            quote_asset: r.quote_asset,
+            base_amount: r.base_amount,
+            limit_price: r.limit_price,
+            status: r.status,
+            error: r.error,
+            created_at: rfc3339(r.created_at),
+        }
+    }
+}
+
+impl From<WithdrawalRecord> for WithdrawalView {
+    fn from(r: WithdrawalRecord) -> Self {
+        WithdrawalView {
+            id: r.id,
+            asset: r.asset,
+            amount: r.amount,
+            address: r.address,
+            status: r.status,
+            error: r.error,
+            created_at: rfc3339(r.created_at),
+        }
+    }
+}
+
+/// The registry the POSTs start workflows from (503 when not wired).
+fn registry(state: &AppState) -> Result<Arc<WorkflowRegistry>, Error> {
+    state.workflows.clone().ok_or_else(|| {
+        tracing::error!("public API has no workflow registry (AppState::with_workflows)");
+        Error::Unavailable
+    })
+}
+
+/// A registered asset, or a 400 problem.
+async fn asset(conn: &mut PgConnection, field: &str, code: &str) -> Result<Asset, Error> {
+    if code.is_empty() || code.len() > 32 {
+        return Err(Error::Validation(format!("{field}: unknown asset")));
+    }
+    ledger::asset(conn, code)
+        .await?
+        .ok_or_else(|| Error::Validation(format!("{field}: unknown asset {code:?}")))
+}
+
+/// A money field: a plain positive decimal string within `asset`'s scale
+/// (no sign, exponent, NaN, zero, or more than 28 digits), or a 400 problem.
+fn amount(field: &str, text: &str, asset: &Asset) -> Result<(AmountStr, Amount), Error> {
+    let bad = |e: ledgerflow_payments::Error| Error::Validation(format!("{field}: {e}"));
+    let parsed = AmountStr::parse(text).map_err(bad)?;
+    let exact = parsed.to_amount(asset.scale).map_err(bad)?;
+    Ok((parsed, exact))
+}
+
+/// The replayed or fresh 201 body, parsed back into its view type (so a
+/// replay is serialized exactly like the first answer).
+fn stored<T: ParseFromJSON>(status: u16, body: Value) -> Result<T, Error> {
+    if status != 201 {
+        return Err(Error::Internal(format!(
+            "stored idempotent response has status {status}"
+        )));
+    }
+    T::parse_from_json(Some(body))
+        .map_err(|e| Error::Internal(format!("stored idempotent response: {}", e.message())))
+}
+
+fn view_json<T: ToJSON>(view: &T) -> Result<Value, Error> {
+    view.to_json()
+        .ok_or_else(|| Error::Internal("response did not serialize".into()))
 }
 
 /// The public operations.
@@ -73,11 +275,215 @@ impl PublicApi {
                 .collect(),
         }))
     }
+
+    /// Places a limit order. Needs an `Idempotency-Key`: the same key with
+    /// the same body answers the first response again; with another body, 422.
+    /// Answers 201 after the trade's workflow is committed; its status is
+    /// `pending` until the workflow validates it.
+    #[oai(
+        path = "/v1/trades",
+        method = "post",
+        operation_id = "create_trade",
+        tag = "Tag::Trades"
+    )]
+    async fn create_trade(
+        &self,
+        state: Data<&AppState>,
+        key: UserKey,
+        /// A client-chosen key (1–255 visible ASCII characters), unique per request.
+        #[oai(name = "Idempotency-Key")]
+        idempotency_key: Header<Option<String>>,
+        body: Json<NewTrade>,
+    ) -> Result<TradeCreated, Error> {
+        let user = auth::user(&state, &key).await?;
+        let idem = idempotency::require_key(idempotency_key.0.as_deref())?;
+        let registry = registry(&state)?;
+        let req = body.0;
+        let (base_code, quote_code) = (req.base_asset.as_str(), req.quote_asset.as_str());
+        if base_code == quote_code {
+            return Err(Error::Validation(
+                "base_asset and quote_asset must differ".into(),
+            ));
+        }
+        let (base_amount, limit_price) = {
+            let mut conn = state.pool().acquire().await?;
+            let base = asset(&mut conn, "base_asset", base_code).await?;
+            let quote = asset(&mut conn, "quote_asset", quote_code).await?;
+            let (base_amount, _) = amount("base_amount", req.base_amount.as_str(), &base)?;
+            let (limit_price, _) = amount("limit_price", req.limit_price.as_str(), &quote)?;
+            (base_amount, limit_price)
+        };
+        let side = match req.side {
+            TradeSide::Buy => Side::Buy,
+            TradeSide::Sell => Side::Sell,
+        };
+        let canonical = json!({
+            "side": req.side.to_json(),
+            "base_asset": base_code,
+            "quote_asset": quote_code,
+            "base_amount": base_amount.as_str(),
+            "limit_price": limit_price.as_str(),
+        });
+        let mut tx = match idempotency::begin(&state, user, &idem, "POST", "/v1/trades", &canonical)
+            .await?
+        {
+            Begun::Replay { status, body } => {
+                return Ok(TradeCreated::Created(Json(stored(status, body)?)));
+            }
+            Begun::New(tx) => tx,
+        };
+        let input = TradeInput {
+            user_id: user,
+            side,
+            base: base_code.to_string(),
+            quote: quote_code.to_string(),
+            base_amount,
+            limit_price,
+        };
+        let input = serde_json::to_value(&input).map_err(|e| Error::Internal(e.to_string()))?;
+        let unique = format!("api:trade:{user}:{idem}");
+        let id = workflow_start_in(
+            &mut tx,
+            &state.store,
+            &registry,
+            trade::KIND,
+            &input,
+            Some(&unique),
+        )
+        .await?;
+        let view: TradeView = records::trade(&mut tx, user, id)
+            .await?
+            .ok_or_else(|| Error::Internal(format!("trade {id} vanished")))?
+            .into();
+        let body = view_json(&view)?;
+        idempotency::finish(tx, user, &idem, 201, &body, Some(id)).await?;
+        Ok(TradeCreated::Created(Json(view)))
+    }
+
+    /// One of the caller's trades (another user's is a 404).
+    #[oai(
+        path = "/v1/trades/:id",
+        method = "get",
+        operation_id = "get_trade",
+        tag = "Tag::Trades"
+    )]
+    async fn get_trade(
+        &self,
+        state: Data<&AppState>,
+        key: UserKey,
+        id: Path<uuid::Uuid>,
+    ) -> Result<Json<TradeView>, Error> {
+        let user = auth::user(&state, &key).await?;
+        let mut conn = state.pool().acquire().await?;
+        records::trade(&mut conn, user, id.0)
+            .await?
+            .map(|r| Json(r.into()))
+            .ok_or_else(|| Error::NotFound(format!("trade {} not found", id.0)))
+    }
+
+    /// Requests a withdrawal. Needs an `Idempotency-Key` (as for trades).
+    /// Answers 201 after the withdrawal's workflow is committed; its status
+    /// is `pending` until the workflow validates it.
+    #[oai(
+        path = "/v1/withdrawals",
+        method = "post",
+        operation_id = "create_withdrawal",
+        tag = "Tag::Withdrawals"
+    )]
+    async fn create_withdrawal(
+        &self,
+        state: Data<&AppState>,
+        key: UserKey,
+        /// A client-chosen key (1–255 visible ASCII characters), unique per request.
+        #[oai(name = "Idempotency-Key")]
+        idempotency_key: Header<Option<String>>,
+        body: Json<NewWithdrawal>,
+    ) -> Result<WithdrawalCreated, Error> {
+        let user = auth::user(&state, &key).await?;
+        let idem = idempotency::require_key(idempotency_key.0.as_deref())?;
+        let registry = registry(&state)?;
+        let req = body.0;
+        let address = req.address.as_str();
+        if address.trim().is_empty() || address.trim() != address || address.chars().count() > 200 {
+            return Err(Error::Validation(
+                "address: 1 to 200 characters without surrounding whitespace".into(),
+            ));
+        }
+        let code = req.asset.as_str();
+        let amount_str = {
+            let mut conn = state.pool().acquire().await?;
+            let asset = asset(&mut conn, "asset", code).await?;
+            amount("amount", req.amount.as_str(), &asset)?.0
+        };
+        let canonical = json!({
+            "asset": code,
+            "amount": amount_str.as_str(),
+            "address": address,
+        });
+        let path = "/v1/withdrawals";
+        let mut tx = match idempotency::begin(&state, user, &idem, "POST", path, &canonical).await?
+        {
+            Begun::Replay { status, body } => {
+                return Ok(WithdrawalCreated::Created(Json(stored(status, body)?)));
+            }
+            Begun::New(tx) => tx,
+        };
+        let input = WithdrawalInput {
+            user_id: user,
+            asset: code.to_string(),
+            amount: amount_str,
+            address: address.to_string(),
+            requested_by: None,
+        };
+        let input = serde_json::to_value(&input).map_err(|e| Error::Internal(e.to_string()))?;
+        let unique = format!("api:withdrawal:{user}:{idem}");
+        let id = workflow_start_in(
+            &mut tx,
+            &state.store,
+            &registry,
+            withdrawal::KIND,
+            &input,
+            Some(&unique),
+        )
+        .await?;
+        let view: WithdrawalView = records::withdrawal(&mut tx, user, id)
+            .await?
+            .ok_or_else(|| Error::Internal(format!("withdrawal {id} vanished")))?
+            .into();
+        let body = view_json(&view)?;
+        idempotency::finish(tx, user, &idem, 201, &body, Some(id)).await?;
+        Ok(WithdrawalCreated::Created(Json(view)))
+    }
+
+    /// One of the caller's withdrawals (another user's is a 404).
+    #[oai(
+        path = "/v1/withdrawals/:id",
+        method = "get",
+        operation_id = "get_withdrawal",
+        tag = "Tag::Withdrawals"
+    )]
+    async fn get_withdrawal(
+        &self,
+        state: Data<&AppState>,
+        key: UserKey,
+        id: Path<uuid::Uuid>,
+    ) -> Result<Json<WithdrawalView>, Error> {
+        let user = auth::user(&state, &key).await?;
+        let mut conn = state.pool().acquire().await?;
+        records::withdrawal(&mut conn, user, id.0)
+            .await?
+            .map(|r| Json(r.into()))
+            .ok_or_else(|| Error::NotFound(format!("withdrawal {} not found", id.0)))
+    }
 }
 
 /// The route templates of the public listener, for metrics labels.
 pub(crate) const ROUTES: &[&str] = &[
     "/v1/accounts/me/balances",
+    "/v1/trades",
+    "/v1/trades/{id}",
+    "/v1/withdrawals",
+    "/v1/withdrawals/{id}",
     "/healthcheck",
     "/readyz",
     "/metrics",

@@ -6,7 +6,7 @@
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use ledgerflow_engine::{
-    JobState, NewJob, Outcome, Store, StoreConfig, WORKFLOW_JOB_KIND, run_step,
+    JobState, NewJob, Outcome, Store, StoreConfig, WORKFLOW_JOB_KIND, WorkflowRegistry, run_step,
 };
 use ledgerflow_payments::exchange::http::{HttpConfig, HttpExchange};
 use ledgerflow_payments::notifier::SimulatedNotifier;
@@ -225,6 +225,7 @@ async fn run(url: &str, args: RunArgs) -> Result<()> {
     );
     let stop = CancellationToken::new();
     let mut background = Vec::new();
+    let workflows = payments_workflows()?;
 
     let runner = if roles.contains(&Role::Worker) {
         let config = RunnerConfig {
@@ -234,7 +235,8 @@ async fn run(url: &str, args: RunArgs) -> Result<()> {
             heartbeat_interval: Duration::from_secs(args.lease_ttl_secs.max(1)) / 3,
             ..RunnerConfig::default()
         };
-        let runner = Runner::start(store.clone(), worker_handlers()?, config).await?;
+        let runner =
+            Runner::start(store.clone(), worker_handlers(workflows.clone()), config).await?;
         tracing::info!(worker = runner.worker_id(), "worker role running");
         Some(runner)
     } else {
@@ -255,10 +257,18 @@ async fn run(url: &str, args: RunArgs) -> Result<()> {
         }));
     }
     if roles.contains(&Role::Api) || roles.contains(&Role::Admin) {
-        let state = ledgerflow_api::AppState::with_config(
+        let webhooks =
+            ledgerflow_api::webhooks::WebhookProviders::from_env().map_err(anyhow::Error::msg)?;
+        let mut state = ledgerflow_api::AppState::with_config(
             store.clone(),
-            ledgerflow_api::ApiConfig::default(),
+            ledgerflow_api::ApiConfig {
+                webhooks,
+                ..ledgerflow_api::ApiConfig::default()
+            },
         )?;
+        if let Some(workflows) = &workflows {
+            state = state.with_workflows(workflows.clone());
+        }
         if roles.contains(&Role::Api) {
             let (state, stop) = (state.clone(), stop.clone());
             let addr = args.api_addr;
@@ -383,32 +393,39 @@ fn ingress_handlers(config: &IngressConfig) -> Result<HandlerRegistry> {
     Ok(registry)
 }
 
-/// The worker role's handlers: the built-in no-op, and — when an exchange is
-/// configured (`LEDGERFLOW_EXCHANGE_URL`) — the payments workflows' steps.
-fn worker_handlers() -> Result<Registry> {
-    let registry = Registry::new().register("ledgerflow.noop", |_: JobContext| async {
-        Outcome::Complete
-    });
+/// The payments workflows, when an exchange is configured
+/// (`LEDGERFLOW_EXCHANGE_URL`): the worker role runs their steps, the api
+/// role starts them (trades, withdrawals, webhook processing).
+fn payments_workflows() -> Result<Option<Arc<WorkflowRegistry>>> {
     let Ok(url) = std::env::var("LEDGERFLOW_EXCHANGE_URL") else {
-        tracing::info!("LEDGERFLOW_EXCHANGE_URL is not set: payments workflows are not run here");
-        return Ok(registry);
+        tracing::info!("LEDGERFLOW_EXCHANGE_URL is not set: payments workflows are off");
+        return Ok(None);
     };
     let exchange = HttpExchange::new(&url, HttpConfig::default())
         .map_err(|e| anyhow::anyhow!("LEDGERFLOW_EXCHANGE_URL: {e}"))?;
     // No email/push provider adapter exists yet: notifications go to the
     // in-process simulated provider, and the log says so.
     tracing::warn!("notifications use the simulated provider (no real provider is configured)");
-    let workflows = Arc::new(payments_registry(Deps {
+    Ok(Some(Arc::new(payments_registry(Deps {
         exchange: Arc::new(exchange),
         notifier: Arc::new(SimulatedNotifier::new()),
         config: WorkflowsConfig::default(),
-    })?);
-    Ok(
-        registry.register(WORKFLOW_JOB_KIND, move |ctx: JobContext| {
+    })?)))
+}
+
+/// The worker role's handlers: the built-in no-op, and the workflow step
+/// runner when payments workflows are configured.
+fn worker_handlers(workflows: Option<Arc<WorkflowRegistry>>) -> Registry {
+    let registry = Registry::new().register("ledgerflow.noop", |_: JobContext| async {
+        Outcome::Complete
+    });
+    match workflows {
+        Some(workflows) => registry.register(WORKFLOW_JOB_KIND, move |ctx: JobContext| {
             let workflows = workflows.clone();
             async move { run_step(ctx.store(), &workflows, ctx.job()).await }
         }),
-    )
+        None => registry,
+    }
 }
 
 async fn shutdown_signal() {

@@ -7,6 +7,7 @@
 //!   transaction;
 //! - [`users`]  — users, API keys, admins and their credentials;
 //! - [`ids`]    — typed row ids;
+//! - [`idempotency`] — the public API's idempotency records and resource read models;
 //! - [`error`]  — the crate's one [`Error`] type;
 //! - [`workflows`] — the trade, withdrawal, notification and webhook workflows.
 //!
@@ -18,6 +19,7 @@
 pub mod audit;
 pub mod error;
 pub mod exchange;
+pub mod idempotency;
 pub mod ids;
 pub mod ledger;
 pub mod money;

@@ -1,0 +1,614 @@
+//! The public money endpoints (`/v1/trades`, `/v1/withdrawals`) in-process
+//! against a real Postgres (one cloned database per test), with the payments
+//! workflows registered on a `SimulatedExchange` (no runner: a 201 must leave
+//! a committed workflow and its first job behind): authentication and
+//! ownership, `Idempotency-Key` semantics (replay, mismatch, 50 concurrent
+//! requests), strict amounts and the field allow-list.
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+use ledgerflow_api::{AppState, public_app};
+use ledgerflow_engine::Store;
+use ledgerflow_engine::testing::TestDb;
+use ledgerflow_payments::exchange::sim::{SimConfig, SimulatedExchange};
+use ledgerflow_payments::notifier::SimulatedNotifier;
+use ledgerflow_payments::users;
+use ledgerflow_payments::workflows::{self, Deps, WorkflowsConfig};
+use poem::endpoint::BoxEndpoint;
+use poem::http::{Method, StatusCode, header};
+use poem::test::TestClient;
+use poem::{EndpointExt, Response};
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::time::Duration;
+
+type App = TestClient<BoxEndpoint<'static, Response>>;
+
+struct Fixture {
+    db: TestDb,
+    app: App,
+    user_a: String,
+    user_b: String,
+    expired: String,
+}
+
+async fn fixture(pool_size: u32) -> Fixture {
+    let db = TestDb::with_pool_size(pool_size).await.unwrap();
+    let store = Store::new(db.pool.clone());
+    let registry = workflows::registry(Deps {
+        exchange: Arc::new(SimulatedExchange::new(SimConfig::default())),
+        notifier: Arc::new(SimulatedNotifier::new()),
+        config: WorkflowsConfig::default(),
+    })
+    .unwrap();
+    let state = AppState::new(store)
+        .unwrap()
+        .with_workflows(Arc::new(registry));
+    let mut conn = db.pool.acquire().await.unwrap();
+    let a = users::create_user(&mut conn, "a@example.com", "A")
+        .await
+        .unwrap();
+    let b = users::create_user(&mut conn, "b@example.com", "B")
+        .await
+        .unwrap();
+    let key = |k: users::PlaintextKey| k.expose_secret().to_string();
+    let (_, user_a) = users::create_api_key(&mut conn, a, None).await.unwrap();
+    let (_, user_b) = users::create_api_key(&mut conn, b, None).await.unwrap();
+    let (_, expired) = users::create_api_key(&mut conn, a, Some(Duration::from_millis(1)))
+        .await
+        .unwrap();
+    drop(conn);
+    tokio::time::sleep(Duration::from_millis(5)).await; // the expired key expires
+    Fixture {
+        app: TestClient::new(public_app(state).boxed()),
+        user_a: key(user_a),
+        user_b: key(user_b),
+        expired: key(expired),
+        db,
+    }
+}
+
+#[derive(Debug)]
+struct Reply {
+    status: StatusCode,
+    content_type: String,
+    text: String,
+    json: Value,
+}
+
+async fn send(
+    app: &App,
+    method: Method,
+    path: &str,
+    auth: Option<&str>,
+    idem: Option<&str>,
+    body: Option<&Value>,
+) -> Reply {
+    let mut req = app.request(method, path);
+    if let Some(token) = auth {
+        req = req.header(header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    if let Some(key) = idem {
+        req = req.header("Idempotency-Key", key);
+    }
+    if let Some(body) = body {
+        req = req.body_json(body);
+    }
+    let resp = req.send().await.0;
+    let status = resp.status();
+    let content_type = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let text = resp.into_body().into_string().await.unwrap();
+    let json = serde_json::from_str(&text).unwrap_or(Value::Null);
+    Reply {
+        status,
+        content_type,
+        text,
+        json,
+    }
+}
+
+fn assert_problem(r: &Reply, status: u16, slug: &str) {
+    assert_eq!(r.status.as_u16(), status, "body: {}", r.text);
+    assert_eq!(r.content_type, "application/problem+json", "{}", r.text);
+    assert_eq!(r.json["status"], status);
+    assert_eq!(
+        r.json["type"],
+        format!("https://ledgerflow.dev/problems/{slug}"),
+        "body: {}",
+        r.text
+    );
+}
+
+/// A valid Idempotency-Key naming a test case.
+fn key_of(name: &str) -> String {
+    name.chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect()
+}
+
+fn trade_body() -> Value {
+    json!({
+        "side": "buy",
+        "base_asset": "BTC",
+        "quote_asset": "USD",
+        "base_amount": "0.5",
+        "limit_price": "30000.00",
+    })
+}
+
+fn withdrawal_body() -> Value {
+    json!({ "asset": "BTC", "amount": "0.01", "address": "bc1qexampleaddress" })
+}
+
+async fn count(f: &Fixture, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(&f.db.pool).await.unwrap()
+}
+
+async fn workflows_of(f: &Fixture, kind: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM workflows WHERE kind = $1")
+        .bind(kind)
+        .fetch_one(&f.db.pool)
+        .await
+        .unwrap()
+}
+
+async fn jobs_of(f: &Fixture, workflow: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM jobs WHERE workflow_id = $1::uuid")
+        .bind(workflow)
+        .fetch_one(&f.db.pool)
+        .await
+        .unwrap()
+}
+
+/// Nothing was written: no workflow, no job, no idempotency record.
+async fn assert_nothing_written(f: &Fixture) {
+    assert_eq!(count(f, "SELECT count(*) FROM workflows").await, 0);
+    assert_eq!(count(f, "SELECT count(*) FROM jobs").await, 0);
+    assert_eq!(count(f, "SELECT count(*) FROM idempotency_keys").await, 0);
+}
+
+// ------------------------------------------------------------- creation
+
+#[tokio::test]
+async fn post_trade_starts_the_workflow_and_answers_201() {
+    let f = fixture(8).await;
+    let r = send(
+        &f.app,
+        Method::POST,
+        "/v1/trades",
+        Some(&f.user_a),
+        Some("t-1"),
+        Some(&trade_body()),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let id = r.json["id"].as_str().unwrap().to_string();
+    assert_eq!(r.json["status"], "pending");
+    assert_eq!(r.json["side"], "buy");
+    assert_eq!(r.json["base_asset"], "BTC");
+    assert_eq!(r.json["quote_asset"], "USD");
+    assert_eq!(r.json["base_amount"], "0.5");
+    assert_eq!(r.json["limit_price"], "30000.00");
+    // Committed before the answer: the workflow and its first job exist.
+    assert_eq!(workflows_of(&f, "payments.trade").await, 1);
+    assert_eq!(jobs_of(&f, &id).await, 1);
+    let stored: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM idempotency_keys WHERE resource_id = $1::uuid AND response_status = 201",
+    )
+    .bind(&id)
+    .fetch_one(&f.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(stored, 1);
+
+    let got = send(
+        &f.app,
+        Method::GET,
+        &format!("/v1/trades/{id}"),
+        Some(&f.user_a),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::OK, "{}", got.text);
+    assert_eq!(got.json, r.json);
+}
+
+#[tokio::test]
+async fn post_withdrawal_starts_the_workflow_and_answers_201() {
+    let f = fixture(8).await;
+    let r = send(
+        &f.app,
+        Method::POST,
+        "/v1/withdrawals",
+        Some(&f.user_a),
+        Some("w-1"),
+        Some(&withdrawal_body()),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let id = r.json["id"].as_str().unwrap().to_string();
+    assert_eq!(r.json["status"], "pending");
+    assert_eq!(r.json["amount"], "0.01");
+    assert_eq!(r.json["asset"], "BTC");
+    assert_eq!(workflows_of(&f, "payments.withdrawal").await, 1);
+    assert_eq!(jobs_of(&f, &id).await, 1);
+
+    let got = send(
+        &f.app,
+        Method::GET,
+        &format!("/v1/withdrawals/{id}"),
+        Some(&f.user_a),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(got.json, r.json);
+    // Same key, same body: the first answer again, no second workflow.
+    let again = send(
+        &f.app,
+        Method::POST,
+        "/v1/withdrawals",
+        Some(&f.user_a),
+        Some("w-1"),
+        Some(&withdrawal_body()),
+    )
+    .await;
+    assert_eq!(
+        (again.status, again.text.as_str()),
+        (r.status, r.text.as_str())
+    );
+    assert_eq!(workflows_of(&f, "payments.withdrawal").await, 1);
+}
+
+// ------------------------------------------------------------------ auth
+
+#[tokio::test]
+async fn auth_and_ownership() {
+    let f = fixture(8).await;
+    for (method, path, body) in [
+        (Method::POST, "/v1/trades", Some(trade_body())),
+        (Method::POST, "/v1/withdrawals", Some(withdrawal_body())),
+        (
+            Method::GET,
+            "/v1/trades/0190f5a4-0000-7000-8000-000000000000",
+            None,
+        ),
+        (
+            Method::GET,
+            "/v1/withdrawals/0190f5a4-0000-7000-8000-000000000000",
+            None,
+        ),
+    ] {
+        let r = send(&f.app, method.clone(), path, None, Some("k"), body.as_ref()).await;
+        assert_problem(&r, 401, "unauthorized");
+        let r = send(
+            &f.app,
+            method,
+            path,
+            Some(&f.expired),
+            Some("k"),
+            body.as_ref(),
+        )
+        .await;
+        assert_problem(&r, 401, "unauthorized");
+    }
+    assert_nothing_written(&f).await;
+
+    let trade = send(
+        &f.app,
+        Method::POST,
+        "/v1/trades",
+        Some(&f.user_a),
+        Some("t-1"),
+        Some(&trade_body()),
+    )
+    .await;
+    assert_eq!(trade.status, StatusCode::CREATED);
+    let wd = send(
+        &f.app,
+        Method::POST,
+        "/v1/withdrawals",
+        Some(&f.user_a),
+        Some("w-1"),
+        Some(&withdrawal_body()),
+    )
+    .await;
+    assert_eq!(wd.status, StatusCode::CREATED);
+    let trade_path = format!("/v1/trades/{}", trade.json["id"].as_str().unwrap());
+    let wd_path = format!("/v1/withdrawals/{}", wd.json["id"].as_str().unwrap());
+
+    // B can't see A's resources: 404, like a missing one.
+    let r = send(
+        &f.app,
+        Method::GET,
+        &trade_path,
+        Some(&f.user_b),
+        None,
+        None,
+    )
+    .await;
+    assert_problem(&r, 404, "not-found");
+    let r = send(&f.app, Method::GET, &wd_path, Some(&f.user_b), None, None).await;
+    assert_problem(&r, 404, "not-found");
+    // A trade id is not a withdrawal id.
+    let crossed = format!("/v1/withdrawals/{}", trade.json["id"].as_str().unwrap());
+    let r = send(&f.app, Method::GET, &crossed, Some(&f.user_a), None, None).await;
+    assert_problem(&r, 404, "not-found");
+    // The expired key of A can't read A's trade either.
+    let r = send(
+        &f.app,
+        Method::GET,
+        &trade_path,
+        Some(&f.expired),
+        None,
+        None,
+    )
+    .await;
+    assert_problem(&r, 401, "unauthorized");
+    // Keys are scoped per user: B's "t-1" is a different request.
+    let r = send(
+        &f.app,
+        Method::POST,
+        "/v1/trades",
+        Some(&f.user_b),
+        Some("t-1"),
+        Some(&trade_body()),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    assert_ne!(r.json["id"], trade.json["id"]);
+}
+
+// ----------------------------------------------------------- idempotency
+
+#[tokio::test]
+async fn idempotency_key_replays_and_refuses_mismatches() {
+    let f = fixture(8).await;
+    // Missing key: 400 and nothing written.
+    let r = send(
+        &f.app,
+        Method::POST,
+        "/v1/trades",
+        Some(&f.user_a),
+        None,
+        Some(&trade_body()),
+    )
+    .await;
+    assert_problem(&r, 400, "validation");
+    assert!(
+        r.json["detail"]
+            .as_str()
+            .unwrap()
+            .contains("Idempotency-Key")
+    );
+    let r = send(
+        &f.app,
+        Method::POST,
+        "/v1/withdrawals",
+        Some(&f.user_a),
+        None,
+        Some(&withdrawal_body()),
+    )
+    .await;
+    assert_problem(&r, 400, "validation");
+    assert_nothing_written(&f).await;
+
+    let first = send(
+        &f.app,
+        Method::POST,
+        "/v1/trades",
+        Some(&f.user_a),
+        Some("same"),
+        Some(&trade_body()),
+    )
+    .await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    // Same key, same body (other key order): the identical response.
+    let reordered = json!({
+        "limit_price": "30000.00",
+        "base_amount": "0.5",
+        "quote_asset": "USD",
+        "base_asset": "BTC",
+        "side": "buy",
+    });
+    let second = send(
+        &f.app,
+        Method::POST,
+        "/v1/trades",
+        Some(&f.user_a),
+        Some("same"),
+        Some(&reordered),
+    )
+    .await;
+    assert_eq!(second.status, first.status);
+    assert_eq!(second.text, first.text);
+    assert_eq!(workflows_of(&f, "payments.trade").await, 1);
+
+    // Same key, different body: 422, nothing new.
+    let mut other = trade_body();
+    other["base_amount"] = json!("0.6");
+    let r = send(
+        &f.app,
+        Method::POST,
+        "/v1/trades",
+        Some(&f.user_a),
+        Some("same"),
+        Some(&other),
+    )
+    .await;
+    assert_problem(&r, 422, "unprocessable");
+    // Same key on another endpoint: also a different request.
+    let r = send(
+        &f.app,
+        Method::POST,
+        "/v1/withdrawals",
+        Some(&f.user_a),
+        Some("same"),
+        Some(&withdrawal_body()),
+    )
+    .await;
+    assert_problem(&r, 422, "unprocessable");
+    assert_eq!(count(&f, "SELECT count(*) FROM workflows").await, 1);
+    assert_eq!(count(&f, "SELECT count(*) FROM idempotency_keys").await, 1);
+}
+
+#[tokio::test]
+async fn fifty_concurrent_requests_with_one_key_create_one_trade() {
+    let f = fixture(20).await;
+    let body = trade_body();
+    let replies = futures::future::join_all((0..50).map(|_| {
+        send(
+            &f.app,
+            Method::POST,
+            "/v1/trades",
+            Some(&f.user_a),
+            Some("burst"),
+            Some(&body),
+        )
+    }))
+    .await;
+    assert_eq!(workflows_of(&f, "payments.trade").await, 1);
+    assert_eq!(count(&f, "SELECT count(*) FROM jobs").await, 1);
+    let created: Vec<&Reply> = replies
+        .iter()
+        .filter(|r| r.status == StatusCode::CREATED)
+        .collect();
+    assert!(!created.is_empty());
+    // Every 201 is the same answer; anything else is the documented 409
+    // "in progress" (only if a waiter outlived the lock timeout).
+    for r in &replies {
+        if r.status == StatusCode::CREATED {
+            assert_eq!(r.text, created[0].text);
+        } else {
+            assert_problem(r, 409, "conflict");
+        }
+    }
+}
+
+// ------------------------------------------------------------- bad input
+
+#[tokio::test]
+async fn bad_input_is_a_problem_and_changes_nothing() {
+    let f = fixture(8).await;
+    let with = |field: &str, value: Value| {
+        let mut b = trade_body();
+        b[field] = value;
+        b
+    };
+    let mut cases: Vec<(&str, Value)> = vec![
+        ("number amount", with("base_amount", json!(0.5))),
+        ("number price", with("limit_price", json!(30000))),
+        (
+            "over scale (BTC has 8)",
+            with("base_amount", json!("0.123456789")),
+        ),
+        (
+            "over scale (USD has 2)",
+            with("limit_price", json!("30000.001")),
+        ),
+        (
+            "29 digits",
+            with("base_amount", json!("12345678901234567890123456789")),
+        ),
+        ("negative", with("base_amount", json!("-1"))),
+        ("zero", with("base_amount", json!("0"))),
+        ("zero with decimals", with("limit_price", json!("0.00"))),
+        ("NaN", with("base_amount", json!("NaN"))),
+        ("Infinity", with("limit_price", json!("Infinity"))),
+        ("exponent", with("base_amount", json!("1e5"))),
+        ("empty", with("base_amount", json!(""))),
+        ("null amount", with("base_amount", Value::Null)),
+        ("unknown asset", with("base_asset", json!("DOGE"))),
+        ("same assets", with("quote_asset", json!("BTC"))),
+        ("bad side", with("side", json!("short"))),
+        ("numeric asset", with("base_asset", json!(5))),
+        ("mass-assigned status", with("status", json!("settled"))),
+        ("mass-assigned fee", with("fee", json!("0"))),
+        (
+            "mass-assigned user_id",
+            with("user_id", json!(uuid::Uuid::nil())),
+        ),
+    ];
+    let mut missing = trade_body();
+    missing.as_object_mut().unwrap().remove("limit_price");
+    cases.push(("missing field", missing));
+    cases.push(("not an object", json!(["buy"])));
+    for (name, body) in &cases {
+        let r = send(
+            &f.app,
+            Method::POST,
+            "/v1/trades",
+            Some(&f.user_a),
+            Some(&key_of(name)),
+            Some(body),
+        )
+        .await;
+        assert!(
+            matches!(r.status.as_u16(), 400 | 422),
+            "{name}: {} {}",
+            r.status,
+            r.text
+        );
+        assert_eq!(r.content_type, "application/problem+json", "{name}");
+        assert!(
+            r.json["type"]
+                .as_str()
+                .unwrap()
+                .starts_with("https://ledgerflow.dev/problems/")
+        );
+    }
+    let wd = |field: &str, value: Value| {
+        let mut b = withdrawal_body();
+        b[field] = value;
+        b
+    };
+    let cases = [
+        ("wd number", wd("amount", json!(0.01))),
+        ("wd over scale", wd("amount", json!("0.000000001"))),
+        ("wd negative", wd("amount", json!("-0.01"))),
+        ("wd zero", wd("amount", json!("0"))),
+        ("wd NaN", wd("amount", json!("NaN"))),
+        (
+            "wd 29 digits",
+            wd("amount", json!("99999999999999999999999999999")),
+        ),
+        ("wd empty address", wd("address", json!(""))),
+        ("wd status", wd("status", json!("completed"))),
+    ];
+    for (name, body) in &cases {
+        let r = send(
+            &f.app,
+            Method::POST,
+            "/v1/withdrawals",
+            Some(&f.user_a),
+            Some(&key_of(name)),
+            Some(body),
+        )
+        .await;
+        assert!(
+            matches!(r.status.as_u16(), 400 | 422),
+            "{name}: {} {}",
+            r.status,
+            r.text
+        );
+        assert_eq!(r.content_type, "application/problem+json", "{name}");
+    }
+    // A bad Idempotency-Key is refused too.
+    let r = send(
+        &f.app,
+        Method::POST,
+        "/v1/trades",
+        Some(&f.user_a),
+        Some(&"k".repeat(300)),
+        Some(&trade_body()),
+    )
+    .await;
+    assert_problem(&r, 400, "validation");
+    assert_nothing_written(&f).await;
+}
