@@ -264,7 +264,11 @@ async fn pause_stops_claims_in_another_process_until_resumed() -> TestResult {
 async fn graceful_shutdown_finishes_in_flight_and_releases_the_rest() -> TestResult {
     let db = TestDb::new().await?;
     let s = store(&db.pool, Duration::from_secs(30), true);
+    // Counts handlers that have started, so shutdown begins only once all
+    // eight slots are busy (claimed rows alone may not have started yet).
+    static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let sleepy = |ctx: JobContext| async move {
+        STARTED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let ms = ctx.job().args["ms"].as_u64().unwrap_or(0);
         tokio::time::sleep(Duration::from_millis(ms)).await;
         Outcome::Complete
@@ -289,6 +293,14 @@ async fn graceful_shutdown_finishes_in_flight_and_releases_the_rest() -> TestRes
         Duration::from_secs(10),
     )
     .await?;
+    let waiting = Instant::now();
+    while STARTED.load(std::sync::atomic::Ordering::SeqCst) < 8 {
+        assert!(
+            waiting.elapsed() < Duration::from_secs(10),
+            "handlers did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let started = Instant::now();
     let report = runner.shutdown(Duration::from_secs(2)).await;
     assert!(
