@@ -341,8 +341,16 @@ impl Store {
         owner: &Arc<str>,
         limit: u32,
     ) -> Result<Vec<ClaimedJob>> {
+        // The claim commits asynchronously (`synchronous_commit` off for this
+        // statement's own transaction only): a claim lost to a database crash just
+        // leaves the job `available`, and the attempt that believed it held the lease
+        // is fenced off when its completion finds no matching token. Every later
+        // synchronous commit (the handler's FencedTx, the completion) flushes the WAL
+        // up to and including this claim, so nothing that depends on it can be
+        // durable without it. This saves an fsync per claim batch.
         let rows = sqlx::query(
-            "WITH t AS (SELECT coalesce($4::timestamptz, now()) AS n),
+            "WITH t AS (SELECT coalesce($4::timestamptz, now()) AS n,
+                               set_config('synchronous_commit', 'off', true) AS async_commit),
              next AS (
                SELECT id FROM jobs
                WHERE state = 'available' AND queue = $1
