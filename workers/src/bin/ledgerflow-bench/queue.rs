@@ -1,7 +1,5 @@
-//! `ledgerflow-bench`: Ledgerflow's benchmarks, on the same workloads as the peers' scripts.
-//!
-//! `ledgerflow-bench queue` runs the two workloads of `../shared/bench/peers` (see its README),
-//! each on a fresh database (`bench_lf_<random>`) on the server of `DATABASE_URL`:
+//! `ledgerflow-bench queue`: the two workloads of `../shared/bench/peers` (see its README),
+//! each on a fresh database:
 //!
 //! - **W1**: `--jobs` no-op jobs enqueued with `Store::job_insert_many`, one call per 1000 jobs,
 //!   while no worker runs (→ enqueue jobs/s); then one runner (`--concurrency`, `--prefetch`)
@@ -16,23 +14,15 @@
 //! `--history N` first fills each database with N completed jobs and `--backlog N` with N
 //! available jobs of another queue, so the effect of a large table can be measured.
 //!
-//! Before each workload the whole machine's CPU use is sampled from `/proc/stat` (waiting up to
-//! `--quiet-max` seconds for it to fall below `--quiet-pct`), and reported as `bg_pct`, because
-//! other load on the machine skews the figures. The results are printed as a table and as a
-//! `RESULT` line that `../shared/bench/peers/table.py` tabulates with the peers' lines; `--json`
-//! also writes them to a file.
-//!
-//! New benchmarks (`workflow`, `ingress`) are new [`Command`] variants with their own workload
-//! functions; they can reuse [`BenchDb`], [`Conn`] and [`cpu_busy`].
+//! The machine's CPU use before each workload is reported as `bg_pct`. The results are printed
+//! as a table and as a `RESULT` line that `../shared/bench/peers/table.py` tabulates with the
+//! peers' lines; `--json` also writes them to a file.
 
+use crate::common::{BenchDb, CommonArgs, PoolArgs, percentile, quiet};
 use anyhow::{Context, Result, bail, ensure};
-use clap::{Parser, Subcommand};
-use ledgerflow_engine::{MIGRATOR, NewJob, Outcome, Store, StoreConfig};
+use ledgerflow_engine::{NewJob, Outcome, Store, StoreConfig};
 use ledgerflow_workers::{JobContext, QueueConfig, Registry, Runner, RunnerConfig};
 use serde_json::json;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
-use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -53,67 +43,8 @@ const LATENCY_DRAIN: Duration = Duration::from_secs(30);
 /// Grace period for runner shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
-#[derive(Parser)]
-#[command(
-    name = "ledgerflow-bench",
-    about = "Ledgerflow benchmarks (same workloads as ../shared/bench/peers)"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Queue throughput (W1) and enqueue→start latency (W2).
-    Queue(QueueArgs),
-}
-
-/// Settings every benchmark shares.
 #[derive(clap::Args, Debug, Clone)]
-struct CommonArgs {
-    /// Server to benchmark on; each workload creates (and drops) its own database there.
-    #[arg(
-        long,
-        env = "DATABASE_URL",
-        default_value = "postgres://ledgerflow:ledgerflow@127.0.0.1:5432/ledgerflow",
-        hide_env_values = true
-    )]
-    database_url: String,
-
-    /// Also write the results to this JSON file.
-    #[arg(long, value_name = "PATH")]
-    json: Option<std::path::PathBuf>,
-
-    /// Other load on the machine (CPU busy %) considered quiet.
-    #[arg(long, default_value_t = 15)]
-    quiet_pct: u32,
-
-    /// Wait at most this many seconds for the machine to be quiet before each workload
-    /// (0: sample once for 1 s and go on).
-    #[arg(long, default_value_t = 30)]
-    quiet_max: u64,
-
-    /// Keep the benchmark databases instead of dropping them (for inspection).
-    #[arg(long)]
-    keep_db: bool,
-}
-
-/// The pool the store (runner and enqueuer) uses.
-#[derive(clap::Args, Debug, Clone, Copy)]
-struct PoolArgs {
-    /// Connections in the pool.
-    #[arg(long, default_value_t = 16)]
-    pool_size: u32,
-
-    /// `PgPoolOptions::test_before_acquire` (sqlx's default, like the `ledgerflow` binary's
-    /// pool): a ping before each checkout.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
-    test_before_acquire: bool,
-}
-
-#[derive(clap::Args, Debug, Clone)]
-struct QueueArgs {
+pub struct Args {
     #[command(flatten)]
     common: CommonArgs,
 
@@ -171,23 +102,6 @@ enum Workload {
     W2,
 }
 
-#[tokio::main(flavor = "multi_thread")]
-async fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    match Cli::parse().command {
-        Command::Queue(args) => queue(args).await,
-    }
-}
-
-// ------------------------------------------------------------------ queue
-
-/// W1's figures.
 #[derive(Debug, Clone, Copy)]
 struct Throughput {
     enqueue_per_s: f64,
@@ -209,7 +123,7 @@ struct Latency {
     bg_pct: u32,
 }
 
-async fn queue(args: QueueArgs) -> Result<()> {
+pub async fn run(args: Args) -> Result<()> {
     ensure!(args.jobs > 0, "--jobs must be at least 1");
     ensure!(
         args.latency_rate > 0.0,
@@ -244,7 +158,7 @@ fn store(db: &BenchDb) -> Store {
     Store::with_config(db.pool.clone(), StoreConfig::default())
 }
 
-fn runner_config(args: &QueueArgs) -> RunnerConfig {
+fn runner_config(args: &Args) -> RunnerConfig {
     let mut config = RunnerConfig {
         queues: vec![QueueConfig::new(QUEUE, args.concurrency).prefetch(args.prefetch)],
         ..RunnerConfig::default()
@@ -262,7 +176,7 @@ fn runner_config(args: &QueueArgs) -> RunnerConfig {
 }
 
 /// Fills the database with `--history` completed and `--backlog` available jobs.
-async fn prefill(args: &QueueArgs, db: &BenchDb) -> Result<()> {
+async fn prefill(args: &Args, db: &BenchDb) -> Result<()> {
     if args.history == 0 && args.backlog == 0 {
         return Ok(());
     }
@@ -313,7 +227,7 @@ async fn prefill(args: &QueueArgs, db: &BenchDb) -> Result<()> {
 }
 
 /// W1: bulk enqueue with no worker running, then one runner drains the queue.
-async fn throughput(args: &QueueArgs, db: &BenchDb, bg_pct: u32) -> Result<Throughput> {
+async fn throughput(args: &Args, db: &BenchDb, bg_pct: u32) -> Result<Throughput> {
     prefill(args, db).await?;
     let store = store(db);
     let n = args.jobs;
@@ -382,7 +296,7 @@ async fn throughput(args: &QueueArgs, db: &BenchDb, bg_pct: u32) -> Result<Throu
 }
 
 /// W2: paced single enqueues to an idle runner; enqueue→handler-start latency.
-async fn latency(args: &QueueArgs, db: &BenchDb, bg_pct: u32) -> Result<Latency> {
+async fn latency(args: &Args, db: &BenchDb, bg_pct: u32) -> Result<Latency> {
     prefill(args, db).await?;
     let store = store(db);
     let n = args.latency_jobs;
@@ -445,10 +359,6 @@ async fn latency(args: &QueueArgs, db: &BenchDb, bg_pct: u32) -> Result<Latency>
 }
 
 /// The sample at rank ⌊p/100·n⌋ of sorted `xs` (the peers' scripts use the same rule).
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let i = ((p / 100.0) * sorted.len() as f64).floor() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
 
 fn print_w1(r: &Throughput) {
     eprintln!(
@@ -464,7 +374,7 @@ fn print_w2(r: &Latency) {
     );
 }
 
-fn report(args: &QueueArgs, w1: Option<Throughput>, w2: Option<Latency>) -> Result<()> {
+fn report(args: &Args, w1: Option<Throughput>, w2: Option<Latency>) -> Result<()> {
     let mut rows: Vec<(&str, String)> = vec![
         ("jobs (W1)", args.jobs.to_string()),
         (
@@ -573,151 +483,20 @@ fn report(args: &QueueArgs, w1: Option<Throughput>, w2: Option<Latency>) -> Resu
     Ok(())
 }
 
-// ---------------------------------------------------------- infrastructure
-
-/// A freshly created and migrated database, dropped by [`BenchDb::finish`].
-struct BenchDb {
-    server: PgConnectOptions,
-    name: String,
-    options: PgConnectOptions,
-    pool: PgPool,
-    keep: bool,
-}
-
-impl BenchDb {
-    async fn create(common: &CommonArgs, pool: &PoolArgs) -> Result<Self> {
-        let PoolArgs {
-            pool_size,
-            test_before_acquire,
-        } = *pool;
-        let server = PgConnectOptions::from_str(&common.database_url)
-            .context("DATABASE_URL is not a valid Postgres URL")?;
-        let name = format!(
-            "bench_lf_{}",
-            &uuid::Uuid::new_v4().simple().to_string()[..12]
-        );
-        let mut admin = PgConnection::connect_with(&server).await.with_context(|| {
-            format!(
-                "cannot connect to {} (is Postgres running? `cargo xtask bench` starts it)",
-                server.to_url_lossy()
-            )
-        })?;
-        sqlx::raw_sql(&format!(r#"CREATE DATABASE "{name}""#))
-            .execute(&mut admin)
-            .await
-            .with_context(|| format!("creating database {name}"))?;
-        admin.close().await?;
-        let options = server.clone().database(&name);
-        let pool = PgPoolOptions::new()
-            .max_connections(pool_size.max(2))
-            .test_before_acquire(test_before_acquire)
-            .connect_with(options.clone())
-            .await?;
-        MIGRATOR.run(&pool).await.context("migrating")?;
-        Ok(Self {
-            server,
-            name,
-            options,
-            pool,
-            keep: common.keep_db,
-        })
-    }
-
-    /// Drops the database (unless `--keep-db`) whatever the workload's result `out` is.
-    async fn finish<T>(self, out: Result<T>) -> Result<T> {
-        self.pool.close().await;
-        if self.keep {
-            eprintln!("kept database {}", self.name);
-        } else if let Err(e) = self.drop_db().await {
-            eprintln!("warning: could not drop database {}: {e:#}", self.name);
-        }
-        out
-    }
-
-    async fn drop_db(&self) -> Result<()> {
-        let mut admin = PgConnection::connect_with(&self.server).await?;
-        sqlx::raw_sql(&format!(
-            r#"DROP DATABASE IF EXISTS "{}" WITH (FORCE)"#,
-            self.name
-        ))
-        .execute(&mut admin)
-        .await?;
-        admin.close().await?;
-        Ok(())
-    }
-
-    /// A connection outside the pool.
-    async fn connect(&self) -> Result<Conn> {
-        Ok(Conn(PgConnection::connect_with(&self.options).await?))
-    }
-}
-
-/// A dedicated connection (not from the pool).
-struct Conn(PgConnection);
-
-impl Conn {
-    async fn close(self) {
-        let _ = self.0.close().await;
-    }
-}
-
-/// Samples whole-machine CPU for 1 s, repeating (up to `--quiet-max` s) while it is at or above
-/// `--quiet-pct`; returns the last reading.
-async fn quiet(common: &CommonArgs) -> Result<u32> {
-    let end = Instant::now() + Duration::from_secs(common.quiet_max);
-    loop {
-        let busy = cpu_busy(Duration::from_secs(1)).await?;
-        if busy < common.quiet_pct || Instant::now() >= end {
-            return Ok(busy);
-        }
-        eprintln!("machine busy ({busy}%), waiting");
-    }
-}
-
-/// Whole-machine CPU busy % over `window`, from the first line of `/proc/stat` (the same
-/// arithmetic as the peers' `cpu_busy`: idle = idle + iowait over user..steal).
-async fn cpu_busy(window: Duration) -> Result<u32> {
-    fn read() -> Result<Vec<u64>> {
-        let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
-        let line = stat.lines().next().unwrap_or_default();
-        line.split_whitespace()
-            .skip(1)
-            .take(8)
-            .map(|f| f.parse::<u64>().context("parsing /proc/stat"))
-            .collect()
-    }
-    let a = read()?;
-    tokio::time::sleep(window).await;
-    let b = read()?;
-    ensure!(a.len() == 8 && b.len() == 8, "unexpected /proc/stat format");
-    let delta: Vec<u64> = b
-        .iter()
-        .zip(&a)
-        .map(|(b, a)| b.saturating_sub(*a))
-        .collect();
-    let total: u64 = delta.iter().sum();
-    let idle = delta[3] + delta[4];
-    Ok(u32::try_from(
-        (100 * (total - idle)).checked_div(total).unwrap_or(0),
-    )?)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn percentile_uses_the_peers_rank_rule() {
-        let xs: Vec<f64> = (1..=500).map(f64::from).collect();
-        assert_eq!(percentile(&xs, 50.0), 251.0);
-        assert_eq!(percentile(&xs, 99.0), 496.0);
-        assert_eq!(percentile(&[3.0], 99.0), 3.0);
-    }
+    use crate::{Cli, Command};
+    use clap::Parser;
 
     #[test]
     fn cli_parses_defaults() {
         let cli = Cli::try_parse_from(["ledgerflow-bench", "queue"]).expect("parses");
-        let Command::Queue(q) = cli.command;
+        #[allow(unreachable_patterns)] // refutable once there is more than one subcommand
+        let q = match cli.command {
+            Command::Queue(q) => q,
+            _ => panic!("`queue` parsed as another subcommand"),
+        };
         assert_eq!((q.jobs, q.concurrency, q.prefetch), (20_000, 32, 100));
         assert_eq!(q.workloads, vec![Workload::W1, Workload::W2]);
     }

@@ -1,0 +1,48 @@
+//! `ledgerflow-bench`: Ledgerflow's benchmarks, one subcommand per workload, one module each.
+//!
+//! - `queue` ([`queue`]): the two workloads of `../shared/bench/peers` (W1 throughput, W2
+//!   enqueue→start latency), comparable with the peers' scripts.
+//!
+//! Every workload runs on a fresh database (`bench_lf_<random>`) on the server of
+//! `DATABASE_URL` ([`common::BenchDb`]), samples the machine's CPU use first
+//! ([`common::quiet`]) because other load skews the figures, prints a table and, with `--json`,
+//! writes its results to a file.
+//!
+//! A new benchmark is a module with an `Args` struct (flattening [`common::CommonArgs`]) and an
+//! `async fn run(Args)`, plus one [`Command`] variant and one dispatch line in [`main`].
+
+mod common;
+mod queue;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "ledgerflow-bench",
+    about = "Ledgerflow benchmarks (same workloads as ../shared/bench/peers)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Queue throughput (W1) and enqueue→start latency (W2).
+    Queue(queue::Args),
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Queue(args) => queue::run(args).await,
+    }
+}
