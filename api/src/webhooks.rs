@@ -21,7 +21,9 @@
 //! - valid → in ONE transaction the raw body goes to the inbox (source
 //!   `webhook:{provider}`, dedupe key = the provider's event id) and, when the
 //!   row is new, the `payments.webhook` workflow is started (unique key
-//!   `webhook:{event id}`), which turns the event into its signal. Only after
+//!   `webhook:{event id}`, inbox row id in its input), which turns the event
+//!   into its signal and marks the inbox row processed in that same
+//!   transaction. Only after
 //!   the commit is `200 {"status":"accepted"}` (or `{"status":"duplicate"}`)
 //!   answered; a database failure is a 503 problem so the provider retries.
 //!
@@ -388,8 +390,10 @@ pub async fn receive(
         Ok(i) => i,
         Err(e) => return db_unavailable(&name, "inbox insert", &e),
     };
-    if let InboxInserted::Inserted(_) = inserted
-        && let Err(e) = webhook::start_in(&mut tx, &state.store, registry, &event).await
+    if let InboxInserted::Inserted(inbox_id) = inserted
+        && let Err(e) =
+            webhook::start_for_inbox_in(&mut tx, &state.store, registry, &event, Some(inbox_id))
+                .await
     {
         return db_unavailable(&name, "workflow start", &e);
     }

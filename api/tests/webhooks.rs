@@ -390,3 +390,52 @@ async fn without_a_workflow_registry_valid_deliveries_are_503() {
         .unwrap();
     assert_eq!(n, 0);
 }
+
+#[tokio::test]
+async fn processing_marks_the_inbox_row_processed_with_its_signal() {
+    let f = fixture().await;
+    let body = event_body("evt_proc");
+    let resp = post_stripe(&f.state, SECRET, now(), &body).await;
+    assert_eq!(resp.1["status"], "accepted", "{}", resp.1);
+    let processed =
+        "SELECT count(*) FROM inbox WHERE dedupe_key = 'evt_proc' AND processed_at IS NOT NULL";
+    let signals = "SELECT count(*) FROM signals WHERE dedupe_key = 'evt_proc'";
+    // Accepted means stored, not yet processed.
+    assert_eq!(count(&f, processed).await, 0);
+    assert_eq!(count(&f, signals).await, 0);
+
+    // Run the processing workflow the way a worker would.
+    let registry = workflows::registry(Deps {
+        exchange: Arc::new(SimulatedExchange::default()),
+        notifier: Arc::new(SimulatedNotifier::new()),
+        config: WorkflowsConfig::default(),
+    })
+    .unwrap();
+    let h = ledgerflow_engine::workflow_testing::WorkflowHarness::new(
+        Store::new(f.db.pool.clone()),
+        registry,
+    );
+    h.run_until_idle().await.unwrap();
+    assert_eq!(count(&f, signals).await, 1);
+    assert_eq!(count(&f, processed).await, 1);
+    // The row was marked by the step that sent the signal, in the same
+    // transaction (rows written by one transaction share its xmin).
+    let same: bool = sqlx::query_scalar(
+        "SELECT i.xmin::text = s.xmin::text FROM inbox i, signals s
+         WHERE i.dedupe_key = 'evt_proc' AND s.dedupe_key = 'evt_proc'",
+    )
+    .fetch_one(&f.db.pool)
+    .await
+    .unwrap();
+    assert!(
+        same,
+        "inbox row and signal committed in different transactions"
+    );
+
+    // A redelivery is a duplicate and changes nothing.
+    let again = post_stripe(&f.state, SECRET, now(), &body).await;
+    assert_eq!(again.1["status"], "duplicate");
+    h.run_until_idle().await.unwrap();
+    assert_eq!(count(&f, signals).await, 1);
+    assert_eq!(count(&f, processed).await, 1);
+}

@@ -8,9 +8,12 @@
 //! `withdrawal.confirmed`) with correlation key = the event's idempotency
 //! key and dedupe key = the event id, in the step's fenced transaction: a
 //! redelivered event is applied once, and a signal that arrives before its
-//! waiter is kept for it.
+//! waiter is kept for it. When the intake passed the event's inbox row
+//! (`inbox_id` in the input), the same transaction marks that row processed,
+//! so `inbox.processed_at` is set exactly when the signal is committed.
 use super::db;
 use crate::exchange::Event;
+use ledgerflow_engine::inbox::inbox_mark_processed_in;
 use ledgerflow_engine::workflow::StepResult;
 use ledgerflow_engine::{
     SignalSent, StepCtx, StepOutcome, Store, Workflow, WorkflowId, WorkflowRegistry,
@@ -54,7 +57,25 @@ pub async fn start_in(
     registry: &WorkflowRegistry,
     event: &Event,
 ) -> crate::Result<WorkflowId> {
-    let input = json!({ "event": event });
+    start_for_inbox_in(conn, store, registry, event, None).await
+}
+
+/// Starts the processing of a verified event stored as inbox row `inbox_id`
+/// (once per event id); the step marks that row processed when it commits
+/// the signal.
+pub async fn start_for_inbox_in(
+    conn: &mut PgConnection,
+    store: &Store,
+    registry: &WorkflowRegistry,
+    event: &Event,
+    inbox_id: Option<i64>,
+) -> crate::Result<WorkflowId> {
+    // `inbox_id` is optional in the input (a wire format): workflows started
+    // before it existed, or by callers without an inbox row, still run.
+    let input = match inbox_id {
+        Some(id) => json!({ "event": event, "inbox_id": id }),
+        None => json!({ "event": event }),
+    };
     Ok(workflow_start_in(
         conn,
         store,
@@ -77,10 +98,21 @@ async fn signal_step(ctx: StepCtx) -> StepResult {
         Some(Err(e)) => return Ok(StepOutcome::Fail(format!("not an exchange event: {e}"))),
         None => return Ok(StepOutcome::Fail("input has no event".to_string())),
     };
+    let inbox_id = ctx
+        .input()
+        .get("inbox_id")
+        .and_then(serde_json::Value::as_i64);
     let mut conn = db(&ctx).await?;
     let sent = signal_event_in(&mut conn, ctx.store(), &event)
         .await
         .map_err(|e| e.to_string())?;
+    // Same fenced transaction as the signal: the row is processed iff the
+    // signal committed (a retried step finds it processed already: false).
+    if let Some(id) = inbox_id {
+        inbox_mark_processed_in(&mut conn, id)
+            .await
+            .map_err(|e| format!("marking inbox row {id} processed: {e}"))?;
+    }
     let woke = match &sent {
         SignalSent::New { woke, .. } => woke.clone(),
         SignalSent::Duplicate => Vec::new(),
