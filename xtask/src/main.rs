@@ -11,6 +11,7 @@ mod helm_check;
 mod kafka;
 mod openapi;
 mod pg;
+mod schemathesis;
 mod test;
 
 use anyhow::Result;
@@ -40,6 +41,8 @@ enum Command {
     HelmCheck,
     /// Write the OpenAPI specs to api/openapi/.
     Openapi(openapi::Args),
+    /// Property-based tests generated from the OpenAPI specs against a running system.
+    Schemathesis(schemathesis::Args),
 }
 
 fn main() -> ExitCode {
@@ -49,6 +52,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(args),
         Command::HelmCheck => helm_check::run(cmd::workspace_root()),
         Command::Openapi(args) => openapi::run(args),
+        Command::Schemathesis(args) => schemathesis::run(args),
     };
     // Print the error chain on one line, without the backtrace `RUST_BACKTRACE` would add.
     if let Err(e) = result {
