@@ -2,7 +2,11 @@
 //!
 //! `ledgerflow migrate` applies the schema (the Helm migration Job runs it);
 //! `ledgerflow run --roles worker,...` runs the selected roles in one process
-//! until SIGTERM/Ctrl-C, then drains gracefully.
+//! until SIGTERM/Ctrl-C, then drains gracefully; `ledgerflow seed` creates
+//! demo data for a local system (see `ledgerflow/seed.rs`).
+#[path = "ledgerflow/seed.rs"]
+mod seed;
+
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use ledgerflow_engine::{
@@ -18,6 +22,7 @@ use ledgerflow_workers::kafka::{IngressConfig, KafkaConfig, RelayConfig};
 use ledgerflow_workers::relay::{Relay, RelayHandle};
 use ledgerflow_workers::runner::{JobContext, QueueConfig, Registry, Runner, RunnerConfig};
 use ledgerflow_workers::{ops, scheduler};
+use sqlx::Connection;
 use sqlx::postgres::PgPoolOptions;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -47,6 +52,9 @@ enum Command {
     Run(RunArgs),
     /// Enqueue one job (for operators and smoke tests).
     Enqueue(EnqueueArgs),
+    /// Create (or find) demo data and print it as JSON: a funded user with a
+    /// new API key, an operator and an approver admin with new credentials.
+    Seed(seed::SeedArgs),
 }
 
 #[derive(Parser, Debug)]
@@ -156,6 +164,14 @@ async fn main() -> Result<()> {
         }
         Command::Run(args) => run(&url, args).await,
         Command::Enqueue(args) => enqueue(&url, args).await,
+        Command::Seed(args) => {
+            let mut conn = sqlx::PgConnection::connect(&url)
+                .await
+                .context("connecting to PostgreSQL")?;
+            let seeded = seed::seed(&mut conn, &args).await?;
+            println!("{}", serde_json::to_string_pretty(&seeded)?);
+            Ok(())
+        }
     }
 }
 

@@ -122,6 +122,24 @@ pub async fn user(conn: &mut PgConnection, id: UserId) -> Result<Option<User>> {
     }))
 }
 
+/// The user with this email (compared regardless of case, as the unique
+/// index does), if any. Lets idempotent tools (`ledgerflow seed`) find a user
+/// they created before.
+pub async fn user_by_email(conn: &mut PgConnection, email: &str) -> Result<Option<User>> {
+    let row: Option<(UserId, String, String, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT id, email, display_name, created_at FROM users WHERE lower(email) = lower($1)",
+    )
+    .bind(email.trim())
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(row.map(|(id, email, display_name, created_at)| User {
+        id,
+        email,
+        display_name,
+        created_at,
+    }))
+}
+
 /// Issues an API key for `user`, valid for `ttl` (forever if `None`; the
 /// expiry is computed on the database clock, like the check in
 /// [`authenticate_api_key`]). Returns the key's id and its plain text, which
@@ -332,6 +350,62 @@ pub async fn disable_admin(conn: &mut PgConnection, admin: AdminId) -> Result<bo
             .execute(&mut *conn)
             .await?;
     Ok(done.rows_affected() == 1)
+}
+
+/// The enabled admin called `name`, if any.
+pub async fn admin_by_name(conn: &mut PgConnection, name: &str) -> Result<Option<Admin>> {
+    let row: Option<(AdminId, String, String)> =
+        sqlx::query_as("SELECT id, name, role FROM admins WHERE name = $1 AND disabled_at IS NULL")
+            .bind(name.trim())
+            .fetch_optional(&mut *conn)
+            .await?;
+    row.map(|(id, name, role)| {
+        Ok(Admin {
+            id,
+            name,
+            role: AdminRole::parse(&role)?,
+        })
+    })
+    .transpose()
+}
+
+/// Replaces an enabled admin's credential with a fresh one (shown once); the
+/// old one stops working at once. `None` if no enabled admin has this id.
+/// For operators who lost a credential, and for `ledgerflow seed`, which
+/// cannot recover the plain text of the credential it issued earlier.
+pub async fn rotate_admin_credential(
+    conn: &mut PgConnection,
+    admin: AdminId,
+) -> Result<Option<PlaintextKey>> {
+    for _ in 0..PREFIX_ATTEMPTS {
+        let token = Token::generate(ADMIN_KEY_TAG);
+        let mut sp = conn.begin().await?;
+        let result = sqlx::query(
+            "UPDATE admins SET credential_prefix = $2, credential_hash = $3
+             WHERE id = $1 AND disabled_at IS NULL",
+        )
+        .bind(admin)
+        .bind(&token.prefix)
+        .bind(token.hash.as_slice())
+        .execute(&mut *sp)
+        .await;
+        match result {
+            Ok(done) => {
+                sp.commit().await?;
+                return Ok((done.rows_affected() == 1).then_some(token.plaintext));
+            }
+            Err(e) => {
+                sp.rollback().await?;
+                // A prefix collision: try another token.
+                if violated_constraint(&e) != Some("admins_credential_prefix_key") {
+                    return Err(Error::Db(e));
+                }
+            }
+        }
+    }
+    Err(Error::Invalid(
+        "could not find a free credential prefix; try again".into(),
+    ))
 }
 
 /// A freshly generated credential.
