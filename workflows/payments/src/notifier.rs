@@ -1,12 +1,26 @@
 //! Notification providers (email, push): the [`Notifier`] trait and
 //! [`SimulatedNotifier`], an in-process provider with fault modes.
 //!
+//! Layout (the same shape as [`crate::exchange`]):
+//! - this file — the trait, the wire types, [`Error`], [`SimulatedNotifier`]
+//!   and [`NotifierControls`], the seam tests use to steer any simulator;
+//! - [`http`] — [`http::HttpNotifier`], the reqwest client for a provider's
+//!   HTTP API (the simulator's, see [`server`]);
+//! - [`server`] — the provider simulator's HTTP endpoints, mounted by the
+//!   `exchange-sim` server beside the exchange's, and
+//!   [`server::HttpNotifierControls`];
+//! - [`conformance`] — the one behavioural suite every implementation passes.
+//!
 //! Same contract as the exchange (rule 3): every [`Notification`] carries a
 //! deterministic `id` (derived from the workflow id and step), the provider
 //! delivers each id at most once, and a repeat returns the original
 //! [`SendReceipt`] (with `duplicate: true`). [`Error`] has the exchange's three
 //! kinds: `Rejected` (final), `Unavailable` (not sent, retry) and `Unknown`
 //! (maybe sent: a retry is safe only because the provider dedupes on `id`).
+
+pub mod conformance;
+pub mod http;
+pub mod server;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -34,6 +48,16 @@ pub enum Error {
 
 /// The name the issue uses for [`Error`].
 pub use self::Error as NotifyError;
+
+impl Error {
+    /// True when sending the same notification again is safe and may
+    /// succeed: not sent ([`Error::Unavailable`]), or maybe sent
+    /// ([`Error::Unknown`] — safe only because the provider dedupes on the
+    /// id). [`Error::Rejected`] is final.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Error::Unavailable(_) | Error::Unknown(_))
+    }
+}
 
 /// Delivery channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -74,6 +98,40 @@ pub struct SendReceipt {
 pub trait Notifier: Send + Sync {
     /// Sends `notification` unless its id was already delivered.
     async fn send(&self, notification: &Notification) -> Result<SendReceipt>;
+}
+
+/// What a provider holds for a delivered notification id: the message as
+/// first sent and the provider's message id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delivery {
+    /// The message that went out (the first send of its id).
+    pub notification: Notification,
+    /// The provider's id for it.
+    pub provider_message_id: String,
+}
+
+/// Per-id counters of a simulated provider.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliveryCounters {
+    /// Send calls received for the id (retries and duplicates included).
+    pub attempts: u64,
+    /// Times a message with the id actually went out (0 or 1).
+    pub delivered: u64,
+}
+
+/// The seam tests use to steer and inspect a simulated provider, in process
+/// ([`SimulatedNotifier`]) or over HTTP ([`server::HttpNotifierControls`]).
+#[async_trait]
+pub trait NotifierControls: Send + Sync {
+    /// Fails the next `times` sends (of any id not yet delivered) with
+    /// `fault`; `times == 0` clears the fault.
+    async fn fail_next(&self, times: u32, fault: NotifyFault) -> Result<()>;
+
+    /// The delivery recorded for `id`, if one went out.
+    async fn delivery(&self, id: &str) -> Result<Option<Delivery>>;
+
+    /// How often `id` was sent and delivered.
+    async fn counters(&self, id: &str) -> Result<DeliveryCounters>;
 }
 
 /// How [`SimulatedNotifier`] fails the next sends.
@@ -146,6 +204,36 @@ impl SimulatedNotifier {
     /// Every message that went out, in order.
     pub fn deliveries(&self) -> Vec<Notification> {
         lock(&self.state).deliveries.clone()
+    }
+
+    /// The delivery recorded for `id`, if one went out.
+    pub fn delivery(&self, id: &str) -> Option<Delivery> {
+        lock(&self.state)
+            .delivered
+            .get(id)
+            .map(|(notification, message_id)| Delivery {
+                notification: notification.clone(),
+                provider_message_id: message_id.clone(),
+            })
+    }
+}
+
+#[async_trait]
+impl NotifierControls for SimulatedNotifier {
+    async fn fail_next(&self, times: u32, fault: NotifyFault) -> Result<()> {
+        self.fail_times(times, fault);
+        Ok(())
+    }
+
+    async fn delivery(&self, id: &str) -> Result<Option<Delivery>> {
+        Ok(SimulatedNotifier::delivery(self, id))
+    }
+
+    async fn counters(&self, id: &str) -> Result<DeliveryCounters> {
+        Ok(DeliveryCounters {
+            attempts: self.attempts(id),
+            delivered: u64::try_from(self.delivered_count(id)).unwrap_or(u64::MAX),
+        })
     }
 }
 

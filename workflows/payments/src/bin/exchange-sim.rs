@@ -1,6 +1,9 @@
 //! `exchange-sim`: the simulated exchange as an HTTP server, for local
 //! development and end-to-end tests. A thin wrapper over
-//! [`ledgerflow_payments::exchange::server::serve_simulator`].
+//! [`ledgerflow_payments::exchange::server::serve_simulator`]. The same
+//! server is the simulated email/push provider (`/v1/notifications`, see
+//! `ledgerflow_payments::notifier::server`): point `LEDGERFLOW_NOTIFIER_URL`
+//! at it too.
 //!
 //! ```text
 //! exchange-sim --listen 127.0.0.1:0 \
@@ -9,7 +12,7 @@
 //! ```
 //!
 //! The first line on stdout is the bound address (useful with port 0).
-//! Stops on Ctrl-C.
+//! Stops on Ctrl-C or SIGTERM.
 
 use clap::Parser;
 use ledgerflow_payments::exchange::server::{SimServerConfig, WebhookTarget, serve_simulator};
@@ -47,7 +50,8 @@ struct Args {
     /// Delay between a withdrawal and its confirmation, in simulated ms.
     #[arg(long, default_value_t = 0)]
     confirm_delay_ms: u64,
-    /// How long an accept-then-timeout call holds its answer, in ms.
+    /// How long an accept-then-timeout call (order, withdrawal or
+    /// notification) holds its answer, in ms.
     #[arg(long, default_value_t = 30_000)]
     hang_ms: u64,
 }
@@ -92,8 +96,28 @@ async fn main() -> std::io::Result<()> {
         writeln!(out, "{addr}")?;
         out.flush()?;
     }
-    serve_simulator(listener, config, async {
+    serve_simulator(listener, config, shutdown_signal()).await
+}
+
+/// Ctrl-C or SIGTERM: `cargo xtask dev` and process supervisors stop the
+/// simulator with SIGTERM and expect a clean exit (status 0).
+async fn shutdown_signal() {
+    let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
-    })
-    .await
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
 }

@@ -18,6 +18,7 @@
 //! | `POST /admin/advance` (`{"ms": n}`) | 200 [`AdvanceReport`] |
 //! | `GET /admin/counters`, `GET /admin/counters/{key}` | 200 counters |
 //! | `GET /healthz` | 200 |
+//! | `POST /v1/notifications`, `GET /v1/notifications/{id}`, `/admin/notifications/…` | the simulated email/push provider, see [`crate::notifier::server`] |
 //!
 //! Errors are `{"error": "rejected"|"unknown"|"unavailable", "reason": "…"}`.
 //! Under [`Fault::AcceptThenTimeout`] the call is recorded and the answer is
@@ -138,8 +139,10 @@ pub async fn serve_simulator(
         .at("/admin/fault", put(set_fault))
         .at("/admin/advance", post(advance))
         .at("/admin/counters", get(counters))
-        .at("/admin/counters/:key", get(counters_for))
-        .data(app.clone());
+        .at("/admin/counters/:key", get(counters_for));
+    // The notification provider simulator lives beside the exchange, so one
+    // `exchange-sim` process serves both adapters' HTTP implementations.
+    let routes = crate::notifier::server::mount(routes, config.hang_for).data(app.clone());
     let server = Server::new_with_acceptor(TcpAcceptor::from_tokio(listener)?)
         .run_with_graceful_shutdown(routes, shutdown, Some(Duration::from_secs(1)));
     match config.tick {
