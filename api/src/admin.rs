@@ -299,12 +299,12 @@ struct JobCursorWire {
     id: Uuid,
 }
 
-fn encode_cursor<T: Serialize>(wire: &T) -> Result<String> {
+pub(crate) fn encode_cursor<T: Serialize>(wire: &T) -> Result<String> {
     let json = serde_json::to_vec(wire).map_err(|e| Error::Internal(e.to_string()))?;
     Ok(URL_SAFE_NO_PAD.encode(json))
 }
 
-fn decode_cursor<T: for<'de> Deserialize<'de>>(cursor: &str) -> Result<T> {
+pub(crate) fn decode_cursor<T: for<'de> Deserialize<'de>>(cursor: &str) -> Result<T> {
     let bad = || Error::Validation("cursor is malformed; use next_cursor as given".into());
     if cursor.len() > 512 {
         return Err(bad());
@@ -313,7 +313,7 @@ fn decode_cursor<T: for<'de> Deserialize<'de>>(cursor: &str) -> Result<T> {
     serde_json::from_slice(&bytes).map_err(|_| bad())
 }
 
-fn job_cursor(sort: JobSort, job: &Job) -> Result<String> {
+pub(crate) fn job_cursor(sort: JobSort, job: &Job) -> Result<String> {
     let c = JobCursor::after(job, sort.column);
     let (t, n) = match c.key {
         SortKey::Time(t) => (Some(t), None),
@@ -329,7 +329,7 @@ fn job_cursor(sort: JobSort, job: &Job) -> Result<String> {
     })
 }
 
-fn parse_job_cursor(sort: JobSort, cursor: &str) -> Result<JobCursor> {
+pub(crate) fn parse_job_cursor(sort: JobSort, cursor: &str) -> Result<JobCursor> {
     let w: JobCursorWire = decode_cursor(cursor)?;
     if w.s != sort.column.as_str() || w.d != sort.descending {
         return Err(Error::Validation(
@@ -353,7 +353,7 @@ struct AuditCursorWire {
 
 // ------------------------------------------------------------------ parsing
 
-fn text_filter(name: &str, value: Option<String>) -> Result<Option<String>> {
+pub(crate) fn text_filter(name: &str, value: Option<String>) -> Result<Option<String>> {
     match value {
         None => Ok(None),
         Some(v) if v.is_empty() => Ok(None),
@@ -403,14 +403,14 @@ fn check_range(filter: &JobFilter) -> Result<()> {
     Ok(())
 }
 
-fn page_limit(limit: Option<u32>, default: u32, max: u32) -> Result<u32> {
+pub(crate) fn page_limit(limit: Option<u32>, default: u32, max: u32) -> Result<u32> {
     match limit.unwrap_or(default) {
         n if (1..=max).contains(&n) => Ok(n),
         _ => Err(Error::Validation(format!("limit must be 1..={max}"))),
     }
 }
 
-fn reason(text: &str) -> Result<String> {
+pub(crate) fn reason(text: &str) -> Result<String> {
     audit::check_reason(text)
         .map(str::to_string)
         .map_err(Error::from)
@@ -916,7 +916,7 @@ async fn queue_action(
     }))
 }
 
-fn log_action(admin: &Admin, action: &str, target: &str) {
+pub(crate) fn log_action(admin: &Admin, action: &str, target: &str) {
     tracing::info!(admin = %admin.name, role = admin.role.as_str(), action, target, "admin action");
 }
 

@@ -31,6 +31,11 @@ pub enum Error {
     /// Authenticated, but the role does not allow this.
     #[error("{0}")]
     Forbidden(String),
+    /// Four-eyes rule: the admin approving something is the one who
+    /// requested it (problem type `four-eyes`, so clients can tell it from a
+    /// missing role).
+    #[error("{0}")]
+    FourEyes(String),
     /// The input is malformed or out of range.
     #[error("{0}")]
     Validation(String),
@@ -66,7 +71,7 @@ impl Error {
     pub fn status(&self) -> StatusCode {
         match self {
             Error::Unauthorized => StatusCode::UNAUTHORIZED,
-            Error::Forbidden(_) => StatusCode::FORBIDDEN,
+            Error::Forbidden(_) | Error::FourEyes(_) => StatusCode::FORBIDDEN,
             Error::Validation(_) => StatusCode::BAD_REQUEST,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::Conflict(_) => StatusCode::CONFLICT,
@@ -91,6 +96,7 @@ impl Error {
                 )
             }
             Error::Timeout { .. } => Problem::new(status, "timeout", &self.to_string()),
+            Error::FourEyes(_) => Problem::new(status, "four-eyes", &self.to_string()),
             Error::Unavailable => Problem::new(
                 status,
                 "unavailable",
@@ -129,6 +135,9 @@ impl From<ledgerflow_payments::Error> for Error {
         use ledgerflow_payments::Error as E;
         match e {
             E::Invalid(msg) => Error::Validation(msg),
+            // A refusal of the caller (a role without the right, an approver
+            // approving their own request): 403, never a 500.
+            E::Forbidden(msg) => Error::Forbidden(msg),
             e if e.is_transient() => {
                 tracing::warn!(error = %e, "transient database error");
                 Error::Unavailable
@@ -318,5 +327,22 @@ mod tests {
             action: "retry",
         };
         assert_eq!(Error::from(e).status(), StatusCode::CONFLICT);
+    }
+
+    #[test]
+    fn domain_refusals_are_403_with_stable_types() {
+        let e = Error::from(ledgerflow_payments::Error::Forbidden(
+            "not an approver".into(),
+        ));
+        let p = e.problem();
+        assert_eq!(
+            (p.status, p.type_uri.as_str()),
+            (403, "https://ledgerflow.dev/problems/forbidden")
+        );
+        let p = Error::FourEyes("own request".into()).problem();
+        assert_eq!(
+            (p.status, p.type_uri.as_str()),
+            (403, "https://ledgerflow.dev/problems/four-eyes")
+        );
     }
 }

@@ -10,7 +10,10 @@
 //! - [`public`]     — `/v1` for users (bearer API key): balances, trades,
 //!   withdrawals;
 //! - [`idempotency`] — the `Idempotency-Key` protocol of the public POSTs;
-//! - [`admin`]      — the admin API (bearer admin credential, roles, audit);
+//! - [`admin`]      — the admin API (bearer admin credential, roles, audit):
+//!   jobs, queues, audit log; [`admin_workflows`], [`admin_cron`],
+//!   [`admin_dead_letters`] and [`admin_approvals`] add workflows, cron
+//!   schedules, dead letters and withdrawal approvals;
 //! - [`auth`]       — credentials and the role/permission allow-list;
 //! - [`ops`]        — `/healthcheck`, `/readyz` (a list of checks), `/metrics`;
 //! - [`middleware`] — body limit, timeout, problem+json for every error, metrics;
@@ -22,6 +25,10 @@
 //! `ledgerflow_engine::admin_query`, audit rows in `ledgerflow_payments::audit`.
 
 pub mod admin;
+pub mod admin_approvals;
+pub mod admin_cron;
+pub mod admin_dead_letters;
+pub mod admin_workflows;
 pub mod auth;
 pub mod error;
 pub mod idempotency;
@@ -167,10 +174,31 @@ fn public_service() -> OpenApiService<public::PublicApi, ()> {
         .description("Balances, trades and withdrawals. POSTs need an Idempotency-Key. Errors are RFC 7807 problems.")
 }
 
-fn admin_service() -> OpenApiService<admin::AdminApi, ()> {
-    OpenApiService::new(admin::AdminApi, "Ledgerflow admin API", VERSION).description(
-        "Jobs, queues and the audit log. Every mutation requires a reason and is audited \
-         in the same transaction. Errors are RFC 7807 problems.",
+/// Every admin operation group (one `#[OpenApi]` impl per file).
+type AdminApis = (
+    admin::AdminApi,
+    admin_workflows::WorkflowsApi,
+    admin_cron::CronApi,
+    admin_dead_letters::DeadLettersApi,
+    admin_approvals::ApprovalsApi,
+);
+
+fn admin_service() -> OpenApiService<AdminApis, ()> {
+    OpenApiService::new(
+        (
+            admin::AdminApi,
+            admin_workflows::WorkflowsApi,
+            admin_cron::CronApi,
+            admin_dead_letters::DeadLettersApi,
+            admin_approvals::ApprovalsApi,
+        ),
+        "Ledgerflow admin API",
+        VERSION,
+    )
+    .description(
+        "Jobs, queues, workflows, cron schedules, dead letters, withdrawal approvals and \
+         the audit log. Every mutation requires a reason and is audited in the same \
+         transaction. Errors are RFC 7807 problems.",
     )
 }
 
@@ -222,7 +250,16 @@ pub fn admin_app(state: AppState) -> impl Endpoint<Output = poem::Response> {
     middleware::wrap(
         route,
         "admin",
-        Routes::new(admin::ROUTES),
+        Routes::new(
+            &[
+                admin::ROUTES,
+                admin_workflows::ROUTES,
+                admin_cron::ROUTES,
+                admin_dead_letters::ROUTES,
+                admin_approvals::ROUTES,
+            ]
+            .concat(),
+        ),
         state.limits(),
         state.metrics.clone(),
     )

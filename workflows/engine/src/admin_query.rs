@@ -1,13 +1,16 @@
-//! Read-side queries for the admin API: filtered, keyset-paginated job
-//! listings, the job selection behind bulk operator actions, and the cheap
-//! live-queue depths that `/metrics` exports.
+//! Read-side queries for the admin API: filtered, keyset-paginated job and
+//! workflow listings, Kafka dead-letter pages, the job selection behind bulk
+//! operator actions, and the cheap gauges that `/metrics` exports (live-queue
+//! depths, workflows per state, outbox backlog, pending dead letters).
 //!
 //! Filters arrive from HTTP, so this module is where "never build SQL from
 //! input" is kept for them: every value is a bound parameter, the only text
 //! ever pushed into a statement is a constant fragment chosen by a `match`
 //! over a closed enum ([`JobSortColumn`]), and the free-text search escapes
 //! `LIKE` wildcards so that `%` and `_` in a search mean themselves.
+use crate::inbox::DeadLetter;
 use crate::job::JOB_COLUMNS;
+use crate::workflow::{WorkflowId, WorkflowRow, WorkflowState};
 use crate::{Job, JobId, JobState, Result, Store};
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, Postgres, QueryBuilder, Row};
@@ -326,6 +329,304 @@ impl Store {
         rows.iter()
             .map(|r| Ok((r.try_get("queue")?, r.try_get("state")?, r.try_get("n")?)))
             .collect()
+    }
+}
+
+// ------------------------------------------------------------ workflows
+
+/// Which workflows a listing covers. Empty fields match everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WorkflowFilter {
+    /// Exact workflow kind (its name, e.g. `payments.withdrawal`).
+    pub kind: Option<String>,
+    /// Any of these states (all states when empty).
+    pub states: Vec<WorkflowState>,
+    /// `created_at >= created_from`.
+    pub created_from: Option<DateTime<Utc>>,
+    /// `created_at < created_to`.
+    pub created_to: Option<DateTime<Utc>>,
+}
+
+/// The columns a workflow listing may be sorted by (a closed set).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WorkflowSortColumn {
+    /// Start time (the default).
+    CreatedAt,
+    /// Last change.
+    UpdatedAt,
+    /// The id alone (v7, so roughly start order).
+    Id,
+}
+
+impl WorkflowSortColumn {
+    /// Every sortable column.
+    pub const ALL: [WorkflowSortColumn; 3] = [
+        WorkflowSortColumn::CreatedAt,
+        WorkflowSortColumn::UpdatedAt,
+        WorkflowSortColumn::Id,
+    ];
+
+    /// The column's name, as accepted by [`std::str::FromStr`] and used in SQL.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkflowSortColumn::CreatedAt => "created_at",
+            WorkflowSortColumn::UpdatedAt => "updated_at",
+            WorkflowSortColumn::Id => "id",
+        }
+    }
+}
+
+impl std::str::FromStr for WorkflowSortColumn {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        WorkflowSortColumn::ALL
+            .into_iter()
+            .find(|c| c.as_str() == s)
+            .ok_or_else(|| crate::Error::Invalid(format!("cannot sort workflows by {s:?}")))
+    }
+}
+
+/// A workflow listing's order: a column, then the id, in one direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkflowSort {
+    pub column: WorkflowSortColumn,
+    pub descending: bool,
+}
+
+impl Default for WorkflowSort {
+    fn default() -> Self {
+        Self {
+            column: WorkflowSortColumn::CreatedAt,
+            descending: true,
+        }
+    }
+}
+
+/// Where the next page of workflows starts: strictly after this (time, id)
+/// in the listing's order (`time` is ignored when sorting by id).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkflowCursor {
+    pub time: Option<DateTime<Utc>>,
+    pub id: WorkflowId,
+}
+
+impl WorkflowCursor {
+    /// The cursor just after `row` in an order by `column`.
+    pub fn after(row: &WorkflowRow, column: WorkflowSortColumn) -> Self {
+        let time = match column {
+            WorkflowSortColumn::CreatedAt => Some(row.created_at),
+            WorkflowSortColumn::UpdatedAt => Some(row.updated_at),
+            WorkflowSortColumn::Id => None,
+        };
+        Self { time, id: row.id }
+    }
+}
+
+const WORKFLOW_COLUMNS: &str = "id, kind, version, state, input, output, current_step, \
+    wait_reason, wait_until, queue, unique_key, error, created_at, updated_at, finished_at";
+
+// ---------------------------------------------------------- dead letters
+
+/// Which Kafka dead letters a listing covers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeadLetterFilter {
+    /// Hide the ones already redriven.
+    pub pending_only: bool,
+    /// Exact topic.
+    pub topic: Option<String>,
+}
+
+const DEAD_LETTER_COLUMNS: &str = "id, source, topic, \"partition\", \"offset\", key, payload, \
+    headers, error, attempts, created_at, redriven_at";
+
+/// What Postgres can tell about the Kafka edge: the outbox backlog and the
+/// dead letters waiting for an operator.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct EdgeBacklog {
+    /// Outbox rows not yet published.
+    pub outbox_unpublished: i64,
+    /// Age in seconds of the oldest unpublished outbox row (0 when none).
+    pub outbox_oldest_age_secs: f64,
+    /// Dead letters not redriven.
+    pub dead_letters_pending: i64,
+}
+
+impl Store {
+    /// One page of workflows matching `filter`, in `sort` order, after
+    /// `after`, at most `limit` (1..=[`MAX_PAGE`]) rows. Every value is bound;
+    /// the column and direction are constants chosen by `match`.
+    pub async fn workflow_list(
+        &self,
+        filter: &WorkflowFilter,
+        sort: WorkflowSort,
+        after: Option<&WorkflowCursor>,
+        limit: u32,
+    ) -> Result<Vec<WorkflowRow>> {
+        if limit == 0 || limit > MAX_PAGE {
+            return Err(crate::Error::Invalid(format!(
+                "limit must be 1..={MAX_PAGE}"
+            )));
+        }
+        if let (Some(from), Some(to)) = (filter.created_from, filter.created_to)
+            && from > to
+        {
+            return Err(crate::Error::Invalid(
+                "created_from is after created_to".into(),
+            ));
+        }
+        let mut q = QueryBuilder::<Postgres>::new(format!(
+            "SELECT {WORKFLOW_COLUMNS} FROM workflows WHERE true"
+        ));
+        if let Some(kind) = &filter.kind {
+            q.push(" AND kind = ").push_bind(kind.clone());
+        }
+        if !filter.states.is_empty() {
+            let states: Vec<&'static str> = filter.states.iter().map(|s| s.as_str()).collect();
+            q.push(" AND state = ANY(").push_bind(states).push(")");
+        }
+        if let Some(from) = filter.created_from {
+            q.push(" AND created_at >= ").push_bind(from);
+        }
+        if let Some(to) = filter.created_to {
+            q.push(" AND created_at < ").push_bind(to);
+        }
+        let col = sort.column.as_str();
+        let (cmp, dir) = if sort.descending {
+            ("<", "DESC")
+        } else {
+            (">", "ASC")
+        };
+        if let Some(cursor) = after {
+            match (sort.column, cursor.time) {
+                (WorkflowSortColumn::Id, _) => {
+                    q.push(format_args!(" AND id {cmp} ")).push_bind(cursor.id);
+                }
+                (_, Some(t)) => {
+                    q.push(format_args!(" AND ({col}, id) {cmp} ("))
+                        .push_bind(t)
+                        .push(", ")
+                        .push_bind(cursor.id)
+                        .push(")");
+                }
+                (_, None) => {
+                    return Err(crate::Error::Invalid(
+                        "cursor does not match the sort column".into(),
+                    ));
+                }
+            }
+        }
+        if sort.column == WorkflowSortColumn::Id {
+            q.push(format_args!(" ORDER BY id {dir}"));
+        } else {
+            q.push(format_args!(" ORDER BY {col} {dir}, id {dir}"));
+        }
+        q.push(" LIMIT ").push_bind(i64::from(limit));
+        Ok(q.build_query_as::<WorkflowRow>()
+            .fetch_all(self.pool())
+            .await?)
+    }
+
+    /// Workflows per state (every state present, zeros included), for `/metrics`.
+    pub async fn workflow_state_counts(&self) -> Result<Vec<(WorkflowState, i64)>> {
+        let rows = sqlx::query("SELECT state, count(*) AS n FROM workflows GROUP BY state")
+            .fetch_all(self.pool())
+            .await?;
+        let mut out: Vec<(WorkflowState, i64)> =
+            WorkflowState::ALL.iter().map(|s| (*s, 0)).collect();
+        for r in &rows {
+            let state: String = r.try_get("state")?;
+            let n: i64 = r.try_get("n")?;
+            let state: WorkflowState = state.parse()?;
+            if let Some(slot) = out.iter_mut().find(|(s, _)| *s == state) {
+                slot.1 = n;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The outbox backlog and pending dead letters. Both reads are served by
+    /// partial indexes (`outbox_unpublished`, `dead_letters_pending`), so
+    /// their cost follows the backlog, not the history.
+    pub async fn edge_backlog(&self) -> Result<EdgeBacklog> {
+        let row = sqlx::query(
+            "SELECT (SELECT count(*) FROM outbox WHERE published_at IS NULL) AS unpublished,
+                    (SELECT coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8
+                     FROM outbox WHERE published_at IS NULL) AS oldest,
+                    (SELECT count(*) FROM dead_letters WHERE redriven_at IS NULL) AS dead",
+        )
+        .fetch_one(self.pool())
+        .await?;
+        Ok(EdgeBacklog {
+            outbox_unpublished: row.try_get("unpublished")?,
+            outbox_oldest_age_secs: row.try_get::<f64, _>("oldest")?.max(0.0),
+            dead_letters_pending: row.try_get("dead")?,
+        })
+    }
+
+    /// One page of Kafka dead letters, newest first, with ids below `before`
+    /// (the previous page's last id), at most `limit` (1..=[`MAX_PAGE`]).
+    pub async fn dead_letter_page(
+        &self,
+        filter: &DeadLetterFilter,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<DeadLetter>> {
+        if limit == 0 || limit > MAX_PAGE {
+            return Err(crate::Error::Invalid(format!(
+                "limit must be 1..={MAX_PAGE}"
+            )));
+        }
+        Ok(sqlx::query_as::<_, DeadLetter>(&format!(
+            "SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters
+             WHERE (NOT $1 OR redriven_at IS NULL)
+               AND ($2::text IS NULL OR topic = $2)
+               AND ($3::bigint IS NULL OR id < $3)
+             ORDER BY id DESC LIMIT $4"
+        ))
+        .bind(filter.pending_only)
+        .bind(filter.topic.as_deref())
+        .bind(before)
+        .bind(i64::from(limit))
+        .fetch_all(self.pool())
+        .await?)
+    }
+
+    /// Makes the timeout of the signal wait that workflow `id` is in due
+    /// now, on the caller's connection: the waiting step runs again at once
+    /// with `timed_out` set and decides (e.g. a withdrawal's approval step
+    /// rejects). Returns false when the workflow is not waiting for a signal.
+    /// The wait's own timeout job is reused (same unique key), so the step
+    /// still runs once for this wait.
+    pub async fn workflow_expire_wait_in(
+        &self,
+        conn: &mut PgConnection,
+        id: WorkflowId,
+    ) -> Result<bool> {
+        let moved: Option<JobId> = sqlx::query_scalar(
+            "UPDATE jobs j SET state = 'available', run_at = coalesce($3::timestamptz, now())
+             FROM workflows w
+             WHERE w.id = $1 AND w.state = 'waiting' AND w.wait_signal_name IS NOT NULL
+               AND j.workflow_id = w.id AND j.kind = $2 AND j.state = 'scheduled'
+               AND j.args->>'wake' = 'timeout'
+               AND (j.args->>'wait_seq')::int = w.wait_seq
+             RETURNING j.id",
+        )
+        .bind(id)
+        .bind(crate::WORKFLOW_JOB_KIND)
+        .bind(self.now())
+        .fetch_optional(&mut *conn)
+        .await?;
+        Ok(moved.is_some())
+    }
+
+    /// One Kafka dead letter.
+    pub async fn dead_letter_get(&self, id: i64) -> Result<Option<DeadLetter>> {
+        Ok(sqlx::query_as::<_, DeadLetter>(&format!(
+            "SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(self.pool())
+        .await?)
     }
 }
 

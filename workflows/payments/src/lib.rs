@@ -9,13 +9,15 @@
 //! - [`ids`]    — typed row ids;
 //! - [`idempotency`] — the public API's idempotency records and resource read models;
 //! - [`error`]  — the crate's one [`Error`] type;
-//! - [`workflows`] — the trade, withdrawal, notification and webhook workflows.
+//! - [`workflows`] — the trade, withdrawal, notification and webhook workflows;
+//! - [`approvals`] — pending withdrawal approvals and rejection, for the admin API.
 //!
 //! The invariants that keep money safe (double entry, no negative available
 //! balance, append-only history, asset scales) are enforced by the schema in
 //! `migrations/20261126001000_payments.sql`; this crate adds precise errors
 //! and idempotency on top.
 
+pub mod approvals;
 pub mod audit;
 pub mod error;
 pub mod exchange;
