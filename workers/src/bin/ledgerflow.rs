@@ -13,7 +13,8 @@ use ledgerflow_engine::{
     JobState, NewJob, Outcome, Store, StoreConfig, WORKFLOW_JOB_KIND, WorkflowRegistry, run_step,
 };
 use ledgerflow_payments::exchange::http::{HttpConfig, HttpExchange};
-use ledgerflow_payments::notifier::SimulatedNotifier;
+use ledgerflow_payments::notifier::http::{HttpConfig as NotifierHttpConfig, HttpNotifier};
+use ledgerflow_payments::notifier::{Notifier, SimulatedNotifier};
 use ledgerflow_payments::workflows::{Deps, WorkflowsConfig, registry as payments_registry};
 use ledgerflow_workers::ingress::{
     EnqueueJob, HandlerRegistry, Ingress, IngressHandle, SendSignal,
@@ -419,12 +420,29 @@ fn payments_workflows() -> Result<Option<Arc<WorkflowRegistry>>> {
     };
     let exchange = HttpExchange::new(&url, HttpConfig::default())
         .map_err(|e| anyhow::anyhow!("LEDGERFLOW_EXCHANGE_URL: {e}"))?;
-    // No email/push provider adapter exists yet: notifications go to the
-    // in-process simulated provider, and the log says so.
-    tracing::warn!("notifications use the simulated provider (no real provider is configured)");
+    // Without a provider URL notifications go to the in-process simulated
+    // provider (nothing leaves the process), and the log says so.
+    let notifier: Arc<dyn Notifier> = match std::env::var("LEDGERFLOW_NOTIFIER_URL") {
+        Ok(url) => Arc::new(
+            HttpNotifier::new(
+                &url,
+                NotifierHttpConfig {
+                    api_key: std::env::var("LEDGERFLOW_NOTIFIER_API_KEY").ok(),
+                    ..NotifierHttpConfig::default()
+                },
+            )
+            .map_err(|e| anyhow::anyhow!("LEDGERFLOW_NOTIFIER_URL: {e}"))?,
+        ),
+        Err(_) => {
+            tracing::warn!(
+                "LEDGERFLOW_NOTIFIER_URL is not set: notifications use the in-process simulated provider"
+            );
+            Arc::new(SimulatedNotifier::new())
+        }
+    };
     Ok(Some(Arc::new(payments_registry(Deps {
         exchange: Arc::new(exchange),
-        notifier: Arc::new(SimulatedNotifier::new()),
+        notifier,
         config: WorkflowsConfig::default(),
     })?)))
 }
