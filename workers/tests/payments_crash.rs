@@ -555,10 +555,20 @@ impl Rig {
     }
 
     /// The second admin approves withdrawal `id`.
+    /// A worker may refuse the withdrawal (funds, limit) between our read
+    /// and the approval: then the approval is refused too, and changes
+    /// nothing.
     async fn approve(&self, id: Uuid) -> TestResult {
         let mut tx = self.db.pool.begin().await?;
-        withdrawal::approve_in(&mut tx, &self.store, &self.approver, id, "crash test").await?;
-        tx.commit().await?;
+        match withdrawal::approve_in(&mut tx, &self.store, &self.approver, id, "crash test").await {
+            Ok(_) => tx.commit().await?,
+            Err(ledgerflow_payments::Error::Invalid(reason))
+                if reason.contains("is rejected; it cannot be approved") =>
+            {
+                tx.rollback().await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
         Ok(())
     }
 
