@@ -179,7 +179,9 @@ impl ApprovalsApi {
         }
         // approve_in checks the state, writes the audit row and sends the
         // workflow's signal, all on this transaction.
-        let sent = approve_in(&mut tx, &state.store, &admin, id, &why).await?;
+        let sent = approve_in(&mut tx, &state.store, &admin, id, &why)
+            .await
+            .map_err(state_conflict)?;
         let changed = !matches!(sent, ledgerflow_engine::SignalSent::Duplicate);
         let audit_id = if changed {
             // approve_in wrote it on this transaction; read its id back.
@@ -231,10 +233,7 @@ impl ApprovalsApi {
         }
         approvals::reject_in(&mut tx, &state.store, &admin, id, &why)
             .await
-            .map_err(|e| match e {
-                ledgerflow_payments::Error::Invalid(msg) => Error::Conflict(msg),
-                other => Error::from(other),
-            })?;
+            .map_err(state_conflict)?;
         let audit_id = audit::record(
             &mut *tx,
             &admin,
@@ -255,6 +254,15 @@ impl ApprovalsApi {
             changed: true,
             audit_id: Some(audit_id),
         }))
+    }
+}
+
+/// The withdrawal exists (checked first), so the domain's `Invalid` here
+/// means its state does not allow the decision: 409, not 400.
+fn state_conflict(e: ledgerflow_payments::Error) -> Error {
+    match e {
+        ledgerflow_payments::Error::Invalid(msg) => Error::Conflict(msg),
+        other => Error::from(other),
     }
 }
 
