@@ -18,6 +18,7 @@
 //! `StepCtx::external_call` (contract rule 3).
 
 pub mod notification;
+mod steps;
 pub mod trade;
 pub mod webhook;
 pub mod withdrawal;

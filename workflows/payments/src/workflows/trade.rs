@@ -23,20 +23,19 @@
 //!    transaction.
 //! 6. `notify`      — starts the `payments.notification` workflow (unique
 //!    key `notification:trade:{id}:settled`) and finishes.
+use super::steps::{self, Row};
 use super::{
-    Deps, EVENTS_TOPIC, compensate_fn, db, now_param, output, reconcile_fn, refusal_or_retry,
-    step_fn, str_field,
+    Deps, compensate_fn, db, now_param, output, reconcile_fn, refusal_or_retry, step_fn, str_field,
 };
 use crate::exchange::{self, IdempotencyKey, OrderRequest, OrderState, OrderStatus, Side};
 use crate::ids::{AccountId, UserId};
 use crate::ledger::{self, AccountKind};
 use crate::money::{Amount, AmountStr, Asset};
 use crate::notifier::Channel;
-use ledgerflow_engine::outbox::{NewOutboxEvent, outbox_insert_in};
 use ledgerflow_engine::workflow::{
-    CallError, CompensationResult, ExternalError, ReconcileResult, Reconciled, StepResult,
+    CallError, CompensationResult, ReconcileResult, Reconciled, StepResult,
 };
-use ledgerflow_engine::{StepCtx, StepOutcome, Workflow, WorkflowRegistry, workflow_start_in};
+use ledgerflow_engine::{StepCtx, StepOutcome, Workflow, WorkflowRegistry};
 use rust_decimal::{Decimal, RoundingStrategy};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -49,6 +48,8 @@ pub const KIND: &str = "payments.trade";
 pub const FILL_SIGNAL: &str = "order.filled";
 /// The step that places the order; its idempotency key is the order's key.
 pub const PLACE_ORDER_STEP: &str = "place_order";
+/// The trade's row: `trades`.
+const ROW: Row = Row::Trade;
 
 /// What starts a trade (amounts are strings, parsed exactly).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -128,29 +129,8 @@ pub(super) fn definition(deps: &Arc<Deps>, notifications: &Arc<WorkflowRegistry>
         .step("notify", step_fn(&with_notif, notify))
 }
 
-async fn set_status(
-    conn: &mut PgConnection,
-    ctx: &StepCtx,
-    status: &str,
-    error: Option<&str>,
-) -> Result<(), String> {
-    sqlx::query(
-        "UPDATE trades SET status = $2, error = coalesce($3, error),
-                updated_at = coalesce($4::timestamptz, now())
-         WHERE id = $1",
-    )
-    .bind(ctx.workflow_id())
-    .bind(status)
-    .bind(error)
-    .bind(now_param(ctx))
-    .execute(conn)
-    .await
-    .map_err(|e| format!("update trade: {e}"))?;
-    Ok(())
-}
-
 fn validated(ctx: &StepCtx) -> Result<Validated, String> {
-    Validated::deserialize(output(ctx, "validate")?).map_err(|e| format!("validate output: {e}"))
+    steps::journaled(ctx, "validate")
 }
 
 /// Step 1: exact parsing and checks; the trade row.
@@ -160,12 +140,7 @@ async fn validate(deps: Arc<Deps>, ctx: StepCtx) -> StepResult {
         Err(e) => return Ok(StepOutcome::Fail(e)),
     };
     let mut conn = db(&ctx).await?;
-    match validate_in(&mut conn, &deps, &ctx, &input).await {
-        Ok(v) => Ok(StepOutcome::Continue(
-            serde_json::to_value(v).map_err(|e| e.to_string())?,
-        )),
-        Err(e) => refusal_or_retry(e),
-    }
+    steps::validated_outcome(validate_in(&mut conn, &deps, &ctx, &input).await)
 }
 
 async fn validate_in(
@@ -253,49 +228,12 @@ async fn hold(_deps: Arc<Deps>, ctx: StepCtx) -> StepResult {
     let v = validated(&ctx)?;
     let reference = hold_reference(ctx.workflow_id());
     let amount = Amount::from_decimal(v.hold_amount, v.hold_scale).map_err(|e| e.to_string())?;
-    let mut conn = db(&ctx).await?;
-    match ledger::place_hold(&mut conn, &reference, v.hold_account, amount).await {
-        Ok(_) => {
-            sqlx::query("UPDATE trades SET hold_reference = $2 WHERE id = $1")
-                .bind(ctx.workflow_id())
-                .bind(&reference)
-                .execute(&mut *conn)
-                .await
-                .map_err(|e| e.to_string())?;
-            set_status(&mut conn, &ctx, "held", None).await?;
-            Ok(StepOutcome::Continue(
-                json!({ "hold_reference": reference }),
-            ))
-        }
-        Err(e) => {
-            let outcome = refusal_or_retry(e)?;
-            if let StepOutcome::Fail(reason) = &outcome {
-                set_status(&mut conn, &ctx, "rejected", Some(reason)).await?;
-            }
-            Ok(outcome)
-        }
-    }
+    steps::hold(&ctx, ROW, reference, v.hold_account, amount).await
 }
 
 /// Compensation of `hold`: release it (idempotent).
 pub async fn release(_deps: Arc<Deps>, ctx: StepCtx, output: Value) -> CompensationResult {
-    let reference = str_field(&output, "hold_reference")?.to_owned();
-    let mut conn = db(&ctx).await?;
-    let released = match ledger::release_hold(&mut conn, &reference).await {
-        Ok(released) => released,
-        Err(crate::Error::HoldNotFound(_)) => false,
-        Err(e) => return Err(e.to_string()),
-    };
-    sqlx::query(
-        "UPDATE trades SET status = 'cancelled', updated_at = coalesce($2::timestamptz, now())
-         WHERE id = $1 AND status NOT IN ('settled', 'rejected')",
-    )
-    .bind(ctx.workflow_id())
-    .bind(now_param(&ctx))
-    .execute(&mut *conn)
-    .await
-    .map_err(|e| e.to_string())?;
-    Ok(json!({ "hold_reference": reference, "released": released }))
+    steps::release(&ctx, ROW, &output).await
 }
 
 fn order_output(status_id: &str, key: &IdempotencyKey) -> Value {
@@ -326,16 +264,10 @@ async fn place_order(deps: Arc<Deps>, ctx: StepCtx) -> StepResult {
         Ok(ack) => {
             let order_id = str_field(&ack, "exchange_order_id")?.to_owned();
             let mut conn = db(&ctx).await?;
-            record_placed(&mut conn, &ctx, &order_id).await?;
+            ROW.record_at_exchange(&mut conn, &ctx, &order_id).await?;
             Ok(StepOutcome::Continue(order_output(&order_id, &key)))
         }
-        Err(ExternalError::Rejected(reason)) => {
-            let mut conn = db(&ctx).await?;
-            set_status(&mut conn, &ctx, "rejected", Some(&reason)).await?;
-            Ok(StepOutcome::Fail(format!("order rejected: {reason}")))
-        }
-        Err(ExternalError::InDoubt(reason)) => Ok(StepOutcome::InDoubt(reason)),
-        Err(e @ (ExternalError::NotSent(_) | ExternalError::NotMade(_))) => Err(e.to_string()),
+        Err(e) => steps::exchange_call_failed(&ctx, ROW, "order", e).await,
     }
 }
 
@@ -373,27 +305,14 @@ pub(super) fn call_error(e: exchange::Error) -> CallError {
     }
 }
 
-async fn record_placed(
-    conn: &mut PgConnection,
-    ctx: &StepCtx,
-    order_id: &str,
-) -> Result<(), String> {
-    sqlx::query("UPDATE trades SET exchange_order_id = $2 WHERE id = $1")
-        .bind(ctx.workflow_id())
-        .bind(order_id)
-        .execute(&mut *conn)
-        .await
-        .map_err(|e| e.to_string())?;
-    set_status(conn, ctx, "placed", None).await
-}
-
 /// Reconcile hook of `place_order`: what became of the in-doubt order?
 pub async fn reconcile_order(deps: Arc<Deps>, ctx: StepCtx, key: String) -> ReconcileResult {
     let key = IdempotencyKey::new(key);
     match deps.exchange.get_order_by_key(&key).await {
         Ok(Some(status)) => {
             let mut conn = db(&ctx).await?;
-            record_placed(&mut conn, &ctx, &status.exchange_order_id).await?;
+            ROW.record_at_exchange(&mut conn, &ctx, &status.exchange_order_id)
+                .await?;
             Ok(Reconciled::Succeeded(order_output(
                 &status.exchange_order_id,
                 &key,
@@ -465,7 +384,8 @@ async fn await_fill(deps: Arc<Deps>, ctx: StepCtx) -> StepResult {
         Ok(_) => {
             let mut conn = db(&ctx).await?;
             let reason = "not filled in time; order cancelled";
-            set_status(&mut conn, &ctx, "cancelled", Some(reason)).await?;
+            ROW.set_status(&mut conn, &ctx, "cancelled", Some(reason))
+                .await?;
             Ok(StepOutcome::Fail(reason.to_string()))
         }
         Err(exchange::Error::Rejected(reason)) => {
@@ -573,7 +493,7 @@ async fn settle(_deps: Arc<Deps>, ctx: StepCtx) -> StepResult {
         Ok(posted) => posted.id(),
         Err(e) => return refusal_or_retry(e),
     };
-    set_status(&mut conn, &ctx, "settled", None).await?;
+    ROW.set_status(&mut conn, &ctx, "settled", None).await?;
     let event = json!({
         "type": "trade.settled",
         "trade_id": id,
@@ -586,19 +506,7 @@ async fn settle(_deps: Arc<Deps>, ctx: StepCtx) -> StepResult {
         "fee": fill.fee,
         "transfer_id": transfer,
     });
-    let payload = serde_json::to_vec(&event).map_err(|e| e.to_string())?;
-    let key = id.to_string();
-    outbox_insert_in(
-        &mut conn,
-        &NewOutboxEvent {
-            topic: EVENTS_TOPIC,
-            key: Some(&key),
-            headers: None,
-            payload: &payload,
-        },
-    )
-    .await
-    .map_err(|e| format!("outbox: {e}"))?;
+    steps::emit_event(&mut conn, id, &event).await?;
     Ok(StepOutcome::Continue(
         json!({ "transfer_id": transfer, "fill": fill }),
     ))
@@ -618,19 +526,8 @@ async fn notify(deps: Arc<(Arc<Deps>, Arc<WorkflowRegistry>)>, ctx: StepCtx) -> 
         payload: json!({ "trade_id": id, "side": input.side, "base": input.base,
                          "quote": input.quote, "settlement": settled }),
     };
-    let args = serde_json::to_value(&notification).map_err(|e| e.to_string())?;
-    let unique = format!("notification:{}", notification.id);
     let mut conn = db(&ctx).await?;
-    let started = workflow_start_in(
-        &mut conn,
-        ctx.store(),
-        notifications,
-        super::notification::KIND,
-        &args,
-        Some(&unique),
-    )
-    .await
-    .map_err(|e| format!("start notification: {e}"))?;
+    let started = steps::start_notification(&mut conn, &ctx, notifications, &notification).await?;
     Ok(StepOutcome::Finish(
         json!({ "trade_id": id, "status": "settled", "notification_workflow": started }),
     ))

@@ -21,9 +21,9 @@
 //! 6. `finalize`           — `capture_hold` into the asset's `external`
 //!    account (reference `withdrawal:{id}:capture`), outbox event, user
 //!    notification; finishes.
+use super::steps::{self, Row};
 use super::{
-    Deps, EVENTS_TOPIC, compensate_fn, db, now_param, output, reconcile_fn, refusal_or_retry,
-    step_fn, str_field,
+    Deps, compensate_fn, db, now_param, output, reconcile_fn, refusal_or_retry, step_fn, str_field,
 };
 use crate::exchange::{self, IdempotencyKey, WithdrawalRequest, WithdrawalState};
 use crate::ids::{AccountId, AdminId, UserId};
@@ -31,13 +31,11 @@ use crate::ledger::{self, AccountKind};
 use crate::money::{Amount, AmountStr, Asset};
 use crate::notifier::Channel;
 use crate::users::{Admin, AdminRole};
-use ledgerflow_engine::outbox::{NewOutboxEvent, outbox_insert_in};
 use ledgerflow_engine::workflow::{
-    CallError, CompensationResult, ExternalError, ReconcileResult, Reconciled, StepResult,
+    CallError, CompensationResult, ReconcileResult, Reconciled, StepResult,
 };
 use ledgerflow_engine::{
     SignalSent, StepCtx, StepOutcome, Store, Workflow, WorkflowRegistry, signal_send_in,
-    workflow_start_in,
 };
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
@@ -54,6 +52,8 @@ pub const APPROVED_SIGNAL: &str = "withdrawal.approved";
 pub const CONFIRMED_SIGNAL: &str = "withdrawal.confirmed";
 /// The step that submits to the exchange; its key is the withdrawal's key.
 pub const SUBMIT_STEP: &str = "submit";
+/// The withdrawal's row: `withdrawals`.
+const ROW: Row = Row::Withdrawal;
 
 /// What starts a withdrawal.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -108,29 +108,8 @@ pub(super) fn definition(deps: &Arc<Deps>, notifications: &Arc<WorkflowRegistry>
         .step("finalize", step_fn(&with_notif, finalize))
 }
 
-async fn set_status(
-    conn: &mut PgConnection,
-    ctx: &StepCtx,
-    status: &str,
-    error: Option<&str>,
-) -> Result<(), String> {
-    sqlx::query(
-        "UPDATE withdrawals SET status = $2, error = coalesce($3, error),
-                updated_at = coalesce($4::timestamptz, now())
-         WHERE id = $1",
-    )
-    .bind(ctx.workflow_id())
-    .bind(status)
-    .bind(error)
-    .bind(now_param(ctx))
-    .execute(conn)
-    .await
-    .map_err(|e| format!("update withdrawal: {e}"))?;
-    Ok(())
-}
-
 fn validated(ctx: &StepCtx) -> Result<Validated, String> {
-    Validated::deserialize(output(ctx, "validate")?).map_err(|e| format!("validate output: {e}"))
+    steps::journaled(ctx, "validate")
 }
 
 /// Step 1.
@@ -140,12 +119,7 @@ async fn validate(deps: Arc<Deps>, ctx: StepCtx) -> StepResult {
         Err(e) => return Ok(StepOutcome::Fail(e)),
     };
     let mut conn = db(&ctx).await?;
-    match validate_in(&mut conn, &deps, &ctx, &input).await {
-        Ok(v) => Ok(StepOutcome::Continue(
-            serde_json::to_value(v).map_err(|e| e.to_string())?,
-        )),
-        Err(e) => refusal_or_retry(e),
-    }
+    steps::validated_outcome(validate_in(&mut conn, &deps, &ctx, &input).await)
 }
 
 async fn validate_in(
@@ -245,49 +219,12 @@ async fn hold(_deps: Arc<Deps>, ctx: StepCtx) -> StepResult {
     let v = validated(&ctx)?;
     let reference = hold_reference(ctx.workflow_id());
     let amount = Amount::from_decimal(v.amount, v.asset.scale).map_err(|e| e.to_string())?;
-    let mut conn = db(&ctx).await?;
-    match ledger::place_hold(&mut conn, &reference, v.account, amount).await {
-        Ok(_) => {
-            sqlx::query("UPDATE withdrawals SET hold_reference = $2 WHERE id = $1")
-                .bind(ctx.workflow_id())
-                .bind(&reference)
-                .execute(&mut *conn)
-                .await
-                .map_err(|e| e.to_string())?;
-            set_status(&mut conn, &ctx, "held", None).await?;
-            Ok(StepOutcome::Continue(
-                json!({ "hold_reference": reference }),
-            ))
-        }
-        Err(e) => {
-            let outcome = refusal_or_retry(e)?;
-            if let StepOutcome::Fail(reason) = &outcome {
-                set_status(&mut conn, &ctx, "rejected", Some(reason)).await?;
-            }
-            Ok(outcome)
-        }
-    }
+    steps::hold(&ctx, ROW, reference, v.account, amount).await
 }
 
 /// Compensation of `hold`: release it; the withdrawal is `cancelled`.
 pub async fn release(_deps: Arc<Deps>, ctx: StepCtx, output: Value) -> CompensationResult {
-    let reference = str_field(&output, "hold_reference")?.to_owned();
-    let mut conn = db(&ctx).await?;
-    let released = match ledger::release_hold(&mut conn, &reference).await {
-        Ok(r) => r,
-        Err(crate::Error::HoldNotFound(_)) => false,
-        Err(e) => return Err(e.to_string()),
-    };
-    sqlx::query(
-        "UPDATE withdrawals SET status = 'cancelled', updated_at = coalesce($2::timestamptz, now())
-         WHERE id = $1 AND status NOT IN ('completed', 'rejected')",
-    )
-    .bind(ctx.workflow_id())
-    .bind(now_param(&ctx))
-    .execute(&mut *conn)
-    .await
-    .map_err(|e| e.to_string())?;
-    Ok(json!({ "hold_reference": reference, "released": released }))
+    steps::release(&ctx, ROW, &output).await
 }
 
 /// Step 3.
@@ -299,7 +236,8 @@ async fn await_approval(deps: Arc<Deps>, ctx: StepCtx) -> StepResult {
     let mut conn = db(&ctx).await?;
     if ctx.timed_out() {
         let reason = "no approval in time";
-        set_status(&mut conn, &ctx, "rejected", Some(reason)).await?;
+        ROW.set_status(&mut conn, &ctx, "rejected", Some(reason))
+            .await?;
         return Ok(StepOutcome::Fail(reason.to_string()));
     }
     sqlx::query(
@@ -431,18 +369,12 @@ async fn submit(deps: Arc<Deps>, ctx: StepCtx) -> StepResult {
         Ok(ack) => {
             let wid = str_field(&ack, "withdrawal_id")?.to_owned();
             let mut conn = db(&ctx).await?;
-            record_submitted(&mut conn, &ctx, &wid).await?;
+            ROW.record_at_exchange(&mut conn, &ctx, &wid).await?;
             Ok(StepOutcome::Continue(
                 json!({ "withdrawal_id": wid, "idempotency_key": key.as_str() }),
             ))
         }
-        Err(ExternalError::Rejected(reason)) => {
-            let mut conn = db(&ctx).await?;
-            set_status(&mut conn, &ctx, "rejected", Some(&reason)).await?;
-            Ok(StepOutcome::Fail(format!("withdrawal rejected: {reason}")))
-        }
-        Err(ExternalError::InDoubt(reason)) => Ok(StepOutcome::InDoubt(reason)),
-        Err(e @ (ExternalError::NotSent(_) | ExternalError::NotMade(_))) => Err(e.to_string()),
+        Err(e) => steps::exchange_call_failed(&ctx, ROW, "withdrawal", e).await,
     }
 }
 
@@ -469,27 +401,14 @@ pub async fn submit_once(
     }
 }
 
-async fn record_submitted(
-    conn: &mut PgConnection,
-    ctx: &StepCtx,
-    withdrawal_id: &str,
-) -> Result<(), String> {
-    sqlx::query("UPDATE withdrawals SET exchange_withdrawal_id = $2 WHERE id = $1")
-        .bind(ctx.workflow_id())
-        .bind(withdrawal_id)
-        .execute(&mut *conn)
-        .await
-        .map_err(|e| e.to_string())?;
-    set_status(conn, ctx, "submitted", None).await
-}
-
 /// Reconcile hook of `submit`.
 pub async fn reconcile_submit(deps: Arc<Deps>, ctx: StepCtx, key: String) -> ReconcileResult {
     let key = IdempotencyKey::new(key);
     match deps.exchange.get_withdrawal_by_key(&key).await {
         Ok(Some(status)) => {
             let mut conn = db(&ctx).await?;
-            record_submitted(&mut conn, &ctx, &status.withdrawal_id).await?;
+            ROW.record_at_exchange(&mut conn, &ctx, &status.withdrawal_id)
+                .await?;
             Ok(Reconciled::Succeeded(json!({
                 "withdrawal_id": status.withdrawal_id,
                 "idempotency_key": key.as_str(),
@@ -561,7 +480,7 @@ async fn finalize(deps: Arc<(Arc<Deps>, Arc<WorkflowRegistry>)>, ctx: StepCtx) -
         .execute(&mut *conn)
         .await
         .map_err(|e| e.to_string())?;
-    set_status(&mut conn, &ctx, "completed", None).await?;
+    ROW.set_status(&mut conn, &ctx, "completed", None).await?;
     let event = json!({
         "type": "withdrawal.completed",
         "withdrawal_id": id,
@@ -571,19 +490,7 @@ async fn finalize(deps: Arc<(Arc<Deps>, Arc<WorkflowRegistry>)>, ctx: StepCtx) -
         "tx_hash": tx_hash,
         "transfer_id": transfer,
     });
-    let payload = serde_json::to_vec(&event).map_err(|e| e.to_string())?;
-    let key = id.to_string();
-    outbox_insert_in(
-        &mut conn,
-        &NewOutboxEvent {
-            topic: EVENTS_TOPIC,
-            key: Some(&key),
-            headers: None,
-            payload: &payload,
-        },
-    )
-    .await
-    .map_err(|e| format!("outbox: {e}"))?;
+    steps::emit_event(&mut conn, id, &event).await?;
     let notification = super::notification::NotificationInput {
         id: format!("withdrawal:{id}:completed"),
         user_id: input.user_id,
@@ -592,18 +499,7 @@ async fn finalize(deps: Arc<(Arc<Deps>, Arc<WorkflowRegistry>)>, ctx: StepCtx) -
         payload: json!({ "withdrawal_id": id, "amount": v.amount, "asset": v.asset.code,
                          "address": input.address, "tx_hash": tx_hash }),
     };
-    let args = serde_json::to_value(&notification).map_err(|e| e.to_string())?;
-    let unique = format!("notification:{}", notification.id);
-    workflow_start_in(
-        &mut conn,
-        ctx.store(),
-        notifications,
-        super::notification::KIND,
-        &args,
-        Some(&unique),
-    )
-    .await
-    .map_err(|e| format!("start notification: {e}"))?;
+    steps::start_notification(&mut conn, &ctx, notifications, &notification).await?;
     Ok(StepOutcome::Finish(
         json!({ "withdrawal_id": id, "status": "completed", "transfer_id": transfer }),
     ))
