@@ -14,6 +14,7 @@
 //!   jobs, queues, audit log; [`admin_workflows`], [`admin_cron`],
 //!   [`admin_dead_letters`] and [`admin_approvals`] add workflows, cron
 //!   schedules, dead letters and withdrawal approvals;
+//! - [`console`]    — the admin web console (embedded static page over the admin API);
 //! - [`auth`]       — credentials and the role/permission allow-list;
 //! - [`ops`]        — `/healthcheck`, `/readyz` (a list of checks), `/metrics`;
 //! - [`middleware`] — body limit, timeout, problem+json for every error, metrics;
@@ -30,6 +31,7 @@ pub mod admin_cron;
 pub mod admin_dead_letters;
 pub mod admin_workflows;
 pub mod auth;
+pub mod console;
 pub mod error;
 pub mod idempotency;
 pub mod metrics;
@@ -244,11 +246,13 @@ pub fn admin_app(state: AppState) -> impl Endpoint<Output = poem::Response> {
         .at("/readyz", get(ops::readyz))
         .at("/metrics", get(ops::metrics))
         .at("/openapi.json", service.spec_endpoint())
-        .nest("/docs", service.swagger_ui())
+        .nest("/docs", service.swagger_ui());
+    // The web console (`/`, `/console/…`), a static client of this API.
+    let route = console::routes(route)
         .nest("/", service)
         .data(state.clone());
     middleware::wrap(
-        route,
+        console::with_root_redirect(route),
         "admin",
         Routes::new(
             &[
@@ -257,6 +261,7 @@ pub fn admin_app(state: AppState) -> impl Endpoint<Output = poem::Response> {
                 admin_cron::ROUTES,
                 admin_dead_letters::ROUTES,
                 admin_approvals::ROUTES,
+                console::ROUTES,
             ]
             .concat(),
         ),

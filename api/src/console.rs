@@ -1,0 +1,144 @@
+//! The admin web console: a static page (HTML, CSS, vanilla JS) embedded in
+//! the binary and served by the admin listener at `/console/`.
+//!
+//! The page is only a client of the admin API on the same origin: it holds
+//! the admin credential in `sessionStorage` and sends it as the bearer header,
+//! so the console itself needs no session, cookie or CSRF token, and nothing
+//! here authorizes anything — every action is checked (and audited) by the API.
+//!
+//! The assets are `include_str!`ed rather than read from disk so the one
+//! binary is the whole deployment (no asset directory to mount, nothing to
+//! build on the user's side), and what a test serves is what ships.
+//!
+//! Every console response carries a strict Content-Security-Policy: scripts
+//! only from this origin (no inline script, no `eval`), styles only from this
+//! origin, requests only back to this origin, no framing. Combined with the
+//! script never using `innerHTML` on server data, injected markup in job args
+//! or error texts stays text.
+use crate::error::Error;
+use poem::http::{HeaderValue, Method, StatusCode, header};
+use poem::web::Path;
+use poem::{Endpoint, EndpointExt, IntoResponse, Response, Route, get, handler};
+
+const INDEX_HTML: &str = include_str!("../console/index.html");
+const CONSOLE_JS: &str = include_str!("../console/console.js");
+const CONSOLE_CSS: &str = include_str!("../console/console.css");
+
+/// The policy every console response is served with.
+pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; \
+     style-src 'self'; connect-src 'self'; img-src 'self'; form-action 'self'; \
+     base-uri 'none'; frame-ancestors 'none'";
+
+/// The console's route templates, for metrics labels.
+pub(crate) const ROUTES: &[&str] = &["/", "/console", "/console/", "/console/{asset}"];
+
+/// The routes to mount on the admin listener: `/console` redirects to
+/// `/console/`, which serves the page; `/console/{asset}` its script and style.
+pub fn routes(route: Route) -> Route {
+    route
+        .at("/console", get(to_console))
+        .at("/console/", get(index))
+        .at("/console/:asset", get(asset))
+}
+
+/// Wraps the admin app so that `GET /` redirects to the console. (A `Route`
+/// entry for `/` would lose to the API service nested at `/`, which claims
+/// the bare root too.)
+pub fn with_root_redirect<E: Endpoint + 'static>(ep: E) -> impl Endpoint<Output = Response> {
+    ep.around(|ep, req| async move {
+        if req.uri().path() == "/" && req.method() == Method::GET {
+            return Ok(redirect("./console/"));
+        }
+        ep.call(req).await.map(IntoResponse::into_response)
+    })
+}
+
+/// Redirects to the page. The target is relative to the request path's
+/// directory, so it also works behind an ingress that mounts the admin
+/// listener under a path prefix.
+#[handler]
+fn to_console() -> Response {
+    // `/console` → `console/`: relative to the parent, i.e. `/console/`.
+    redirect("console/")
+}
+
+fn redirect(target: &'static str) -> Response {
+    Response::builder()
+        .status(StatusCode::SEE_OTHER)
+        .header(header::LOCATION, target)
+        .finish()
+}
+
+#[handler]
+fn index() -> Response {
+    served(INDEX_HTML, "text/html; charset=utf-8")
+}
+
+#[handler]
+fn asset(Path(name): Path<String>) -> poem::Result<Response> {
+    match name.as_str() {
+        "console.js" => Ok(served(CONSOLE_JS, "text/javascript; charset=utf-8")),
+        "console.css" => Ok(served(CONSOLE_CSS, "text/css; charset=utf-8")),
+        _ => Err(Error::NotFound("no such console asset".into()).into()),
+    }
+}
+
+/// A console response with its security headers. `no-cache` (revalidate)
+/// rather than long caching, so a deploy never mixes old and new assets.
+fn served(body: &'static str, content_type: &'static str) -> Response {
+    let mut resp = body.with_content_type(content_type).into_response();
+    let headers = resp.headers_mut();
+    for (name, value) in [
+        (
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(CONTENT_SECURITY_POLICY),
+        ),
+        (
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        ),
+        (header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY")),
+        (
+            header::REFERRER_POLICY,
+            HeaderValue::from_static("no-referrer"),
+        ),
+        (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+    ] {
+        headers.insert(name, value);
+    }
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The page must load only what the policy allows: its own script and
+    /// style by relative URL, and no inline script or handler attributes.
+    #[test]
+    fn page_fits_its_policy() {
+        assert!(INDEX_HTML.contains(r#"<script src="console.js" defer></script>"#));
+        assert!(INDEX_HTML.contains(r#"href="console.css""#));
+        assert_eq!(INDEX_HTML.matches("<script").count(), 1);
+        let handler_attribute = INDEX_HTML
+            .split(|c: char| c.is_whitespace() || c == '<')
+            .find(|w| w.starts_with("on") && w.contains('='));
+        assert_eq!(handler_attribute, None);
+        assert!(!INDEX_HTML.contains("style="));
+    }
+
+    /// The script never parses server data as markup.
+    #[test]
+    fn script_never_uses_markup_sinks() {
+        for sink in [
+            "innerHTML",
+            "outerHTML",
+            "insertAdjacentHTML",
+            "document.write",
+            "eval(",
+            "new Function",
+        ] {
+            assert!(!CONSOLE_JS.contains(sink), "console.js uses {sink}");
+        }
+    }
+}

@@ -1,0 +1,170 @@
+// Ledgerflow admin console, end to end in headless Chromium (playwright-core driving Debian's chromium).
+//
+// Run by workers/tests/console_e2e.rs, which starts Postgres, the admin listener and a real job
+// runner, seeds an operator and dead jobs, then checks the database after this script exits 0:
+//
+//   node e2e/console.spec.mjs <admin base url> <admin credential> <queue> <reason>
+//
+// The script: checks the console's security headers; signs in with a wrong credential and expects
+// a visible 401 error; signs in properly; finds the dead jobs of <queue> with the filters (markup
+// in their args/errors must stay text); opens the target job, retries it with <reason> through the
+// reason dialog, and waits until the runner has completed it; finds the retry in the audit log;
+// finally, checks that a credential refused mid-session signs out visibly.
+// It prints `target=<job id>` so the caller can check it picked the right job.
+// CHROMIUM overrides the browser path (default /usr/bin/chromium).
+import { chromium } from 'playwright-core';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
+const [baseUrl, token, queue, reason] = process.argv.slice(2);
+if (!baseUrl || !token || !queue || !reason) {
+  console.error('usage: node console.spec.mjs <admin base url> <admin credential> <queue> <reason>');
+  process.exit(64);
+}
+const TOTAL_BUDGET_MS = 90_000;
+const STEP_TIMEOUT_MS = 15_000;
+
+// A hard stop, so a hung browser fails the run instead of hanging CI.
+const watchdog = setTimeout(() => {
+  console.error(`console e2e: FAILED: no result within ${TOTAL_BUDGET_MS / 1000}s`);
+  process.exit(3);
+}, TOTAL_BUDGET_MS);
+
+let step = 'start';
+function check(condition, message) {
+  if (!condition) throw new Error(`${step}: ${message}`);
+}
+
+const profile = mkdtempSync(join(tmpdir(), 'ledgerflow-e2e-'));
+// A fresh profile per run (playwright's persistent context is how it takes a user-data-dir).
+const context = await chromium.launchPersistentContext(profile, {
+  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+  headless: true,
+  args: [
+    '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+    '--disable-background-networking', '--disable-component-update', '--disable-sync',
+  ],
+});
+const problems = [];
+let exitCode = 0;
+try {
+  const page = await context.newPage();
+  page.setDefaultTimeout(STEP_TIMEOUT_MS);
+  // Script errors and CSP violations (reported as console errors) fail the run. Failed API
+  // calls (the 401s this script provokes on purpose) are logged as resource errors: skip those.
+  page.on('pageerror', (e) => problems.push(`page error: ${e.message}`));
+  page.on('console', (m) => {
+    if (m.type() === 'error' && !/Failed to load resource/.test(m.text())) problems.push(`console error: ${m.text()}`);
+  });
+  const console_ = `${baseUrl}/console/`;
+
+  step = 'security headers';
+  const resp = await page.request.get(console_);
+  check(resp.status() === 200, `GET /console/ answered ${resp.status()}`);
+  const csp = resp.headers()['content-security-policy'] || '';
+  check(csp.includes("script-src 'self'") && csp.includes("default-src 'none'"), `weak CSP: ${csp}`);
+  check(resp.headers()['x-content-type-options'] === 'nosniff', 'no nosniff');
+
+  step = 'root redirects to the console';
+  await page.goto(`${baseUrl}/`);
+  check(new URL(page.url()).pathname === '/console/', `landed on ${page.url()}`);
+  await page.locator('#login-view').waitFor({ state: 'visible' });
+
+  step = 'a wrong credential is refused visibly';
+  await page.fill('#login-token', 'lfa_this_is_not_a_real_credential');
+  await page.click('#login-submit');
+  await page.locator('#login-error').waitFor({ state: 'visible' });
+  const loginError = await page.textContent('#login-error');
+  check(/401/.test(loginError) && /refused/i.test(loginError), `login error says: ${loginError}`);
+  check(await page.locator('#nav').isHidden(), 'navigation shown after a refused sign-in');
+  check((await page.evaluate(() => sessionStorage.length)) === 0, 'a refused credential was stored');
+
+  step = 'sign in';
+  await page.fill('#login-token', token);
+  await page.click('#login-submit');
+  await page.locator('#nav').waitFor({ state: 'visible' });
+  await page.locator('#jobs-table').waitFor();
+
+  step = 'find the dead jobs with the filters';
+  await page.fill('#f-queue', queue);
+  await page.selectOption('#f-state', 'failed,discarded');
+  await page.click('#f-apply');
+  await page.waitForFunction((q) => window.location.hash.includes(`queue=${q}`), queue);
+  await page.waitForFunction(() => {
+    const rows = document.querySelectorAll('#jobs-table tbody tr');
+    return rows.length > 0 && [...rows].every((r) => ['failed', 'discarded'].includes(r.dataset.state));
+  });
+  const rows = await page.locator('#jobs-table tbody tr').evaluateAll((trs) => trs.map((r) => ({ id: r.dataset.id, state: r.dataset.state, text: r.textContent })));
+  check(rows.length === 2, `expected the 2 dead jobs of ${queue}, got ${rows.length}: ${JSON.stringify(rows)}`);
+
+  step = 'server data stays text';
+  const hostile = rows.find((r) => r.text.includes('<img src=x onerror='));
+  check(hostile, 'the hostile error text is not shown literally');
+  check((await page.locator('#app-view img, #app-view script').count()) === 0, 'server data became markup');
+  check((await page.evaluate(() => window.__lf_xss)) === undefined, 'injected script ran');
+
+  step = 'narrow to the target by searching its args';
+  await page.fill('#f-q', 'e2e-target');
+  await page.click('#f-apply');
+  await page.waitForFunction(() => document.querySelectorAll('#jobs-table tbody tr').length === 1
+    && window.location.hash.includes('q=e2e-target'));
+  const target = await page.getAttribute('#jobs-table tbody tr', 'data-id');
+  console.log(`target=${target}`);
+
+  step = 'job detail shows the failed attempt';
+  await page.click(`#jobs-table a[href="#/jobs/${target}"]`);
+  await page.locator('#job-state').waitFor();
+  check((await page.textContent('#job-state')) === 'discarded', `state is ${await page.textContent('#job-state')}`);
+  check((await page.locator('#attempts-table tbody tr').count()) === 1, 'expected one recorded attempt');
+  const attemptError = await page.textContent('#attempts-table tbody tr');
+  check(attemptError.includes('exchange unavailable'), `attempt row: ${attemptError}`);
+
+  step = 'retry asks for a reason';
+  await page.click('#job-retry');
+  await page.locator('#reason-dialog').waitFor({ state: 'visible' });
+  await page.click('#reason-confirm'); // empty: must not submit
+  check(await page.locator('#reason-dialog').isVisible(), 'the dialog closed without a reason');
+  await page.fill('#reason-input', reason);
+  await page.click('#reason-confirm');
+  await page.locator('#reason-dialog').waitFor({ state: 'hidden' });
+  await page.waitForFunction(() => {
+    const b = document.getElementById('banner');
+    return !b.hidden && b.textContent.length > 0;
+  });
+  const banner = await page.textContent('#banner');
+  check(/retry/i.test(banner) && /audit/i.test(banner) && (await page.getAttribute('#banner', 'class')) === 'banner ok', `banner: ${banner}`);
+
+  step = 'the runner completes the retried job (the page follows it)';
+  await page.waitForFunction(() => {
+    const s = document.getElementById('job-state');
+    return s && s.textContent === 'completed';
+  }, null, { timeout: 30_000 });
+
+  step = 'the retry is in the audit log';
+  await page.click(`a[href="#/audit?target_type=job&target_id=${target}"]`);
+  await page.waitForFunction(() => document.querySelectorAll('#audit-table tbody tr').length > 0);
+  const audit = await page.locator('#audit-table tbody tr').evaluateAll((trs) => trs.map((r) => ({ action: r.dataset.action, text: r.textContent })));
+  check(audit.length === 1 && audit[0].action === 'job.retry' && audit[0].text.includes(reason), `audit rows: ${JSON.stringify(audit)}`);
+
+  step = 'a credential refused mid-session signs out visibly';
+  await page.evaluate(() => sessionStorage.setItem('ledgerflow.admin.token', 'lfa_revoked_meanwhile'));
+  await page.click('#nav a[data-view="queues"]');
+  await page.locator('#login-view').waitFor({ state: 'visible' });
+  const signedOut = await page.textContent('#login-error');
+  check(/401/.test(signedOut), `sign-out message: ${signedOut}`);
+  check((await page.evaluate(() => sessionStorage.getItem('ledgerflow.admin.token'))) === null, 'the refused credential was kept');
+
+  step = 'no script errors or CSP violations';
+  check(problems.length === 0, problems.join('\n'));
+  console.log('console e2e: ok');
+} catch (e) {
+  exitCode = 1;
+  console.error(`console e2e: FAILED at step "${step}": ${e && e.message ? e.message : e}`);
+  if (problems.length) console.error(problems.join('\n'));
+} finally {
+  await context.close().catch(() => {});
+  rmSync(profile, { recursive: true, force: true });
+  clearTimeout(watchdog);
+}
+process.exit(exitCode);
