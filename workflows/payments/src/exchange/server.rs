@@ -215,7 +215,8 @@ impl Drop for RunningSimulator {
 
 // ---------------------------------------------------------------- handlers
 
-fn json<T: Serialize>(status: StatusCode, value: &T) -> Response {
+/// A JSON response (also used by the notification provider's endpoints).
+pub(crate) fn json<T: Serialize>(status: StatusCode, value: &T) -> Response {
     match serde_json::to_vec(value) {
         Ok(body) => Response::builder()
             .status(status)

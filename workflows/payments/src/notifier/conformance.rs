@@ -48,6 +48,19 @@ async fn delivery(c: &dyn NotifierControls, id: &str, case: &str) -> Option<Deli
     ok(c.delivery(id).await, case)
 }
 
+/// Sends `note`, then reads back what the provider delivered.
+async fn send_and_read_back(
+    n: &dyn Notifier,
+    c: &dyn NotifierControls,
+    note: &Notification,
+    case: &str,
+) -> Delivery {
+    ok(n.send(note).await, case);
+    delivery(c, &note.id, case)
+        .await
+        .unwrap_or_else(|| panic!("[{case}] not delivered"))
+}
+
 /// Runs every case against `notifier`, steered by `controls`.
 pub async fn exercise(notifier: Arc<dyn Notifier>, controls: &dyn NotifierControls) {
     delivered_once_per_id(&*notifier, controls).await;
@@ -251,10 +264,7 @@ async fn renders_templates(n: &dyn Notifier, c: &dyn NotifierControls) {
         subject,
         body,
     };
-    ok(n.send(&note).await, case);
-    let d = delivery(c, &note.id, case)
-        .await
-        .unwrap_or_else(|| panic!("[{case}] not delivered"));
+    let d = send_and_read_back(n, c, &note, case).await;
     assert_eq!(d.notification.channel, Channel::Email, "[{case}]");
     assert_eq!(
         d.notification.subject, "Your trade was executed",
@@ -286,10 +296,7 @@ async fn renders_templates(n: &dyn Notifier, c: &dyn NotifierControls) {
         subject,
         body,
     };
-    ok(n.send(&note).await, case);
-    let d = delivery(c, &note.id, case)
-        .await
-        .unwrap_or_else(|| panic!("[{case}] not delivered"));
+    let d = send_and_read_back(n, c, &note, case).await;
     assert_eq!(d.notification, note, "[{case}] delivered as rendered");
     assert_eq!(d.notification.channel, Channel::Push, "[{case}]");
     assert_eq!(

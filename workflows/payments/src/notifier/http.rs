@@ -26,31 +26,13 @@
 use super::{Delivery, Error, Notification, Notifier, Result, SendReceipt};
 use async_trait::async_trait;
 use reqwest::{StatusCode, Url};
-use std::time::Duration;
 
 /// The header carrying the notification id; the provider dedupes on it.
 pub const IDEMPOTENCY_KEY_HEADER: &str = "Idempotency-Key";
 
-/// Client settings.
-#[derive(Debug, Clone)]
-pub struct HttpConfig {
-    /// Whole-request timeout: past it a send is `Unknown`.
-    pub timeout: Duration,
-    /// Connect timeout: past it a send is `Unavailable` (nothing was sent).
-    pub connect_timeout: Duration,
-    /// Sent as `Authorization: Bearer …` when set.
-    pub api_key: Option<String>,
-}
-
-impl Default for HttpConfig {
-    fn default() -> Self {
-        HttpConfig {
-            timeout: Duration::from_secs(10),
-            connect_timeout: Duration::from_secs(2),
-            api_key: None,
-        }
-    }
-}
+/// Client settings: the same as the exchange client's (past `timeout` a
+/// send is `Unknown`, past `connect_timeout` it is `Unavailable`).
+pub use crate::exchange::http::HttpConfig;
 
 /// A notification provider reached over HTTP.
 #[derive(Debug, Clone)]
@@ -83,7 +65,8 @@ impl HttpNotifier {
         })
     }
 
-    fn url(&self, segments: &[&str]) -> Result<Url> {
+    /// `{base}/{segments…}`, each segment percent-encoded.
+    pub(crate) fn url(&self, segments: &[&str]) -> Result<Url> {
         let mut url = self.base.clone();
         url.path_segments_mut()
             .map_err(|()| Error::Unavailable("base url cannot have paths".into()))?
@@ -92,7 +75,8 @@ impl HttpNotifier {
         Ok(url)
     }
 
-    fn request(&self, method: reqwest::Method, url: Url) -> reqwest::RequestBuilder {
+    /// A request with the client's timeouts and credentials.
+    pub(crate) fn request(&self, method: reqwest::Method, url: Url) -> reqwest::RequestBuilder {
         let req = self.client.request(method, url);
         match &self.api_key {
             Some(key) => req.bearer_auth(key),

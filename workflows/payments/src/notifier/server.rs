@@ -19,16 +19,16 @@
 //! answer is held for the server's `hang_for` (then 504): a client with a
 //! shorter timeout sees exactly what a lost answer looks like.
 
-use super::http::IDEMPOTENCY_KEY_HEADER;
+use super::http::{HttpConfig, HttpNotifier, IDEMPOTENCY_KEY_HEADER};
 use super::{
     Delivery, DeliveryCounters, Error, Notification, Notifier, NotifierControls, NotifyFault,
     Result, SendReceipt, SimulatedNotifier,
 };
+use crate::exchange::server::json;
 use async_trait::async_trait;
 use poem::http::{HeaderMap, StatusCode};
 use poem::web::{Data, Path};
 use poem::{EndpointExt, Response, Route, get, handler, post, put};
-use reqwest::Url;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::Duration;
@@ -70,18 +70,6 @@ pub fn mount(route: Route, hang_for: Duration) -> Route {
             "/admin/notifications/counters/:id",
             get(counters).data(provider),
         )
-}
-
-fn json<T: Serialize>(status: StatusCode, value: &T) -> Response {
-    match serde_json::to_vec(value) {
-        Ok(body) => Response::builder()
-            .status(status)
-            .content_type("application/json")
-            .body(body),
-        Err(e) => Response::builder()
-            .status(StatusCode::INTERNAL_SERVER_ERROR)
-            .body(e.to_string()),
-    }
 }
 
 fn rejected(status: StatusCode, reason: String) -> Response {
@@ -177,11 +165,11 @@ fn counters(Data(provider): Data<&Arc<Provider>>, Path(id): Path<String>) -> Res
 
 // ------------------------------------------------------ test-side helpers
 
-/// [`NotifierControls`] over the simulator's admin endpoints.
+/// [`NotifierControls`] over the simulator's admin endpoints (and its
+/// `GET /v1/notifications/{id}`, through [`HttpNotifier::delivery`]).
 #[derive(Debug)]
 pub struct HttpNotifierControls {
-    base: Url,
-    client: reqwest::Client,
+    provider: HttpNotifier,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> Error {
@@ -192,29 +180,17 @@ impl HttpNotifierControls {
     /// Controls for the simulator at `base_url`.
     pub fn new(base_url: &str) -> Result<Self> {
         Ok(HttpNotifierControls {
-            base: Url::parse(base_url).map_err(unavailable)?,
-            client: reqwest::Client::builder()
-                .timeout(Duration::from_secs(10))
-                .build()
-                .map_err(unavailable)?,
+            provider: HttpNotifier::new(base_url, HttpConfig::default())?,
         })
-    }
-
-    fn url(&self, segments: &[&str]) -> Result<Url> {
-        let mut url = self.base.clone();
-        url.path_segments_mut()
-            .map_err(|()| unavailable("base url cannot have paths"))?
-            .pop_if_empty()
-            .extend(segments);
-        Ok(url)
     }
 }
 
 #[async_trait]
 impl NotifierControls for HttpNotifierControls {
     async fn fail_next(&self, times: u32, fault: NotifyFault) -> Result<()> {
-        self.client
-            .put(self.url(&["admin", "notifications", "fault"])?)
+        let url = self.provider.url(&["admin", "notifications", "fault"])?;
+        self.provider
+            .request(reqwest::Method::PUT, url)
             .json(&FaultRequest { times, fault })
             .send()
             .await
@@ -225,26 +201,15 @@ impl NotifierControls for HttpNotifierControls {
     }
 
     async fn delivery(&self, id: &str) -> Result<Option<Delivery>> {
-        let resp = self
-            .client
-            .get(self.url(&["v1", "notifications", id])?)
-            .send()
-            .await
-            .map_err(unavailable)?;
-        if resp.status() == StatusCode::NOT_FOUND {
-            return Ok(None);
-        }
-        resp.error_for_status()
-            .map_err(unavailable)?
-            .json()
-            .await
-            .map(Some)
-            .map_err(unavailable)
+        self.provider.delivery(id).await
     }
 
     async fn counters(&self, id: &str) -> Result<DeliveryCounters> {
-        self.client
-            .get(self.url(&["admin", "notifications", "counters", id])?)
+        let url = self
+            .provider
+            .url(&["admin", "notifications", "counters", id])?;
+        self.provider
+            .request(reqwest::Method::GET, url)
             .send()
             .await
             .map_err(unavailable)?
