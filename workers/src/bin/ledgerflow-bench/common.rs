@@ -183,6 +183,76 @@ pub async fn cpu_busy(window: Duration) -> Result<u32> {
     )?)
 }
 
+/// CPU time used so far (user + system) by this process and by the Postgres backends connected
+/// to one database, in milliseconds: read before and after a workload, the difference is what
+/// the workload cost, which unlike its rate hardly depends on other load on the machine (other
+/// databases' backends are not counted; the server's shared WAL writer and checkpointer are
+/// not either). A backend that exits between the readings is missed, so keep the pool open.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuUse {
+    pub this_ms: f64,
+    pub postgres_ms: f64,
+}
+
+impl CpuUse {
+    pub fn now(database: &str) -> Self {
+        // Linux reports these in clock ticks of 1/100 s (USER_HZ) on every platform Ledgerflow
+        // runs on.
+        const MS_PER_TICK: f64 = 10.0;
+        let ticks = |stat: &str| -> Option<(String, u64)> {
+            // `pid (comm) state ...`: comm may hold spaces, so split at the last ')'.
+            let (head, rest) = stat.rsplit_once(')')?;
+            let comm = head.split_once('(')?.1.to_string();
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            // utime and stime are fields 14 and 15 of the line, 12 and 13 after `state`.
+            let utime: u64 = fields.get(11)?.parse().ok()?;
+            let stime: u64 = fields.get(12)?.parse().ok()?;
+            Some((comm, utime + stime))
+        };
+        let mut out = CpuUse::default();
+        if let Some((_, t)) = std::fs::read_to_string("/proc/self/stat")
+            .ok()
+            .as_deref()
+            .and_then(ticks)
+        {
+            out.this_ms = t as f64 * MS_PER_TICK;
+        }
+        let Ok(dir) = std::fs::read_dir("/proc") else {
+            return out;
+        };
+        for entry in dir.flatten() {
+            let name = entry.file_name();
+            if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+                continue;
+            }
+            // A backend's title: `postgres: 15/main: user database host(port) state`.
+            let Ok(title) = std::fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
+            if !String::from_utf8_lossy(&title).contains(&format!(" {database} ")) {
+                continue;
+            }
+            if let Some((comm, t)) = std::fs::read_to_string(entry.path().join("stat"))
+                .ok()
+                .as_deref()
+                .and_then(ticks)
+                && comm == "postgres"
+            {
+                out.postgres_ms += t as f64 * MS_PER_TICK;
+            }
+        }
+        out
+    }
+
+    /// What was used since `earlier`.
+    pub fn since(self, earlier: CpuUse) -> CpuUse {
+        CpuUse {
+            this_ms: self.this_ms - earlier.this_ms,
+            postgres_ms: self.postgres_ms - earlier.postgres_ms,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

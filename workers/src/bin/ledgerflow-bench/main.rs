@@ -2,6 +2,7 @@
 //!
 //! - `queue` ([`queue`]): the two workloads of `../shared/bench/peers` (W1 throughput, W2
 //!   enqueue→start latency), comparable with the peers' scripts.
+//! - `workflow` ([`workflow`]): three-step durable workflows through the real runner.
 //!
 //! Every workload runs on a fresh database (`bench_lf_<random>`) on the server of
 //! `DATABASE_URL` ([`common::BenchDb`]), samples the machine's CPU use first
@@ -13,6 +14,7 @@
 
 mod common;
 mod queue;
+mod workflow;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -31,6 +33,8 @@ struct Cli {
 enum Command {
     /// Queue throughput (W1) and enqueue→start latency (W2).
     Queue(queue::Args),
+    /// Three-step durable workflows on the real runner: workflows/s, start→finish latency.
+    Workflow(workflow::Args),
 }
 
 #[tokio::main(flavor = "multi_thread")]
@@ -44,5 +48,6 @@ async fn main() -> Result<()> {
         .init();
     match Cli::parse().command {
         Command::Queue(args) => queue::run(args).await,
+        Command::Workflow(args) => workflow::run(args).await,
     }
 }

@@ -358,8 +358,6 @@ async fn latency(args: &Args, db: &BenchDb, bg_pct: u32) -> Result<Latency> {
     })
 }
 
-/// The sample at rank ⌊p/100·n⌋ of sorted `xs` (the peers' scripts use the same rule).
-
 fn print_w1(r: &Throughput) {
     eprintln!(
         "W1: enqueue {:.0} jobs/s, processing {:.0} jobs/s, wall {:.2}s (bg {}%)",

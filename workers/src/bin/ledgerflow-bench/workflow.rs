@@ -1,0 +1,413 @@
+//! `ledgerflow-bench workflow`: durable three-step workflows through the real runner.
+//!
+//! A workflow of three no-op steps (`a` → `b` → `c`) runs on the engine's [`run_step`] behind
+//! the workers crate's [`Runner`], exactly as the `ledgerflow` binary's worker role runs the
+//! payments workflows: each step is a job claimed under a lease, and its journal row, the
+//! workflow row's new state, the next step's job and the job's completion commit in one
+//! lease-fenced transaction.
+//!
+//! On a fresh database the runner is started, then `--starters` tasks start `--workflows`
+//! workflows (`workflow_start`, one transaction each, as an API call would), keeping at most
+//! `--in-flight` of them unfinished (a closed loop: without a bound, a producer faster than the
+//! workers would only grow a backlog and the latency with it). `--rate` paces the starts instead
+//! (open loop; the bound still applies).
+//!
+//! - **workflows/s**: workflows finished ÷ (last finish − first start).
+//! - **start→finish**: from just before a workflow's `workflow_start` call to just after the
+//!   checkpoint of its last step committed (the runner's handler returns with the lease
+//!   finished), on one monotonic clock in this process.
+//!
+//! Afterwards the database is checked: every workflow `completed` with three `completed` journal
+//! rows, every step job `completed`.
+
+use crate::common::{BenchDb, CommonArgs, CpuUse, PoolArgs, percentile, quiet};
+use anyhow::{Context, Result, bail, ensure};
+use ledgerflow_engine::{
+    Outcome, StepOutcome, Store, StoreConfig, WORKFLOW_JOB_KIND, Workflow, WorkflowRegistry,
+    run_step, workflow_start,
+};
+use ledgerflow_workers::{JobContext, QueueConfig, Registry, Runner, RunnerConfig};
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
+use uuid::Uuid;
+
+/// The queue the step jobs go to.
+const QUEUE: &str = "bench-wf";
+/// The benchmark workflow's kind.
+const KIND: &str = "bench.three_steps";
+/// Its steps, in order.
+const STEPS: [&str; 3] = ["a", "b", "c"];
+/// Give up when this long passes without every workflow finishing.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
+/// Grace period for runner shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    #[command(flatten)]
+    common: CommonArgs,
+
+    /// Workflows started (and finished).
+    #[arg(long, default_value_t = 10_000)]
+    workflows: usize,
+
+    /// At most this many workflows started and not yet finished.
+    #[arg(long, default_value_t = 256)]
+    in_flight: usize,
+
+    /// Tasks starting workflows concurrently.
+    #[arg(long, default_value_t = 4)]
+    starters: usize,
+
+    /// Starts per second in all (0: as fast as `--in-flight` allows).
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
+
+    /// Handler slots of the runner's queue (keep it below `--pool-size`: a running step holds
+    /// a connection).
+    #[arg(long, default_value_t = 12)]
+    concurrency: usize,
+
+    /// Step jobs claimed ahead of free handler slots.
+    #[arg(long, default_value_t = 64)]
+    prefetch: usize,
+
+    #[command(flatten)]
+    pool: PoolArgs,
+
+    /// `StoreConfig::notify`: NOTIFY on inserts (off: the runner finds new steps by polling).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    notify: bool,
+
+    /// `RunnerConfig::poll_interval` in milliseconds (default: the runner's).
+    #[arg(long)]
+    poll_ms: Option<u64>,
+}
+
+/// The measured figures.
+#[derive(Debug, Clone, Copy)]
+struct Figures {
+    workflows: usize,
+    per_s: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    wall_s: f64,
+    /// CPU milliseconds per workflow: this process (starters, runner, steps) and Postgres.
+    cpu: CpuUse,
+    bg_pct: u32,
+}
+
+pub async fn run(args: Args) -> Result<()> {
+    ensure!(args.workflows > 0, "--workflows must be at least 1");
+    ensure!(args.in_flight > 0, "--in-flight must be at least 1");
+    ensure!(args.starters > 0, "--starters must be at least 1");
+    ensure!(args.rate >= 0.0, "--rate must not be negative");
+    let bg_pct = quiet(&args.common).await?;
+    let db = BenchDb::create(&args.common, &args.pool).await?;
+    let out = measure(&args, &db, bg_pct).await;
+    let figures = db.finish(out).await?;
+    report(&args, &figures)
+}
+
+/// The three no-op steps.
+fn definition() -> Workflow {
+    let noop = |_ctx| async { Ok(StepOutcome::Continue(Value::Null)) };
+    STEPS
+        .iter()
+        .fold(Workflow::new(KIND, 1).queue(QUEUE), |wf, step| {
+            wf.step(step, noop)
+        })
+}
+
+/// Start instants of unfinished workflows and start→finish times of finished ones.
+#[derive(Default)]
+struct Tracker {
+    started: HashMap<Uuid, Instant>,
+    /// Finishes seen before their start was recorded (the start call had not returned yet).
+    early: HashMap<Uuid, Instant>,
+    latencies_ms: Vec<f64>,
+    last_finish: Option<Instant>,
+}
+
+impl Tracker {
+    fn start(&mut self, id: Uuid, at: Instant) {
+        match self.early.remove(&id) {
+            Some(done) => self.finish_at(at, done),
+            None => {
+                self.started.insert(id, at);
+            }
+        }
+    }
+
+    fn finish(&mut self, id: Uuid, done: Instant) {
+        match self.started.remove(&id) {
+            Some(at) => self.finish_at(at, done),
+            None => {
+                self.early.insert(id, done);
+            }
+        }
+    }
+
+    fn finish_at(&mut self, at: Instant, done: Instant) {
+        self.latencies_ms.push((done - at).as_secs_f64() * 1e3);
+        self.last_finish = Some(self.last_finish.map_or(done, |l| l.max(done)));
+    }
+}
+
+async fn measure(args: &Args, db: &BenchDb, bg_pct: u32) -> Result<Figures> {
+    let store = Store::with_config(
+        db.pool.clone(),
+        StoreConfig {
+            notify: args.notify,
+            ..StoreConfig::default()
+        },
+    );
+    let workflows = Arc::new(WorkflowRegistry::new().register(definition())?);
+    let tracker = Arc::new(Mutex::new(Tracker::default()));
+    // One permit per workflow allowed in flight; the last step's handler gives it back.
+    let slots = Arc::new(Semaphore::new(args.in_flight));
+
+    let handler = {
+        let workflows = workflows.clone();
+        let tracker = tracker.clone();
+        let slots = slots.clone();
+        move |ctx: JobContext| {
+            let workflows = workflows.clone();
+            let tracker = tracker.clone();
+            let slots = slots.clone();
+            async move {
+                let outcome = run_step(ctx.store(), &workflows, ctx.job()).await;
+                let job = ctx.job();
+                // The lease is finished only when the step's checkpoint committed; on the last
+                // step that checkpoint is the workflow's completion.
+                if job.workflow_step.as_deref() == Some(STEPS[2])
+                    && ctx.lease().is_finished()
+                    && outcome == Outcome::Complete
+                    && let Some(id) = job.workflow_id
+                {
+                    let done = Instant::now();
+                    tracker
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .finish(id, done);
+                    slots.add_permits(1);
+                }
+                outcome
+            }
+        }
+    };
+    let registry = Registry::new().register(WORKFLOW_JOB_KIND, handler);
+    let mut config = RunnerConfig {
+        queues: vec![QueueConfig::new(QUEUE, args.concurrency).prefetch(args.prefetch)],
+        ..RunnerConfig::default()
+    };
+    if let Some(ms) = args.poll_ms {
+        config.poll_interval = Duration::from_millis(ms);
+    }
+    let runner = Runner::start(store.clone(), registry, config).await?;
+    // Let the runner connect, LISTEN and go idle.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let next = Arc::new(AtomicUsize::new(0));
+    let cpu0 = CpuUse::now(&db.name);
+    let t0 = Instant::now();
+    let tokio_t0 = tokio::time::Instant::now();
+    let mut starters = Vec::new();
+    for _ in 0..args.starters {
+        let (store, workflows, tracker, slots, next) = (
+            store.clone(),
+            workflows.clone(),
+            tracker.clone(),
+            slots.clone(),
+            next.clone(),
+        );
+        let (n, rate) = (args.workflows, args.rate);
+        starters.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    return Ok::<(), anyhow::Error>(());
+                }
+                if rate > 0.0 {
+                    let due = tokio_t0 + Duration::from_secs_f64(i as f64 / rate);
+                    tokio::time::sleep_until(due).await;
+                }
+                slots.acquire().await.context("in-flight bound")?.forget();
+                let at = Instant::now();
+                let id = workflow_start(&store, &workflows, KIND, &json!({ "i": i }), None).await?;
+                tracker
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .start(id, at);
+            }
+        }));
+    }
+    for s in starters {
+        s.await.context("starter task")??;
+    }
+    let deadline = Instant::now() + DRAIN_TIMEOUT;
+    loop {
+        let done = tracker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .latencies_ms
+            .len();
+        if done >= args.workflows {
+            break;
+        }
+        if Instant::now() > deadline {
+            runner.shutdown(SHUTDOWN_GRACE).await;
+            bail!(
+                "{done} of {} workflows finished after {}s",
+                args.workflows,
+                DRAIN_TIMEOUT.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let cpu = CpuUse::now(&db.name).since(cpu0);
+    runner.shutdown(SHUTDOWN_GRACE).await;
+    verify(db, args.workflows).await?;
+
+    let (mut xs, last) = {
+        let mut t = tracker.lock().unwrap_or_else(|p| p.into_inner());
+        (std::mem::take(&mut t.latencies_ms), t.last_finish)
+    };
+    let wall = last.context("no workflow finished")? - t0;
+    xs.sort_by(f64::total_cmp);
+    Ok(Figures {
+        workflows: xs.len(),
+        per_s: xs.len() as f64 / wall.as_secs_f64(),
+        p50_ms: percentile(&xs, 50.0),
+        p99_ms: percentile(&xs, 99.0),
+        max_ms: xs.last().copied().unwrap_or_default(),
+        wall_s: wall.as_secs_f64(),
+        cpu: CpuUse {
+            this_ms: cpu.this_ms / xs.len() as f64,
+            postgres_ms: cpu.postgres_ms / xs.len() as f64,
+        },
+        bg_pct,
+    })
+}
+
+/// Checks the database agrees: `n` completed workflows, each with its three steps journaled,
+/// and no step job left unfinished.
+async fn verify(db: &BenchDb, n: usize) -> Result<()> {
+    let mut conn = db.connect().await?;
+    let (completed, journaled, jobs_left): (i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM workflows WHERE kind = $1 AND state = 'completed'),
+                (SELECT count(*) FROM workflow_steps s JOIN workflows w ON w.id = s.workflow_id
+                 WHERE w.kind = $1 AND s.status = 'completed'),
+                (SELECT count(*) FROM jobs WHERE queue = $2 AND state <> 'completed')",
+    )
+    .bind(KIND)
+    .bind(QUEUE)
+    .fetch_one(&mut conn.0)
+    .await?;
+    conn.close().await;
+    let n = i64::try_from(n)?;
+    ensure!(
+        completed == n && journaled == 3 * n && jobs_left == 0,
+        "database disagrees: {completed} of {n} workflows completed, {journaled} of {} steps \
+         journaled, {jobs_left} step jobs unfinished",
+        3 * n
+    );
+    Ok(())
+}
+
+fn report(args: &Args, f: &Figures) -> Result<()> {
+    eprintln!(
+        "workflow: {} three-step workflows, {:.0} workflows/s, start→finish p50 {:.2} ms, \
+         p99 {:.2} ms, max {:.2} ms (bg {}%)",
+        f.workflows, f.per_s, f.p50_ms, f.p99_ms, f.max_ms, f.bg_pct
+    );
+    eprintln!(
+        "CPU per workflow: bench process {:.3} ms, postgres {:.3} ms",
+        f.cpu.this_ms, f.cpu.postgres_ms
+    );
+    let rows: Vec<(&str, String)> = vec![
+        ("workflows (3 steps each)", f.workflows.to_string()),
+        ("workflows/s", format!("{:.0}", f.per_s)),
+        ("steps/s", format!("{:.0}", f.per_s * STEPS.len() as f64)),
+        ("start→finish p50 ms", format!("{:.2}", f.p50_ms)),
+        ("start→finish p99 ms", format!("{:.2}", f.p99_ms)),
+        ("start→finish max ms", format!("{:.2}", f.max_ms)),
+        ("wall s", format!("{:.2}", f.wall_s)),
+        (
+            "CPU ms/workflow: bench / postgres",
+            format!("{:.3} / {:.3}", f.cpu.this_ms, f.cpu.postgres_ms),
+        ),
+        (
+            "in-flight / starters / rate",
+            format!("{} / {} / {}", args.in_flight, args.starters, args.rate),
+        ),
+        (
+            "concurrency / prefetch / pool",
+            format!(
+                "{} / {} / {}",
+                args.concurrency, args.prefetch, args.pool.pool_size
+            ),
+        ),
+        ("bg_pct", f.bg_pct.to_string()),
+    ];
+    let width = rows
+        .iter()
+        .map(|(k, _)| k.chars().count())
+        .max()
+        .unwrap_or(0);
+    println!();
+    println!("| {:width$} | value |", "metric");
+    println!("|{}|-------|", "-".repeat(width + 2));
+    for (k, v) in &rows {
+        println!("| {k:width$} | {v} |");
+    }
+    println!();
+    if let Some(path) = &args.common.json {
+        let doc = json!({
+            "workflows": f.workflows,
+            "workflows_per_s": f.per_s,
+            "p99_ms": f.p99_ms,
+            "p50_ms": f.p50_ms,
+            "max_ms": f.max_ms,
+            "wall_s": f.wall_s,
+            "cpu_ms_per_workflow_bench": f.cpu.this_ms,
+            "cpu_ms_per_workflow_postgres": f.cpu.postgres_ms,
+            "in_flight": args.in_flight,
+            "starters": args.starters,
+            "rate": args.rate,
+            "concurrency": args.concurrency,
+            "prefetch": args.prefetch,
+            "pool_size": args.pool.pool_size,
+            "bg_pct": f.bg_pct,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&doc)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tracker_pairs_starts_and_finishes_in_either_order() {
+        let t0 = Instant::now();
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        let mut t = Tracker::default();
+        t.start(a, t0);
+        t.finish(a, t0 + Duration::from_millis(4));
+        // b's last step committed before its start call returned.
+        t.finish(b, t0 + Duration::from_millis(9));
+        t.start(b, t0 + Duration::from_millis(1));
+        assert_eq!(t.latencies_ms, vec![4.0, 8.0]);
+        assert!(t.started.is_empty() && t.early.is_empty());
+        assert_eq!(t.last_finish, Some(t0 + Duration::from_millis(9)));
+    }
+}
