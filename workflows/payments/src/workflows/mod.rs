@@ -8,7 +8,9 @@
 //! - [`notification`] — `payments.notification`: render → send (deduplicated
 //!   by notification id, retried with backoff);
 //! - [`webhook`]      — `payments.webhook`: a verified exchange event becomes
-//!   the signal its workflow waits for.
+//!   the signal its workflow waits for;
+//! - `steps`          — the step pieces trade and withdrawal share (row
+//!   status, hold and release, exchange-call failures, event, notification).
 //!
 //! [`registry`] registers all of them, with the exchange and notifier
 //! injected. Every step writes its domain rows and ledger postings through
