@@ -8,16 +8,27 @@
 //! | `http_request_duration_seconds` | histogram | listener, method, route | time to answer |
 //! | `http_requests_in_flight` | gauge | listener | requests being answered |
 //! | `ledgerflow_queue_jobs` | gauge | queue, state | live jobs (available, scheduled, retryable, running), read at scrape time from the partial indexes |
+//! | `ledgerflow_queue_oldest_available_seconds` | gauge | queue | how long the oldest available job of the queue has been due (the wait before a worker picks a job up) |
+//! | `ledgerflow_workflows` | gauge | state | workflow instances per state (all seven states, zeros included) |
+//! | `ledgerflow_outbox_unpublished` | gauge | — | outbox rows the relay has not published yet |
+//! | `ledgerflow_outbox_oldest_unpublished_seconds` | gauge | — | age of the oldest unpublished outbox row (0 when none) |
+//! | `ledgerflow_dead_letters_pending` | gauge | — | Kafka dead letters not redriven |
 //! | `ledgerflow_db_pool_connections` | gauge | state (idle, in_use) | the API's Postgres pool |
 //! | `ledgerflow_metrics_scrape_errors_total` | counter | — | scrapes whose queue query failed |
 //!
 //! `route` is the matched route template (`/v1/jobs/{id}`), never the raw
 //! path, so ids and queue names cannot blow up the label cardinality;
 //! unknown paths are counted as `unmatched`.
+//!
+//! Consumer lag is not exported here: the ingress consumers run in the
+//! worker processes, not in the API's. What Postgres can tell about the Kafka
+//! edge is exported instead (outbox backlog and its age, pending dead
+//! letters). Job run times and outcomes belong to the runners, which time
+//! them; the API exports the queue wait that Postgres can tell cheaply.
 use ledgerflow_engine::Store;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// The API's metrics and the registry they live in.
@@ -28,6 +39,11 @@ pub struct Metrics {
     pub(crate) duration: HistogramVec,
     pub(crate) in_flight: IntGaugeVec,
     queue_jobs: IntGaugeVec,
+    queue_wait: GaugeVec,
+    workflows: IntGaugeVec,
+    outbox_unpublished: IntGauge,
+    outbox_oldest: Gauge,
+    dead_letters: IntGauge,
     pool: IntGaugeVec,
     scrape_errors: IntCounter,
 }
@@ -61,6 +77,29 @@ impl Metrics {
             ),
             &["queue", "state"],
         )?;
+        let queue_wait = GaugeVec::new(
+            Opts::new(
+                "ledgerflow_queue_oldest_available_seconds",
+                "How long the oldest available job of a queue has been due",
+            ),
+            &["queue"],
+        )?;
+        let workflows = IntGaugeVec::new(
+            Opts::new("ledgerflow_workflows", "Workflow instances per state"),
+            &["state"],
+        )?;
+        let outbox_unpublished = IntGauge::new(
+            "ledgerflow_outbox_unpublished",
+            "Outbox rows not yet published to Kafka",
+        )?;
+        let outbox_oldest = Gauge::new(
+            "ledgerflow_outbox_oldest_unpublished_seconds",
+            "Age of the oldest unpublished outbox row (0 when none)",
+        )?;
+        let dead_letters = IntGauge::new(
+            "ledgerflow_dead_letters_pending",
+            "Kafka dead letters not redriven",
+        )?;
         let pool = IntGaugeVec::new(
             Opts::new(
                 "ledgerflow_db_pool_connections",
@@ -76,6 +115,11 @@ impl Metrics {
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(in_flight.clone()))?;
         registry.register(Box::new(queue_jobs.clone()))?;
+        registry.register(Box::new(queue_wait.clone()))?;
+        registry.register(Box::new(workflows.clone()))?;
+        registry.register(Box::new(outbox_unpublished.clone()))?;
+        registry.register(Box::new(outbox_oldest.clone()))?;
+        registry.register(Box::new(dead_letters.clone()))?;
         registry.register(Box::new(pool.clone()))?;
         registry.register(Box::new(scrape_errors.clone()))?;
         Ok(Self {
@@ -84,6 +128,11 @@ impl Metrics {
             duration,
             in_flight,
             queue_jobs,
+            queue_wait,
+            workflows,
+            outbox_unpublished,
+            outbox_oldest,
+            dead_letters,
             pool,
             scrape_errors,
         })
@@ -92,6 +141,47 @@ impl Metrics {
     /// The registry, to register more collectors (e.g. the webhook intake's).
     pub fn registry(&self) -> &Registry {
         &self.registry
+    }
+
+    /// Refreshes the queue wait, workflow and Kafka-edge gauges; a failed
+    /// query counts a scrape error and leaves that gauge as it was.
+    async fn render_backlogs(&self, store: &Store) {
+        match store.queue_oldest_available().await {
+            Ok(ages) => {
+                self.queue_wait.reset();
+                for (queue, age) in ages {
+                    self.queue_wait
+                        .with_label_values(&[queue.as_str()])
+                        .set(age);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics: queue wait query failed");
+                self.scrape_errors.inc();
+            }
+        }
+        match store.workflow_state_counts().await {
+            Ok(counts) => {
+                for (state, n) in counts {
+                    self.workflows.with_label_values(&[state.as_str()]).set(n);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics: workflow state query failed");
+                self.scrape_errors.inc();
+            }
+        }
+        match store.edge_backlog().await {
+            Ok(b) => {
+                self.outbox_unpublished.set(b.outbox_unpublished);
+                self.outbox_oldest.set(b.outbox_oldest_age_secs);
+                self.dead_letters.set(b.dead_letters_pending);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics: outbox/dead-letter query failed");
+                self.scrape_errors.inc();
+            }
+        }
     }
 
     /// Refreshes the database-backed gauges and renders everything in the
@@ -113,6 +203,7 @@ impl Metrics {
                 self.scrape_errors.inc();
             }
         }
+        self.render_backlogs(store).await;
         let size = i64::from(store.pool().size());
         let idle = i64::try_from(store.pool().num_idle()).unwrap_or(i64::MAX);
         self.pool.with_label_values(&["idle"]).set(idle);

@@ -1042,3 +1042,88 @@ async fn a_rejection_times_the_approval_wait_out_now() {
     assert_eq!(audit_count(&f, "withdrawal.reject").await, 1);
     assert_eq!(audit_count(&f, "withdrawal.approve").await, 0);
 }
+
+// ---------------------------------------------------------------- metrics
+
+/// The value of the sample `series` (name with labels, as exposed).
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[tokio::test]
+async fn metrics_export_workflow_states_outbox_backlog_dead_letters_and_queue_wait() {
+    let f = fixture().await;
+    let _waiting = start(&f, "adm.wait").await;
+    let _failed = start(&f, "adm.flaky").await;
+    let _doubt = start(&f, "adm.doubt").await;
+    dead_letter(&f, 7).await;
+    {
+        let mut conn = f.db.pool.acquire().await.unwrap();
+        ledgerflow_engine::outbox::outbox_insert_in(
+            &mut conn,
+            &ledgerflow_engine::outbox::NewOutboxEvent {
+                topic: "events",
+                key: None,
+                headers: None,
+                payload: b"{}",
+            },
+        )
+        .await
+        .unwrap();
+    }
+    // A job due a minute ago and not picked up.
+    let due = chrono::Utc::now() - chrono::Duration::seconds(60);
+    f.store
+        .job_insert(&NewJob::new("k", json!({})).queue("slow").run_at(due))
+        .await
+        .unwrap();
+
+    let r = send(&f.admin, Method::GET, "/metrics", None, None).await;
+    assert_ok(&r);
+    let t = &r.text;
+    assert_eq!(
+        sample(t, r#"ledgerflow_workflows{state="waiting"}"#),
+        Some(2.0),
+        "{t}"
+    );
+    assert_eq!(
+        sample(t, r#"ledgerflow_workflows{state="failed"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(t, r#"ledgerflow_workflows{state="completed"}"#),
+        Some(0.0)
+    );
+    assert_eq!(sample(t, "ledgerflow_outbox_unpublished"), Some(1.0));
+    assert!(sample(t, "ledgerflow_outbox_oldest_unpublished_seconds").is_some_and(|s| s >= 0.0));
+    assert_eq!(sample(t, "ledgerflow_dead_letters_pending"), Some(1.0));
+    let wait = sample(
+        t,
+        r#"ledgerflow_queue_oldest_available_seconds{queue="slow"}"#,
+    );
+    assert!(
+        wait.is_some_and(|s| (59.0..3600.0).contains(&s)),
+        "{wait:?}"
+    );
+
+    // Published and redriven rows leave the backlog.
+    sqlx::query("UPDATE outbox SET published_at = now()")
+        .execute(&f.db.pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE dead_letters SET redriven_at = now()")
+        .execute(&f.db.pool)
+        .await
+        .unwrap();
+    let r = send(&f.admin, Method::GET, "/metrics", None, None).await;
+    assert_eq!(sample(&r.text, "ledgerflow_outbox_unpublished"), Some(0.0));
+    assert_eq!(
+        sample(&r.text, "ledgerflow_outbox_oldest_unpublished_seconds"),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(&r.text, "ledgerflow_dead_letters_pending"),
+        Some(0.0)
+    );
+}

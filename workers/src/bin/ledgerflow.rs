@@ -286,6 +286,10 @@ async fn run(url: &str, args: RunArgs) -> Result<()> {
         if let Some(workflows) = &workflows {
             state = state.with_workflows(workflows.clone());
         }
+        if let Ok(brokers) = std::env::var("KAFKA_BROKERS") {
+            // `/readyz` also needs the brokers when the process talks to Kafka.
+            state = state.with_check(Arc::new(KafkaReady::new(&brokers)?));
+        }
         if roles.contains(&Role::Api) {
             let (state, stop) = (state.clone(), stop.clone());
             let addr = args.api_addr;
@@ -366,6 +370,44 @@ async fn run(url: &str, args: RunArgs) -> Result<()> {
     }
     ops.abort();
     Ok(())
+}
+
+/// `/readyz`'s Kafka check: the brokers answer a metadata request. One
+/// client is kept for the process (librdkafka keeps its connections warm);
+/// the blocking request runs off the async threads.
+struct KafkaReady(Arc<rdkafka::consumer::BaseConsumer>);
+
+impl KafkaReady {
+    fn new(brokers: &str) -> Result<Self> {
+        let consumer = KafkaConfig::new(brokers)
+            .client_config(&[])
+            .create::<rdkafka::consumer::BaseConsumer>()
+            .context("Kafka client for the readiness check")?;
+        Ok(Self(Arc::new(consumer)))
+    }
+}
+
+impl ledgerflow_api::ReadinessCheck for KafkaReady {
+    fn name(&self) -> &str {
+        "kafka"
+    }
+
+    fn check(&self) -> futures::future::BoxFuture<'_, std::result::Result<(), String>> {
+        let consumer = self.0.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                rdkafka::consumer::Consumer::fetch_metadata(
+                    consumer.as_ref(),
+                    None,
+                    Duration::from_millis(1500),
+                )
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+            })
+            .await
+            .map_err(|e| e.to_string())?
+        })
+    }
 }
 
 enum KafkaRole {

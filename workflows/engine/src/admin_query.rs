@@ -526,6 +526,22 @@ impl Store {
             .await?)
     }
 
+    /// Per queue, how long its oldest available job has been due (seconds):
+    /// the wait a new job would see before a worker picks it up. Reads only
+    /// the `available` rows (the `jobs_claim` partial index).
+    pub async fn queue_oldest_available(&self) -> Result<Vec<(String, f64)>> {
+        let rows = sqlx::query(
+            "SELECT queue,
+                    greatest(extract(epoch FROM now() - min(run_at)), 0)::float8 AS age
+             FROM jobs WHERE state = 'available' GROUP BY queue",
+        )
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("queue")?, r.try_get("age")?)))
+            .collect()
+    }
+
     /// Workflows per state (every state present, zeros included), for `/metrics`.
     pub async fn workflow_state_counts(&self) -> Result<Vec<(WorkflowState, i64)>> {
         let rows = sqlx::query("SELECT state, count(*) AS n FROM workflows GROUP BY state")
