@@ -10,7 +10,10 @@
 //! - [`idempotency`] — the public API's idempotency records and resource read models;
 //! - [`error`]  — the crate's one [`Error`] type;
 //! - [`workflows`] — the trade, withdrawal, notification and webhook workflows;
-//! - [`approvals`] — pending withdrawal approvals and rejection, for the admin API.
+//! - [`approvals`] — pending withdrawal approvals and rejection, for the admin API;
+//! - [`exchange`], [`notifier`] — the exchange and email/push provider
+//!   adapters: trait, simulator with fault modes, HTTP client, conformance
+//!   suite.
 //!
 //! The invariants that keep money safe (double entry, no negative available
 //! balance, append-only history, asset scales) are enforced by the schema in
