@@ -147,6 +147,34 @@ try {
   const audit = await page.locator('#audit-table tbody tr').evaluateAll((trs) => trs.map((r) => ({ action: r.dataset.action, text: r.textContent })));
   check(audit.length === 1 && audit[0].action === 'job.retry' && audit[0].text.includes(reason), `audit rows: ${JSON.stringify(audit)}`);
 
+  // Every other panel loads against the real API without an error.
+  const panels = [
+    ['queues', 'Queues', '#queues-table'],
+    ['workflows', 'Workflows', '#workflows-table'],
+    ['cron', 'Cron schedules', null],
+    ['dead-letters', 'Dead letters', '#dead-jobs-table'],
+    ['approvals', 'Withdrawal approvals', null],
+  ];
+  for (const [view, title, tableId] of panels) {
+    step = `the ${view} panel loads`;
+    await page.click(`#nav a[data-view="${view}"]`);
+    await page.waitForFunction((t) => {
+      const h = document.querySelector('#app-view h1');
+      return h && h.textContent === t;
+    }, title);
+    const errors = await page.locator('#app-view .error').allTextContents();
+    check(errors.length === 0, `errors: ${errors.join(' | ')}`);
+    if (tableId) await page.locator(tableId).waitFor();
+  }
+  step = 'the queues panel counts the queue';
+  await page.click('#nav a[data-view="queues"]');
+  const queueRow = await page.locator('#queues-table tbody tr', { hasText: queue }).textContent();
+  check(queueRow.includes('active'), `queue row: ${queueRow}`);
+  step = 'the dead-letters panel lists the other dead job';
+  await page.click('#nav a[data-view="dead-letters"]');
+  await page.locator(`#dead-jobs-table tr[data-id="${hostile.id}"]`).waitFor();
+  check((await page.locator(`#dead-jobs-table tr[data-id="${target}"]`).count()) === 0, 'the completed job is still listed as dead');
+
   step = 'a credential refused mid-session signs out visibly';
   await page.evaluate(() => sessionStorage.setItem('ledgerflow.admin.token', 'lfa_revoked_meanwhile'));
   await page.click('#nav a[data-view="queues"]');

@@ -566,13 +566,15 @@
       ['id', (w) => el('a', { href: '#/workflows/' + encodeURIComponent(w.id), class: 'mono' }, w.id)],
       ['kind', (w) => w.kind],
       ['state', (w) => stateBadge(w.state)],
+      ['current step', (w) => w.current_step || ''],
+      ['error', (w) => w.error || '', 'err'],
       ['created', (w) => time(w.created_at)],
       ['updated', (w) => time(w.updated_at)],
     ];
     const tableNode = table('workflows-table', columns, []);
     const tbody = tableNode.querySelector('tbody');
     const p = pager((cursor) => api('GET', '/workflows', { query: { ...query, cursor, limit: 50 } }),
-      (items) => items.map((w) => el('tr', { 'data-id': w.id }, columns.map(([, cell]) => el('td', null, cell(w))))), tbody);
+      (items) => items.map((w) => el('tr', { 'data-id': w.id }, columns.map(([, cell, cls]) => el('td', { class: cls }, cell(w))))), tbody);
     await p.load();
     view.show(el('h1', null, 'Workflows'), form, tableNode, p.node);
   }
@@ -686,7 +688,7 @@
     try {
       const page = await api('GET', '/dead-letters', { query: { pending, limit: 100 } });
       const items = page.items || [];
-      const keys = pickColumns(items, ['id', 'topic', 'partition', 'offset', 'key', 'error', 'attempts', 'created_at', 'redriven_at']);
+      const keys = pickColumns(items, ['id', 'source', 'topic', 'partition', 'offset', 'key', 'error', 'attempts', 'created_at', 'redriven_at']);
       const cols = keys.map((k) => [k, (m) => scalar(m[k]), k === 'error' ? 'err' : undefined]);
       cols.push(['', (m) => [
         el('button', { type: 'button', onclick: async () => {
@@ -717,8 +719,8 @@
     const act = (w, action) => () => mutate((action === 'approve' ? 'Approve' : 'Reject') + ' withdrawal',
       'Withdrawal ' + idOf(w) + '. The approver cannot be the requester (four-eyes rule).',
       (reason) => api('POST', '/withdrawals/' + encodeURIComponent(idOf(w)) + '/' + action, { body: { reason } }),
-      () => 'Withdrawal ' + idOf(w) + ' ' + (action === 'approve' ? 'approved' : 'rejected'), () => route());
-    const keys = pickColumns(items, ['id', 'withdrawal_id', 'user_id', 'asset', 'amount', 'destination', 'state', 'requested_by', 'created_at']);
+      (r) => 'Withdrawal ' + idOf(w) + ': ' + (r.decision || action) + (r.changed === false ? ' (already decided)' : ''), () => route());
+    const keys = pickColumns(items, ['id', 'user_id', 'asset', 'amount', 'address', 'status', 'requested_by', 'requested_at']);
     const cols = keys.map((k) => [k, (w) => scalar(w[k])]);
     cols.push(['', (w) => [
       el('button', { type: 'button', class: 'primary', onclick: act(w, 'approve') }, 'Approve…'), ' ',
