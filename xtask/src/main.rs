@@ -5,6 +5,7 @@
 //! `Command` variant and its `match` arm.
 
 mod bench;
+mod browser;
 mod cmd;
 mod dev;
 mod helm_check;
@@ -43,6 +44,8 @@ enum Command {
     Openapi(openapi::Args),
     /// Property-based tests generated from the OpenAPI specs against a running system.
     Schemathesis(schemathesis::Args),
+    /// Install Chromium and playwright-core if missing, then run the admin console's browser test.
+    E2e(browser::Args),
 }
 
 fn main() -> ExitCode {
@@ -53,6 +56,7 @@ fn main() -> ExitCode {
         Command::HelmCheck => helm_check::run(cmd::workspace_root()),
         Command::Openapi(args) => openapi::run(args),
         Command::Schemathesis(args) => schemathesis::run(args),
+        Command::E2e(args) => browser::run(args),
     };
     // Print the error chain on one line, without the backtrace `RUST_BACKTRACE` would add.
     if let Err(e) = result {

@@ -77,6 +77,13 @@ fn steps(args: &Args) -> Vec<Step> {
             run: clippy,
             skip: lint,
         },
+        // Before the tests: the console's browser test (workers/tests/console_e2e.rs) runs
+        // among them and fails without Chromium and playwright-core.
+        Step {
+            name: "browser",
+            run: browser,
+            skip: None,
+        },
         Step {
             name: "tests",
             run: tests,
@@ -182,6 +189,10 @@ fn clippy(ctx: &mut Ctx) -> Result<()> {
         "-D",
         "warnings",
     ]))
+}
+
+fn browser(_: &mut Ctx) -> Result<()> {
+    crate::browser::ensure_toolchain()
 }
 
 fn tests(ctx: &mut Ctx) -> Result<()> {
