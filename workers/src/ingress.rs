@@ -11,26 +11,43 @@
 //! `enable.auto.offset.store=false`). A consumer killed between the two
 //! commits gets its messages redelivered, and the inbox skips them.
 //!
-//! Ordering and concurrency: one worker task per partition processes that
-//! partition's messages one at a time, in offset order; partitions run
-//! concurrently. Backpressure: a partition is paused (`consumer.pause`) while
-//! its worker's buffer is full or while its topic's job queue has more than
-//! `max-backlog` available jobs, and resumed when that drains. Rebalances:
-//! stored offsets are committed synchronously before partitions are revoked,
-//! and messages still buffered for a revoked partition are dropped (the next
-//! owner gets them from the committed offset).
+//! Ordering, batching and concurrency: one worker task per partition
+//! processes that partition's messages in offset order; partitions run
+//! concurrently. A worker takes every message waiting for it (up to
+//! `partition-buffer`) and applies them in ONE transaction: one multi-row
+//! inbox insert, then the handler's [`MessageHandler::handle_batch`] for the
+//! new ones (one multi-row job insert for [`EnqueueJob`]), then one commit and
+//! the offset of the last message is stored. If that transaction fails, the
+//! batch is re-applied one message per transaction, so a poison message is
+//! isolated and everything before and after it still applies once.
+//!
+//! Backpressure: a partition holds at most `partition-buffer` messages in
+//! memory (handed to its worker and not yet committed); when it reaches that
+//! it is paused (`consumer.pause`, which also drops librdkafka's prefetched
+//! messages of it) and resumed at half. A topic with a `queue` also waits for
+//! room in that job queue: its workers reserve room below `max-backlog`
+//! available jobs (a shared estimate, re-measured at least every
+//! `commit-interval-ms` and whenever it says full) before applying a batch,
+//! and pause their partition while there is none; so this process never
+//! fills the queue beyond `max-backlog`. Rebalances: stored offsets are
+//! committed synchronously before partitions are revoked, and messages still
+//! buffered for a revoked partition are dropped (the next owner gets them
+//! from the committed offset; anything applied meanwhile is an inbox
+//! duplicate for it).
 //!
 //! Poison messages — undecodable or invalid ([`HandlerError::Poison`]), or
 //! failing `max-attempts` times ([`HandlerError::Failed`]) — are published to
 //! the dead-letter topic and recorded in `dead_letters`, then their offset is
-//! stored, so the partition keeps moving. Database outages
-//! ([`HandlerError::Transient`]) are retried without limit and never
+//! stored, so the partition keeps moving. The dead-letter producer is rebuilt
+//! after a fatal error or repeated failures (an idempotent producer stays
+//! wedged when a broker restarts without its producer state). Database
+//! outages ([`HandlerError::Transient`]) are retried without limit and never
 //! dead-letter a message.
 use crate::kafka::{BusinessId, ID_HEADER, IngressConfig, TopicConfig, backoff, headers_to_json};
 use async_trait::async_trait;
 use ledgerflow_engine::inbox::{
     InboxEntry, InboxInserted, NewDeadLetter, dead_letter_insert_in, inbox_insert_in,
-    queue_available_backlog,
+    inbox_insert_many_in, queue_available_backlog,
 };
 use ledgerflow_engine::{NewJob, Store, WorkflowRegistry, signal_send_in, workflow_start_in};
 use rdkafka::consumer::{
@@ -38,13 +55,13 @@ use rdkafka::consumer::{
 };
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{ClientContext, TopicPartitionList};
 use sqlx::PgConnection;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -138,9 +155,37 @@ impl From<sqlx::Error> for HandlerError {
     }
 }
 
-/// Turns one message into its effect on the caller's connection, which is
-/// inside the transaction that also records the message in the inbox. It must
-/// write only through that connection (and never commit it).
+/// Why a batch was not applied: the error, and which message of the batch
+/// it is about when the handler knows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchError {
+    /// Index into the batch of the message that failed, if known.
+    pub index: Option<usize>,
+    /// What went wrong.
+    pub error: HandlerError,
+}
+
+impl BatchError {
+    /// An error about the batch as a whole.
+    pub fn whole(error: impl Into<HandlerError>) -> Self {
+        Self {
+            index: None,
+            error: error.into(),
+        }
+    }
+
+    /// An error about message `index` of the batch.
+    pub fn at(index: usize, error: impl Into<HandlerError>) -> Self {
+        Self {
+            index: Some(index),
+            error: error.into(),
+        }
+    }
+}
+
+/// Turns messages into their effects on the caller's connection, which is
+/// inside the transaction that also records the messages in the inbox. It
+/// must write only through that connection (and never commit it).
 #[async_trait]
 pub trait MessageHandler: Send + Sync + 'static {
     /// Applies `msg`.
@@ -150,6 +195,25 @@ pub trait MessageHandler: Send + Sync + 'static {
         store: &Store,
         msg: &IngressMessage,
     ) -> Result<(), HandlerError>;
+
+    /// Applies several messages of one partition, in offset order, in one
+    /// transaction. The default calls [`MessageHandler::handle`] for each;
+    /// override it to write them with fewer statements. On an error the
+    /// whole transaction is rolled back and the ingress re-applies the
+    /// messages one by one, counting the error against `index`'s message.
+    async fn handle_batch(
+        &self,
+        conn: &mut PgConnection,
+        store: &Store,
+        msgs: &[&IngressMessage],
+    ) -> Result<(), BatchError> {
+        for (i, msg) in msgs.iter().enumerate() {
+            self.handle(&mut *conn, store, msg)
+                .await
+                .map_err(|e| BatchError::at(i, e))?;
+        }
+        Ok(())
+    }
 }
 
 /// Enqueues a job whose args are the message's JSON payload.
@@ -167,10 +231,32 @@ impl MessageHandler for EnqueueJob {
         store: &Store,
         msg: &IngressMessage,
     ) -> Result<(), HandlerError> {
-        let args = msg.json()?;
-        let job = NewJob::new(self.kind.clone(), args).queue(self.queue.clone());
-        store.job_insert_in(conn, &job).await?;
+        store.job_insert_in(conn, &self.job(msg)?).await?;
         Ok(())
+    }
+
+    async fn handle_batch(
+        &self,
+        conn: &mut PgConnection,
+        store: &Store,
+        msgs: &[&IngressMessage],
+    ) -> Result<(), BatchError> {
+        let jobs = msgs
+            .iter()
+            .enumerate()
+            .map(|(i, m)| self.job(m).map_err(|e| BatchError::at(i, e)))
+            .collect::<Result<Vec<_>, _>>()?;
+        store
+            .job_insert_many_in(conn, &jobs)
+            .await
+            .map_err(BatchError::whole)?;
+        Ok(())
+    }
+}
+
+impl EnqueueJob {
+    fn job(&self, msg: &IngressMessage) -> Result<NewJob, HandlerError> {
+        Ok(NewJob::new(self.kind.clone(), msg.json()?).queue(self.queue.clone()))
     }
 }
 
@@ -267,19 +353,82 @@ fn json_text(v: Option<&serde_json::Value>) -> Option<String> {
 
 // ---------------------------------------------------------------- consumer
 
+/// Counters of a running ingress, for tests, benchmarks and metrics.
+#[derive(Debug, Default)]
+pub struct IngressStats {
+    buffered: AtomicUsize,
+    max_partition_buffered: AtomicUsize,
+    paused: AtomicUsize,
+    pauses: AtomicU64,
+    applied: AtomicU64,
+    duplicates: AtomicU64,
+    dead_lettered: AtomicU64,
+    batches: AtomicU64,
+}
+
+impl IngressStats {
+    /// Messages held in memory now (received, not yet committed), over all
+    /// partitions.
+    pub fn buffered(&self) -> usize {
+        self.buffered.load(Ordering::SeqCst)
+    }
+
+    /// The most messages one partition ever held in memory at once (never
+    /// more than `partition-buffer`).
+    pub fn max_partition_buffered(&self) -> usize {
+        self.max_partition_buffered.load(Ordering::SeqCst)
+    }
+
+    /// Partitions paused now (buffer full or their queue full).
+    pub fn paused_partitions(&self) -> usize {
+        self.paused.load(Ordering::SeqCst)
+    }
+
+    /// How many times a partition was paused.
+    pub fn pauses(&self) -> u64 {
+        self.pauses.load(Ordering::SeqCst)
+    }
+
+    /// Messages whose effect this process committed.
+    pub fn applied(&self) -> u64 {
+        self.applied.load(Ordering::SeqCst)
+    }
+
+    /// Messages found in the inbox already (redeliveries, re-sent events).
+    pub fn duplicates(&self) -> u64 {
+        self.duplicates.load(Ordering::SeqCst)
+    }
+
+    /// Messages dead-lettered.
+    pub fn dead_lettered(&self) -> u64 {
+        self.dead_lettered.load(Ordering::SeqCst)
+    }
+
+    /// Transactions that applied a whole batch.
+    pub fn batches(&self) -> u64 {
+        self.batches.load(Ordering::SeqCst)
+    }
+}
+
 /// Per-partition state shared by the consumer loop, the partition's worker
-/// and the rebalance callback.
+/// and the rebalance callbacks.
 #[derive(Default)]
 struct PartState {
     /// Bumped when the partition is revoked: buffered messages of an older
     /// epoch are dropped.
     epoch: AtomicU64,
-    /// Messages handed to the worker and not yet taken.
+    /// Messages handed to the worker and not yet committed or dropped.
     buffered: AtomicUsize,
     paused_buffer: AtomicBool,
     paused_backlog: AtomicBool,
     /// Serialises pause/resume decisions.
     gate: Mutex<()>,
+}
+
+impl PartState {
+    fn paused(&self) -> bool {
+        self.paused_buffer.load(Ordering::SeqCst) || self.paused_backlog.load(Ordering::SeqCst)
+    }
 }
 
 type Parts = Arc<Mutex<HashMap<(String, i32), Arc<PartState>>>>;
@@ -289,6 +438,7 @@ type ByTopic = HashMap<String, (TopicConfig, Arc<dyn MessageHandler>)>;
 
 struct IngressContext {
     parts: Parts,
+    stats: Arc<IngressStats>,
 }
 
 impl ClientContext for IngressContext {}
@@ -305,10 +455,24 @@ impl ConsumerContext for IngressContext {
             let parts = self.parts.lock().unwrap_or_else(|p| p.into_inner());
             for elem in tpl.elements() {
                 if let Some(state) = parts.get(&(elem.topic().to_string(), elem.partition())) {
+                    let _gate = state.gate.lock().unwrap_or_else(|p| p.into_inner());
                     state.epoch.fetch_add(1, Ordering::SeqCst);
+                    if state.paused() {
+                        self.stats.paused.fetch_sub(1, Ordering::SeqCst);
+                    }
                     state.paused_buffer.store(false, Ordering::SeqCst);
                     state.paused_backlog.store(false, Ordering::SeqCst);
                 }
+            }
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            // A partition we paused, revoked and got back must not stay
+            // paused: its state was reset at revocation.
+            if let Err(e) = consumer.resume(tpl) {
+                tracing::debug!(error = %e, "resume after assignment failed");
             }
         }
     }
@@ -324,11 +488,12 @@ fn is_no_offset(e: &KafkaError) -> bool {
 #[derive(Debug)]
 pub struct IngressHandle {
     cancel: CancellationToken,
+    stats: Arc<IngressStats>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
 impl IngressHandle {
-    /// Stops consuming, lets each partition finish the message in hand,
+    /// Stops consuming, lets each partition finish the batch in hand,
     /// commits stored offsets and leaves the group.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         self.cancel.cancel();
@@ -339,18 +504,118 @@ impl IngressHandle {
     pub async fn join(self) -> anyhow::Result<()> {
         self.task.await?
     }
+
+    /// Live counters.
+    pub fn stats(&self) -> Arc<IngressStats> {
+        self.stats.clone()
+    }
 }
 
 /// The Kafka ingress role.
 #[derive(Debug)]
 pub struct Ingress;
 
+/// Room in one job queue, shared by the partitions that feed it.
+///
+/// The estimate is the last measured count of available jobs plus every
+/// reservation that measurement may have missed (batches in flight when it
+/// started, and all made since), so it never under-counts what this process
+/// added; runners only lower the true count.
+#[derive(Default)]
+struct Backlog {
+    inner: Mutex<BacklogInner>,
+}
+
+#[derive(Default)]
+struct BacklogInner {
+    measured: i64,
+    measured_at: Option<Instant>,
+    since: i64,
+    in_flight: i64,
+    reserved_total: i64,
+}
+
+enum Room {
+    /// Reserved this many jobs' room.
+    Granted(usize),
+    /// The estimate is stale or says full: measure first.
+    Measure,
+}
+
+impl Backlog {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BacklogInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn reserve(&self, want: usize, limit: i64, max_age: Duration) -> Room {
+        let mut b = self.lock();
+        let fresh = b.measured_at.is_some_and(|t| t.elapsed() < max_age);
+        let room = limit - (b.measured + b.since);
+        if !fresh || room <= 0 {
+            return Room::Measure;
+        }
+        let n = i64::try_from(want).unwrap_or(i64::MAX).min(room);
+        b.in_flight += n;
+        b.reserved_total += n;
+        b.since += n;
+        Room::Granted(usize::try_from(n).unwrap_or(0))
+    }
+
+    /// What a measurement must add to its count: (in flight, total reserved) now.
+    fn snapshot(&self) -> (i64, i64) {
+        let b = self.lock();
+        (b.in_flight, b.reserved_total)
+    }
+
+    fn measured(&self, count: i64, snapshot: (i64, i64)) {
+        let mut b = self.lock();
+        b.measured = count;
+        b.measured_at = Some(Instant::now());
+        b.since = snapshot.0 + (b.reserved_total - snapshot.1);
+    }
+
+    fn finished(&self, n: usize) {
+        let mut b = self.lock();
+        b.in_flight -= i64::try_from(n).unwrap_or(0);
+    }
+}
+
 struct Shared {
     store: Store,
     config: IngressConfig,
     consumer: Arc<IngressConsumer>,
-    producer: FutureProducer,
+    /// The dead-letter producer; rebuilt when it fails (see [`dead_letter`]).
+    producer: Mutex<FutureProducer>,
+    backlogs: Mutex<HashMap<String, Arc<Backlog>>>,
+    stats: Arc<IngressStats>,
     cancel: CancellationToken,
+}
+
+impl Shared {
+    fn backlog(&self, queue: &str) -> Arc<Backlog> {
+        let mut map = self.backlogs.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(queue.to_string()).or_default().clone()
+    }
+
+    fn producer(&self) -> FutureProducer {
+        self.producer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// The dead-letter producer: idempotent, and bounded delivery time so a
+/// wedged producer is noticed (and rebuilt) instead of waited on for minutes.
+fn build_producer(config: &IngressConfig) -> anyhow::Result<FutureProducer> {
+    Ok(config
+        .kafka
+        .client_config(&[
+            ("enable.idempotence", "true"),
+            ("acks", "all"),
+            ("message.timeout.ms", "10000"),
+        ])
+        .create()?)
 }
 
 impl Ingress {
@@ -373,6 +638,7 @@ impl Ingress {
             anyhow::bail!("ingress has no topics");
         }
         let parts: Parts = Arc::default();
+        let stats = Arc::new(IngressStats::default());
         let consumer: IngressConsumer = config
             .kafka
             .client_config(&[
@@ -385,22 +651,26 @@ impl Ingress {
             ])
             .create_with_context(IngressContext {
                 parts: parts.clone(),
+                stats: stats.clone(),
             })?;
         let topics: Vec<&str> = by_topic.keys().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
-        let producer: FutureProducer = config
-            .kafka
-            .client_config(&[("enable.idempotence", "true"), ("acks", "all")])
-            .create()?;
+        let producer = build_producer(&config)?;
         let shared = Arc::new(Shared {
             store,
             config,
             consumer: Arc::new(consumer),
-            producer,
+            producer: Mutex::new(producer),
+            backlogs: Mutex::default(),
+            stats: stats.clone(),
             cancel: cancel.clone(),
         });
         let task = tokio::spawn(run(shared, Arc::new(by_topic), parts));
-        Ok(IngressHandle { cancel, task })
+        Ok(IngressHandle {
+            cancel,
+            stats,
+            task,
+        })
     }
 }
 
@@ -448,6 +718,7 @@ async fn run(shared: Arc<Shared>, by_topic: Arc<ByTopic>, parts: Parts) -> anyho
             business_id,
         };
         drop(m);
+        tracing::trace!(topic = %msg.topic, partition = msg.partition, offset = msg.offset, "received");
         let tp = (msg.topic.clone(), msg.partition);
         let state = {
             let mut map = parts.lock().unwrap_or_else(|p| p.into_inner());
@@ -457,6 +728,7 @@ async fn run(shared: Arc<Shared>, by_topic: Arc<ByTopic>, parts: Parts) -> anyho
             let (tx, rx) = mpsc::unbounded_channel();
             tasks.spawn(partition_worker(
                 shared.clone(),
+                tp.clone(),
                 topic_cfg.clone(),
                 handler.clone(),
                 state.clone(),
@@ -468,11 +740,17 @@ async fn run(shared: Arc<Shared>, by_topic: Arc<ByTopic>, parts: Parts) -> anyho
         if sender.send(Item { msg, epoch }).is_err() {
             continue;
         }
-        if state.buffered.fetch_add(1, Ordering::SeqCst) + 1 >= high_water {
-            set_paused(&shared.consumer, &tp, &state, Reason::Buffer, true);
+        let held = state.buffered.fetch_add(1, Ordering::SeqCst) + 1;
+        shared.stats.buffered.fetch_add(1, Ordering::SeqCst);
+        shared
+            .stats
+            .max_partition_buffered
+            .fetch_max(held, Ordering::SeqCst);
+        if held >= high_water {
+            set_paused(&shared, &tp, &state, Reason::Buffer, true);
         }
     }
-    // Stop the workers (each finishes the message in hand), then commit.
+    // Stop the workers (each finishes the batch in hand), then commit.
     drop(workers);
     while tasks.join_next().await.is_some() {}
     commit(&shared.consumer, CommitMode::Sync);
@@ -496,31 +774,29 @@ enum Reason {
 
 /// Sets one pause reason and pauses/resumes the partition when the overall
 /// state changes.
-fn set_paused(
-    consumer: &IngressConsumer,
-    tp: &(String, i32),
-    state: &PartState,
-    reason: Reason,
-    on: bool,
-) {
+fn set_paused(shared: &Shared, tp: &(String, i32), state: &PartState, reason: Reason, on: bool) {
     let _gate = state.gate.lock().unwrap_or_else(|p| p.into_inner());
-    let before =
-        state.paused_buffer.load(Ordering::SeqCst) || state.paused_backlog.load(Ordering::SeqCst);
+    let before = state.paused();
     match reason {
         Reason::Buffer => state.paused_buffer.store(on, Ordering::SeqCst),
         Reason::Backlog => state.paused_backlog.store(on, Ordering::SeqCst),
     }
-    let after =
-        state.paused_buffer.load(Ordering::SeqCst) || state.paused_backlog.load(Ordering::SeqCst);
+    let after = state.paused();
     if before == after {
         return;
+    }
+    if after {
+        shared.stats.paused.fetch_add(1, Ordering::SeqCst);
+        shared.stats.pauses.fetch_add(1, Ordering::SeqCst);
+    } else {
+        shared.stats.paused.fetch_sub(1, Ordering::SeqCst);
     }
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition(&tp.0, tp.1);
     let result = if after {
-        consumer.pause(&tpl)
+        shared.consumer.pause(&tpl)
     } else {
-        consumer.resume(&tpl)
+        shared.consumer.resume(&tpl)
     };
     match result {
         Ok(()) => {
@@ -551,78 +827,202 @@ fn business_id(
     }
 }
 
+/// Processes one partition's messages in batches, in offset order.
 async fn partition_worker(
     shared: Arc<Shared>,
+    tp: (String, i32),
     topic: TopicConfig,
     handler: Arc<dyn MessageHandler>,
     state: Arc<PartState>,
     mut rx: mpsc::UnboundedReceiver<Item>,
 ) {
-    let low_water = shared.config.partition_buffer.max(1) / 2;
+    let max_batch = shared.config.partition_buffer.max(1);
+    let low_water = max_batch / 2;
+    let mut pending: VecDeque<Item> = VecDeque::new();
     loop {
-        let item = tokio::select! {
-            () = shared.cancel.cancelled() => return,
-            item = rx.recv() => match item { Some(i) => i, None => return },
+        if pending.is_empty() {
+            let first = tokio::select! {
+                () = shared.cancel.cancelled() => return,
+                item = rx.recv() => match item { Some(i) => i, None => return },
+            };
+            pending.push_back(first);
+        }
+        while pending.len() < max_batch {
+            match rx.try_recv() {
+                Ok(i) => pending.push_back(i),
+                Err(_) => break,
+            }
+        }
+        // Revoked since they were fetched: their next owner has them.
+        let epoch = state.epoch.load(Ordering::SeqCst);
+        let before = pending.len();
+        pending.retain(|i| i.epoch == epoch);
+        release(&shared, &tp, &state, before - pending.len(), low_water);
+        if pending.is_empty() {
+            continue;
+        }
+        let Some((room, backlog)) =
+            wait_for_room(&shared, &topic, &tp, &state, pending.len()).await
+        else {
+            return;
         };
-        let left = state
-            .buffered
-            .fetch_sub(1, Ordering::SeqCst)
-            .saturating_sub(1);
-        let tp = (item.msg.topic.clone(), item.msg.partition);
-        if left <= low_water && state.paused_buffer.load(Ordering::SeqCst) {
-            set_paused(&shared.consumer, &tp, &state, Reason::Buffer, false);
+        if state.epoch.load(Ordering::SeqCst) != epoch {
+            if let Some(b) = &backlog {
+                b.finished(room);
+            }
+            continue; // revoked while waiting: drop the stale ones first
         }
-        if item.epoch != state.epoch.load(Ordering::SeqCst) {
-            continue; // revoked since it was fetched; its next owner has it
+        let batch: Vec<IngressMessage> = pending
+            .drain(..room.min(pending.len()))
+            .map(|i| i.msg)
+            .collect();
+        let done = process_batch(&shared, &*handler, &batch).await;
+        if let Some(b) = &backlog {
+            b.finished(room);
         }
-        if !wait_for_backlog(&shared, &topic, &tp, &state).await {
+        if !done {
             return;
         }
-        if !process(&shared, &*handler, &item.msg).await {
-            return;
-        }
+        release(&shared, &tp, &state, batch.len(), low_water);
     }
 }
 
-/// Pauses the partition while the topic's queue is over its backlog limit.
-/// False when cancelled while waiting.
-async fn wait_for_backlog(
+/// `n` messages of the partition left memory: count them out and resume the
+/// partition once its buffer has drained to `low_water`.
+fn release(shared: &Shared, tp: &(String, i32), state: &PartState, n: usize, low_water: usize) {
+    if n == 0 {
+        return;
+    }
+    let left = state
+        .buffered
+        .fetch_sub(n, Ordering::SeqCst)
+        .saturating_sub(n);
+    shared.stats.buffered.fetch_sub(n, Ordering::SeqCst);
+    if left <= low_water && state.paused_buffer.load(Ordering::SeqCst) {
+        set_paused(shared, tp, state, Reason::Buffer, false);
+    }
+}
+
+/// Waits until the topic's queue has room (pausing the partition while it
+/// has none) and reserves it for up to `want` messages. Returns how many
+/// may be applied now and the reservation to release afterwards; `None`
+/// when cancelled while waiting.
+async fn wait_for_room(
     shared: &Shared,
     topic: &TopicConfig,
     tp: &(String, i32),
     state: &PartState,
-) -> bool {
+    want: usize,
+) -> Option<(usize, Option<Arc<Backlog>>)> {
     let Some(queue) = &topic.queue else {
-        return true;
+        return Some((want, None));
     };
-    let limit = shared.config.max_backlog;
+    let backlog = shared.backlog(queue);
+    let limit = shared.config.max_backlog.max(1);
+    let max_age = shared.config.commit_interval;
     loop {
-        match queue_available_backlog(shared.store.pool(), queue, limit + 1).await {
-            Ok(n) if n <= limit => {
-                if state.paused_backlog.load(Ordering::SeqCst) {
-                    set_paused(&shared.consumer, tp, state, Reason::Backlog, false);
-                }
-                return true;
+        if let Room::Granted(n) = backlog.reserve(want, limit, max_age) {
+            if state.paused_backlog.load(Ordering::SeqCst) {
+                set_paused(shared, tp, state, Reason::Backlog, false);
             }
-            Ok(_) => set_paused(&shared.consumer, tp, state, Reason::Backlog, true),
+            return Some((n, Some(backlog)));
+        }
+        let snapshot = backlog.snapshot();
+        match queue_available_backlog(shared.store.pool(), queue, limit + 1).await {
+            Ok(n) => {
+                backlog.measured(n, snapshot);
+                if let Room::Granted(n) = backlog.reserve(want, limit, max_age) {
+                    if state.paused_backlog.load(Ordering::SeqCst) {
+                        set_paused(shared, tp, state, Reason::Backlog, false);
+                    }
+                    return Some((n, Some(backlog)));
+                }
+                set_paused(shared, tp, state, Reason::Backlog, true);
+            }
             Err(e) => tracing::warn!(error = %e, "backlog check failed"),
         }
         tokio::select! {
-            () = shared.cancel.cancelled() => return false,
-            () = tokio::time::sleep(shared.config.commit_interval) => {}
+            () = shared.cancel.cancelled() => return None,
+            () = tokio::time::sleep(shared.config.commit_interval.min(Duration::from_millis(250))) => {}
         }
     }
 }
 
+/// Applies a batch in one transaction and stores the last offset; on an
+/// error, re-applies it one message at a time. False when cancelled before
+/// everything was applied (offsets of the rest not stored).
+async fn process_batch(
+    shared: &Shared,
+    handler: &dyn MessageHandler,
+    batch: &[IngressMessage],
+) -> bool {
+    let Some(last) = batch.last() else {
+        return true;
+    };
+    if batch.len() > 1 {
+        match apply_batch(&shared.store, handler, batch).await {
+            Ok(new) => {
+                shared.stats.batches.fetch_add(1, Ordering::SeqCst);
+                shared.stats.applied.fetch_add(new, Ordering::SeqCst);
+                shared
+                    .stats
+                    .duplicates
+                    .fetch_add(batch.len() as u64 - new, Ordering::SeqCst);
+                store_offset(shared, last);
+                return true;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e.error, index = ?e.index, size = batch.len(), "batch failed; applying its messages one by one");
+                for (i, msg) in batch.iter().enumerate() {
+                    let prior = (e.index == Some(i)).then(|| e.error.clone());
+                    if !process(shared, handler, msg, prior).await {
+                        return false;
+                    }
+                }
+                return true;
+            }
+        }
+    }
+    process(shared, handler, last, None).await
+}
+
+fn store_offset(shared: &Shared, msg: &IngressMessage) {
+    if let Err(e) = shared
+        .consumer
+        .store_offset(&msg.topic, msg.partition, msg.offset)
+    {
+        // Revoked meanwhile: the next owner redelivers it and the inbox skips it.
+        tracing::debug!(error = %e, topic = %msg.topic, offset = msg.offset, "offset not stored");
+    }
+}
+
 /// Applies one message until it is applied, a duplicate or dead-lettered,
-/// then stores its offset. False when cancelled first (offset not stored).
-async fn process(shared: &Shared, handler: &dyn MessageHandler, msg: &IngressMessage) -> bool {
+/// then stores its offset. `prior` is the error of an attempt already made
+/// (in a failed batch). False when cancelled first (offset not stored).
+async fn process(
+    shared: &Shared,
+    handler: &dyn MessageHandler,
+    msg: &IngressMessage,
+    mut prior: Option<HandlerError>,
+) -> bool {
     let mut failures: u32 = 0;
     let mut transient: u32 = 0;
     let max = shared.config.max_attempts.max(1);
     loop {
-        let error = match apply(&shared.store, handler, msg).await {
-            Ok(_) => break,
+        let result = match prior.take() {
+            Some(e) => Err(e),
+            None => apply(&shared.store, handler, msg).await,
+        };
+        let error = match result {
+            Ok(inserted) => {
+                let counter = if inserted.is_new() {
+                    &shared.stats.applied
+                } else {
+                    &shared.stats.duplicates
+                };
+                counter.fetch_add(1, Ordering::SeqCst);
+                break;
+            }
             Err(HandlerError::Poison(e)) => {
                 failures += 1;
                 Some(format!("poison message: {e}"))
@@ -641,6 +1041,7 @@ async fn process(shared: &Shared, handler: &dyn MessageHandler, msg: &IngressMes
             if !dead_letter(shared, msg, &error, failures).await {
                 return false;
             }
+            shared.stats.dead_lettered.fetch_add(1, Ordering::SeqCst);
             break;
         }
         let delay = backoff(
@@ -653,14 +1054,27 @@ async fn process(shared: &Shared, handler: &dyn MessageHandler, msg: &IngressMes
             () = tokio::time::sleep(delay) => {}
         }
     }
-    if let Err(e) = shared
-        .consumer
-        .store_offset(&msg.topic, msg.partition, msg.offset)
-    {
-        // Revoked meanwhile: the next owner redelivers it and the inbox skips it.
-        tracing::debug!(error = %e, topic = %msg.topic, offset = msg.offset, "offset not stored");
-    }
+    store_offset(shared, msg);
     true
+}
+
+/// The message's inbox row (its source and dedupe key computed by the caller).
+fn inbox_entry<'a>(
+    msg: &'a IngressMessage,
+    source: &'a str,
+    dedupe_key: &'a str,
+) -> InboxEntry<'a> {
+    InboxEntry {
+        source,
+        dedupe_key,
+        topic: Some(&msg.topic),
+        partition: Some(msg.partition),
+        offset: Some(msg.offset),
+        business_id: msg.business_id.as_deref(),
+        payload: msg.payload.as_deref(),
+        headers: Some(&msg.headers),
+        processed: true,
+    }
 }
 
 /// One attempt: inbox row + effect in one transaction.
@@ -672,21 +1086,7 @@ async fn apply(
     let mut tx = store.pool().begin().await?;
     let source = msg.source();
     let dedupe_key = msg.dedupe_key();
-    let inserted = inbox_insert_in(
-        &mut tx,
-        &InboxEntry {
-            source: &source,
-            dedupe_key: &dedupe_key,
-            topic: Some(&msg.topic),
-            partition: Some(msg.partition),
-            offset: Some(msg.offset),
-            business_id: msg.business_id.as_deref(),
-            payload: msg.payload.as_deref(),
-            headers: Some(&msg.headers),
-            processed: true,
-        },
-    )
-    .await?;
+    let inserted = inbox_insert_in(&mut tx, &inbox_entry(msg, &source, &dedupe_key)).await?;
     if inserted.is_new() {
         handler.handle(&mut tx, store, msg).await?;
     }
@@ -694,8 +1094,50 @@ async fn apply(
     Ok(inserted)
 }
 
+/// One attempt at a whole batch: its inbox rows (one statement) + the new
+/// messages' effects, in one transaction. Returns how many were new.
+async fn apply_batch(
+    store: &Store,
+    handler: &dyn MessageHandler,
+    batch: &[IngressMessage],
+) -> Result<u64, BatchError> {
+    let mut tx = store.pool().begin().await.map_err(BatchError::whole)?;
+    let keys: Vec<(String, String)> = batch.iter().map(|m| (m.source(), m.dedupe_key())).collect();
+    let entries: Vec<InboxEntry<'_>> = batch
+        .iter()
+        .zip(&keys)
+        .map(|(m, (source, key))| inbox_entry(m, source, key))
+        .collect();
+    let inserted = inbox_insert_many_in(&mut tx, &entries)
+        .await
+        .map_err(BatchError::whole)?;
+    // Positions in `batch` of the new messages.
+    let fresh: Vec<usize> = inserted
+        .iter()
+        .enumerate()
+        .filter(|(_, i)| i.is_new())
+        .map(|(n, _)| n)
+        .collect();
+    if !fresh.is_empty() {
+        let msgs: Vec<&IngressMessage> = fresh.iter().map(|&n| &batch[n]).collect();
+        handler
+            .handle_batch(&mut tx, store, &msgs)
+            .await
+            .map_err(|e| BatchError {
+                index: e.index.and_then(|i| fresh.get(i).copied()),
+                error: e.error,
+            })?;
+    }
+    tx.commit().await.map_err(BatchError::whole)?;
+    Ok(fresh.len() as u64)
+}
+
 /// Publishes to the dead-letter topic and records the letter, retrying both
 /// until they succeed. False when cancelled first.
+///
+/// The producer is idempotent; after a broker restart that lost its producer
+/// state it can fail every send (or hit a fatal error) until it is rebuilt,
+/// so it is rebuilt after a fatal error or every third failure in a row.
 async fn dead_letter(shared: &Shared, msg: &IngressMessage, error: &str, attempts: u32) -> bool {
     tracing::warn!(topic = %msg.topic, partition = msg.partition, offset = msg.offset, %error, "dead-lettering message");
     let mut n: u32 = 0;
@@ -737,11 +1179,22 @@ async fn dead_letter(shared: &Shared, msg: &IngressMessage, error: &str, attempt
         if let Some(k) = &msg.key {
             record = record.key(k.as_slice());
         }
-        match shared.producer.send(record, Duration::from_secs(5)).await {
+        let producer = shared.producer();
+        match producer.send(record, Duration::from_secs(5)).await {
             Ok(_) => break,
             Err((e, _)) => {
                 n += 1;
                 tracing::warn!(error = %e, "dead-letter topic publish failed; retrying");
+                let fatal = producer.client().fatal_error();
+                if fatal.is_some() || n.is_multiple_of(3) {
+                    tracing::warn!(?fatal, failures = n, "recreating the dead-letter producer");
+                    match build_producer(&shared.config) {
+                        Ok(p) => {
+                            *shared.producer.lock().unwrap_or_else(|p| p.into_inner()) = p;
+                        }
+                        Err(e) => tracing::warn!(error = %e, "recreating the producer failed"),
+                    }
+                }
             }
         }
         tokio::select! {

@@ -105,19 +105,23 @@ pub struct IngressConfig {
         rename = "retry-backoff-ms"
     )]
     pub retry_backoff: Duration,
-    /// A partition pauses while its topic's queue has more `available` jobs
-    /// than this, and resumes when the backlog drains below it.
+    /// Most `available` jobs this process lets its topic's queue hold: a
+    /// partition applies a batch only into room below this, and is paused
+    /// while there is none (resumed once runners drain the queue).
     #[serde(default = "default_max_backlog")]
     pub max_backlog: i64,
-    /// How often stored offsets are committed (and how often a paused
-    /// partition re-checks its backlog).
+    /// How often stored offsets are committed, and the longest a measured
+    /// queue backlog is trusted (a paused partition re-checks at least every
+    /// 250 ms).
     #[serde(
         default = "default_commit_interval",
         with = "millis",
         rename = "commit-interval-ms"
     )]
     pub commit_interval: Duration,
-    /// Messages buffered per partition between the consumer and its worker.
+    /// Most messages a partition holds in memory (received, not yet
+    /// committed) before it is paused; also the largest batch applied in one
+    /// transaction.
     #[serde(default = "default_partition_buffer")]
     pub partition_buffer: usize,
 }
@@ -211,7 +215,7 @@ fn default_commit_interval() -> Duration {
     Duration::from_secs(1)
 }
 fn default_partition_buffer() -> usize {
-    64
+    500
 }
 fn default_batch_size() -> i64 {
     256

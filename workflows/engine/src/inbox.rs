@@ -104,6 +104,90 @@ pub async fn inbox_insert_in(
     Ok(id.map_or(InboxInserted::Duplicate, InboxInserted::Inserted))
 }
 
+/// Records many entries with one statement on the caller's connection
+/// (inside their transaction): what [`inbox_insert_in`] does, for a batch.
+/// Returns one [`InboxInserted`] per entry, in order; when several entries
+/// share a `(source, dedupe_key)`, only the first can be new. Never aborts
+/// the transaction on a conflict.
+pub async fn inbox_insert_many_in(
+    conn: &mut PgConnection,
+    entries: &[InboxEntry<'_>],
+) -> Result<Vec<InboxInserted>> {
+    if entries.is_empty() {
+        return Ok(Vec::new());
+    }
+    let n = entries.len();
+    let empty = serde_json::Value::Object(serde_json::Map::new());
+    let (mut sources, mut keys, mut topics) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut partitions, mut offsets, mut business_ids) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut payloads, mut headers, mut processed) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for e in entries {
+        if e.source.is_empty() || e.dedupe_key.is_empty() {
+            return Err(crate::Error::Invalid(
+                "inbox source and dedupe key must not be empty".into(),
+            ));
+        }
+        sources.push(e.source);
+        keys.push(e.dedupe_key);
+        topics.push(e.topic);
+        partitions.push(e.partition);
+        offsets.push(e.offset);
+        business_ids.push(e.business_id);
+        payloads.push(e.payload);
+        headers.push(e.headers.unwrap_or(&empty).clone());
+        processed.push(e.processed);
+    }
+    // Rows go in input order (ORDER BY ord), so of two entries with one key
+    // the first is inserted and the second meets it and does nothing.
+    let rows: Vec<(i64, String, String)> = sqlx::query_as(
+        "INSERT INTO inbox (source, dedupe_key, topic, \"partition\", \"offset\", business_id,
+                            payload, headers, processed_at)
+         SELECT s.source, s.dedupe_key, s.topic, s.part, s.off, s.business_id, s.payload,
+                s.headers, CASE WHEN s.processed THEN now() END
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[], $5::int8[], $6::text[],
+                     $7::bytea[], $8::jsonb[], $9::bool[])
+              WITH ORDINALITY AS s(source, dedupe_key, topic, part, off, business_id, payload,
+                                   headers, processed, ord)
+         ORDER BY s.ord
+         ON CONFLICT (source, dedupe_key) DO NOTHING
+         RETURNING id, source, dedupe_key",
+    )
+    .bind(&sources)
+    .bind(&keys)
+    .bind(&topics)
+    .bind(&partitions)
+    .bind(&offsets)
+    .bind(&business_ids)
+    .bind(&payloads)
+    .bind(&headers)
+    .bind(&processed)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut new: std::collections::HashMap<(String, String), i64> = rows
+        .into_iter()
+        .map(|(id, source, key)| ((source, key), id))
+        .collect();
+    Ok(entries
+        .iter()
+        .map(|e| {
+            new.remove(&(e.source.to_string(), e.dedupe_key.to_string()))
+                .map_or(InboxInserted::Duplicate, InboxInserted::Inserted)
+        })
+        .collect())
+}
+
 /// Marks an inbox row processed (for events processed by a later job).
 pub async fn inbox_mark_processed_in(conn: &mut PgConnection, id: i64) -> Result<bool> {
     let n =
