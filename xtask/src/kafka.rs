@@ -10,7 +10,7 @@ use crate::cmd::{cargo, display, which, workspace_root};
 use anyhow::{Context, Result, bail};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// The tansu release the project is tested with.
@@ -23,17 +23,25 @@ pub const LOCAL_BROKER: &str = "127.0.0.1:9092";
 /// otherwise a local tansu broker on [`LOCAL_BROKER`], installing and starting
 /// it as needed and waiting until it accepts connections.
 pub fn ensure_broker() -> Result<String> {
+    // Left running in the background for the rest of the session.
+    let (brokers, _child) = broker()?;
+    Ok(brokers)
+}
+
+/// Like [`ensure_broker`], and also returns the tansu process when this call
+/// started it, so that its caller (`cargo xtask dev`) can stop it on exit.
+pub fn broker() -> Result<(String, Option<Child>)> {
     if let Ok(brokers) = std::env::var("KAFKA_BROKERS")
         && !brokers.trim().is_empty()
     {
         println!("kafka: using KAFKA_BROKERS={brokers}");
-        return Ok(brokers);
+        return Ok((brokers, None));
     }
     let tansu = ensure_tansu()?;
     let addr: SocketAddr = LOCAL_BROKER.parse().context("bad broker address")?;
     if accepts(&addr) {
         println!("kafka: a broker already listens on {LOCAL_BROKER}");
-        return Ok(LOCAL_BROKER.to_string());
+        return Ok((LOCAL_BROKER.to_string(), None));
     }
     let log_path = workspace_root().join("target").join("tansu.log");
     if let Some(dir) = log_path.parent() {
@@ -54,7 +62,6 @@ pub fn ensure_broker() -> Result<String> {
     .stdout(log.try_clone()?)
     .stderr(log);
     println!("$ {} &  (log: {})", display(&cmd), log_path.display());
-    // Left running in the background for the rest of the session.
     let mut child = cmd
         .spawn()
         .with_context(|| format!("could not start {}", tansu.display()))?;
@@ -75,21 +82,16 @@ pub fn ensure_broker() -> Result<String> {
         std::thread::sleep(Duration::from_millis(100));
     }
     println!("kafka: tansu listening on {LOCAL_BROKER}");
-    Ok(LOCAL_BROKER.to_string())
+    Ok((LOCAL_BROKER.to_string(), Some(child)))
 }
 
 /// The tansu binary: on `PATH`, in `$CARGO_HOME/bin` (or `~/.cargo/bin`), or
 /// freshly installed there with cargo.
 pub fn ensure_tansu() -> Result<PathBuf> {
-    if let Some(p) = which("tansu") {
+    if let Some(p) = installed_tansu() {
         return Ok(p);
     }
     let cargo_bin = cargo_home().map(|h| h.join("bin").join("tansu"));
-    if let Some(p) = &cargo_bin
-        && p.is_file()
-    {
-        return Ok(p.clone());
-    }
     println!(
         "kafka: tansu not found; installing tansu {TANSU_VERSION} with cargo \
          (slow: about 10-14 minutes on 2 cores; it is cached in $CARGO_HOME/bin afterwards)"
@@ -110,6 +112,15 @@ pub fn ensure_tansu() -> Result<PathBuf> {
         .context(
             "`cargo install tansu` succeeded but the binary is not on PATH or in $CARGO_HOME/bin",
         )
+}
+
+/// The tansu binary if it is installed (on `PATH` or in `$CARGO_HOME/bin`).
+pub fn installed_tansu() -> Option<PathBuf> {
+    which("tansu").or_else(|| {
+        cargo_home()
+            .map(|h| h.join("bin").join("tansu"))
+            .filter(|p| p.is_file())
+    })
 }
 
 fn cargo_home() -> Option<PathBuf> {

@@ -9,6 +9,7 @@ mod browser;
 mod cmd;
 mod dev;
 mod helm_check;
+mod http;
 mod kafka;
 mod openapi;
 mod pg;
