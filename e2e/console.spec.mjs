@@ -3,13 +3,14 @@
 // Run by workers/tests/console_e2e.rs, which starts Postgres, the admin listener and a real job
 // runner, seeds an operator and dead jobs, then checks the database after this script exits 0:
 //
-//   node e2e/console.spec.mjs <admin base url> <admin credential> <queue> <reason>
+//   node e2e/console.spec.mjs <admin base url> <operator credential> <queue> <reason> <viewer credential>
 //
 // The script: checks the console's security headers; signs in with a wrong credential and expects
 // a visible 401 error; signs in properly; finds the dead jobs of <queue> with the filters (markup
 // in their args/errors must stay text); opens the target job, retries it with <reason> through the
 // reason dialog, and waits until the runner has completed it; finds the retry in the audit log;
-// finally, checks that a credential refused mid-session signs out visibly.
+// checks that a credential refused mid-session signs out visibly; finally signs in as a viewer
+// and expects a retry to be refused visibly with 403, the session kept.
 // It prints `target=<job id>` so the caller can check it picked the right job.
 // CHROMIUM overrides the browser path (default /usr/bin/chromium).
 import { chromium } from 'playwright-core';
@@ -17,9 +18,9 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
-const [baseUrl, token, queue, reason] = process.argv.slice(2);
-if (!baseUrl || !token || !queue || !reason) {
-  console.error('usage: node console.spec.mjs <admin base url> <admin credential> <queue> <reason>');
+const [baseUrl, token, queue, reason, viewerToken] = process.argv.slice(2);
+if (!baseUrl || !token || !queue || !reason || !viewerToken) {
+  console.error('usage: node console.spec.mjs <admin base url> <operator credential> <queue> <reason> <viewer credential>');
   process.exit(64);
 }
 const TOTAL_BUDGET_MS = 90_000;
@@ -182,6 +183,23 @@ try {
   const signedOut = await page.textContent('#login-error');
   check(/401/.test(signedOut), `sign-out message: ${signedOut}`);
   check((await page.evaluate(() => sessionStorage.getItem('ledgerflow.admin.token'))) === null, 'the refused credential was kept');
+
+  step = 'a viewer is refused a retry visibly (403) and stays signed in';
+  await page.fill('#login-token', viewerToken);
+  await page.click('#login-submit');
+  await page.locator('#nav').waitFor({ state: 'visible' });
+  await page.evaluate((id) => { window.location.hash = `#/jobs/${id}`; }, hostile.id);
+  await page.locator('#job-state').waitFor();
+  await page.click('#job-retry');
+  await page.fill('#reason-input', 'a viewer tries');
+  await page.click('#reason-confirm');
+  await page.waitForFunction(() => {
+    const b = document.getElementById('banner');
+    return !b.hidden && /403/.test(b.textContent);
+  });
+  check((await page.getAttribute('#banner', 'class')) === 'banner', 'the refusal is not shown as an error');
+  check(await page.locator('#nav').isVisible(), 'a 403 signed the viewer out');
+  check((await page.textContent('#job-state')) === 'discarded', 'the job changed anyway');
 
   step = 'no script errors or CSP violations';
   check(problems.length === 0, problems.join('\n'));

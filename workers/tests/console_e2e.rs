@@ -3,7 +3,8 @@
 //! listener on a socket, a real job runner and a real Postgres.
 //!
 //! The browser signs in (a wrong credential first), finds the dead jobs with
-//! the filters, retries one with a reason and watches the runner complete it;
+//! the filters, retries one with a reason and watches the runner complete it
+//! (and, signed in as a viewer, sees a retry refused with 403);
 //! this test then checks the final database state — the job completed on its
 //! second attempt, one `job.retry` audit row with that reason, the other dead
 //! job untouched.
@@ -122,6 +123,9 @@ async fn console_signs_in_finds_a_dead_job_retries_it_and_sees_it_complete() {
     let (_, operator) = users::create_admin(&mut conn, "olga", AdminRole::Operator)
         .await
         .unwrap();
+    let (_, viewer) = users::create_admin(&mut conn, "vic", AdminRole::Viewer)
+        .await
+        .unwrap();
     drop(conn);
 
     // A real runner works the queue for the whole test.
@@ -195,6 +199,7 @@ async fn console_signs_in_finds_a_dead_job_retries_it_and_sees_it_complete() {
         .arg(operator.expose_secret())
         .arg(QUEUE)
         .arg(REASON)
+        .arg(viewer.expose_secret())
         .env("CHROMIUM", &chromium)
         .current_dir(e2e_dir())
         .stdin(Stdio::null())
