@@ -141,6 +141,18 @@ enum Point {
     /// `hang_after:S` — S's external call reached the exchange; its answer
     /// is never recorded.
     HangAfter(String),
+    /// `answered:S` — S's external call is answered and the answer
+    /// recorded; the step's checkpoint never commits (its domain write
+    /// waits for a row lock the child holds).
+    Answered(String),
+}
+
+/// What [`CrashExchange`] does with a planned call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hang {
+    Before,
+    After,
+    Answered,
 }
 
 impl Point {
@@ -153,6 +165,7 @@ impl Point {
             "waiting" => Point::Waiting(step),
             "hang_before" => Point::HangBefore(step),
             "hang_after" => Point::HangAfter(step),
+            "answered" => Point::Answered(step),
             _ => return None,
         })
     }
@@ -233,30 +246,89 @@ impl Plan {
     }
 
     /// The planned `hang_*` point of the call with idempotency `key`.
-    fn hang_for(&self, key: &IdempotencyKey) -> Option<(Uuid, bool)> {
+    fn hang_for(&self, key: &IdempotencyKey) -> Option<(Uuid, Hang)> {
         let (id, step) = key.as_str().split_once(':')?;
         let id: Uuid = id.parse().ok()?;
         match self.points.get(&id)? {
-            Point::HangBefore(s) if s == step => Some((id, false)),
-            Point::HangAfter(s) if s == step => Some((id, true)),
+            Point::HangBefore(s) if s == step => Some((id, Hang::Before)),
+            Point::HangAfter(s) if s == step => Some((id, Hang::After)),
+            Point::Answered(s) if s == step => Some((id, Hang::Answered)),
             _ => None,
         }
     }
+
+    /// Locks workflow `id`'s row in `table` (its step's domain write will
+    /// wait for it) and returns once locked; marks the workflow paused once
+    /// `step`'s answer is recorded. The lock is held until the process dies.
+    async fn block_checkpoint(&self, id: Uuid, table: &'static str, step: &str) {
+        let (locked, is_locked) = tokio::sync::oneshot::channel();
+        let (plan, step) = (self.clone(), step.to_string());
+        tokio::spawn(async move {
+            let Ok(mut tx) = plan.pool.begin().await else {
+                return;
+            };
+            let lock = format!("SELECT 1 FROM {table} WHERE id = $1 FOR UPDATE");
+            if sqlx::query(&lock).bind(id).execute(&mut *tx).await.is_err() {
+                return;
+            }
+            let _ = locked.send(());
+            loop {
+                let answered: bool = sqlx::query_scalar(
+                    "SELECT EXISTS (SELECT 1 FROM workflow_steps
+                                    WHERE workflow_id = $1 AND step = $2
+                                      AND status = 'calling' AND call_state = 'answered')",
+                )
+                .bind(id)
+                .bind(&step)
+                .fetch_one(&plan.pool)
+                .await
+                .unwrap_or(false);
+                if answered {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            plan.mark(id).await;
+            loop {
+                // `tx` (and its row lock) lives as long as this task.
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+            }
+        });
+        // If the lock could not be taken the step runs on, and the parent
+        // reports the point as never reached.
+        let _ = is_locked.await;
+    }
 }
 
-/// The HTTP exchange, hanging the mutating calls the plan names: before
-/// sending (`hang_before`) or after the exchange answered (`hang_after`).
+/// The HTTP exchange, stopping the mutating calls the plan names: before
+/// sending (`hang_before`), after the exchange answered (`hang_after`), or
+/// after the answer is returned but before the step can checkpoint
+/// (`answered`: `table` is the domain row the step writes next).
 struct CrashExchange {
     inner: HttpExchange,
     plan: Plan,
 }
 
 impl CrashExchange {
-    async fn before(&self, key: &IdempotencyKey) -> Option<Uuid> {
+    async fn call<T>(
+        &self,
+        key: &IdempotencyKey,
+        table: &'static str,
+        call: impl std::future::Future<Output = T>,
+    ) -> T {
         match self.plan.hang_for(key) {
-            Some((id, false)) => self.plan.pause_forever(id).await,
-            Some((id, true)) => Some(id),
-            None => None,
+            None => call.await,
+            Some((id, Hang::Before)) => self.plan.pause_forever(id).await,
+            Some((id, Hang::After)) => {
+                let _answer = call.await;
+                self.plan.pause_forever(id).await
+            }
+            Some((id, Hang::Answered)) => {
+                let answer = call.await;
+                let step = key.as_str().split_once(':').map_or("", |(_, s)| s);
+                self.plan.block_checkpoint(id, table, step).await;
+                answer
+            }
         }
     }
 }
@@ -264,12 +336,12 @@ impl CrashExchange {
 #[async_trait]
 impl Exchange for CrashExchange {
     async fn place_order(&self, order: &OrderRequest) -> exchange::Result<OrderAck> {
-        let hang_after = self.before(&order.idempotency_key).await;
-        let answer = self.inner.place_order(order).await;
-        if let Some(id) = hang_after {
-            self.plan.pause_forever(id).await;
-        }
-        answer
+        self.call(
+            &order.idempotency_key,
+            "trades",
+            self.inner.place_order(order),
+        )
+        .await
     }
 
     async fn cancel_order(&self, key: &IdempotencyKey) -> exchange::Result<OrderStatus> {
@@ -284,12 +356,12 @@ impl Exchange for CrashExchange {
     }
 
     async fn submit_withdrawal(&self, w: &WithdrawalRequest) -> exchange::Result<WithdrawalAck> {
-        let hang_after = self.before(&w.idempotency_key).await;
-        let answer = self.inner.submit_withdrawal(w).await;
-        if let Some(id) = hang_after {
-            self.plan.pause_forever(id).await;
-        }
-        answer
+        self.call(
+            &w.idempotency_key,
+            "withdrawals",
+            self.inner.submit_withdrawal(w),
+        )
+        .await
     }
 
     async fn get_withdrawal_by_key(
@@ -752,6 +824,7 @@ fn cases() -> Vec<Case> {
             ..case(Trade, "hang_before:place_order", false)
         },
         case(Trade, "hang_after:place_order", false),
+        case(Trade, "answered:place_order", false),
         case(Trade, "after:place_order", false),
         case(Trade, "waiting:await_fill", false),
         case(Trade, "after:await_fill", true),
@@ -767,6 +840,7 @@ fn cases() -> Vec<Case> {
             ..case(Big, "hang_before:submit", true)
         },
         case(Big, "hang_after:submit", true),
+        case(Big, "answered:submit", true),
         case(Big, "after:submit", true),
         case(Big, "waiting:await_confirmation", true),
         case(Big, "after:await_confirmation", true),
@@ -781,9 +855,11 @@ fn cases() -> Vec<Case> {
 fn completed_at(steps: &[&str], point: &Point) -> Vec<String> {
     let (step, inclusive) = match point {
         Point::After(s) => (s, true),
-        Point::Before(s) | Point::Waiting(s) | Point::HangBefore(s) | Point::HangAfter(s) => {
-            (s, false)
-        }
+        Point::Before(s)
+        | Point::Waiting(s)
+        | Point::HangBefore(s)
+        | Point::HangAfter(s)
+        | Point::Answered(s) => (s, false),
     };
     let at = steps.iter().position(|s| s == step).unwrap_or(steps.len());
     let end = if inclusive { at + 1 } else { at };
@@ -922,6 +998,22 @@ async fn kill_9_at_every_step_boundary_then_restart_moves_money_once() -> TestRe
                     s.case.point
                 );
             }
+            Point::Answered(step) => {
+                let call: (String, Option<String>) = sqlx::query_as(
+                    "SELECT status, call_state FROM workflow_steps
+                     WHERE workflow_id = $1 AND step = $2",
+                )
+                .bind(s.id)
+                .bind(step)
+                .fetch_one(&rig.db.pool)
+                .await?;
+                assert_eq!(
+                    call,
+                    ("calling".to_string(), Some("answered".to_string())),
+                    "{}: the answer is recorded, the checkpoint is not",
+                    s.case.point
+                );
+            }
             Point::After(step) if step == "notify" || step == "finalize" => {
                 assert_eq!(state, "completed", "{}", s.case.point);
             }
@@ -950,7 +1042,7 @@ async fn kill_9_at_every_step_boundary_then_restart_moves_money_once() -> TestRe
         let past_call = completed_at(s.case.flow.steps(), &s.point)
             .iter()
             .any(|st| st == call_step)
-            || matches!(&s.point, Point::HangAfter(_));
+            || matches!(&s.point, Point::HangAfter(_) | Point::Answered(_));
         let expected = if past_call { (1, 1) } else { (0, 0) };
         assert_eq!(
             sent, expected,
@@ -1112,6 +1204,18 @@ async fn kill_9_at_every_step_boundary_then_restart_moves_money_once() -> TestRe
             let status = rig.step_status(s.id, step).await?;
             let expected = if done { "completed" } else { "failed" };
             assert_eq!(status.as_deref(), Some(expected), "{what}");
+        }
+        if let Point::Answered(step) = &s.point {
+            // The recorded answer was reused: no reconcile, no second call.
+            let row: (String, Option<String>) = sqlx::query_as(
+                "SELECT status, resolved_by FROM workflow_steps
+                 WHERE workflow_id = $1 AND step = $2",
+            )
+            .bind(s.id)
+            .bind(step)
+            .fetch_one(&rig.db.pool)
+            .await?;
+            assert_eq!(row, ("completed".to_string(), None), "{what}");
         }
     }
     // The dead worker's claimed jobs were rescued, not lost.
