@@ -796,58 +796,74 @@ impl Flow {
 struct Case {
     flow: Flow,
     point: &'static str,
-    /// Approve / deliver the exchange's events before the kill (the point
-    /// lies past them); otherwise they come while no worker is alive.
-    before_kill: bool,
+    /// The second admin approves before the kill (the point lies past the
+    /// approval); otherwise the approval comes while no worker is alive.
+    approve: bool,
+    /// The exchange's fill/confirmation is delivered before the kill (the
+    /// point lies past its wait); otherwise it is held back until then, so
+    /// that the workflow really waits at a `waiting:` point.
+    events: bool,
     /// The call was never sent: reconciled as failed, the saga releases
     /// the hold.
     compensated: bool,
 }
 
-const fn case(flow: Flow, point: &'static str, before_kill: bool) -> Case {
+const fn case(flow: Flow, point: &'static str) -> Case {
     Case {
         flow,
         point,
-        before_kill,
+        approve: false,
+        events: false,
         compensated: false,
+    }
+}
+
+impl Case {
+    const fn approve(mut self) -> Self {
+        self.approve = true;
+        self
+    }
+
+    const fn events(mut self) -> Self {
+        self.events = true;
+        self
+    }
+
+    const fn compensated(mut self) -> Self {
+        self.compensated = true;
+        self
     }
 }
 
 fn cases() -> Vec<Case> {
     use Flow::{BigWithdrawal as Big, SmallWithdrawal as Small, Trade};
     vec![
-        case(Trade, "before:validate", false),
-        case(Trade, "after:validate", false),
-        case(Trade, "after:hold", false),
-        Case {
-            compensated: true,
-            ..case(Trade, "hang_before:place_order", false)
-        },
-        case(Trade, "hang_after:place_order", false),
-        case(Trade, "answered:place_order", false),
-        case(Trade, "after:place_order", false),
-        case(Trade, "waiting:await_fill", false),
-        case(Trade, "after:await_fill", true),
-        case(Trade, "after:settle", true),
-        case(Trade, "after:notify", true),
-        case(Big, "before:validate", false),
-        case(Big, "after:validate", false),
-        case(Big, "after:hold", false),
-        case(Big, "waiting:await_approval", false),
-        case(Big, "after:await_approval", true),
-        Case {
-            compensated: true,
-            ..case(Big, "hang_before:submit", true)
-        },
-        case(Big, "hang_after:submit", true),
-        case(Big, "answered:submit", true),
-        case(Big, "after:submit", true),
-        case(Big, "waiting:await_confirmation", true),
-        case(Big, "after:await_confirmation", true),
-        case(Big, "after:finalize", true),
-        case(Small, "after:await_approval", false),
-        case(Small, "hang_after:submit", false),
-        case(Small, "after:finalize", true),
+        case(Trade, "before:validate"),
+        case(Trade, "after:validate"),
+        case(Trade, "after:hold"),
+        case(Trade, "hang_before:place_order").compensated(),
+        case(Trade, "hang_after:place_order"),
+        case(Trade, "answered:place_order"),
+        case(Trade, "after:place_order"),
+        case(Trade, "waiting:await_fill"),
+        case(Trade, "after:await_fill").events(),
+        case(Trade, "after:settle").events(),
+        case(Trade, "after:notify").events(),
+        case(Big, "before:validate"),
+        case(Big, "after:validate"),
+        case(Big, "after:hold"),
+        case(Big, "waiting:await_approval"),
+        case(Big, "after:await_approval").approve(),
+        case(Big, "hang_before:submit").approve().compensated(),
+        case(Big, "hang_after:submit").approve(),
+        case(Big, "answered:submit").approve(),
+        case(Big, "after:submit").approve(),
+        case(Big, "waiting:await_confirmation").approve(),
+        case(Big, "after:await_confirmation").approve().events(),
+        case(Big, "after:finalize").approve().events(),
+        case(Small, "after:await_approval"),
+        case(Small, "hang_after:submit"),
+        case(Small, "after:finalize").events(),
     ]
 }
 
@@ -924,12 +940,12 @@ async fn kill_9_at_every_step_boundary_then_restart_moves_money_once() -> TestRe
                 .split_once(':')
                 .and_then(|(id, _)| id.parse::<Uuid>().ok());
             match owner.and_then(|id| by_id.get(&id)) {
-                Some(s) if s.case.before_kill => rig.deliver(&event).await?,
+                Some(s) if s.case.events => rig.deliver(&event).await?,
                 _ => held_back.push(event),
             }
         }
         for id in rig.approvable().await? {
-            if by_id.get(&id).is_some_and(|s| s.case.before_kill) {
+            if by_id.get(&id).is_some_and(|s| s.case.approve) {
                 rig.approve(id).await?;
             }
         }
