@@ -9,7 +9,7 @@
 //! | `http_requests_in_flight` | gauge | listener | requests being answered |
 //! | `ledgerflow_queue_jobs` | gauge | queue, state | live jobs (available, scheduled, retryable, running), read at scrape time from the partial indexes |
 //! | `ledgerflow_queue_oldest_available_seconds` | gauge | queue | how long the oldest available job of the queue has been due (the wait before a worker picks a job up) |
-//! | `ledgerflow_workflows` | gauge | state | workflow instances per state (all seven states, zeros included) |
+//! | `ledgerflow_workflows` | gauge | state (running, waiting, compensating, failed) | workflow instances per state, zeros included (finished history is not counted on every scrape) |
 //! | `ledgerflow_outbox_unpublished` | gauge | — | outbox rows the relay has not published yet |
 //! | `ledgerflow_outbox_oldest_unpublished_seconds` | gauge | — | age of the oldest unpublished outbox row (0 when none) |
 //! | `ledgerflow_dead_letters_pending` | gauge | — | Kafka dead letters not redriven |

@@ -1092,8 +1092,13 @@ async fn metrics_export_workflow_states_outbox_backlog_dead_letters_and_queue_wa
         Some(1.0)
     );
     assert_eq!(
-        sample(t, r#"ledgerflow_workflows{state="completed"}"#),
+        sample(t, r#"ledgerflow_workflows{state="compensating"}"#),
         Some(0.0)
+    );
+    // Finished history is not counted on every scrape.
+    assert_eq!(
+        sample(t, r#"ledgerflow_workflows{state="completed"}"#),
+        None
     );
     assert_eq!(sample(t, "ledgerflow_outbox_unpublished"), Some(1.0));
     assert!(sample(t, "ledgerflow_outbox_oldest_unpublished_seconds").is_some_and(|s| s >= 0.0));
