@@ -127,6 +127,40 @@ mod tests {
         assert!(!INDEX_HTML.contains("style="));
     }
 
+    /// `/` and `/console` lead to the page (relative targets), the page and
+    /// its assets carry the policy, and anything else under `/console/` is a
+    /// 404 problem; the rest still reaches the app behind.
+    #[tokio::test]
+    async fn serves_the_page_with_its_policy() {
+        use poem::test::TestClient;
+        let api = poem::endpoint::make_sync(|_| "api");
+        let app = with_root_redirect(routes(Route::new()).nest("/", api));
+        let client = TestClient::new(app);
+
+        for (path, location) in [("/", "./console/"), ("/console", "console/")] {
+            let resp = client.get(path).send().await;
+            resp.assert_status(StatusCode::SEE_OTHER);
+            resp.assert_header(header::LOCATION, location);
+        }
+        for (path, ty) in [
+            ("/console/", "text/html; charset=utf-8"),
+            ("/console/console.js", "text/javascript; charset=utf-8"),
+            ("/console/console.css", "text/css; charset=utf-8"),
+        ] {
+            let resp = client.get(path).send().await;
+            resp.assert_status_is_ok();
+            resp.assert_content_type(ty);
+            resp.assert_header(header::CONTENT_SECURITY_POLICY, CONTENT_SECURITY_POLICY);
+            resp.assert_header(header::X_CONTENT_TYPE_OPTIONS, "nosniff");
+        }
+        // Assets are a closed list of names, never a file path.
+        let resp = client.get("/console/..%2f..%2fetc%2fpasswd").send().await;
+        resp.assert_status(StatusCode::NOT_FOUND);
+        let resp = client.get("/console/index.html.bak").send().await;
+        resp.assert_status(StatusCode::NOT_FOUND);
+        client.get("/v1/jobs").send().await.assert_text("api").await;
+    }
+
     /// The script never parses server data as markup.
     #[test]
     fn script_never_uses_markup_sinks() {
