@@ -12,7 +12,8 @@
 // checks that a credential refused mid-session signs out visibly; finally signs in as a viewer
 // and expects a retry to be refused visibly with 403, the session kept.
 // It prints `target=<job id>` so the caller can check it picked the right job.
-// CHROMIUM overrides the browser path (default /usr/bin/chromium).
+// CHROMIUM overrides the browser path (default /usr/bin/chromium); E2E_SCREENSHOTS=<dir> saves a
+// screenshot of each main view there (to look at the console without running it by hand).
 import { chromium } from 'playwright-core';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -33,6 +34,10 @@ const watchdog = setTimeout(() => {
 }, TOTAL_BUDGET_MS);
 
 let step = 'start';
+const shots = process.env.E2E_SCREENSHOTS;
+async function shot(page, name) {
+  if (shots) await page.screenshot({ path: join(shots, `${name}.png`), fullPage: true });
+}
 function check(condition, message) {
   if (!condition) throw new Error(`${step}: ${message}`);
 }
@@ -111,6 +116,7 @@ try {
   await page.waitForFunction(() => document.querySelectorAll('#jobs-table tbody tr').length === 1
     && window.location.hash.includes('q=e2e-target'));
   const target = await page.getAttribute('#jobs-table tbody tr', 'data-id');
+  await shot(page, 'jobs');
   console.log(`target=${target}`);
 
   step = 'job detail shows the failed attempt';
@@ -125,6 +131,7 @@ try {
   await page.click('#job-retry');
   await page.locator('#reason-dialog').waitFor({ state: 'visible' });
   await page.click('#reason-confirm'); // empty: must not submit
+  await shot(page, 'reason-dialog');
   check(await page.locator('#reason-dialog').isVisible(), 'the dialog closed without a reason');
   await page.fill('#reason-input', reason);
   await page.click('#reason-confirm');
@@ -141,6 +148,7 @@ try {
     const s = document.getElementById('job-state');
     return s && s.textContent === 'completed';
   }, null, { timeout: 30_000 });
+  await shot(page, 'job-completed');
 
   step = 'the retry is in the audit log';
   await page.click(`a[href="#/audit?target_type=job&target_id=${target}"]`);
@@ -166,6 +174,7 @@ try {
     const errors = await page.locator('#app-view .error').allTextContents();
     check(errors.length === 0, `errors: ${errors.join(' | ')}`);
     if (tableId) await page.locator(tableId).waitFor();
+    await shot(page, view);
   }
   step = 'the queues panel counts the queue';
   await page.click('#nav a[data-view="queues"]');
@@ -182,6 +191,7 @@ try {
   await page.locator('#login-view').waitFor({ state: 'visible' });
   const signedOut = await page.textContent('#login-error');
   check(/401/.test(signedOut), `sign-out message: ${signedOut}`);
+  await shot(page, 'signed-out');
   check((await page.evaluate(() => sessionStorage.getItem('ledgerflow.admin.token'))) === null, 'the refused credential was kept');
 
   step = 'a viewer is refused a retry visibly (403) and stays signed in';
@@ -200,6 +210,7 @@ try {
   check((await page.getAttribute('#banner', 'class')) === 'banner', 'the refusal is not shown as an error');
   check(await page.locator('#nav').isVisible(), 'a 403 signed the viewer out');
   check((await page.textContent('#job-state')) === 'discarded', 'the job changed anyway');
+  await shot(page, 'viewer-403');
 
   step = 'no script errors or CSP violations';
   check(problems.length === 0, problems.join('\n'));
