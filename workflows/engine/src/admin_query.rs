@@ -685,6 +685,20 @@ mod tests {
     }
 
     #[test]
+    fn workflow_sort_columns_are_a_closed_set() {
+        assert_eq!(
+            "updated_at".parse::<WorkflowSortColumn>().ok(),
+            Some(WorkflowSortColumn::UpdatedAt)
+        );
+        assert!("kind".parse::<WorkflowSortColumn>().is_err());
+        assert!(
+            "created_at; DROP TABLE workflows"
+                .parse::<WorkflowSortColumn>()
+                .is_err()
+        );
+    }
+
+    #[test]
     fn bulk_states_are_narrowed_to_the_allowed_ones() {
         let allowed = [JobState::Failed, JobState::Discarded];
         assert_eq!(narrow(&[], &allowed), allowed.to_vec());
