@@ -290,7 +290,10 @@ impl ApiResponse for Error {
                 problem("No such resource", 404),
                 problem("The resource's state does not allow this", 409),
                 problem("The request body is too large", 413),
-                problem("The body is not `application/json` (or has no Content-Type)", 415),
+                problem(
+                    "The body is not `application/json` (or has no Content-Type)",
+                    415,
+                ),
                 problem("Not acceptable (e.g. a reused Idempotency-Key)", 422),
                 problem("Internal error (details are logged, never returned)", 500),
                 problem("A dependency is unavailable or the request timed out", 503),
