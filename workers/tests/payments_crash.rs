@@ -39,8 +39,8 @@ use ledgerflow_payments::exchange::http::{HttpConfig, HttpExchange};
 use ledgerflow_payments::exchange::server::{HttpSimControls, RunningSimulator, SimServerConfig};
 use ledgerflow_payments::exchange::sim::{Fault, KeyCounters, SimControls};
 use ledgerflow_payments::exchange::{
-    self, Event, Exchange, IdempotencyKey, OrderAck, OrderRequest, OrderStatus, WithdrawalAck,
-    WithdrawalRequest, WithdrawalStatus,
+    self, Event, Exchange, IdempotencyKey, OrderAck, OrderRequest, OrderState, OrderStatus,
+    WithdrawalAck, WithdrawalRequest, WithdrawalState, WithdrawalStatus,
 };
 use ledgerflow_payments::notifier::SimulatedNotifier;
 use ledgerflow_payments::users::{self, Admin, AdminRole};
@@ -462,6 +462,8 @@ struct Rig {
     sim: Option<RunningSimulator>,
     sim_url: String,
     controls: HttpSimControls,
+    /// The parent's own client, to ask the exchange what it holds.
+    exchange: HttpExchange,
     store: Store,
     registry: WorkflowRegistry,
     approver: Admin,
@@ -482,6 +484,7 @@ impl Rig {
         }
         let sim = RunningSimulator::start(sim_config).await?;
         let controls = HttpSimControls::new(&sim.base_url(), None)?;
+        let exchange = HttpExchange::new(&sim.base_url(), HttpConfig::default())?;
         let store = store(&db.pool);
         let registry = workflows::registry(Deps {
             exchange: Arc::new(HttpExchange::new(&sim.base_url(), HttpConfig::default())?),
@@ -496,6 +499,7 @@ impl Rig {
             sim_url: sim.base_url(),
             sim: Some(sim),
             controls,
+            exchange,
             store,
             registry,
             approver: Admin {
@@ -1544,7 +1548,11 @@ async fn randomized_trades_and_withdrawals_with_faults_and_kills_keep_the_books(
                 );
                 assert_eq!(
                     c.orders_created,
-                    u64::from(placed.as_deref() == Some("completed")),
+                    // `compensated`: placed, then cancelled by the saga.
+                    u64::from(matches!(
+                        placed.as_deref(),
+                        Some("completed" | "compensated")
+                    )),
                     "{what}: orders at the exchange vs place_order {placed:?}"
                 );
                 let settled = rig.transfers(&trade::settle_reference(*id)).await?;
@@ -1568,6 +1576,19 @@ async fn randomized_trades_and_withdrawals_with_faults_and_kills_keep_the_books(
                 if state == "completed" {
                     settled_keys.insert(format!("trade:{id}:settled"));
                 }
+                // The books agree with the exchange: a settled trade's order
+                // filled there, an undone trade's order (if any) is cancelled.
+                let order = rig.exchange.get_order_by_key(&key).await?;
+                let expected = match state.as_str() {
+                    "completed" => Some(OrderState::Filled),
+                    _ if c.orders_created == 1 => Some(OrderState::Cancelled),
+                    _ => None,
+                };
+                assert_eq!(
+                    order.map(|o| o.state),
+                    expected,
+                    "{what}: order at the exchange"
+                );
             }
             Kind::Withdrawal => {
                 let key = withdrawal::submit_key(*id);
@@ -1580,7 +1601,10 @@ async fn randomized_trades_and_withdrawals_with_faults_and_kills_keep_the_books(
                 );
                 assert_eq!(
                     c.withdrawals_created,
-                    u64::from(submitted.as_deref() == Some("completed")),
+                    u64::from(matches!(
+                        submitted.as_deref(),
+                        Some("completed" | "compensated")
+                    )),
                     "{what}: withdrawals at the exchange vs submit {submitted:?}"
                 );
                 let captured = rig.transfers(&withdrawal::capture_reference(*id)).await?;
@@ -1591,6 +1615,12 @@ async fn randomized_trades_and_withdrawals_with_faults_and_kills_keep_the_books(
                 );
                 if state == "completed" {
                     settled_keys.insert(format!("withdrawal:{id}:completed"));
+                    let at_exchange = rig.exchange.get_withdrawal_by_key(&key).await?;
+                    assert_eq!(
+                        at_exchange.map(|w| w.state),
+                        Some(WithdrawalState::Confirmed),
+                        "{what}: withdrawal at the exchange"
+                    );
                 }
             }
         }
