@@ -72,16 +72,16 @@ pub struct Args {
     #[arg(long)]
     smoke: bool,
     /// Address for /healthcheck, /readyz and /metrics of every role
-    /// [default: 127.0.0.1:9090, with --smoke 127.0.0.1:19090].
+    /// [default: 127.0.0.1:9090, with --smoke a free port].
     #[arg(long)]
     ops_addr: Option<String>,
-    /// Address of the public API [default: 127.0.0.1:8080, with --smoke 127.0.0.1:18080].
+    /// Address of the public API [default: 127.0.0.1:8080, with --smoke a free port].
     #[arg(long)]
     api_addr: Option<String>,
-    /// Address of the admin API and console [default: 127.0.0.1:8081, with --smoke 127.0.0.1:18081].
+    /// Address of the admin API and console [default: 127.0.0.1:8081, with --smoke a free port].
     #[arg(long)]
     admin_addr: Option<String>,
-    /// Address of the exchange simulator [default: 127.0.0.1:7070, with --smoke 127.0.0.1:17070].
+    /// Address of the exchange simulator [default: 127.0.0.1:7070, with --smoke a free port].
     #[arg(long)]
     exchange_addr: Option<String>,
     /// Kafka bootstrap servers to use instead of a local tansu broker.
@@ -106,22 +106,29 @@ impl Args {
         }
     }
 
-    /// The addresses, defaults filled in: a smoke run has ports of its own so
-    /// that it never collides with a developer's running `cargo xtask dev`.
-    fn addrs(&self) -> Addrs {
-        let pick = |given: &Option<String>, port: u16| {
-            given.clone().unwrap_or_else(|| {
-                let port = if self.smoke { port + 10_000 } else { port };
-                format!("127.0.0.1:{port}")
-            })
+    /// The addresses, defaults filled in. A smoke run takes free ports
+    /// picked by the OS, so that it never collides with a developer's
+    /// running `cargo xtask dev`, a leftover process, or another smoke run.
+    fn addrs(&self) -> Result<Addrs> {
+        let pick = |given: &Option<String>, port: u16| match given {
+            Some(addr) => Ok(addr.clone()),
+            None if self.smoke => free_port(),
+            None => Ok(format!("127.0.0.1:{port}")),
         };
-        Addrs {
-            ops: pick(&self.ops_addr, 9090),
-            api: pick(&self.api_addr, 8080),
-            admin: pick(&self.admin_addr, 8081),
-            exchange: pick(&self.exchange_addr, 7070),
-        }
+        Ok(Addrs {
+            ops: pick(&self.ops_addr, 9090)?,
+            api: pick(&self.api_addr, 8080)?,
+            admin: pick(&self.admin_addr, 8081)?,
+            exchange: pick(&self.exchange_addr, 7070)?,
+        })
     }
+}
+
+/// A port nothing listens on now, as `127.0.0.1:port` (the OS picks it; a
+/// process could still take it before we bind it, which is unlikely enough).
+fn free_port() -> Result<String> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(listener.local_addr()?.to_string())
 }
 
 /// Where each listener is.
@@ -207,7 +214,7 @@ struct Ready {
 }
 
 fn run_services(args: &Args, progress: &mut Progress, services: &mut Services) -> Result<()> {
-    let addrs = args.addrs();
+    let addrs = args.addrs()?;
     progress.step("PostgreSQL");
     let url = match args.database_url.clone() {
         Some(u) => u,
@@ -308,6 +315,8 @@ fn run_services(args: &Args, progress: &mut Progress, services: &mut Services) -
         .env("LEDGERFLOW_ADMIN_ADDR", &addrs.admin)
         .env("LEDGERFLOW_SHUTDOWN_GRACE_SECS", GRACE_SECS.to_string())
         .env("LEDGERFLOW_EXCHANGE_URL", format!("http://{sim_addr}/"))
+        // The simulator is the email/push provider too.
+        .env("LEDGERFLOW_NOTIFIER_URL", format!("http://{sim_addr}/"))
         .env(
             "LEDGERFLOW_WEBHOOK_PROVIDERS",
             json!({ PROVIDER: {"scheme": "stripe"} }).to_string(),
@@ -497,6 +506,8 @@ fn ensure_free(addr: &str) -> Result<()> {
 /// (and killed by `Drop` if an error skipped that).
 struct Services {
     logs: PathBuf,
+    /// Whether this run started a child, i.e. wrote the logs.
+    started: bool,
     ledgerflow: Option<Child>,
     simulator: Option<Child>,
     tansu: Option<Child>,
@@ -506,6 +517,7 @@ impl Services {
     fn new(logs: PathBuf) -> Self {
         Services {
             logs,
+            started: false,
             ledgerflow: None,
             simulator: None,
             tansu: None,
@@ -528,6 +540,7 @@ impl Services {
         secret: &str,
     ) -> Result<String> {
         let log = self.log_file("exchange-sim")?;
+        self.started = true;
         let mut child = Command::new(bin)
             .args([
                 "--listen",
@@ -566,6 +579,7 @@ impl Services {
 
     fn start_ledgerflow(&mut self, mut command: Command) -> Result<()> {
         let log = self.log_file("ledgerflow")?;
+        self.started = true;
         println!("      logs: {}", self.logs.join("ledgerflow.log").display());
         let child = command
             .stdin(Stdio::null())
@@ -648,6 +662,9 @@ impl Services {
     }
 
     fn print_log_tails(&self) {
+        if !self.started {
+            return; // the logs there are an earlier run's
+        }
         for name in ["ledgerflow", "exchange-sim"] {
             let path = self.logs.join(format!("{name}.log"));
             let Ok(text) = std::fs::read_to_string(&path) else {
