@@ -50,6 +50,8 @@ const context = await chromium.launchPersistentContext(profile, {
   args: [
     '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
     '--disable-background-networking', '--disable-component-update', '--disable-sync',
+    // Containers often have a tiny /dev/shm; Chromium crashes on it without this.
+    '--disable-dev-shm-usage',
   ],
 });
 const problems = [];
