@@ -479,6 +479,48 @@ async fn large_withdrawal_waits_for_a_second_admin() -> TestResult {
 }
 
 #[tokio::test]
+async fn a_rejected_large_withdrawal_releases_its_hold_and_keeps_the_reason() -> TestResult {
+    let env = Env::new().await?;
+    let user = env.user_with("BTC", "5").await?;
+    let approver = env.admin("approver", AdminRole::Approver).await?;
+    let id = env.start_withdrawal(user, "1.5", None).await?;
+    env.run().await?;
+    assert_eq!(env.state(id).await?, "waiting");
+    assert_eq!(env.balance(user, "BTC").await?, (dec("5"), dec("1.5")));
+
+    let store = env.h.store().clone();
+    let mut tx = env.db.pool.begin().await?;
+    ledgerflow_payments::approvals::reject_in(
+        &mut tx,
+        &store,
+        &approver,
+        id,
+        "address on a blocklist",
+    )
+    .await?;
+    tx.commit().await?;
+    env.run().await?;
+
+    // The saga unwound (the hold released), so the workflow ends compensated.
+    assert_eq!(env.state(id).await?, "compensated");
+    assert_eq!(env.row_status("withdrawals", id).await?, "rejected");
+    let error: String = sqlx::query_scalar("SELECT error FROM withdrawals WHERE id = $1")
+        .bind(id)
+        .fetch_one(&env.db.pool)
+        .await?;
+    assert!(error.contains("address on a blocklist"), "{error}");
+    // Nothing went to the exchange, and the hold is gone: the balance is whole again.
+    assert_eq!(
+        env.sim
+            .counters_for(&withdrawal::submit_key(id))
+            .withdrawal_calls,
+        0
+    );
+    assert_eq!(env.balance(user, "BTC").await?, (dec("5"), dec("0")));
+    env.assert_ledger_balanced().await
+}
+
+#[tokio::test]
 async fn daily_limit_refuses_the_excess() -> TestResult {
     let mut config = Env::default_config();
     config

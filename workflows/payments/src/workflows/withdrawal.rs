@@ -235,6 +235,21 @@ async fn await_approval(deps: Arc<Deps>, ctx: StepCtx) -> StepResult {
     }
     let mut conn = db(&ctx).await?;
     if ctx.timed_out() {
+        // An approver's rejection (`approvals::reject_in`) ends the wait early and has
+        // already marked the withdrawal rejected with the approver's reason: keep that
+        // reason rather than claiming nobody answered.
+        let rejected: Option<Option<String>> = sqlx::query_scalar(
+            "SELECT error FROM withdrawals WHERE id = $1 AND status = 'rejected'",
+        )
+        .bind(ctx.workflow_id())
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(|e| format!("read withdrawal: {e}"))?;
+        if let Some(reason) = rejected {
+            return Ok(StepOutcome::Fail(
+                reason.unwrap_or_else(|| "rejected by an approver".to_string()),
+            ));
+        }
         let reason = "no approval in time";
         ROW.set_status(&mut conn, &ctx, "rejected", Some(reason))
             .await?;
