@@ -16,7 +16,10 @@
 //! delivers each id at most once, and a repeat returns the original
 //! [`SendReceipt`] (with `duplicate: true`). [`Error`] has the exchange's three
 //! kinds: `Rejected` (final), `Unavailable` (not sent, retry) and `Unknown`
-//! (maybe sent: a retry is safe only because the provider dedupes on `id`).
+//! (maybe sent). An `Unknown` send is not simply sent again: the notification
+//! workflow puts its step in doubt and asks [`Notifier::delivery_status`], the
+//! reconcile query, what the provider holds for the id (found → delivered;
+//! certainly absent → send again with the same id; no answer → ask later).
 
 pub mod conformance;
 pub mod http;
@@ -37,8 +40,9 @@ pub enum Error {
     /// A definite "no" (bad address, unsubscribed …): do not retry.
     #[error("rejected by the provider: {0}")]
     Rejected(String),
-    /// Sent, no answer: may have been delivered. Retrying with the same id
-    /// is safe (the provider dedupes).
+    /// Sent, no answer: may have been delivered. Sending again with the same
+    /// id could not deliver twice (the provider dedupes), but the workflow
+    /// still reconciles first ([`Notifier::delivery_status`], rule 3).
     #[error("outcome unknown: {0}")]
     Unknown(String),
     /// Definitely not sent: retry.
@@ -53,7 +57,8 @@ impl Error {
     /// True when sending the same notification again is safe and may
     /// succeed: not sent ([`Error::Unavailable`]), or maybe sent
     /// ([`Error::Unknown`] — safe only because the provider dedupes on the
-    /// id). [`Error::Rejected`] is final.
+    /// id; the workflow asks [`Notifier::delivery_status`] before it does).
+    /// [`Error::Rejected`] is final.
     pub fn is_retryable(&self) -> bool {
         matches!(self, Error::Unavailable(_) | Error::Unknown(_))
     }
@@ -98,6 +103,12 @@ pub struct SendReceipt {
 pub trait Notifier: Send + Sync {
     /// Sends `notification` unless its id was already delivered.
     async fn send(&self, notification: &Notification) -> Result<SendReceipt>;
+
+    /// The reconcile query: the receipt of the delivery of `id` (with
+    /// `duplicate: true`, since nothing is sent now), or `None` when the
+    /// provider has certainly not delivered it. A read has no effect, so
+    /// every failure is [`Error::Unavailable`]: no answer, ask again later.
+    async fn delivery_status(&self, id: &str) -> Result<Option<SendReceipt>>;
 }
 
 /// What a provider holds for a delivered notification id: the message as
@@ -110,6 +121,17 @@ pub struct Delivery {
     pub provider_message_id: String,
 }
 
+impl Delivery {
+    /// What a repeat send of the id would answer: the original message id,
+    /// `duplicate: true`.
+    pub fn receipt(&self) -> SendReceipt {
+        SendReceipt {
+            provider_message_id: self.provider_message_id.clone(),
+            duplicate: true,
+        }
+    }
+}
+
 /// Per-id counters of a simulated provider.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeliveryCounters {
@@ -117,6 +139,10 @@ pub struct DeliveryCounters {
     pub attempts: u64,
     /// Times a message with the id actually went out (0 or 1).
     pub delivered: u64,
+    /// Reconcile queries ([`Notifier::delivery_status`]) received for the id,
+    /// failed ones included.
+    #[serde(default)]
+    pub lookups: u64,
 }
 
 /// The seam tests use to steer and inspect a simulated provider, in process
@@ -126,6 +152,12 @@ pub trait NotifierControls: Send + Sync {
     /// Fails the next `times` sends (of any id not yet delivered) with
     /// `fault`; `times == 0` clears the fault.
     async fn fail_next(&self, times: u32, fault: NotifyFault) -> Result<()>;
+
+    /// Fails the next `times` reconcile queries
+    /// ([`Notifier::delivery_status`], of any id) as a provider that cannot
+    /// be reached; `times == 0` clears it. The controls' own
+    /// [`NotifierControls::delivery`] reads are not affected.
+    async fn fail_next_lookups(&self, times: u32) -> Result<()>;
 
     /// The delivery recorded for `id`, if one went out.
     async fn delivery(&self, id: &str) -> Result<Option<Delivery>>;
@@ -142,6 +174,9 @@ pub enum NotifyFault {
     Unavailable,
     /// Deliver, then answer [`Error::Unknown`].
     AcceptThenTimeout,
+    /// Answer [`Error::Unknown`] without delivering: the request was lost
+    /// on its way in (the reconcile query then finds nothing).
+    LostBeforeDelivery,
     /// Refuse ([`Error::Rejected`]).
     Reject {
         /// The reason returned.
@@ -152,9 +187,11 @@ pub enum NotifyFault {
 #[derive(Default)]
 struct State {
     fault: Option<(NotifyFault, u32)>,
+    lookup_faults: u32,
     seq: u64,
     delivered: HashMap<String, (Notification, String)>,
     attempts: HashMap<String, u64>,
+    lookups: HashMap<String, u64>,
     deliveries: Vec<Notification>,
 }
 
@@ -187,9 +224,20 @@ impl SimulatedNotifier {
         lock(&self.state).fault = (times > 0).then_some((fault, times));
     }
 
+    /// Fails the next `times` reconcile queries (of any id) as
+    /// [`Error::Unavailable`], then answers them again.
+    pub fn fail_lookups(&self, times: u32) {
+        lock(&self.state).lookup_faults = times;
+    }
+
     /// `send` calls received for `id` (retries included).
     pub fn attempts(&self, id: &str) -> u64 {
         lock(&self.state).attempts.get(id).copied().unwrap_or(0)
+    }
+
+    /// Reconcile queries received for `id` (failed ones included).
+    pub fn lookups(&self, id: &str) -> u64 {
+        lock(&self.state).lookups.get(id).copied().unwrap_or(0)
     }
 
     /// Times a message with `id` actually went out (0 or 1).
@@ -206,7 +254,23 @@ impl SimulatedNotifier {
         lock(&self.state).deliveries.clone()
     }
 
-    /// The delivery recorded for `id`, if one went out.
+    /// The reconcile query as the provider answers it (counted, and failed
+    /// while [`SimulatedNotifier::fail_lookups`] says so); the HTTP
+    /// simulator's `GET /v1/notifications/{id}` serves it.
+    pub fn lookup(&self, id: &str) -> Result<Option<Delivery>> {
+        {
+            let mut st = lock(&self.state);
+            *st.lookups.entry(id.to_owned()).or_default() += 1;
+            if st.lookup_faults > 0 {
+                st.lookup_faults -= 1;
+                return Err(Error::Unavailable("simulated provider outage".into()));
+            }
+        }
+        Ok(self.delivery(id))
+    }
+
+    /// The delivery recorded for `id`, if one went out (a test's read: not
+    /// counted, never failed).
     pub fn delivery(&self, id: &str) -> Option<Delivery> {
         lock(&self.state)
             .delivered
@@ -225,6 +289,11 @@ impl NotifierControls for SimulatedNotifier {
         Ok(())
     }
 
+    async fn fail_next_lookups(&self, times: u32) -> Result<()> {
+        self.fail_lookups(times);
+        Ok(())
+    }
+
     async fn delivery(&self, id: &str) -> Result<Option<Delivery>> {
         Ok(SimulatedNotifier::delivery(self, id))
     }
@@ -233,6 +302,7 @@ impl NotifierControls for SimulatedNotifier {
         Ok(DeliveryCounters {
             attempts: self.attempts(id),
             delivered: u64::try_from(self.delivered_count(id)).unwrap_or(u64::MAX),
+            lookups: self.lookups(id),
         })
     }
 }
@@ -285,11 +355,18 @@ impl Notifier for SimulatedNotifier {
                 st.deliver(n);
                 Err(Error::Unknown("simulated timeout after delivery".into()))
             }
+            Some(NotifyFault::LostBeforeDelivery) => Err(Error::Unknown(
+                "simulated timeout, the request never arrived".into(),
+            )),
             None => Ok(SendReceipt {
                 provider_message_id: st.deliver(n),
                 duplicate: false,
             }),
         }
+    }
+
+    async fn delivery_status(&self, id: &str) -> Result<Option<SendReceipt>> {
+        Ok(self.lookup(id)?.map(|d| d.receipt()))
     }
 }
 
@@ -344,6 +421,31 @@ mod tests {
         // The retry after an unknown outcome is answered from the dedupe table.
         assert!(p.send(&n).await.unwrap().duplicate);
         assert_eq!(p.delivered_count("wf3:notify"), 1);
+    }
+
+    #[tokio::test]
+    async fn lookups_see_deliveries_and_fail_on_request() {
+        let p = SimulatedNotifier::new();
+        let n = note("wf5:notify");
+        assert_eq!(p.delivery_status(&n.id).await, Ok(None));
+        p.fail_times(1, NotifyFault::LostBeforeDelivery);
+        assert!(matches!(p.send(&n).await, Err(Error::Unknown(_))));
+        assert_eq!(
+            p.delivery_status(&n.id).await,
+            Ok(None),
+            "lost, not delivered"
+        );
+        let sent = p.send(&n).await.unwrap();
+        p.fail_lookups(1);
+        assert!(matches!(
+            p.delivery_status(&n.id).await,
+            Err(Error::Unavailable(_))
+        ));
+        let found = p.delivery_status(&n.id).await.unwrap().unwrap();
+        assert_eq!(found.provider_message_id, sent.provider_message_id);
+        assert!(found.duplicate);
+        assert_eq!((p.attempts(&n.id), p.lookups(&n.id)), (2, 4));
+        assert_eq!(p.delivered_count(&n.id), 1);
     }
 
     #[tokio::test]

@@ -3,13 +3,19 @@
 //! server (the `exchange-sim` server, which serves the provider beside the
 //! exchange) started in-process on port 0. Plus what only HTTP can get
 //! wrong — a provider that is down, one that delivers and hangs, the
-//! idempotency-key header — and the notification workflow sending through
-//! the HTTP adapter against a real database: retried with backoff through an
-//! outage, failed by a refusal, and delivered once across a lost answer.
+//! idempotency-key header, a bare 404 that is not the provider's answer —
+//! and the notification workflow sending through the HTTP adapter against a
+//! real database: retried with backoff through an outage, failed by a
+//! refusal, and, when the outcome of a send is unknown (a lost answer, a
+//! lost request, a worker that died during the send), put in doubt and
+//! reconciled by asking the provider: found → delivered once, nothing sent
+//! again; not found → sent again once under the same id; no answer → still
+//! in doubt, asked again later.
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
 use chrono::{DateTime, Utc};
 use ledgerflow_engine::testing::TestDb;
+use ledgerflow_engine::workflow::StepRow;
 use ledgerflow_engine::workflow_testing::WorkflowHarness;
 use ledgerflow_engine::{ManualClock, RetryPolicy, Store, StoreConfig, WorkflowId};
 use ledgerflow_payments::exchange::conformance as exchange_conformance;
@@ -20,7 +26,8 @@ use ledgerflow_payments::notifier::conformance::{exercise, sample_notification};
 use ledgerflow_payments::notifier::http::{HttpConfig, HttpNotifier, IDEMPOTENCY_KEY_HEADER};
 use ledgerflow_payments::notifier::server::HttpNotifierControls;
 use ledgerflow_payments::notifier::{
-    Channel, Error, Notifier, NotifierControls, NotifyFault, SendReceipt, SimulatedNotifier,
+    Channel, Error, Notification, Notifier, NotifierControls, NotifyFault, SendReceipt,
+    SimulatedNotifier,
 };
 use ledgerflow_payments::users;
 use ledgerflow_payments::workflows::{self, Deps, WorkflowsConfig, notification};
@@ -111,6 +118,23 @@ async fn provider_down_is_unavailable() {
         notifier.delivery("down:1").await,
         Err(Error::Unavailable(_))
     ));
+}
+
+#[tokio::test]
+async fn a_bare_404_is_no_answer_to_the_reconcile_query() {
+    let server = server().await;
+    let controls = HttpNotifierControls::new(&server.base_url()).unwrap();
+    // The provider's own 404 (its error body) means "never delivered" …
+    let notifier = HttpNotifier::new(&server.base_url(), client_config()).unwrap();
+    assert_eq!(notifier.delivery_status("path:1").await, Ok(None));
+    // … a 404 from a wrong base path (a proxy, a typo in the URL) does not:
+    // reading it as "absent" would turn a misrouted query into a re-send.
+    let misrouted =
+        HttpNotifier::new(&format!("{}elsewhere/", server.base_url()), client_config()).unwrap();
+    let err = misrouted.delivery_status("path:1").await.unwrap_err();
+    assert!(matches!(err, Error::Unavailable(_)), "{err:?}");
+    assert_eq!(controls.counters("path:1").await.unwrap().lookups, 1);
+    server.stop().await.unwrap();
 }
 
 #[tokio::test]
@@ -212,6 +236,14 @@ struct Env {
 
 impl Env {
     async fn new() -> TestResult<Self> {
+        Self::with_notifier(|http| Arc::new(http)).await
+    }
+
+    /// An environment whose workflows reach the simulator through
+    /// `wrap(the HTTP adapter)`.
+    async fn with_notifier(
+        wrap: impl FnOnce(HttpNotifier) -> Arc<dyn Notifier>,
+    ) -> TestResult<Self> {
         let db = TestDb::new().await?;
         let clock = ManualClock::new(t0());
         let store = Store::with_config(
@@ -230,7 +262,7 @@ impl Env {
         let server = server().await;
         let registry = workflows::registry(Deps {
             exchange: Arc::new(SimulatedExchange::new(SimConfig::default())),
-            notifier: Arc::new(HttpNotifier::new(&server.base_url(), client_config())?),
+            notifier: wrap(HttpNotifier::new(&server.base_url(), client_config())?),
             config: WorkflowsConfig::default(),
         })?;
         Ok(Env {
@@ -262,6 +294,72 @@ impl Env {
         self.h.run_until_idle().await?;
         self.clock.advance(Duration::from_secs(3600));
         Ok(())
+    }
+
+    /// The journal row of the `send` step.
+    async fn send_step(&self, wf: WorkflowId) -> TestResult<StepRow> {
+        self.h
+            .journal(wf)
+            .await?
+            .into_iter()
+            .find(|r| r.step == notification::SEND_STEP)
+            .ok_or_else(|| "no journal row for the send step".into())
+    }
+
+    /// `(attempts, delivered, lookups)` at the simulator.
+    async fn counted(&self, id: &str) -> TestResult<(u64, u64, u64)> {
+        let c = self.controls.counters(id).await?;
+        Ok((c.attempts, c.delivered, c.lookups))
+    }
+
+    /// Runs `render` and `send` (and nothing else), then checks that the
+    /// send's outcome is unknown: the step waits in doubt, its intent and
+    /// the unknown answer journaled under its idempotency key, and the row is
+    /// still `pending`.
+    async fn run_into_doubt(&self, wf: WorkflowId, id: &str) -> TestResult {
+        for step in ["render", notification::SEND_STEP] {
+            let ran = self.h.run_next_step().await?.ok_or("a step was due")?;
+            assert_eq!(ran.step.as_deref(), Some(step));
+        }
+        let state = self.h.state(wf).await?;
+        assert_eq!(state.state, "waiting");
+        assert_eq!(state.wait_reason.as_deref(), Some("in_doubt:send"));
+        let journal = self.send_step(wf).await?;
+        assert_eq!(journal.status, "in_doubt");
+        assert_eq!(journal.idempotency_key, format!("{wf}:send"));
+        assert_eq!(journal.call_state.as_deref(), Some("unknown"));
+        assert_eq!(self.row(id).await?, ("pending".to_string(), None));
+        Ok(())
+    }
+
+    /// After reconciliation: the workflow completed with the provider's
+    /// message id, the row is `sent` with it, the step was settled by the
+    /// reconcile hook, and the simulator delivered `id` once, as rendered.
+    async fn assert_delivered_once(&self, wf: WorkflowId, id: &str) -> TestResult<Notification> {
+        let state = self.h.state(wf).await?;
+        assert_eq!(state.state, "completed");
+        let delivery = self.controls.delivery(id).await?.ok_or("delivered")?;
+        assert_eq!(
+            state
+                .output
+                .as_ref()
+                .and_then(|o| o["provider_message_id"].as_str()),
+            Some(delivery.provider_message_id.as_str())
+        );
+        assert_eq!(
+            self.row(id).await?,
+            (
+                "sent".to_string(),
+                Some(delivery.provider_message_id.clone())
+            )
+        );
+        let journal = self.send_step(wf).await?;
+        assert_eq!(journal.status, "completed");
+        assert_eq!(journal.resolved_by.as_deref(), Some("reconcile"));
+        assert_eq!(self.controls.counters(id).await?.delivered, 1);
+        assert_eq!(delivery.notification.id, id, "the same id, the dedupe key");
+        assert_eq!(delivery.notification.to, "grace@example.com");
+        Ok(delivery.notification)
     }
 
     async fn row(&self, id: &str) -> TestResult<(String, Option<String>)> {
@@ -326,26 +424,146 @@ async fn workflow_fails_on_a_refusal_without_retrying() -> TestResult {
 }
 
 #[tokio::test]
-async fn workflow_delivers_once_across_a_lost_answer() -> TestResult {
+async fn lost_answer_goes_in_doubt_and_the_reconcile_finds_the_delivery() -> TestResult {
     let env = Env::new().await?;
     env.controls
         .fail_next(1, NotifyFault::AcceptThenTimeout)
         .await?;
     let (wf, id) = env.start("wf-http:lost").await?;
-    env.run_and_wait().await?;
-    // The provider delivered; the step does not know and retries.
-    assert_eq!(env.controls.counters(&id).await?.delivered, 1);
-    assert_eq!(env.row(&id).await?.0, "pending");
-    env.h.run_until_idle().await?;
-    let wf_row = env.h.state(wf).await?;
-    assert_eq!(wf_row.state, "completed");
-    let counters = env.controls.counters(&id).await?;
-    assert_eq!((counters.attempts, counters.delivered), (2, 1));
-    let delivery = env.controls.delivery(&id).await?.unwrap();
+    env.run_into_doubt(wf, &id).await?;
+    // The provider delivered; the step does not know, and sends nothing more.
+    assert_eq!(env.counted(&id).await?, (1, 1, 0));
+    // The reconcile hook is due at once: it asks, finds the delivery, settles.
+    let ran = env.h.run_until_idle().await?;
+    assert_eq!(ran.len(), 1, "one reconcile ask: {ran:?}");
+    assert_eq!(ran[0].args["wake"], "reconcile");
+    env.assert_delivered_once(wf, &id).await?;
     assert_eq!(
-        env.row(&id).await?,
-        ("sent".to_string(), Some(delivery.provider_message_id))
+        env.counted(&id).await?,
+        (1, 1, 1),
+        "one send, one lookup: never sent again"
     );
+    let output = env.h.state(wf).await?.output.ok_or("an output")?;
+    assert_eq!(
+        output["duplicate"], true,
+        "settled from the provider's record"
+    );
+    // Nothing is left to run, however long we wait.
+    env.run_and_wait().await?;
+    env.h.run_until_idle().await?;
+    assert_eq!(env.counted(&id).await?, (1, 1, 1));
+    env.server.stop().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn lost_request_goes_in_doubt_and_is_resent_once_under_the_same_id() -> TestResult {
+    let env = Env::new().await?;
+    env.controls
+        .fail_next(1, NotifyFault::LostBeforeDelivery)
+        .await?;
+    let (wf, id) = env.start("wf-http:lost-request").await?;
+    env.run_into_doubt(wf, &id).await?;
+    assert_eq!(env.counted(&id).await?, (1, 0, 0), "nothing went out");
+    env.h.run_until_idle().await?;
+    let sent = env.assert_delivered_once(wf, &id).await?;
+    assert_eq!(
+        env.counted(&id).await?,
+        (2, 1, 1),
+        "one lookup found nothing, then exactly one more send"
+    );
+    assert_eq!(sent.subject, "Your trade was executed");
+    assert_eq!(
+        sent.body,
+        "Trade t-1 (sell ETH/EUR) was filled and settled."
+    );
+    let output = env.h.state(wf).await?.output.ok_or("an output")?;
+    assert_eq!(output["duplicate"], false, "delivered by the re-send");
+    env.run_and_wait().await?;
+    env.h.run_until_idle().await?;
+    assert_eq!(env.counted(&id).await?, (2, 1, 1));
+    env.server.stop().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn in_doubt_stays_in_doubt_while_the_provider_cannot_answer() -> TestResult {
+    let env = Env::new().await?;
+    env.controls
+        .fail_next(1, NotifyFault::LostBeforeDelivery)
+        .await?;
+    env.controls.fail_next_lookups(2).await?;
+    let (wf, id) = env.start("wf-http:lookup-outage").await?;
+    env.run_into_doubt(wf, &id).await?;
+    for (asked, lookups) in [(1, 1), (2, 2)] {
+        // The ask fails: still in doubt, nothing sent, asked again later.
+        env.run_and_wait().await?;
+        let journal = env.send_step(wf).await?;
+        assert_eq!(journal.status, "in_doubt", "after ask {asked}");
+        assert_eq!(journal.reconcile_attempts, asked);
+        assert_eq!(env.h.state(wf).await?.state, "waiting");
+        assert_eq!(env.counted(&id).await?, (1, 0, lookups));
+        assert_eq!(env.row(&id).await?.0, "pending");
+    }
+    // The provider answers the third ask: nothing there, so one re-send.
+    env.h.run_until_idle().await?;
+    env.assert_delivered_once(wf, &id).await?;
+    assert_eq!(env.send_step(wf).await?.reconcile_attempts, 3);
+    assert_eq!(env.counted(&id).await?, (2, 1, 3));
+    env.server.stop().await?;
+    Ok(())
+}
+
+/// A provider client whose worker "dies" during its send: the request goes
+/// out (and is delivered), the answer never comes back.
+struct DiesDuringSend(HttpNotifier);
+
+#[async_trait::async_trait]
+impl Notifier for DiesDuringSend {
+    async fn send(&self, n: &Notification) -> ledgerflow_payments::notifier::Result<SendReceipt> {
+        let _delivered = self.0.send(n).await;
+        std::future::pending().await
+    }
+
+    async fn delivery_status(
+        &self,
+        id: &str,
+    ) -> ledgerflow_payments::notifier::Result<Option<SendReceipt>> {
+        self.0.delivery_status(id).await
+    }
+}
+
+#[tokio::test]
+async fn a_worker_that_dies_during_the_send_leaves_it_in_doubt_never_resent() -> TestResult {
+    let env = Env::with_notifier(|http| Arc::new(DiesDuringSend(http))).await?;
+    let (wf, id) = env.start("wf-http:crash").await?;
+    env.h.run_next_step().await?.ok_or("render was due")?;
+    // The send step: the intent commits, the request is delivered, then the
+    // worker is gone (its future dropped: its transaction rolls back, its
+    // lease stays until it expires).
+    let died = tokio::time::timeout(Duration::from_secs(2), env.h.run_next_step()).await;
+    assert!(died.is_err(), "the send never answered");
+    let journal = env.send_step(wf).await?;
+    assert_eq!(
+        (journal.status.as_str(), journal.call_state.as_deref()),
+        ("calling", Some("calling")),
+        "only the intent was committed"
+    );
+    assert_eq!(env.counted(&id).await?, (1, 1, 0));
+    // A survivor rescues the lease and runs on: the step finds an intent
+    // without an answer, goes in doubt, and the reconcile finds the delivery.
+    env.clock.advance(Duration::from_secs(31));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while env.h.store().job_rescue_expired(10).await? == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the dead worker's lease was rescued"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    env.h.run_until_idle().await?;
+    env.assert_delivered_once(wf, &id).await?;
+    assert_eq!(env.counted(&id).await?, (1, 1, 1), "never sent again");
     env.server.stop().await?;
     Ok(())
 }

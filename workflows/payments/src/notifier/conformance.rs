@@ -12,7 +12,11 @@
 //! failures are retryable and deliver once after the outage; permanent
 //! refusals are final and deliver nothing; a lost answer is `Unknown`, was
 //! delivered, and its retry gets the original receipt; the trade and
-//! withdrawal templates reach the provider exactly as rendered.
+//! withdrawal templates reach the provider exactly as rendered. The
+//! reconcile query ([`Notifier::delivery_status`]): absent for an id never
+//! sent, refused or lost on its way in (and a send after that delivers
+//! once); the original receipt for a delivered id, also after a lost
+//! answer; `Unavailable` while the provider can't be reached; never a send.
 
 use super::{
     Channel, Delivery, DeliveryCounters, Error, Notification, Notifier, NotifierControls,
@@ -69,6 +73,9 @@ pub async fn exercise(notifier: Arc<dyn Notifier>, controls: &dyn NotifierContro
     transient_failures(&*notifier, controls).await;
     permanent_failures(&*notifier, controls).await;
     lost_answer(&*notifier, controls).await;
+    lookups(&*notifier, controls).await;
+    lost_before_delivery(&*notifier, controls).await;
+    lookup_outage(&*notifier, controls).await;
     renders_templates(&*notifier, controls).await;
 }
 
@@ -244,6 +251,117 @@ async fn lost_answer(n: &dyn Notifier, c: &dyn NotifierControls) {
     let counters = counters(c, &note.id, case).await;
     assert_eq!(counters.delivered, 1, "[{case}] exactly one delivery");
     assert_eq!(counters.attempts, 2, "[{case}]");
+}
+
+async fn lookups(n: &dyn Notifier, c: &dyn NotifierControls) {
+    let case = "lookup of an id never sent";
+    assert_eq!(
+        ok(n.delivery_status("conf:never-sent").await, case),
+        None,
+        "[{case}]"
+    );
+    let never = counters(c, "conf:never-sent", case).await;
+    assert_eq!(
+        (never.attempts, never.delivered, never.lookups),
+        (0, 0, 1),
+        "[{case}] the query arrived and sent nothing"
+    );
+
+    let case = "lookup of a delivered id";
+    let first = sample_notification("conf:once");
+    let original = delivery(c, &first.id, case)
+        .await
+        .unwrap_or_else(|| panic!("[{case}] conf:once was delivered earlier"));
+    let before = counters(c, &first.id, case).await;
+    let found = ok(n.delivery_status(&first.id).await, case);
+    assert_eq!(
+        found,
+        Some(SendReceipt {
+            provider_message_id: original.provider_message_id,
+            duplicate: true,
+        }),
+        "[{case}] the original receipt, as a repeat would get it"
+    );
+    let after = counters(c, &first.id, case).await;
+    assert_eq!(
+        (after.attempts, after.delivered, after.lookups),
+        (before.attempts, 1, before.lookups + 1),
+        "[{case}] a lookup sends nothing"
+    );
+
+    let case = "lookup after a lost answer";
+    let lost = delivery(c, "conf:lost-answer", case)
+        .await
+        .unwrap_or_else(|| panic!("[{case}] conf:lost-answer was delivered earlier"));
+    assert_eq!(
+        ok(n.delivery_status("conf:lost-answer").await, case).map(|r| r.provider_message_id),
+        Some(lost.provider_message_id),
+        "[{case}] the reconcile query finds what the lost answer hid"
+    );
+
+    let case = "lookup of a refused id";
+    assert_eq!(
+        ok(n.delivery_status("conf:rejected").await, case),
+        None,
+        "[{case}] a refusal delivered nothing"
+    );
+}
+
+async fn lost_before_delivery(n: &dyn Notifier, c: &dyn NotifierControls) {
+    let case = "lost before delivery";
+    let note = sample_notification("conf:lost-request");
+    ok(c.fail_next(1, NotifyFault::LostBeforeDelivery).await, case);
+    match n.send(&note).await {
+        Err(Error::Unknown(_)) => {}
+        other => panic!("[{case}] expected Unknown, got {other:?}"),
+    }
+    // The same answer as a lost reply; only the reconcile query tells them apart.
+    assert_eq!(
+        ok(n.delivery_status(&note.id).await, case),
+        None,
+        "[{case}] nothing was delivered"
+    );
+    // Certainly absent: sending again under the same id delivers, once.
+    let receipt = ok(n.send(&note).await, case);
+    assert!(!receipt.duplicate, "[{case}] the resend delivers");
+    let found = ok(n.delivery_status(&note.id).await, case);
+    assert_eq!(
+        found.map(|r| r.provider_message_id),
+        Some(receipt.provider_message_id),
+        "[{case}] and the query now finds it"
+    );
+    let counters = counters(c, &note.id, case).await;
+    assert_eq!(
+        (counters.attempts, counters.delivered, counters.lookups),
+        (2, 1, 2),
+        "[{case}]"
+    );
+}
+
+async fn lookup_outage(n: &dyn Notifier, c: &dyn NotifierControls) {
+    let case = "lookup outage";
+    let note = sample_notification("conf:lookup-outage");
+    let receipt = ok(n.send(&note).await, case);
+    ok(c.fail_next_lookups(2).await, case);
+    for attempt in 1..=2 {
+        match n.delivery_status(&note.id).await {
+            Err(Error::Unavailable(_)) => {}
+            other => panic!("[{case}] attempt {attempt}: expected Unavailable, got {other:?}"),
+        }
+    }
+    // The controls' own reads are not lookups: they neither fail nor count.
+    assert!(delivery(c, &note.id, case).await.is_some(), "[{case}]");
+    assert_eq!(
+        ok(n.delivery_status(&note.id).await, case).map(|r| r.provider_message_id),
+        Some(receipt.provider_message_id),
+        "[{case}] answered again after the outage"
+    );
+    let counters = counters(c, &note.id, case).await;
+    assert_eq!(
+        (counters.attempts, counters.delivered, counters.lookups),
+        (1, 1, 3),
+        "[{case}] failed lookups count, and sent nothing"
+    );
 }
 
 async fn renders_templates(n: &dyn Notifier, c: &dyn NotifierControls) {

@@ -22,6 +22,14 @@
 //! The rejected alternative was to treat every 5xx as "not sent": a 502 or
 //! 504 from a proxy can follow a delivery, and calling that `Unavailable`
 //! would misreport the step as never having reached the provider.
+//!
+//! The reconcile query ([`Notifier::delivery_status`]) is
+//! `GET {base}/v1/notifications/{id}`: 200 with a [`Delivery`] is "delivered",
+//! 404 *with the provider's error body* is "certainly not delivered" (the
+//! workflow then sends again under the same id), anything else — no answer,
+//! another status, a bare 404 from a proxy or a wrong base path — is
+//! `Unavailable`, i.e. no answer: the step stays in doubt. Reading a bare
+//! 404 as "absent" would turn a misrouted query into a re-send.
 
 use super::{Delivery, Error, Notification, Notifier, Result, SendReceipt};
 use async_trait::async_trait;
@@ -95,7 +103,14 @@ impl HttpNotifier {
             .map_err(|e| Error::Unavailable(format!("no answer: {e}")))?;
         let status = resp.status();
         if status == StatusCode::NOT_FOUND {
-            return Ok(None);
+            // Only the provider's own "no such notification" is an answer.
+            let text = resp.text().await.unwrap_or_default();
+            return match serde_json::from_str::<Error>(&text) {
+                Ok(_) => Ok(None),
+                Err(_) => Err(Error::Unavailable(format!(
+                    "{status} without the provider's error body: {text:?}"
+                ))),
+            };
         }
         if !status.is_success() {
             let reason = error_reason(resp).await;
@@ -163,6 +178,10 @@ impl Notifier for HttpNotifier {
         }
         let reason = error_reason(resp).await;
         Err(status_error(status, reason))
+    }
+
+    async fn delivery_status(&self, id: &str) -> Result<Option<SendReceipt>> {
+        Ok(self.delivery(id).await?.map(|d| d.receipt()))
     }
 }
 

@@ -9,15 +9,19 @@
 //!
 //! | method and path | answer |
 //! |---|---|
-//! | `POST /v1/notifications` ([`Notification`], header `Idempotency-Key: {id}`) | 201 [`SendReceipt`] (sent now), 200 (duplicate), 400/422 rejected, 503 unavailable, 504 after [`NotifyFault::AcceptThenTimeout`] |
-//! | `GET /v1/notifications/{id}` | 200 [`Delivery`], 404 |
+//! | `POST /v1/notifications` ([`Notification`], header `Idempotency-Key: {id}`) | 201 [`SendReceipt`] (sent now), 200 (duplicate), 400/422 rejected, 503 unavailable, 504 after [`NotifyFault::AcceptThenTimeout`] or [`NotifyFault::LostBeforeDelivery`] |
+//! | `GET /v1/notifications/{id}` (the reconcile query) | 200 [`Delivery`], 404, 503 while lookups are failed |
 //! | `PUT /admin/notifications/fault` (`{"times": n, "fault": NotifyFault}`) | 204 |
+//! | `PUT /admin/notifications/lookup-fault` (`{"times": n}`) | 204 |
+//! | `GET /admin/notifications/deliveries/{id}` | 200 [`Delivery`], 404 (never failed, not counted) |
 //! | `GET /admin/notifications/counters/{id}` | 200 [`DeliveryCounters`] |
 //!
 //! Errors are `{"error": "rejected"|"unknown"|"unavailable", "reason": "…"}`.
 //! Under [`NotifyFault::AcceptThenTimeout`] the message is delivered and the
 //! answer is held for the server's `hang_for` (then 504): a client with a
 //! shorter timeout sees exactly what a lost answer looks like.
+//! [`NotifyFault::LostBeforeDelivery`] looks the same to the client, but
+//! nothing was delivered.
 
 use super::http::{HttpConfig, HttpNotifier, IDEMPOTENCY_KEY_HEADER};
 use super::{
@@ -46,6 +50,12 @@ struct FaultRequest {
     fault: NotifyFault,
 }
 
+/// The body of `PUT /admin/notifications/lookup-fault`.
+#[derive(Debug, Serialize, Deserialize)]
+struct LookupFaultRequest {
+    times: u32,
+}
+
 /// Adds the provider endpoints (with a fresh simulated provider whose lost
 /// answers hang for `hang_for`) to `route`.
 pub fn mount(route: Route, hang_for: Duration) -> Route {
@@ -65,6 +75,14 @@ pub fn mount(route: Route, hang_for: Duration) -> Route {
         .at(
             "/admin/notifications/fault",
             put(set_fault).data(provider.clone()),
+        )
+        .at(
+            "/admin/notifications/lookup-fault",
+            put(set_lookup_fault).data(provider.clone()),
+        )
+        .at(
+            "/admin/notifications/deliveries/:id",
+            get(get_delivery).data(provider.clone()),
         )
         .at(
             "/admin/notifications/counters/:id",
@@ -134,9 +152,32 @@ async fn send_notification(
 
 #[handler]
 fn get_notification(Data(provider): Data<&Arc<Provider>>, Path(id): Path<String>) -> Response {
+    match provider.sim.lookup(&id) {
+        Ok(Some(d)) => json(StatusCode::OK, &d),
+        Ok(None) => rejected(StatusCode::NOT_FOUND, format!("no delivery for {id:?}")),
+        Err(e) => json(StatusCode::SERVICE_UNAVAILABLE, &e),
+    }
+}
+
+#[handler]
+fn get_delivery(Data(provider): Data<&Arc<Provider>>, Path(id): Path<String>) -> Response {
     match provider.sim.delivery(&id) {
         Some(d) => json(StatusCode::OK, &d),
         None => rejected(StatusCode::NOT_FOUND, format!("no delivery for {id:?}")),
+    }
+}
+
+#[handler]
+fn set_lookup_fault(Data(provider): Data<&Arc<Provider>>, body: Vec<u8>) -> Response {
+    match serde_json::from_slice::<LookupFaultRequest>(&body) {
+        Ok(req) => {
+            provider.sim.fail_lookups(req.times);
+            Response::builder().status(StatusCode::NO_CONTENT).finish()
+        }
+        Err(e) => rejected(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("bad request body: {e}"),
+        ),
     }
 }
 
@@ -159,14 +200,14 @@ fn counters(Data(provider): Data<&Arc<Provider>>, Path(id): Path<String>) -> Res
     let counters = DeliveryCounters {
         attempts: provider.sim.attempts(&id),
         delivered: u64::try_from(provider.sim.delivered_count(&id)).unwrap_or(u64::MAX),
+        lookups: provider.sim.lookups(&id),
     };
     json(StatusCode::OK, &counters)
 }
 
 // ------------------------------------------------------ test-side helpers
 
-/// [`NotifierControls`] over the simulator's admin endpoints (and its
-/// `GET /v1/notifications/{id}`, through [`HttpNotifier::delivery`]).
+/// [`NotifierControls`] over the simulator's admin endpoints.
 #[derive(Debug)]
 pub struct HttpNotifierControls {
     provider: HttpNotifier,
@@ -200,8 +241,42 @@ impl NotifierControls for HttpNotifierControls {
         Ok(())
     }
 
+    async fn fail_next_lookups(&self, times: u32) -> Result<()> {
+        let url = self
+            .provider
+            .url(&["admin", "notifications", "lookup-fault"])?;
+        self.provider
+            .request(reqwest::Method::PUT, url)
+            .json(&LookupFaultRequest { times })
+            .send()
+            .await
+            .map_err(unavailable)?
+            .error_for_status()
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
     async fn delivery(&self, id: &str) -> Result<Option<Delivery>> {
-        self.provider.delivery(id).await
+        // The admin read, not the reconcile query: a test's look must
+        // neither count as a lookup nor use up a lookup fault.
+        let url = self
+            .provider
+            .url(&["admin", "notifications", "deliveries", id])?;
+        let resp = self
+            .provider
+            .request(reqwest::Method::GET, url)
+            .send()
+            .await
+            .map_err(unavailable)?;
+        if resp.status() == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        resp.error_for_status()
+            .map_err(unavailable)?
+            .json()
+            .await
+            .map(Some)
+            .map_err(unavailable)
     }
 
     async fn counters(&self, id: &str) -> Result<DeliveryCounters> {

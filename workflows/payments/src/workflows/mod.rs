@@ -5,8 +5,9 @@
 //!   order; in-doubt placement reconciled by idempotency key);
 //! - [`withdrawal`]   — `payments.withdrawal`: validate (daily limit) → hold →
 //!   approval above a threshold → submit → wait for confirmation → capture;
-//! - [`notification`] — `payments.notification`: render → send (deduplicated
-//!   by notification id, retried with backoff);
+//! - [`notification`] — `payments.notification`: render → send (one external
+//!   call deduplicated by notification id; in doubt → reconciled by asking
+//!   the provider, re-sent under the same id only when it has nothing);
 //! - [`webhook`]      — `payments.webhook`: a verified exchange event becomes
 //!   the signal its workflow waits for;
 //! - `steps`          — the step pieces trade and withdrawal share (row
@@ -15,8 +16,8 @@
 //! [`registry`] registers all of them, with the exchange and notifier
 //! injected. Every step writes its domain rows and ledger postings through
 //! `ctx.db()`, the step's lease-fenced transaction, so they commit with the
-//! step's checkpoint or not at all (contract rule 2); every exchange call
-//! carries the step's idempotency key and goes through
+//! step's checkpoint or not at all (contract rule 2); every exchange and
+//! provider call carries the step's idempotency key and goes through
 //! `StepCtx::external_call` (contract rule 3).
 
 pub mod notification;

@@ -4,14 +4,35 @@
 //! Steps:
 //! 1. `render` — insert the `notifications` row (id = the dedupe id,
 //!    `ON CONFLICT DO NOTHING`) and render subject and body from the template.
-//! 2. `send`   — `Notifier::send` with the notification's id. The provider
-//!    dedupes on that id, so `Unavailable` and `Unknown` are retried with the
-//!    store's backoff (a repeat can't deliver twice); `Rejected` fails the
-//!    workflow and marks the row `rejected`. Success marks it `sent`.
-use super::{Deps, db, now_param, output, refusal_or_retry, step_fn, str_field};
+//! 2. `send`   — one external call ([`StepCtx::external_call`]: the intent is
+//!    committed on the step's journal row, under the step's idempotency key,
+//!    before anything goes out): `Notifier::send` with the notification's
+//!    id, the provider's dedupe key. `Rejected` fails the workflow and marks
+//!    the row `rejected`; `Unavailable` (not sent) is retried with the
+//!    store's backoff; success marks the row `sent`. `Unknown` (maybe sent),
+//!    or a re-run that finds the intent without an answer (the worker died
+//!    during the send), puts the step `in_doubt` (contract rule 3) and
+//!    [`reconcile_send`] asks the provider ([`Notifier::delivery_status`]):
+//!    delivered → the row is `sent` with the provider's message id and the
+//!    workflow completes, nothing is sent again; certainly not delivered →
+//!    sent again under the same id; no answer → still in doubt, asked again
+//!    with backoff and, after the last ask, left for an admin.
+//!
+//! Why a re-send after "not found" is not the blind re-send rule 3 forbids:
+//! it follows the provider's own answer, and it carries the same id, so even
+//! a first request still in flight somewhere cannot make a second delivery
+//! (the provider dedupes on the id). The rejected alternative, failing the
+//! step on "not found" like the exchange steps do, would drop a notification
+//! that nothing had sent.
+//!
+//! [`Notifier::delivery_status`]: crate::notifier::Notifier::delivery_status
+//! [`StepCtx::external_call`]: ledgerflow_engine::StepCtx::external_call
+use super::{Deps, db, now_param, output, reconcile_fn, refusal_or_retry, step_fn, str_field};
 use crate::ids::UserId;
-use crate::notifier::{self, Channel, Notification};
-use ledgerflow_engine::workflow::StepResult;
+use crate::notifier::{self, Channel, Notification, Notifier, SendReceipt};
+use ledgerflow_engine::workflow::{
+    CallError, ExternalError, ReconcileResult, Reconciled, StepResult,
+};
 use ledgerflow_engine::{StepCtx, StepOutcome, Workflow};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -19,6 +40,10 @@ use std::sync::Arc;
 
 /// The workflow's kind.
 pub const KIND: &str = "payments.notification";
+
+/// The step that calls the provider (its idempotency key is
+/// `"{workflow_id}:send"`).
+pub const SEND_STEP: &str = "send";
 
 /// What starts a notification.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -40,7 +65,8 @@ pub struct NotificationInput {
 pub(super) fn definition(deps: &Arc<Deps>) -> Workflow {
     Workflow::new(KIND, 1)
         .step("render", step_fn(deps, render))
-        .step("send", step_fn(deps, send))
+        .step(SEND_STEP, step_fn(deps, send))
+        .reconcile(reconcile_fn(deps, reconcile_send))
         .max_attempts(deps.config.notification_attempts)
 }
 
@@ -120,53 +146,141 @@ async fn render(_deps: Arc<Deps>, ctx: StepCtx) -> StepResult {
     ))
 }
 
-async fn send(deps: Arc<Deps>, ctx: StepCtx) -> StepResult {
-    let input: NotificationInput = ctx.input_as()?;
-    let rendered = output(&ctx, "render")?;
-    let message = Notification {
+/// The message the `send` step sends: the rendered output under the
+/// notification's id.
+fn message(ctx: &StepCtx, input: &NotificationInput) -> Result<Notification, String> {
+    let rendered = output(ctx, "render")?;
+    Ok(Notification {
         id: input.id.clone(),
         channel: input.channel,
         to: str_field(rendered, "to")?.to_owned(),
         subject: str_field(rendered, "subject")?.to_owned(),
         body: str_field(rendered, "body")?.to_owned(),
-    };
-    match deps.notifier.send(&message).await {
+    })
+}
+
+/// The provider's three error kinds as the engine's.
+fn call_error(e: notifier::Error) -> CallError {
+    match e {
+        notifier::Error::Rejected(r) => CallError::Rejected(r),
+        notifier::Error::Unavailable(r) => CallError::NotSent(r),
+        notifier::Error::Unknown(r) => CallError::Unknown(r),
+    }
+}
+
+/// The step's (and the workflow's) output for a delivered notification.
+fn sent_output(id: &str, receipt: &SendReceipt) -> Value {
+    json!({
+        "notification_id": id,
+        "provider_message_id": receipt.provider_message_id,
+        "duplicate": receipt.duplicate,
+    })
+}
+
+/// Marks the row `sent` with the provider's message id, in the step's (or
+/// the reconcile hook's) transaction.
+async fn mark_sent(ctx: &StepCtx, id: &str, provider_message_id: &str) -> Result<(), String> {
+    let mut conn = db(ctx).await?;
+    sqlx::query(
+        "UPDATE notifications
+         SET status = 'sent', provider_message_id = $2, error = NULL,
+             sent_at = coalesce($3::timestamptz, now())
+         WHERE id = $1",
+    )
+    .bind(id)
+    .bind(provider_message_id)
+    .bind(now_param(ctx))
+    .execute(&mut *conn)
+    .await
+    .map_err(|e| format!("mark sent: {e}"))?;
+    Ok(())
+}
+
+/// Marks the row `rejected` with the provider's reason.
+async fn mark_rejected(ctx: &StepCtx, id: &str, reason: &str) -> Result<(), String> {
+    let mut conn = db(ctx).await?;
+    sqlx::query("UPDATE notifications SET status = 'rejected', error = $2 WHERE id = $1")
+        .bind(id)
+        .bind(reason)
+        .execute(&mut *conn)
+        .await
+        .map_err(|e| format!("mark rejected: {e}"))?;
+    Ok(())
+}
+
+/// Step 2: send, once, through the engine's external call.
+async fn send(deps: Arc<Deps>, ctx: StepCtx) -> StepResult {
+    let input: NotificationInput = ctx.input_as()?;
+    let message = message(&ctx, &input)?;
+    let notifier = Arc::clone(&deps.notifier);
+    let answer = ctx
+        .external_call(|_key| async move {
+            let receipt = notifier.send(&message).await.map_err(call_error)?;
+            serde_json::to_value(receipt).map_err(|e| CallError::Unknown(e.to_string()))
+        })
+        .await;
+    match answer {
         Ok(receipt) => {
-            let mut conn = db(&ctx).await?;
-            sqlx::query(
-                "UPDATE notifications
-                 SET status = 'sent', provider_message_id = $2,
-                     sent_at = coalesce($3::timestamptz, now())
-                 WHERE id = $1",
-            )
-            .bind(&input.id)
-            .bind(&receipt.provider_message_id)
-            .bind(now_param(&ctx))
-            .execute(&mut *conn)
-            .await
-            .map_err(|e| format!("mark sent: {e}"))?;
-            Ok(StepOutcome::Finish(json!({
-                "notification_id": input.id,
-                "provider_message_id": receipt.provider_message_id,
-                "duplicate": receipt.duplicate,
-            })))
+            let receipt: SendReceipt =
+                serde_json::from_value(receipt).map_err(|e| format!("send receipt: {e}"))?;
+            mark_sent(&ctx, &input.id, &receipt.provider_message_id).await?;
+            Ok(StepOutcome::Finish(sent_output(&input.id, &receipt)))
         }
-        Err(notifier::Error::Rejected(reason)) => {
-            let mut conn = db(&ctx).await?;
-            sqlx::query("UPDATE notifications SET status = 'rejected', error = $2 WHERE id = $1")
-                .bind(&input.id)
-                .bind(&reason)
-                .execute(&mut *conn)
-                .await
-                .map_err(|e| format!("mark rejected: {e}"))?;
+        Err(ExternalError::Rejected(reason)) => {
+            mark_rejected(&ctx, &input.id, &reason).await?;
             Ok(StepOutcome::Fail(format!(
                 "notification rejected: {reason}"
             )))
         }
-        // Not sent, or maybe sent: both are safe to retry, the provider
-        // dedupes on the notification id.
-        Err(e @ (notifier::Error::Unavailable(_) | notifier::Error::Unknown(_))) => {
-            Err(e.to_string())
-        }
+        // Maybe delivered: never sent again from here, the reconcile hook asks.
+        Err(ExternalError::InDoubt(reason)) => Ok(StepOutcome::InDoubt(reason)),
+        // Certainly not delivered: retried with backoff, under the same id.
+        Err(e @ (ExternalError::NotSent(_) | ExternalError::NotMade(_))) => Err(e.to_string()),
     }
+}
+
+/// Reconcile hook of `send`: asks the provider what became of the in-doubt
+/// notification (by its id, the provider's dedupe key; `_key` is the
+/// engine's step key, under which the intent was journaled).
+pub async fn reconcile_send(deps: Arc<Deps>, ctx: StepCtx, _key: String) -> ReconcileResult {
+    let input: NotificationInput = ctx.input_as()?;
+    let message = message(&ctx, &input)?;
+    reconcile_with(deps.notifier.as_ref(), &ctx, &message).await
+}
+
+async fn reconcile_with(
+    notifier: &dyn Notifier,
+    ctx: &StepCtx,
+    message: &Notification,
+) -> ReconcileResult {
+    let receipt = match notifier.delivery_status(&message.id).await {
+        // Delivered: settle on the provider's receipt; nothing is sent.
+        Ok(Some(receipt)) => receipt,
+        // Certainly not delivered: send it now, under the same id (see the
+        // module docs for why this is not a blind re-send).
+        Ok(None) => match notifier.send(message).await {
+            Ok(receipt) => receipt,
+            Err(notifier::Error::Rejected(reason)) => {
+                mark_rejected(ctx, &message.id, &reason).await?;
+                return Ok(Reconciled::Failed(format!(
+                    "notification rejected: {reason}"
+                )));
+            }
+            // Not sent, or in doubt again: the next ask looks it up first.
+            Err(e @ (notifier::Error::Unavailable(_) | notifier::Error::Unknown(_))) => {
+                tracing::info!(notification_id = %message.id, error = %e,
+                    "in-doubt notification: re-send had no answer, asking again later");
+                return Ok(Reconciled::Unknown);
+            }
+        },
+        // The provider can't be reached: still in doubt, ask again later
+        // (the engine's backoff, then an admin).
+        Err(e) => {
+            tracing::info!(notification_id = %message.id, error = %e,
+                "in-doubt notification: the provider did not answer the lookup");
+            return Ok(Reconciled::Unknown);
+        }
+    };
+    mark_sent(ctx, &message.id, &receipt.provider_message_id).await?;
+    Ok(Reconciled::Succeeded(sent_output(&message.id, &receipt)))
 }
