@@ -359,8 +359,9 @@ impl DeadLettersApi {
         let why = reason(body.reason.as_str())?;
         let id = id.0;
         let mut tx = state.pool().begin().await?;
-        // Failed and discarded are final states that only an operator
-        // leaves, so checking before the engine locks the row is enough.
+        // Read for a clear 404/409 and the audit detail; `job_redrive_in`
+        // checks the state again under the row lock, so a concurrent redrive
+        // of the same job fails there and writes no second audit row.
         let before = state
             .store
             .job_get(id)
@@ -372,7 +373,7 @@ impl DeadLettersApi {
                 before.state
             )));
         }
-        let job = state.store.job_retry_in(&mut tx, id).await?;
+        let job = state.store.job_redrive_in(&mut tx, id).await?;
         let audit_id = audit::record(
             &mut *tx,
             &admin,

@@ -909,6 +909,34 @@ async fn dead_jobs_are_listed_and_redriven_and_live_ones_are_not() {
     .await;
     assert_problem(&r, 409, "conflict");
     assert_eq!(audit_count(&f, "dead_letter.job_redrive").await, 1);
+
+    // Eight operators redriving one dead job at once: it is revived once, with
+    // one audit row; the others are told it is no longer a dead letter.
+    let again = insert("k.dead2").await;
+    {
+        let mut conn = f.db.pool.acquire().await.unwrap();
+        f.store
+            .job_discard_in(&mut conn, again, "poison")
+            .await
+            .unwrap();
+    }
+    let path = format!("/v1/dead-letters/jobs/{again}/redrive");
+    let replies =
+        futures::future::join_all((0..8).map(|_| post(&f, &path, &k.operator, why("race")))).await;
+    let ok = replies
+        .iter()
+        .filter(|r| r.status == StatusCode::OK)
+        .count();
+    assert_eq!(
+        ok,
+        1,
+        "{:?}",
+        replies.iter().map(|r| r.status).collect::<Vec<_>>()
+    );
+    for r in replies.iter().filter(|r| r.status != StatusCode::OK) {
+        assert_problem(r, 409, "conflict");
+    }
+    assert_eq!(audit_count(&f, "dead_letter.job_redrive").await, 2);
 }
 
 // -------------------------------------------------------------- approvals

@@ -711,6 +711,22 @@ impl Store {
         .await
     }
 
+    /// Runs a dead letter again now — only a `failed` or `discarded` job, with one more
+    /// attempt. The state is checked under the row lock, so two operators redriving the same
+    /// job at once revive it once; the second gets [`Error::InvalidTransition`].
+    pub async fn job_redrive_in(&self, conn: &mut PgConnection, id: JobId) -> Result<Job> {
+        self.operator_action(
+            conn,
+            id,
+            "redrive",
+            &[JobState::Failed, JobState::Discarded],
+            "state = 'available', run_at = t.n, finished_at = NULL,
+             max_attempts = greatest(j.max_attempts, j.attempt + 1)",
+            None,
+        )
+        .await
+    }
+
     /// Cancels a job that has not finished. A running attempt is fenced off:
     /// its lease is revoked, so nothing it later tries to commit is applied.
     pub async fn job_cancel_in(
