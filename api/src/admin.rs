@@ -70,6 +70,7 @@ enum Tag {
 
 /// A job as the admin sees it.
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct JobView {
     pub id: Uuid,
     pub queue: String,
@@ -124,6 +125,7 @@ impl From<Job> for JobView {
 
 /// One unsuccessful attempt.
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct AttemptView {
     pub attempt: i32,
     pub worker: String,
@@ -149,6 +151,7 @@ impl From<Attempt> for AttemptView {
 
 /// A page of jobs.
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct JobPage {
     pub items: Vec<JobView>,
     /// Pass as `cursor` for the next page; absent on the last page.
@@ -157,6 +160,7 @@ pub struct JobPage {
 
 /// A job with its attempt history.
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct JobDetail {
     pub job: JobView,
     /// Every recorded unsuccessful attempt, oldest first (the successful
@@ -166,6 +170,7 @@ pub struct JobDetail {
 
 /// The body of every single-target mutation.
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct ActionRequest {
     /// Why (required, not blank, at most 1000 characters); kept in the audit log.
     pub reason: Text,
@@ -173,6 +178,7 @@ pub struct ActionRequest {
 
 /// A job after an operator action.
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct JobActionResult {
     pub job: JobView,
     /// The audit row written with the change.
@@ -181,6 +187,7 @@ pub struct JobActionResult {
 
 /// Which jobs a bulk action covers. Absent fields match everything.
 #[derive(Debug, Clone, Default, Object, Serialize)]
+#[oai(skip_serializing_if_is_none)]
 pub struct JobFilterBody {
     pub queue: Option<Text>,
     pub kind: Option<Text>,
@@ -196,6 +203,7 @@ pub struct JobFilterBody {
 
 /// A bulk retry or cancel.
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct BulkRequest {
     pub filter: JobFilterBody,
     /// Count what would be affected; change nothing, write no audit row.
@@ -209,6 +217,7 @@ pub struct BulkRequest {
 
 /// What a bulk action did (or would do).
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct BulkResult {
     pub dry_run: bool,
     /// Jobs matching the filter in a state the action applies to (dry run),
@@ -223,6 +232,7 @@ pub struct BulkResult {
 
 /// A queue with its counts per state.
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct QueueView {
     pub name: String,
     pub paused: bool,
@@ -231,12 +241,14 @@ pub struct QueueView {
 
 /// The queues.
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct QueueList {
     pub queues: Vec<QueueView>,
 }
 
 /// A queue after pause/resume.
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct QueueActionResult {
     pub name: String,
     pub paused: bool,
@@ -245,6 +257,7 @@ pub struct QueueActionResult {
 
 /// An audit row.
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct AuditView {
     pub id: Uuid,
     pub admin_id: Uuid,
@@ -277,6 +290,7 @@ impl From<audit::Entry> for AuditView {
 
 /// A page of the audit log, newest first.
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct AuditPage {
     pub items: Vec<AuditView>,
     pub next_cursor: Option<String>,

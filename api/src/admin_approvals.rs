@@ -34,6 +34,7 @@ enum Tag {
 
 /// A withdrawal waiting for an approver.
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct PendingWithdrawalView {
     pub id: Uuid,
     pub user_id: Uuid,
@@ -65,6 +66,7 @@ impl From<PendingWithdrawal> for PendingWithdrawalView {
 
 /// A page of pending withdrawals, oldest request first.
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct PendingPage {
     pub items: Vec<PendingWithdrawalView>,
     pub next_cursor: Option<String>,
@@ -72,6 +74,7 @@ pub struct PendingPage {
 
 /// What an approval or rejection did.
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct ApprovalResult {
     pub withdrawal_id: Uuid,
     /// approved or rejected.

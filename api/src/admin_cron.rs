@@ -28,6 +28,7 @@ enum Tag {
 
 /// A cron schedule as the admin sees it.
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct CronView {
     pub name: String,
     /// Cron expression, evaluated in `timezone`.
@@ -76,12 +77,14 @@ impl From<CronSchedule> for CronView {
 
 /// Every schedule, by name.
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct CronList {
     pub schedules: Vec<CronView>,
 }
 
 /// What a manual trigger started.
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct CronTriggerResult {
     pub schedule: String,
     /// The tick's instant (now).
@@ -93,6 +96,7 @@ pub struct CronTriggerResult {
 
 /// A schedule after pause/resume.
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct CronActionResult {
     pub schedule: CronView,
     pub audit_id: Uuid,

@@ -44,6 +44,7 @@ enum Tag {
 
 /// A Kafka message that could not be applied.
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct DeadLetterView {
     pub id: i64,
     /// Where it came from, e.g. `kafka:<topic>`.
@@ -97,6 +98,7 @@ impl From<DeadLetter> for DeadLetterView {
 
 /// A page of Kafka dead letters, newest first.
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct DeadLetterPage {
     pub items: Vec<DeadLetterView>,
     pub next_cursor: Option<String>,
@@ -104,6 +106,7 @@ pub struct DeadLetterPage {
 
 /// What a Kafka redrive did.
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct DeadLetterRedriveResult {
     pub dead_letter: DeadLetterView,
     /// The outbox row that re-publishes the message to its topic.
@@ -113,6 +116,7 @@ pub struct DeadLetterRedriveResult {
 
 /// A page of dead jobs (failed or discarded), newest first.
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct DeadJobPage {
     pub items: Vec<JobView>,
     pub next_cursor: Option<String>,
@@ -120,6 +124,7 @@ pub struct DeadJobPage {
 
 /// A job after its redrive.
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct DeadJobRedriveResult {
     pub job: JobView,
     pub audit_id: Uuid,

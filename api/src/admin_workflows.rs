@@ -47,6 +47,7 @@ enum Tag {
 
 /// A workflow instance as the admin sees it.
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct WorkflowView {
     pub id: Uuid,
     /// The workflow's kind (its name), e.g. `payments.withdrawal`.
@@ -91,6 +92,7 @@ impl From<WorkflowRow> for WorkflowView {
 
 /// One row of the step journal.
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct StepView {
     /// The step's name.
     pub step: String,
@@ -143,6 +145,7 @@ impl From<StepRow> for StepView {
 
 /// A page of workflows.
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct WorkflowPage {
     pub items: Vec<WorkflowView>,
     /// Pass as `cursor` for the next page; absent on the last page.
@@ -151,6 +154,7 @@ pub struct WorkflowPage {
 
 /// A workflow with its step journal.
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct WorkflowDetail {
     pub workflow: WorkflowView,
     /// The journal, in the definition's step order.
@@ -161,6 +165,7 @@ pub struct WorkflowDetail {
 
 /// A workflow after an operator action.
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct WorkflowActionResult {
     pub workflow: WorkflowView,
     /// The audit row written with the change.
@@ -169,6 +174,7 @@ pub struct WorkflowActionResult {
 
 /// Retry a failed workflow.
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct RetryWorkflowRequest {
     /// Why (required, not blank, at most 1000 characters); kept in the audit log.
     pub reason: Text,
@@ -179,6 +185,7 @@ pub struct RetryWorkflowRequest {
 
 /// How an operator settles an in-doubt step.
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct ResolveStepRequest {
     /// Why (required); kept in the audit log.
     pub reason: Text,

@@ -155,7 +155,7 @@ impl From<sqlx::Error> for Error {
 
 /// An RFC 7807 problem body.
 #[derive(Debug, Clone, PartialEq, Eq, Object, serde::Serialize)]
-#[oai(rename = "Problem")]
+#[oai(rename = "Problem", skip_serializing_if_is_none)]
 pub struct Problem {
     /// A stable URI naming the kind of problem, e.g.
     /// `https://ledgerflow.dev/problems/validation`.

@@ -48,6 +48,7 @@ enum Tag {
 
 /// One account's money.
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct BalanceView {
     pub account_id: uuid::Uuid,
     /// Asset code, e.g. `BTC`.
@@ -64,6 +65,7 @@ pub struct BalanceView {
 
 /// The caller's balances.
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct Balances {
     pub balances: Vec<BalanceView>,
 }
@@ -80,7 +82,7 @@ pub enum TradeSide {
 
 /// A new limit order. Exactly these fields; any other is refused.
 #[derive(Debug, Object)]
-#[oai(deny_unknown_fields)]
+#[oai(deny_unknown_fields, skip_serializing_if_is_none)]
 pub struct NewTrade {
     /// `buy` or `sell` the base asset.
     pub side: TradeSide,
@@ -97,6 +99,7 @@ pub struct NewTrade {
 
 /// A trade as its owner sees it.
 #[derive(Debug, Clone, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct TradeView {
     pub id: uuid::Uuid,
     /// `buy` or `sell`.
@@ -119,7 +122,7 @@ pub struct TradeView {
 
 /// A new withdrawal. Exactly these fields; any other is refused.
 #[derive(Debug, Object)]
-#[oai(deny_unknown_fields)]
+#[oai(deny_unknown_fields, skip_serializing_if_is_none)]
 pub struct NewWithdrawal {
     /// The asset's code, e.g. `BTC`.
     pub asset: Text,
@@ -131,6 +134,7 @@ pub struct NewWithdrawal {
 
 /// A withdrawal as its owner sees it.
 #[derive(Debug, Clone, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct WithdrawalView {
     pub id: uuid::Uuid,
     pub asset: String,
