@@ -13,6 +13,8 @@ and, for ledgerflow.deployment only:
   ports      container port names to expose, from .Values.ports (list)
   probePort  port name the kubelet probes /healthcheck and /readyz on
   envFrom    names of extra Secrets whose keys become environment variables
+  notifierApiKey  true to read LEDGERFLOW_NOTIFIER_API_KEY from
+             notifier.existingSecret (when set): only the pods that send
 */}}
 
 {{- define "ledgerflow.deployment" -}}
@@ -107,6 +109,13 @@ spec:
                 secretKeyRef:
                   name: {{ $root.Values.database.existingSecret }}
                   key: {{ $root.Values.database.existingSecretKey }}
+            {{- if and .notifierApiKey $root.Values.notifier.existingSecret }}
+            - name: LEDGERFLOW_NOTIFIER_API_KEY
+              valueFrom:
+                secretKeyRef:
+                  name: {{ $root.Values.notifier.existingSecret }}
+                  key: {{ $root.Values.notifier.existingSecretKey }}
+            {{- end }}
             {{- with $v.extraEnv }}
             {{- toYaml . | nindent 12 }}
             {{- end }}

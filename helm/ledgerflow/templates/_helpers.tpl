@@ -117,6 +117,13 @@ LEDGERFLOW_OPS_ADDR: {{ printf "0.0.0.0:%d" (int .Values.ports.ops) | quote }}
 LEDGERFLOW_SHUTDOWN_GRACE_SECS: {{ .Values.config.shutdownGraceSeconds | toString | quote }}
 RUST_LOG: {{ .Values.config.logLevel | quote }}
 LEDGERFLOW_LOG_FORMAT: {{ .Values.config.logFormat | quote }}
+{{- /* Set only when given: the binary reads a set-but-empty URL as a bad URL. */}}
+{{- with .Values.exchange.url }}
+LEDGERFLOW_EXCHANGE_URL: {{ . | quote }}
+{{- end }}
+{{- with .Values.notifier.url }}
+LEDGERFLOW_NOTIFIER_URL: {{ . | quote }}
+{{- end }}
 {{- range $key, $value := .Values.config.extraEnv }}
 {{ $key }}: {{ $value | toString | quote }}
 {{- end }}
@@ -138,8 +145,14 @@ the value to set.
 {{- fail "webhooks.existingSecret is required when api.enabled: name a Secret holding LEDGERFLOW_WEBHOOK_SECRETS_<PROVIDER> keys (its keys become environment variables of the api pods)" }}
 {{- end }}
 {{- end }}
+{{- if and .Values.notifier.existingSecret (not .Values.notifier.url) }}
+{{- fail "notifier.existingSecret is set but notifier.url is empty: without a provider URL notifications go to the in-process simulated provider and the API key would never be used; set notifier.url" }}
+{{- end }}
 {{- range $key, $_ := .Values.config.extraEnv }}
-{{- if has $key (list "DATABASE_URL" "KAFKA_BROKERS" "LEDGERFLOW_API_ADDR" "LEDGERFLOW_ADMIN_ADDR" "LEDGERFLOW_OPS_ADDR" "LEDGERFLOW_SHUTDOWN_GRACE_SECS" "RUST_LOG" "LEDGERFLOW_LOG_FORMAT") }}
+{{- if eq $key "LEDGERFLOW_NOTIFIER_API_KEY" }}
+{{- fail "config.extraEnv.LEDGERFLOW_NOTIFIER_API_KEY would put a secret in values (and in a ConfigMap): name a Secret in notifier.existingSecret instead" }}
+{{- end }}
+{{- if has $key (list "DATABASE_URL" "KAFKA_BROKERS" "LEDGERFLOW_API_ADDR" "LEDGERFLOW_ADMIN_ADDR" "LEDGERFLOW_OPS_ADDR" "LEDGERFLOW_SHUTDOWN_GRACE_SECS" "RUST_LOG" "LEDGERFLOW_LOG_FORMAT" "LEDGERFLOW_EXCHANGE_URL" "LEDGERFLOW_NOTIFIER_URL") }}
 {{- fail (printf "config.extraEnv.%s is set by the chart from another value; set that value instead (see README)" $key) }}
 {{- end }}
 {{- end }}
