@@ -50,6 +50,9 @@ pub fn run(args: Args) -> Result<()> {
 pub fn check(args: &Args) -> Result<()> {
     let bin = ensure_installed()?;
     let report = cmd::workspace_root().join("target").join("schemathesis");
+    // schemathesis keeps state in `.schemathesis/` under its working directory: keep that
+    // out of the source tree.
+    std::fs::create_dir_all(&report).with_context(|| format!("creating {}", report.display()))?;
     for (name, base, token) in [
         ("public", &args.api, &args.api_key),
         ("admin", &args.admin, &args.admin_token),
@@ -58,6 +61,7 @@ pub fn check(args: &Args) -> Result<()> {
         let base = base.trim_end_matches('/');
         let mut command = Command::new(&bin);
         command
+            .current_dir(&report)
             .arg("run")
             .arg(format!("{base}/openapi.json"))
             .args(["--url", base])
