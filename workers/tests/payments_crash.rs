@@ -2,10 +2,12 @@
 //!
 //! - `kill -9` at every step boundary of a trade and of a withdrawal
 //!   (including the four-eyes approval wait, the fill and confirmation
-//!   waits, and the exchange call between its recorded intent and its
-//!   answer), then a restart → exactly one order per trade and one
-//!   withdrawal per withdrawal at the exchange, exactly one ledger transfer
-//!   per settlement, every workflow finishes;
+//!   waits, the exchange call between its recorded intent and its answer
+//!   and between its recorded answer and its checkpoint, a pending reconcile
+//!   of an in-doubt call, and a pending compensation), then a restart →
+//!   exactly one order per trade and one withdrawal per withdrawal at the
+//!   exchange (none for a call never sent), exactly one ledger transfer per
+//!   settlement, every workflow finishes;
 //! - a seeded randomized run: many concurrent trades and withdrawals over a
 //!   few tightly funded users, random exchange faults and random `kill -9`s
 //!   of the worker → the ledger sums to zero per asset, no balance is ever
@@ -145,6 +147,12 @@ enum Point {
     /// recorded; the step's checkpoint never commits (its domain write
     /// waits for a row lock the child holds).
     Answered(String),
+    /// `compensate:S` — the saga reached S: the job of S's compensation is
+    /// claimed and never run.
+    Compensate(String),
+    /// `reconcile:S` — S is in doubt: the first job of its reconcile hook
+    /// is claimed and never run.
+    Reconcile(String),
 }
 
 /// What [`CrashExchange`] does with a planned call.
@@ -166,6 +174,8 @@ impl Point {
             "hang_before" => Point::HangBefore(step),
             "hang_after" => Point::HangAfter(step),
             "answered" => Point::Answered(step),
+            "compensate" => Point::Compensate(step),
+            "reconcile" => Point::Reconcile(step),
             _ => return None,
         })
     }
@@ -385,8 +395,14 @@ fn handlers(workflows: Arc<WorkflowRegistry>, plan: Plan) -> Registry {
             let Some((id, point)) = point else {
                 return run_step(ctx.store(), &workflows, job).await;
             };
+            let this_step = |step: &String| job.workflow_step.as_deref() == Some(step.as_str());
+            let wake = job.args.get("wake").and_then(|w| w.as_str());
             match point {
-                Point::Before(step) if job.workflow_step.as_deref() == Some(step.as_str()) => {
+                Point::Before(step) if this_step(step) => plan.pause_forever(id).await,
+                Point::Compensate(step) if this_step(step) && wake == Some("compensate") => {
+                    plan.pause_forever(id).await
+                }
+                Point::Reconcile(step) if this_step(step) && wake == Some("reconcile") => {
                     plan.pause_forever(id).await
                 }
                 Point::After(_) | Point::Waiting(_) if plan.reached(id, point).await => {
@@ -794,6 +810,14 @@ impl Flow {
             Flow::BigWithdrawal | Flow::SmallWithdrawal => &WITHDRAWAL_STEPS,
         }
     }
+
+    /// The step that calls the exchange.
+    fn call_step(self) -> &'static str {
+        match self {
+            Flow::Trade => "place_order",
+            Flow::BigWithdrawal | Flow::SmallWithdrawal => "submit",
+        }
+    }
 }
 
 /// One workflow, stopped at one boundary.
@@ -807,35 +831,56 @@ struct Case {
     /// point lies past its wait); otherwise it is held back until then, so
     /// that the workflow really waits at a `waiting:` point.
     events: bool,
-    /// The call was never sent: reconciled as failed, the saga releases
-    /// the hold.
+    /// The saga undoes the workflow: its call was never sent (reconciled
+    /// as failed) or was rejected; the hold is released.
     compensated: bool,
+    /// Set at the exchange for the call's key before the first worker runs.
+    fault: Option<Fault>,
 }
 
-const fn case(flow: Flow, point: &'static str) -> Case {
+fn case(flow: Flow, point: &'static str) -> Case {
     Case {
         flow,
         point,
         approve: false,
         events: false,
         compensated: false,
+        fault: None,
     }
 }
 
 impl Case {
-    const fn approve(mut self) -> Self {
+    fn approve(mut self) -> Self {
         self.approve = true;
         self
     }
 
-    const fn events(mut self) -> Self {
+    fn events(mut self) -> Self {
         self.events = true;
         self
     }
 
-    const fn compensated(mut self) -> Self {
+    fn compensated(mut self) -> Self {
         self.compensated = true;
         self
+    }
+
+    fn fault(mut self, fault: Fault) -> Self {
+        self.fault = Some(fault);
+        self
+    }
+
+    fn rejected(&self) -> bool {
+        matches!(self.fault, Some(Fault::Reject { .. }))
+    }
+
+    /// `(calls, created)` at the exchange once the workflow finished.
+    fn calls_at_end(&self) -> (u64, u64) {
+        match (self.compensated, self.rejected()) {
+            (false, _) => (1, 1),
+            (true, true) => (1, 0),
+            (true, false) => (0, 0),
+        }
     }
 }
 
@@ -853,6 +898,10 @@ fn cases() -> Vec<Case> {
         case(Trade, "after:await_fill").events(),
         case(Trade, "after:settle").events(),
         case(Trade, "after:notify").events(),
+        case(Trade, "reconcile:place_order").fault(Fault::AcceptThenTimeout),
+        case(Trade, "compensate:hold")
+            .fault(Fault::reject("no liquidity"))
+            .compensated(),
         case(Big, "before:validate"),
         case(Big, "after:validate"),
         case(Big, "after:hold"),
@@ -868,18 +917,26 @@ fn cases() -> Vec<Case> {
         case(Small, "after:await_approval"),
         case(Small, "hang_after:submit"),
         case(Small, "after:finalize").events(),
+        case(Small, "reconcile:submit").fault(Fault::AcceptThenTimeout),
+        case(Small, "compensate:hold")
+            .fault(Fault::reject("address blocked"))
+            .compensated(),
     ]
 }
 
 /// The steps journaled `completed` when the workflow sits at `point`.
-fn completed_at(steps: &[&str], point: &Point) -> Vec<String> {
+fn completed_at(flow: Flow, point: &Point) -> Vec<String> {
+    let steps = flow.steps();
     let (step, inclusive) = match point {
         Point::After(s) => (s, true),
         Point::Before(s)
         | Point::Waiting(s)
         | Point::HangBefore(s)
         | Point::HangAfter(s)
-        | Point::Answered(s) => (s, false),
+        | Point::Answered(s)
+        | Point::Reconcile(s) => (s, false),
+        // The saga starts once the call failed: everything before it is done.
+        Point::Compensate(_) => (&flow.call_step().to_string(), false),
     };
     let at = steps.iter().position(|s| s == step).unwrap_or(steps.len());
     let end = if inclusive { at + 1 } else { at };
@@ -915,6 +972,13 @@ async fn kill_9_at_every_step_boundary_then_restart_moves_money_once() -> TestRe
                 (user, rig.start_withdrawal(user, "0.5").await?)
             }
         };
+        if let Some(fault) = &case.fault {
+            let key = match case.flow {
+                Flow::Trade => trade::order_key(id),
+                _ => withdrawal::submit_key(id),
+            };
+            rig.controls.set_fault_for(&key, fault.clone()).await?;
+        }
         sqlx::query("INSERT INTO crash_plan (workflow_id, point) VALUES ($1, $2)")
             .bind(id)
             .bind(case.point)
@@ -983,7 +1047,7 @@ async fn kill_9_at_every_step_boundary_then_restart_moves_money_once() -> TestRe
         .await?;
         assert_eq!(
             completed,
-            completed_at(s.case.flow.steps(), &s.point),
+            completed_at(s.case.flow, &s.point),
             "{:?} {}: journal at the crash",
             s.case.flow,
             s.case.point
@@ -1040,6 +1104,28 @@ async fn kill_9_at_every_step_boundary_then_restart_moves_money_once() -> TestRe
             Point::Before(_) | Point::After(_) => {
                 assert_eq!(state, "running", "{}", s.case.point);
             }
+            Point::Reconcile(step) => {
+                let reason = rig
+                    .text("SELECT wait_reason FROM workflows WHERE id = $1", s.id)
+                    .await?;
+                assert_eq!(
+                    (state.as_str(), reason),
+                    ("waiting", format!("in_doubt:{step}")),
+                    "{}",
+                    s.case.point
+                );
+            }
+            Point::Compensate(step) => {
+                let at = rig
+                    .text("SELECT current_step FROM workflows WHERE id = $1", s.id)
+                    .await?;
+                assert_eq!(
+                    (state.as_str(), at.as_str()),
+                    ("compensating", step.as_str()),
+                    "{}",
+                    s.case.point
+                );
+            }
         }
         // What the exchange saw at the crash.
         let (key, sent) = match s.case.flow {
@@ -1055,15 +1141,20 @@ async fn kill_9_at_every_step_boundary_then_restart_moves_money_once() -> TestRe
                 )
             }
         };
-        let call_step = match s.case.flow {
-            Flow::Trade => "place_order",
-            _ => "submit",
-        };
-        let past_call = completed_at(s.case.flow.steps(), &s.point)
+        let past_call = completed_at(s.case.flow, &s.point)
             .iter()
-            .any(|st| st == call_step)
-            || matches!(&s.point, Point::HangAfter(_) | Point::Answered(_));
-        let expected = if past_call { (1, 1) } else { (0, 0) };
+            .any(|st| st == s.case.flow.call_step())
+            || matches!(
+                &s.point,
+                Point::HangAfter(_) | Point::Answered(_) | Point::Reconcile(_)
+            );
+        let expected = if s.case.rejected() {
+            (1, 0)
+        } else if past_call {
+            (1, 1)
+        } else {
+            (0, 0)
+        };
         assert_eq!(
             sent, expected,
             "{} at the crash: calls/created for {key}",
@@ -1129,6 +1220,12 @@ async fn kill_9_at_every_step_boundary_then_restart_moves_money_once() -> TestRe
         let what = format!("{:?} killed at {}", s.case.flow, s.case.point);
         let state = rig.state(s.id).await?;
         let done = !s.case.compensated;
+        // A rejected call keeps its row `rejected`; an undone one is `cancelled`.
+        let undone = if s.case.rejected() {
+            "rejected"
+        } else {
+            "cancelled"
+        };
         assert_eq!(
             state,
             if done { "completed" } else { "compensated" },
@@ -1137,10 +1234,9 @@ async fn kill_9_at_every_step_boundary_then_restart_moves_money_once() -> TestRe
         match s.case.flow {
             Flow::Trade => {
                 let c = rig.counters(&trade::order_key(s.id)).await?;
-                let expected = if done { (1, 1) } else { (0, 0) };
                 assert_eq!(
                     (c.place_calls, c.orders_created),
-                    expected,
+                    s.case.calls_at_end(),
                     "{what}: one order, never re-sent"
                 );
                 assert_eq!(
@@ -1151,7 +1247,7 @@ async fn kill_9_at_every_step_boundary_then_restart_moves_money_once() -> TestRe
                 let status = rig
                     .text("SELECT status FROM trades WHERE id = $1", s.id)
                     .await?;
-                assert_eq!(status, if done { "settled" } else { "cancelled" }, "{what}");
+                assert_eq!(status, if done { "settled" } else { undone }, "{what}");
                 let (usdt, btc) = if done {
                     (("949.95", "0"), ("0.5", "0"))
                 } else {
@@ -1171,10 +1267,9 @@ async fn kill_9_at_every_step_boundary_then_restart_moves_money_once() -> TestRe
             }
             Flow::BigWithdrawal | Flow::SmallWithdrawal => {
                 let c = rig.counters(&withdrawal::submit_key(s.id)).await?;
-                let expected = if done { (1, 1) } else { (0, 0) };
                 assert_eq!(
                     (c.withdrawal_calls, c.withdrawals_created),
-                    expected,
+                    s.case.calls_at_end(),
                     "{what}: one withdrawal, never re-sent"
                 );
                 assert_eq!(
@@ -1185,15 +1280,12 @@ async fn kill_9_at_every_step_boundary_then_restart_moves_money_once() -> TestRe
                 let status = rig
                     .text("SELECT status FROM withdrawals WHERE id = $1", s.id)
                     .await?;
-                assert_eq!(
-                    status,
-                    if done { "completed" } else { "cancelled" },
-                    "{what}"
-                );
+                assert_eq!(status, if done { "completed" } else { undone }, "{what}");
                 let btc = match (s.case.flow, done) {
                     (Flow::BigWithdrawal, true) => "3.5",
                     (Flow::BigWithdrawal, false) => "5",
-                    _ => "1.5",
+                    (_, true) => "1.5",
+                    (_, false) => "2",
                 };
                 assert_eq!(
                     rig.balance(s.user, "BTC").await?,
@@ -1210,9 +1302,10 @@ async fn kill_9_at_every_step_boundary_then_restart_moves_money_once() -> TestRe
                 assert_eq!(notified, i64::from(done), "{what}: notification");
             }
         }
-        if let Point::HangBefore(step) | Point::HangAfter(step) = &s.point {
-            // The crash between intent and answer was settled by the
-            // reconcile query, never by sending again.
+        if let Point::HangBefore(step) | Point::HangAfter(step) | Point::Reconcile(step) = &s.point
+        {
+            // The crash between intent and answer (or during the reconcile)
+            // was settled by the reconcile query, never by sending again.
             let resolved: Option<String> = sqlx::query_scalar(
                 "SELECT resolved_by FROM workflow_steps WHERE workflow_id = $1 AND step = $2",
             )
