@@ -12,7 +12,7 @@ use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio::task::AbortHandle;
 use uuid::Uuid;
 
@@ -52,6 +52,8 @@ pub(crate) struct Dispatch {
     shared: Arc<Shared>,
     completer: mpsc::UnboundedSender<(JobId, Uuid)>,
     executing: Arc<Executing>,
+    /// Wakes this queue's fetcher.
+    wake: Arc<Notify>,
 }
 
 impl Dispatch {
@@ -59,11 +61,13 @@ impl Dispatch {
         shared: Arc<Shared>,
         completer: mpsc::UnboundedSender<(JobId, Uuid)>,
         executing: Arc<Executing>,
+        wake: Arc<Notify>,
     ) -> Self {
         Self {
             shared,
             completer,
             executing,
+            wake,
         }
     }
 }
@@ -108,6 +112,11 @@ impl tower::Service<Task<Claimed>> for Dispatch {
             let joined = spawned.await;
             this.executing.remove(lease.job_id);
             drop(permit);
+            if lease.wants_own_queue_woken() {
+                // The handler committed work for this queue without a NOTIFY
+                // (a workflow step's successor): claim it now.
+                this.wake.notify_one();
+            }
             let outcome = match joined {
                 Ok(o) => o,
                 Err(e) if e.is_panic() => {

@@ -237,12 +237,16 @@ impl Runner {
             fetchers.push(tokio::spawn(fetcher::run(
                 shared.clone(),
                 q.clone(),
-                wake,
+                wake.clone(),
                 capacity.clone(),
                 tx,
             )));
-            let service =
-                dispatch::Dispatch::new(shared.clone(), completer.sender(), executing.clone());
+            let service = dispatch::Dispatch::new(
+                shared.clone(),
+                completer.sender(),
+                executing.clone(),
+                wake,
+            );
             let worker = WorkerBuilder::new(format!("{}/{}", config.worker_id, q.name))
                 .backend(EngineBackend::new(rx))
                 .layer(ConcurrencyLimitLayer::new(q.concurrency))

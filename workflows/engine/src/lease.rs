@@ -30,6 +30,7 @@ pub struct Lease {
     /// When the attempt started.
     pub attempted_at: DateTime<Utc>,
     finished: Arc<AtomicBool>,
+    wake_own_queue: Arc<AtomicBool>,
 }
 
 impl Lease {
@@ -49,6 +50,7 @@ impl Lease {
             max_attempts,
             attempted_at,
             finished: Arc::new(AtomicBool::new(false)),
+            wake_own_queue: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -61,6 +63,18 @@ impl Lease {
 
     pub(crate) fn mark_finished(&self) {
         self.finished.store(true, Ordering::Release);
+    }
+
+    /// True when the attempt committed new work for its own queue without a
+    /// NOTIFY (a workflow step's successor), so the runner that holds this
+    /// lease should look for work in that queue at once instead of waiting
+    /// for a wake-up. Other workers of the queue find it when they poll.
+    pub fn wants_own_queue_woken(&self) -> bool {
+        self.wake_own_queue.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn mark_own_queue_fed(&self) {
+        self.wake_own_queue.store(true, Ordering::Release);
     }
 
     /// True when this is the job's last permitted attempt.

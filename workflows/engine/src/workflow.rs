@@ -945,13 +945,41 @@ pub async fn workflow_start_in(
         .first()
         .ok_or_else(|| Error::Invalid(format!("workflow {kind:?} has no steps")))?;
     let id = Uuid::now_v7();
-    let inserted: Option<Uuid> = sqlx::query_scalar(
-        "INSERT INTO workflows (id, kind, version, state, input, current_step, queue, unique_key,
-                                created_at, updated_at)
-         SELECT $1, $2, $3, 'running', $4, $5, $6, $7, n, n
-         FROM (SELECT coalesce($8::timestamptz, now()) AS n) t
-         ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL DO NOTHING
-         RETURNING id",
+    let job = step_job(
+        id,
+        &def.queue,
+        first.name,
+        Wake::Entry,
+        None,
+        Some(def.max_attempts),
+    );
+    job.validate()?;
+    // The instance and its first step's job in one statement (one round trip
+    // instead of two on every start); the job part says what
+    // `Store::job_insert_in` says for a job due now.
+    let inserted: Option<(Uuid, i64)> = sqlx::query_as(
+        "WITH t AS (SELECT coalesce($8::timestamptz, now()) AS n),
+         wf AS (
+           INSERT INTO workflows (id, kind, version, state, input, current_step, queue,
+                                  unique_key, created_at, updated_at)
+           SELECT $1, $2, $3, 'running', $4, $5, $6, $7, t.n, t.n FROM t
+           ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL DO NOTHING
+           RETURNING id
+         ),
+         job AS (
+           INSERT INTO jobs (id, queue, kind, args, state, priority, max_attempts, timeout_ms,
+                             run_at, unique_key, workflow_id, workflow_step, created_at)
+           SELECT $9, $6, $10, $11, 'available'::job_state, $12, $13, $14, t.n, $15, wf.id,
+                  $5, t.n
+           FROM wf, t
+           ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL DO NOTHING
+           RETURNING queue
+         ),
+         ntf AS (
+           SELECT count(pg_notify($16, queue)) AS n
+           FROM (SELECT DISTINCT queue FROM job WHERE $17) q
+         )
+         SELECT wf.id, (SELECT n FROM ntf) FROM wf",
     )
     .bind(id)
     .bind(def.kind)
@@ -961,6 +989,15 @@ pub async fn workflow_start_in(
     .bind(&def.queue)
     .bind(unique_key)
     .bind(store.now())
+    .bind(job.id)
+    .bind(&job.kind)
+    .bind(&job.args)
+    .bind(job.priority)
+    .bind(job.max_attempts)
+    .bind(job.timeout_ms())
+    .bind(&job.unique_key)
+    .bind(crate::notify::JOBS_CHANNEL)
+    .bind(store.config().notify)
     .fetch_optional(&mut *conn)
     .await?;
     if inserted.is_none() {
@@ -976,15 +1013,6 @@ pub async fn workflow_start_in(
             ))
         });
     }
-    let job = step_job(
-        id,
-        &def.queue,
-        first.name,
-        Wake::Entry,
-        None,
-        Some(def.max_attempts),
-    );
-    store.job_insert_in(conn, &job).await?;
     Ok(id)
 }
 
@@ -1302,7 +1330,7 @@ async fn run_step_inner(
         tx.finish(outcome.clone()).await?;
         return Ok(outcome);
     };
-    let journaled = load_journaled(tx.conn(), wf.id, &args.step).await?;
+    let (journaled, outputs) = load_journal(tx.conn(), wf.id, &args.step).await?;
     match wake {
         Wake::Compensate { seq } => {
             return run_compensation(store, tx, &wf, &def, idx, job, journaled, seq).await;
@@ -1358,7 +1386,7 @@ async fn run_step_inner(
         if let Some(payload) =
             signal_consume_in(tx.conn(), store, wf.id, &args.step, name, key).await?
         {
-            checkpoint_advance(tx, store, &wf, &def, idx, &payload, &job.lease, None).await?;
+            checkpoint_advance(tx, store, &wf, &def, idx, &payload, job, None).await?;
             return Ok(Outcome::Complete);
         }
         match wake {
@@ -1391,7 +1419,6 @@ async fn run_step_inner(
         return Ok(Outcome::Complete);
     }
 
-    let outputs = load_outputs(tx.conn(), wf.id).await?;
     let (ctx, slot) = step_ctx(
         store,
         &wf,
@@ -1444,18 +1471,16 @@ async fn run_step_inner(
             Ok(outcome)
         }
         Ok(StepOutcome::Continue(output)) => {
-            checkpoint_advance(tx, store, &wf, &def, idx, &output, &job.lease, None).await?;
+            checkpoint_advance(tx, store, &wf, &def, idx, &output, job, None).await?;
             Ok(Outcome::Complete)
         }
         Ok(StepOutcome::Finish(output)) => {
-            let mut tx = tx;
-            finish_in(tx.conn(), store, &wf, &def, idx, &output, Some(&job.lease)).await?;
-            tx.complete().await?;
+            checkpoint_step(tx, store, &wf, &def, idx, &output, job, None).await?;
             Ok(Outcome::Complete)
         }
         Ok(StepOutcome::SleepUntil(at)) => {
             let output = json!({ "sleep_until": at });
-            checkpoint_advance(tx, store, &wf, &def, idx, &output, &job.lease, Some(at)).await?;
+            checkpoint_advance(tx, store, &wf, &def, idx, &output, job, Some(at)).await?;
             Ok(Outcome::Complete)
         }
         Ok(StepOutcome::Fail(error)) => {
@@ -1483,7 +1508,7 @@ async fn run_step_inner(
                 signal_consume_in(tx.conn(), store, wf.id, &args.step, &name, &correlation_key)
                     .await?
             {
-                checkpoint_advance(tx, store, &wf, &def, idx, &payload, &job.lease, None).await?;
+                checkpoint_advance(tx, store, &wf, &def, idx, &payload, job, None).await?;
                 return Ok(Outcome::Complete);
             }
             let now = db_now(tx.conn(), store).await?;
@@ -1788,36 +1813,49 @@ async fn lock_workflow(conn: &mut PgConnection, id: WorkflowId) -> Result<Option
     }))
 }
 
-async fn load_journaled(
+/// The step's journal row and the outputs of the completed (and compensated)
+/// steps by name, read in one query: a step needs both, and every round trip
+/// costs both sides CPU (the workflow benchmark spends most of its time on
+/// them).
+async fn load_journal(
     conn: &mut PgConnection,
     id: WorkflowId,
     step: &str,
-) -> Result<Option<Journaled>> {
-    let Some(r) = sqlx::query(
-        "SELECT status, output, call_state, call_output, call_error
-         FROM workflow_steps WHERE workflow_id = $1 AND step = $2",
+) -> Result<(Option<Journaled>, HashMap<String, Value>)> {
+    let rows = sqlx::query(
+        "SELECT step, status, output, call_state, call_output, call_error
+         FROM workflow_steps WHERE workflow_id = $1",
     )
     .bind(id)
-    .bind(step)
-    .fetch_optional(&mut *conn)
-    .await?
-    else {
-        return Ok(None);
-    };
-    let call_state: Option<String> = r.try_get(2)?;
-    let call = match call_state {
-        Some(state) => Some(PriorCall {
-            state,
-            output: r.try_get(3)?,
-            error: r.try_get(4)?,
-        }),
-        None => None,
-    };
-    Ok(Some(Journaled {
-        status: r.try_get(0)?,
-        output: r.try_get(1)?,
-        call,
-    }))
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut journaled = None;
+    let mut outputs = HashMap::with_capacity(rows.len());
+    for r in rows {
+        let name: String = r.try_get(0)?;
+        let status: String = r.try_get(1)?;
+        let output: Option<Value> = r.try_get(2)?;
+        if matches!(status.as_str(), "completed" | "compensated") {
+            outputs.insert(name.clone(), output.clone().unwrap_or(Value::Null));
+        }
+        if name == step {
+            let call_state: Option<String> = r.try_get(3)?;
+            let call = match call_state {
+                Some(state) => Some(PriorCall {
+                    state,
+                    output: r.try_get(4)?,
+                    error: r.try_get(5)?,
+                }),
+                None => None,
+            };
+            journaled = Some(Journaled {
+                status,
+                output,
+                call,
+            });
+        }
+    }
+    Ok((journaled, outputs))
 }
 
 /// The outputs of the completed (and compensated) steps, by name.
@@ -1895,17 +1933,180 @@ async fn journal(
 /// workflow after its last step; then completes the job. One transaction.
 #[allow(clippy::too_many_arguments)]
 async fn checkpoint_advance(
+    tx: FencedTx,
+    store: &Store,
+    wf: &Locked,
+    def: &Workflow,
+    idx: usize,
+    output: &Value,
+    job: &ClaimedJob,
+    run_at: Option<DateTime<Utc>>,
+) -> Result<()> {
+    let next = def.steps.get(idx + 1).map(|n| (n.name, run_at));
+    checkpoint_step(tx, store, wf, def, idx, output, job, next).await
+}
+
+/// The checkpoint statement: `$workflow` updates the workflow row, `$next`
+/// enqueues the next step's job (and its NOTIFY) or is empty, `$select`
+/// selects the NOTIFY count (or 0). The journal upsert, the job-insert and
+/// the job-completion parts say what [`journal`], [`Store::job_insert_in`]
+/// and [`Store::job_finish_in`] (for `Outcome::Complete`) say; keep them in
+/// step.
+macro_rules! checkpoint_sql {
+    ($workflow:literal, $next:literal, $select:literal) => {
+        concat!(
+            "WITH t AS (SELECT coalesce($4::timestamptz, now()) AS n),
+             journal AS (
+               INSERT INTO workflow_steps (workflow_id, step, position, status, output,
+                                           idempotency_key, attempt, started_at, finished_at)
+               SELECT $1, $2, $3, 'completed', $5, $6, $7, $8, t.n FROM t
+               ON CONFLICT (workflow_id, step) DO UPDATE
+               SET status = EXCLUDED.status, output = EXCLUDED.output, error = NULL,
+                   attempt = EXCLUDED.attempt, started_at = EXCLUDED.started_at,
+                   finished_at = EXCLUDED.finished_at
+               WHERE workflow_steps.status <> 'completed'
+             ),
+             done AS (
+               UPDATE jobs j
+               SET state = 'completed', finished_at = t.n, completed_by = j.lease_owner,
+                   lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL
+               FROM t
+               WHERE j.id = $9 AND j.lease_token = $10 AND j.state = 'running'
+               RETURNING j.id
+             ),
+             wf AS (",
+            $workflow,
+            ")",
+            $next,
+            " SELECT (SELECT count(*) FROM done), ",
+            $select
+        )
+    };
+}
+
+/// [`checkpoint_sql`] for a step with a successor (`$11` its name, `$12`
+/// whether it waits for `$13`, a timer).
+const CHECKPOINT_ADVANCE_SQL: &str = checkpoint_sql!(
+    "UPDATE workflows
+     SET state = CASE WHEN $12 THEN 'waiting' ELSE 'running' END,
+         wait_reason = CASE WHEN $12 THEN 'timer' END,
+         wait_signal_name = NULL, wait_correlation_key = NULL, wait_until = $13::timestamptz,
+         current_step = $11, updated_at = t.n
+     FROM t WHERE id = $1",
+    ", next AS (
+       INSERT INTO jobs (id, queue, kind, args, state, priority, max_attempts, timeout_ms,
+                         run_at, unique_key, workflow_id, workflow_step, created_at)
+       SELECT $14, $15, $16, $17,
+              CASE WHEN coalesce($13::timestamptz, t.n) <= t.n THEN 'available'::job_state
+                   ELSE 'scheduled'::job_state END,
+              $18, $19, $20, coalesce($13::timestamptz, t.n), $21, $1, $11, t.n
+       FROM t
+       ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL DO NOTHING
+       RETURNING state, queue
+     ),
+     ntf AS (
+       SELECT count(pg_notify($22, queue)) AS n
+       FROM (SELECT DISTINCT queue FROM next WHERE $23 AND state = 'available') q
+     )",
+    "(SELECT n FROM ntf)"
+);
+
+/// [`checkpoint_sql`] for the last step: the workflow completes with `$5`.
+const CHECKPOINT_FINISH_SQL: &str = checkpoint_sql!(
+    "UPDATE workflows
+     SET state = 'completed', output = $5, current_step = NULL, wait_reason = NULL,
+         wait_signal_name = NULL, wait_correlation_key = NULL, wait_until = NULL,
+         updated_at = t.n, finished_at = t.n
+     FROM t WHERE id = $1",
+    "",
+    "0::bigint"
+);
+
+/// A step's checkpoint in ONE statement, then the commit: its journal row,
+/// the workflow row (on to `next`, a step name and its timer, or completed
+/// with `output` when `next` is `None`), the next step's job and the
+/// completion of the current job. The same writes as [`advance_in`] and
+/// [`finish_in`] plus `FencedTx::complete`, in one round trip instead of
+/// four: the hot path of every workflow.
+///
+/// A successor due now in the queue `job` came from is enqueued WITHOUT a
+/// NOTIFY; the lease asks its runner to look at that queue at once instead
+/// ([`crate::Lease::wants_own_queue_woken`]). Postgres serializes the
+/// commits of notifying transactions (one at a time, each with its WAL
+/// flush), which capped workflows at roughly one step per fsync; without it
+/// concurrent checkpoints share their flushes (group commit). Other workers
+/// of the queue find the job when they poll.
+#[allow(clippy::too_many_arguments)]
+async fn checkpoint_step(
     mut tx: FencedTx,
     store: &Store,
     wf: &Locked,
     def: &Workflow,
     idx: usize,
     output: &Value,
-    lease: &crate::Lease,
-    run_at: Option<DateTime<Utc>>,
+    job: &ClaimedJob,
+    next: Option<(&str, Option<DateTime<Utc>>)>,
 ) -> Result<()> {
-    advance_in(tx.conn(), store, wf, def, idx, output, Some(lease), run_at).await?;
-    tx.complete().await
+    let lease = &job.lease;
+    let step = def.steps[idx].name;
+    let own_queue = next.is_some_and(|(_, run_at)| run_at.is_none()) && wf.queue == job.queue;
+    let query = sqlx::query_as::<_, (i64, i64)>(match next {
+        Some(_) => CHECKPOINT_ADVANCE_SQL,
+        None => CHECKPOINT_FINISH_SQL,
+    })
+    .bind(wf.id)
+    .bind(step)
+    .bind(i32::try_from(idx).unwrap_or(i32::MAX))
+    .bind(store.now())
+    .bind(output)
+    .bind(idempotency_key(wf.id, step))
+    .bind(lease.attempt)
+    .bind(lease.attempted_at)
+    .bind(lease.job_id)
+    .bind(lease.token);
+    let next_job;
+    let query = match next {
+        None => query,
+        Some((name, run_at)) => {
+            next_job = step_job(
+                wf.id,
+                &wf.queue,
+                name,
+                Wake::Entry,
+                run_at,
+                Some(def.max_attempts),
+            );
+            next_job.validate()?;
+            query
+                .bind(name)
+                .bind(run_at.is_some())
+                .bind(run_at)
+                .bind(next_job.id)
+                .bind(&next_job.queue)
+                .bind(&next_job.kind)
+                .bind(&next_job.args)
+                .bind(next_job.priority)
+                .bind(next_job.max_attempts)
+                .bind(next_job.timeout_ms())
+                .bind(&next_job.unique_key)
+                .bind(crate::notify::JOBS_CHANNEL)
+                .bind(store.config().notify && !own_queue)
+        }
+    };
+    let (completed, _notified) = query.fetch_one(tx.conn()).await?;
+    if completed == 0 {
+        tx.rollback().await?;
+        return Err(Error::StaleLease {
+            job_id: lease.job_id,
+            token: lease.token,
+        });
+    }
+    tx.commit().await?;
+    if own_queue {
+        lease.mark_own_queue_fed();
+    }
+    lease.mark_finished();
+    Ok(())
 }
 
 /// The writes of [`checkpoint_advance`], on the caller's connection.
