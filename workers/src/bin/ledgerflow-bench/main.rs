@@ -3,6 +3,8 @@
 //! - `queue` ([`queue`]): the two workloads of `../shared/bench/peers` (W1 throughput, W2
 //!   enqueue→start latency), comparable with the peers' scripts.
 //! - `workflow` ([`workflow`]): three-step durable workflows through the real runner.
+//! - `api` ([`api`]): `POST /v1/trades` against the real public API on a socket.
+//! - `ingress` ([`ingress`]): Kafka messages → committed jobs, signed webhooks → 2xx.
 //!
 //! Every workload runs on a fresh database (`bench_lf_<random>`) on the server of
 //! `DATABASE_URL` ([`common::BenchDb`]), samples the machine's CPU use first
@@ -12,7 +14,9 @@
 //! A new benchmark is a module with an `Args` struct (flattening [`common::CommonArgs`]) and an
 //! `async fn run(Args)`, plus one [`Command`] variant and one dispatch line in [`main`].
 
+mod api;
 mod common;
+mod ingress;
 mod queue;
 mod workflow;
 
@@ -35,6 +39,10 @@ enum Command {
     Queue(queue::Args),
     /// Three-step durable workflows on the real runner: workflows/s, start→finish latency.
     Workflow(workflow::Args),
+    /// `POST /v1/trades` against the real public API on a socket: requests/s and latency.
+    Api(api::Args),
+    /// Kafka messages → committed jobs/s, and signed webhook deliveries → 2xx/s with p99.
+    Ingress(ingress::Args),
 }
 
 #[tokio::main(flavor = "multi_thread")]
@@ -49,5 +57,7 @@ async fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Queue(args) => queue::run(args).await,
         Command::Workflow(args) => workflow::run(args).await,
+        Command::Api(args) => api::run(args).await,
+        Command::Ingress(args) => ingress::run(args).await,
     }
 }
