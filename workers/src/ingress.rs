@@ -13,8 +13,9 @@
 //!
 //! Ordering, batching and concurrency: one worker task per partition
 //! processes that partition's messages in offset order; partitions run
-//! concurrently. A worker takes every message waiting for it (up to
-//! `partition-buffer`) and applies them in ONE transaction: one multi-row
+//! concurrently. A worker takes every message waiting for it (up to half of
+//! `partition-buffer`, so the next batch is fetched meanwhile) and applies
+//! them in ONE transaction: one multi-row
 //! inbox insert, then the handler's [`MessageHandler::handle_batch`] for the
 //! new ones (one multi-row job insert for [`EnqueueJob`]), then one commit and
 //! the offset of the last message is stored. If that transaction fails, the
@@ -648,6 +649,14 @@ impl Ingress {
                 ("auto.offset.reset", "earliest"),
                 ("enable.partition.eof", "false"),
                 ("queued.max.messages.kbytes", "4096"),
+                // librdkafka waits this long (default 1 s) before fetching again
+                // once its prefetch queue was full; with pause/resume
+                // backpressure that wait would follow every resume.
+                ("fetch.queue.backoff.ms", "20"),
+                // A resumed partition is fetched again by the next Fetch
+                // request; a broker may hold one for this long when it has
+                // nothing for the other partitions (tansu always does).
+                ("fetch.wait.max.ms", "50"),
             ])
             .create_with_context(IngressContext {
                 parts: parts.clone(),
@@ -836,8 +845,12 @@ async fn partition_worker(
     state: Arc<PartState>,
     mut rx: mpsc::UnboundedReceiver<Item>,
 ) {
-    let max_batch = shared.config.partition_buffer.max(1);
-    let low_water = max_batch / 2;
+    // Double buffering: a batch is at most half the buffer, so while one is
+    // being applied the next one is fetched (the partition stays resumed),
+    // and committing a batch always brings the buffer down to half, where a
+    // paused partition resumes.
+    let low_water = shared.config.partition_buffer.max(1) / 2;
+    let max_batch = low_water.max(1);
     let mut pending: VecDeque<Item> = VecDeque::new();
     loop {
         if pending.is_empty() {

@@ -120,8 +120,8 @@ pub struct IngressConfig {
     )]
     pub commit_interval: Duration,
     /// Most messages a partition holds in memory (received, not yet
-    /// committed) before it is paused; also the largest batch applied in one
-    /// transaction.
+    /// committed) before it is paused; half of it is the largest batch
+    /// applied in one transaction.
     #[serde(default = "default_partition_buffer")]
     pub partition_buffer: usize,
 }

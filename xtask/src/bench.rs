@@ -16,6 +16,7 @@ use anyhow::Result;
     cargo xtask bench                                   # queue benchmark, default workload\n  \
     cargo xtask bench queue --json /tmp/lf-bench.json   # also write the results as JSON\n  \
     cargo xtask bench queue --history 1000000           # with a million finished jobs\n  \
+    cargo xtask bench ingress --json /tmp/lf-ingress.json  # Kafka → jobs/s, webhooks/s + p99\n  \
     cargo xtask bench --help                            # every ledgerflow-bench option"
 )]
 pub struct Args {
@@ -48,6 +49,10 @@ pub fn run(args: Args) -> Result<()> {
     if !help {
         let url = pg::ensure_postgres()?;
         c.env("DATABASE_URL", url);
+        // The ingress benchmark starts its own tansu broker: make sure the binary exists.
+        if bench_args.first().map(String::as_str) == Some("ingress") {
+            crate::kafka::ensure_tansu()?;
+        }
     }
     cmd::run(&mut c)
 }

@@ -4,6 +4,7 @@
 //!   enqueue→start latency), comparable with the peers' scripts.
 //! - `workflow` ([`workflow`]): three-step durable workflows through the real runner.
 //! - `api` ([`api`]): `POST /v1/trades` against the real public API on a socket.
+//! - `ingress` ([`ingress`]): Kafka messages → committed jobs, signed webhooks → 2xx.
 //!
 //! Every workload runs on a fresh database (`bench_lf_<random>`) on the server of
 //! `DATABASE_URL` ([`common::BenchDb`]), samples the machine's CPU use first
@@ -15,6 +16,7 @@
 
 mod api;
 mod common;
+mod ingress;
 mod queue;
 mod workflow;
 
@@ -39,6 +41,8 @@ enum Command {
     Workflow(workflow::Args),
     /// `POST /v1/trades` against the real public API on a socket: requests/s and latency.
     Api(api::Args),
+    /// Kafka messages → committed jobs/s, and signed webhook deliveries → 2xx/s with p99.
+    Ingress(ingress::Args),
 }
 
 #[tokio::main(flavor = "multi_thread")]
@@ -54,5 +58,6 @@ async fn main() -> Result<()> {
         Command::Queue(args) => queue::run(args).await,
         Command::Workflow(args) => workflow::run(args).await,
         Command::Api(args) => api::run(args).await,
+        Command::Ingress(args) => ingress::run(args).await,
     }
 }
