@@ -98,7 +98,7 @@ struct Guard {
     expect: &'static str,
 }
 
-const GUARDS: [Guard; 5] = [
+const GUARDS: [Guard; 7] = [
     Guard {
         what: "an empty database.existingSecret",
         set: &[],
@@ -127,6 +127,19 @@ const GUARDS: [Guard; 5] = [
             "adminIngress.alb.scheme=internet-facing",
         ],
         expect: "adminIngress",
+    },
+    Guard {
+        what: "the notification provider's API key in config.extraEnv",
+        set: &[
+            SECRET_NAMES,
+            "config.extraEnv.LEDGERFLOW_NOTIFIER_API_KEY=sk-live",
+        ],
+        expect: "name a Secret in notifier.existingSecret",
+    },
+    Guard {
+        what: "a notifier key Secret without a provider URL",
+        set: &[SECRET_NAMES, "notifier.existingSecret=ledgerflow-notifier"],
+        expect: "notifier.existingSecret is set but notifier.url is empty",
     },
 ];
 
