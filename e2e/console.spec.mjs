@@ -158,6 +158,29 @@ try {
   const audit = await page.locator('#audit-table tbody tr').evaluateAll((trs) => trs.map((r) => ({ action: r.dataset.action, text: r.textContent })));
   check(audit.length === 1 && audit[0].action === 'job.retry' && audit[0].text.includes(reason), `audit rows: ${JSON.stringify(audit)}`);
 
+  step = 'the failed workflow shows its journal';
+  await page.click('#nav a[data-view="workflows"]');
+  await page.waitForFunction(() => document.querySelectorAll('#workflows-table tbody tr[data-state="failed"]').length === 1);
+  const workflow = await page.getAttribute('#workflows-table tbody tr[data-state="failed"]', 'data-id');
+  console.log(`workflow=${workflow}`);
+  await page.click(`#workflows-table a[href="#/workflows/${workflow}"]`);
+  await page.locator('#workflow-state').waitFor();
+  check((await page.textContent('#workflow-state')) === 'failed', `state is ${await page.textContent('#workflow-state')}`);
+  const journal = await page.locator('#steps-table tbody tr').evaluateAll((trs) => trs.map((r) => `${r.dataset.step}:${r.dataset.status}`));
+  check(journal.join(',') === 'reserve:completed,charge:failed', `journal: ${journal.join(',')}`);
+  check((await page.textContent('#steps-table tr[data-step="charge"]')).includes('card network down'), 'the step error is not shown');
+
+  step = 'retry the workflow and see it complete';
+  await page.click('#workflow-retry');
+  await page.fill('#reason-input', reason);
+  await page.click('#reason-confirm');
+  await page.waitForFunction(() => {
+    const s = document.getElementById('workflow-state');
+    return s && s.textContent === 'completed';
+  }, null, { timeout: 30_000 });
+  check((await page.getAttribute('#banner', 'class')) === 'banner ok', `banner: ${await page.textContent('#banner')}`);
+  await shot(page, 'workflow-completed');
+
   // Every other panel loads against the real API without an error.
   const panels = [
     ['queues', 'Queues', '#queues-table'],
@@ -180,8 +203,10 @@ try {
   }
   step = 'the queues panel counts the queue';
   await page.click('#nav a[data-view="queues"]');
-  const queueRow = await page.locator('#queues-table tbody tr', { hasText: queue }).textContent();
-  check(queueRow.includes('active'), `queue row: ${queueRow}`);
+  await page.locator(`#queues-table tbody tr[data-queue="${queue}"]`).waitFor();
+  const queueRow = await page.locator(`#queues-table tbody tr[data-queue="${queue}"] td`).allTextContents();
+  // scheduled … discarded: the retried job and the plain one completed, the hostile one dead.
+  check(queueRow.join('|') === `${queue}|active|0|0|0|0|2|0|0|1|Pause…`, `queue row: ${queueRow.join('|')}`);
   step = 'the dead-letters panel lists the other dead job';
   await page.click('#nav a[data-view="dead-letters"]');
   await page.locator(`#dead-jobs-table tr[data-id="${hostile.id}"]`).waitFor();

@@ -22,6 +22,8 @@
   const RETRY_FROM = new Set(['scheduled', 'available', 'retryable', 'failed', 'cancelled', 'discarded']);
   const CANCEL_FROM = new Set(['scheduled', 'available', 'running', 'retryable']);
   const DISCARD_FROM = new Set(['scheduled', 'available', 'running', 'retryable', 'failed']);
+  const WORKFLOW_ACTIVE = new Set(['running', 'waiting', 'compensating']);
+  const WORKFLOW_DONE = new Set(['completed', 'cancelled', 'compensated']);
   const REFRESH_MS = 1500;
 
   const $ = (id) => document.getElementById(id);
@@ -548,8 +550,8 @@
         ['queue', (q) => el('a', { href: '#/jobs?queue=' + encodeURIComponent(q.name) }, q.name)],
         ['status', (q) => stateBadge(q.paused ? 'paused' : 'active')],
         ...JOB_STATES.map((s) => [s, (q) => String((q.counts || {})[s] || 0)]),
-        ['', (q) => el('button', { type: 'button', 'data-queue': q.name, onclick: act(q, q.paused ? 'resume' : 'pause') }, q.paused ? 'Resume…' : 'Pause…')],
-      ], queues) : el('p', { class: 'muted' }, 'No queues yet.'));
+        ['', (q) => el('button', { type: 'button', onclick: act(q, q.paused ? 'resume' : 'pause') }, q.paused ? 'Resume…' : 'Pause…')],
+      ], queues, (q) => ({ 'data-queue': q.name })) : el('p', { class: 'muted' }, 'No queues yet.'));
   }
 
   // ------------------------------------------------------------------ workflows
@@ -574,7 +576,7 @@
     const tableNode = table('workflows-table', columns, []);
     const tbody = tableNode.querySelector('tbody');
     const p = pager((cursor) => api('GET', '/workflows', { query: { ...query, cursor, limit: 50 } }),
-      (items) => items.map((w) => el('tr', { 'data-id': w.id }, columns.map(([, cell, cls]) => el('td', { class: cls }, cell(w))))), tbody);
+      (items) => items.map((w) => el('tr', { 'data-id': w.id, 'data-state': w.state }, columns.map(([, cell, cls]) => el('td', { class: cls }, cell(w))))), tbody);
     await p.load();
     view.show(el('h1', null, 'Workflows'), form, tableNode, p.node);
   }
@@ -596,9 +598,10 @@
       el('div', { class: 'actions' },
         el('button', { type: 'button', id: 'workflow-retry', class: 'primary', disabled: wf.state !== 'failed', onclick: () => mutate('Retry workflow', 'Runs the failed step again.',
           (reason) => api('POST', base + '/retry', { body: { reason } }), (r) => 'Workflow now ' + ((r.workflow || {}).state || 'retried'), after) }, 'Retry…'),
-        el('button', { type: 'button', id: 'workflow-cancel', onclick: () => mutate('Cancel workflow', 'Stops the workflow (compensations run if it defines them).',
+        el('button', { type: 'button', id: 'workflow-cancel', disabled: WORKFLOW_DONE.has(wf.state), onclick: () => mutate('Cancel workflow', 'Stops the workflow (compensations run if it defines them).',
           (reason) => api('POST', base + '/cancel', { body: { reason } }), (r) => 'Workflow now ' + ((r.workflow || {}).state || 'cancelled'), after) }, 'Cancel…'),
-        el('button', { type: 'button', onclick: after }, 'Refresh')),
+        el('button', { type: 'button', onclick: after }, 'Refresh'),
+        WORKFLOW_ACTIVE.has(wf.state) ? el('span', { class: 'muted' }, 'refreshing while the workflow is active…') : null),
       fields(wf),
       el('h2', null, 'Step journal'),
       steps.length ? table('steps-table', [
@@ -615,7 +618,13 @@
           ? [el('button', { type: 'button', onclick: resolve(s.step, 'succeeded') }, 'Resolve: succeeded…'), ' ',
             el('button', { type: 'button', class: 'danger', onclick: resolve(s.step, 'failed') }, 'Resolve: failed…')]
           : '')],
-      ], steps) : el('p', { class: 'muted' }, 'No steps journaled yet.'));
+      ], steps, (s) => ({ 'data-step': s.step, 'data-status': s.status })) : el('p', { class: 'muted' }, 'No steps journaled yet.'));
+    // Follow an active workflow until it settles, so a retry is seen to finish.
+    if (WORKFLOW_ACTIVE.has(wf.state) && view.live()) {
+      refreshTimer = setTimeout(() => {
+        if (view.live()) route();
+      }, REFRESH_MS);
+    }
   }
 
   // ------------------------------------------------------------------ cron

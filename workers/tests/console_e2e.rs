@@ -4,10 +4,11 @@
 //!
 //! The browser signs in (a wrong credential first), finds the dead jobs with
 //! the filters, retries one with a reason and watches the runner complete it
-//! (and, signed in as a viewer, sees a retry refused with 403);
+//! (and, signed in as a viewer, sees a retry refused with 403), then does the
+//! same for a failed workflow, whose step journal it shows;
 //! this test then checks the final database state — the job completed on its
-//! second attempt, one `job.retry` audit row with that reason, the other dead
-//! job untouched.
+//! second attempt, the workflow completed, one `job.retry` and one
+//! `workflow.retry` audit row with that reason, the other dead job untouched.
 //!
 //! It lives in `workers` (not `api`) because it needs the runner, and `api`
 //! must not depend on `workers`. Node, Chromium and playwright-core are
@@ -15,17 +16,26 @@
 //! it (`cargo xtask e2e --setup`), rather than passing without a browser.
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
+use futures::future::BoxFuture;
 use ledgerflow_api::AppState;
 use ledgerflow_engine::testing::TestDb;
-use ledgerflow_engine::{JobState, NewJob, Outcome, Store};
+use ledgerflow_engine::{
+    JobState, NewJob, Outcome, StepCtx, StepOutcome, Store, WORKFLOW_JOB_KIND, Workflow,
+    WorkflowRegistry, run_step, workflow_start,
+};
 use ledgerflow_payments::users::{self, AdminRole};
 use ledgerflow_workers::runner::{JobContext, QueueConfig, Registry, Runner, RunnerConfig};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 const QUEUE: &str = "console-e2e";
+/// The workflow's own queue, so its failed step job is not among the jobs
+/// the browser counts in `QUEUE`.
+const WORKFLOW_QUEUE: &str = "console-e2e-workflows";
 const KIND: &str = "console.flaky";
 const REASON: &str = "e2e: exchange is back, run it again";
 /// The whole browser run; the script stops itself a little earlier.
@@ -85,6 +95,34 @@ async fn flaky(ctx: JobContext) -> Outcome {
     }
 }
 
+/// Whether the workflow's `charge` step still fails (only its first run does).
+static CHARGE_FAILS: AtomicBool = AtomicBool::new(true);
+
+/// `reserve` → `charge`; the first `charge` fails and, with one attempt per
+/// step, fails the workflow — until an admin retries it.
+fn checkout() -> Workflow {
+    Workflow::new("console.checkout", 1)
+        .queue(WORKFLOW_QUEUE)
+        .max_attempts(1)
+        .step("reserve", |_: StepCtx| async move {
+            Ok(StepOutcome::Continue(json!({"reserved": true})))
+        })
+        .step("charge", |_: StepCtx| async move {
+            if CHARGE_FAILS.swap(false, Ordering::SeqCst) {
+                return Err("card network down (simulated)".to_string());
+            }
+            Ok(StepOutcome::Finish(json!({"charged": true})))
+        })
+}
+
+async fn workflow_state(db: &TestDb, id: impl std::fmt::Display) -> String {
+    sqlx::query_scalar("SELECT state FROM workflows WHERE id = $1::uuid")
+        .bind(id.to_string())
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+}
+
 async fn state_of(store: &Store, id: ledgerflow_engine::JobId) -> JobState {
     store.job_get(id).await.unwrap().unwrap().state
 }
@@ -128,13 +166,25 @@ async fn console_signs_in_finds_a_dead_job_retries_it_and_sees_it_complete() {
         .unwrap();
     drop(conn);
 
-    // A real runner works the queue for the whole test.
+    // A real runner works both queues for the whole test.
+    let workflows = Arc::new(WorkflowRegistry::new().register(checkout()).unwrap());
+    let steps = workflows.clone();
+    let registry = Registry::new().register(KIND, flaky).register(
+        WORKFLOW_JOB_KIND,
+        move |ctx: JobContext| -> BoxFuture<'static, Outcome> {
+            let steps = steps.clone();
+            Box::pin(async move { run_step(ctx.store(), &steps, ctx.job()).await })
+        },
+    );
     let runner = Runner::start(
         store.clone(),
-        Registry::new().register(KIND, flaky),
+        registry,
         RunnerConfig {
             worker_id: "console-e2e-worker".into(),
-            queues: vec![QueueConfig::new(QUEUE, 4)],
+            queues: vec![
+                QueueConfig::new(QUEUE, 4),
+                QueueConfig::new(WORKFLOW_QUEUE, 4),
+            ],
             poll_interval: Duration::from_millis(200),
             promote_interval: Duration::from_millis(100),
             ..RunnerConfig::default()
@@ -177,6 +227,15 @@ async fn console_signs_in_finds_a_dead_job_retries_it_and_sees_it_complete() {
     wait_state(&store, hostile, JobState::Discarded).await;
     let done = insert(json!({"order": "e2e-done"}), 1).await;
     wait_state(&store, done, JobState::Completed).await;
+    // And a workflow fails at its second step.
+    let workflow = workflow_start(&store, &workflows, "console.checkout", &json!({}), None)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while workflow_state(&db, workflow).await != "failed" {
+        assert!(Instant::now() < deadline, "the workflow did not fail");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // The admin listener on a real socket (the public one comes along).
     let public = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -186,7 +245,9 @@ async fn console_signs_in_finds_a_dead_job_retries_it_and_sees_it_complete() {
     let server = tokio::spawn(ledgerflow_api::serve_listeners(
         public,
         admin,
-        AppState::new(store.clone()).unwrap(),
+        AppState::new(store.clone())
+            .unwrap()
+            .with_workflows(workflows.clone()),
         async {
             let _ = stopped.await;
         },
@@ -220,6 +281,10 @@ async fn console_signs_in_finds_a_dead_job_retries_it_and_sees_it_complete() {
         stdout.contains(&format!("target={target}")),
         "the browser retried some other job: {stdout}"
     );
+    assert!(
+        stdout.contains(&format!("workflow={workflow}")),
+        "the browser retried some other workflow: {stdout}"
+    );
 
     // The final state, from the database.
     let job = store.job_get(target).await.unwrap().unwrap();
@@ -240,11 +305,23 @@ async fn console_signs_in_finds_a_dead_job_retries_it_and_sees_it_complete() {
             "olga".to_string()
         )]
     );
+    assert_eq!(workflow_state(&db, workflow).await, "completed");
+    let workflow_audit: Vec<(String, String)> = sqlx::query_as(
+        "SELECT action, reason FROM audit_log WHERE target_type = 'workflow' AND target_id = $1",
+    )
+    .bind(workflow.to_string())
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        workflow_audit,
+        vec![("workflow.retry".to_string(), REASON.to_string())]
+    );
     let all_audit: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_log")
         .fetch_one(&db.pool)
         .await
         .unwrap();
-    assert_eq!(all_audit, 1, "the browser changed something else too");
+    assert_eq!(all_audit, 2, "the browser changed something else too");
     assert_eq!(state_of(&store, hostile).await, JobState::Discarded);
 
     let _ = stop.send(());
