@@ -2,7 +2,8 @@
 //! build) with `DATABASE_URL` pointing at it.
 //!
 //! Everything after `bench` goes to `ledgerflow-bench` unchanged (`cargo xtask bench --help`
-//! shows its help); with nothing after it, `queue` runs with the default workload — the same as
+//! shows its help; `queue`, `workflow`, `api` and `ingress` each take `--json PATH`); with
+//! nothing after it, `queue` runs with the default workload — the same as
 //! the peers' scripts in `../shared/bench/peers`, whose `table.py` reads the `RESULT` line it
 //! prints.
 
@@ -17,6 +18,8 @@ use anyhow::Result;
     cargo xtask bench queue --json /tmp/lf-bench.json   # also write the results as JSON\n  \
     cargo xtask bench queue --history 1000000           # with a million finished jobs\n  \
     cargo xtask bench ingress --json /tmp/lf-ingress.json  # Kafka → jobs/s, webhooks/s + p99\n  \
+    cargo xtask bench workflow --json /tmp/lf-wf.json   # three-step workflows/s, p99\n  \
+    cargo xtask bench api --json /tmp/lf-api.json       # POST /v1/trades requests/s, p99\n  \
     cargo xtask bench --help                            # every ledgerflow-bench option"
 )]
 pub struct Args {
