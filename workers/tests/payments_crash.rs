@@ -465,8 +465,14 @@ async fn payments_crash_child() -> TestResult {
         },
     )
     .await?;
+    // Normally the parent SIGKILLs us; if the parent itself dies first, go
+    // too rather than linger holding connections.
+    let parent = std::os::unix::process::parent_id();
     loop {
-        tokio::time::sleep(Duration::from_secs(3600)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if std::os::unix::process::parent_id() != parent {
+            std::process::exit(0);
+        }
     }
 }
 
