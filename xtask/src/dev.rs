@@ -18,7 +18,7 @@
 //! xtask, which decides the order; a second Ctrl-C kills what is left. Only
 //! a SIGKILL of xtask itself can leave them behind.
 //!
-//! `--smoke` does all that on a fresh database of its own (so it never
+//! `--smoke` does all that on a database of its own (so it never
 //! disturbs a running `cargo xtask dev`), then pushes one trade and one
 //! withdrawal end to end through the public API, the simulator and its
 //! webhooks, checks the final states and the exact balance changes, stops
@@ -257,9 +257,9 @@ fn run_services(args: &Args, progress: &mut Progress, services: &mut Services) -
 
     let url = if args.smoke {
         progress.step(&format!(
-            "fresh database {SMOKE_DATABASE} for the smoke run, migrations"
+            "database {SMOKE_DATABASE} of the smoke runs, migrations"
         ));
-        fresh_database(&url, SMOKE_DATABASE)?
+        smoke_database(&url, SMOKE_DATABASE)?
     } else {
         progress.step("applying migrations");
         url
@@ -438,24 +438,54 @@ fn seed_json(stdout: &str) -> Result<Value> {
     Ok(value)
 }
 
-/// Drops and recreates database `name` on `url`'s server; returns its URL.
-fn fresh_database(url: &str, name: &str) -> Result<String> {
+/// Creates database `name` on `url`'s server unless it exists; returns its URL.
+///
+/// Kept between runs rather than dropped and recreated: `DROP DATABASE`
+/// waits for a checkpoint, which takes tens of seconds on a busy machine. A
+/// reused database is fine for the smoke run: `ledgerflow seed` is
+/// idempotent and the checks compare balances before and after.
+fn smoke_database(url: &str, name: &str) -> Result<String> {
     let psql = |sql: &str| {
-        cmd::read(
+        cmd::capture(
             Command::new("psql")
                 .arg(format!("--dbname={url}"))
-                .args(["-X", "-w", "-q", "-v", "ON_ERROR_STOP=1", "-c", sql])
+                .args([
+                    "-X",
+                    "-w",
+                    "-q",
+                    "-t",
+                    "-A",
+                    "-v",
+                    "ON_ERROR_STOP=1",
+                    "-c",
+                    sql,
+                ])
                 .env("PGCONNECT_TIMEOUT", "5"),
         )
     };
-    psql(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .and_then(|_| psql(&format!("CREATE DATABASE {name}")))
-        .with_context(|| {
-            format!(
-                "could not create the smoke database {name} on {} (the role needs CREATEDB)",
-                cmd::redact_url(url)
-            )
-        })?;
+    let exists = psql(&format!(
+        "SELECT count(*) FROM pg_database WHERE datname = '{name}'"
+    ))?;
+    if !exists.status.success() {
+        bail!(
+            "cannot query {}: {}",
+            cmd::redact_url(url),
+            String::from_utf8_lossy(&exists.stderr).trim()
+        );
+    }
+    if String::from_utf8_lossy(&exists.stdout).trim() == "0" {
+        let created = psql(&format!("CREATE DATABASE {name}"))?;
+        let stderr = String::from_utf8_lossy(&created.stderr);
+        // A concurrent smoke run may have created it meanwhile: fine.
+        if !created.status.success() && !stderr.contains("already exists") {
+            bail!(
+                "could not create the smoke database {name} on {} (the role needs CREATEDB): {}",
+                cmd::redact_url(url),
+                stderr.trim()
+            );
+        }
+        println!("      created database {name}");
+    }
     Ok(with_database(url, name))
 }
 
@@ -731,7 +761,7 @@ fn trade_snippet(api: &str, key: &str, idempotency_key: &str) -> [String; 3] {
              -d '{body}'); echo \"$TRADE\""
         ),
         r#"TRADE_ID=$(echo "$TRADE" | sed -E 's/.*"id":"([^"]+)".*/\1/')"#.to_string(),
-        format!("curl -sS http://{api}/v1/trades/$TRADE_ID -H 'Authorization: Bearer {key}'"),
+        format!("curl -sS http://{api}/v1/trades/$TRADE_ID -H 'Authorization: Bearer {key}'; echo"),
     ]
 }
 
@@ -959,6 +989,12 @@ fn post_trade(api: &str, auth: &str, idem: &str) -> Result<String> {
 }
 
 /// Approves a withdrawal as the seeded approver through the admin API.
+///
+/// Not exercised today: the binary configures no approval threshold, so
+/// the smoke withdrawal never waits for one. The admin approval endpoint
+/// (issue 5) was not there when this was written; its path here is the
+/// admin API's naming pattern (`/v1/jobs/{id}/retry`), and a different one
+/// makes the smoke fail with the admin API's answer, not hang.
 fn approve(ready: &Ready, id: &str) -> Result<()> {
     let token = ready.seeded["approver_token"]
         .as_str()
