@@ -92,6 +92,8 @@ struct KafkaFigures {
     per_s: f64,
     join_s: f64,
     produce_s: f64,
+    /// Broker CPU milliseconds per message while ingesting.
+    broker_ms: f64,
     batches: u64,
     pauses: u64,
     cpu: CpuUse,
@@ -177,6 +179,28 @@ impl Broker {
             std::thread::sleep(Duration::from_millis(50));
         }
         Ok(broker)
+    }
+
+    /// CPU milliseconds the broker process used so far (0 for an external broker).
+    fn cpu_ms(&self) -> f64 {
+        let Some(child) = &self.child else {
+            return 0.0;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", child.id())) else {
+            return 0.0;
+        };
+        // Fields after `(comm)`: utime and stime are the 12th and 13th (clock ticks of 10 ms).
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        let tick = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        (tick(11) + tick(12)) * 10.0
     }
 
     fn client(&self) -> ClientConfig {
@@ -307,6 +331,7 @@ async fn kafka(args: &Args, db: &BenchDb, bg_pct: u32) -> Result<KafkaFigures> {
         },
     );
     let cpu0 = CpuUse::now(&db.name);
+    let broker0 = broker.cpu_ms();
     let started = Instant::now();
     let handle = Ingress::start(
         Store::new(db.pool.clone()),
@@ -332,6 +357,7 @@ async fn kafka(args: &Args, db: &BenchDb, bg_pct: u32) -> Result<KafkaFigures> {
         tokio::time::sleep(Duration::from_millis(2)).await;
     };
     let cpu = CpuUse::now(&db.name).since(cpu0);
+    let broker_ms = (broker.cpu_ms() - broker0) / args.messages as f64;
     handle.shutdown().await?;
     let (first_at, first_n) = first.context("nothing was committed")?;
     // Rate over what was committed after the first commit was seen.
@@ -358,6 +384,7 @@ async fn kafka(args: &Args, db: &BenchDb, bg_pct: u32) -> Result<KafkaFigures> {
         per_s,
         join_s: first_at.duration_since(started).as_secs_f64(),
         produce_s,
+        broker_ms,
         batches: stats.batches(),
         pauses: stats.pauses(),
         cpu: per_item(cpu, args.messages),
@@ -535,8 +562,11 @@ fn report(args: &Args, k: Option<KafkaFigures>, w: Option<WebhookFigures>) -> Re
             ("kafka batch transactions", k.batches.to_string()),
             ("kafka partition pauses", k.pauses.to_string()),
             (
-                "kafka CPU ms/msg: bench / postgres",
-                format!("{:.3} / {:.3}", k.cpu.this_ms, k.cpu.postgres_ms),
+                "kafka CPU ms/msg: bench / postgres / broker",
+                format!(
+                    "{:.3} / {:.3} / {:.3}",
+                    k.cpu.this_ms, k.cpu.postgres_ms, k.broker_ms
+                ),
             ),
             ("kafka bg_pct", k.bg_pct.to_string()),
         ]);
