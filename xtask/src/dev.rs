@@ -201,7 +201,16 @@ pub fn run(args: Args) -> Result<()> {
             }
             Ok(())
         }
-        (Err(e), _) => Err(e),
+        (Err(e), stopped) => {
+            if let Err(also) = stopped {
+                eprintln!("also, while stopping: {also:#}");
+            }
+            Err(if args.smoke {
+                e.context("the dev smoke run failed (logs: target/dev-smoke/)")
+            } else {
+                e
+            })
+        }
         (Ok(()), Err(e)) => Err(e.context("stopping the services")),
     }
 }
