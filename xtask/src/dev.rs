@@ -170,7 +170,7 @@ pub fn run(args: Args) -> Result<()> {
         done: 0,
         // postgres, kafka, build, migrate, seed, simulator, roles, (trade,
         // withdrawal,) stop
-        total: if args.smoke { 10 } else { 8 },
+        total: if args.smoke { 11 } else { 8 },
         started: Instant::now(),
     };
     let logs =
@@ -936,6 +936,20 @@ fn smoke(
         }
     }
     println!("      balances: BTC -{WITHDRAWAL_AMOUNT}, nothing left held: as expected");
+
+    // Last, because it sends arbitrary (spec-valid and spec-invalid) requests to every
+    // operation, including bulk operator actions, with the seeded credentials.
+    progress.step("smoke: schemathesis over both OpenAPI specs (no 5xx, responses match)");
+    let admin_token = ready.seeded["admin_token"]
+        .as_str()
+        .context("seed JSON: admin_token")?;
+    crate::schemathesis::check(&crate::schemathesis::Args {
+        api: format!("http://{api}"),
+        admin: format!("http://{}", ready.addrs.admin),
+        api_key: key.clone(),
+        admin_token: admin_token.to_string(),
+        max_examples: 25,
+    })?;
     Ok(())
 }
 
