@@ -13,6 +13,7 @@ use ledgerflow_payments::UserId;
 use ledgerflow_payments::users::{self, Admin, AdminRole};
 use poem_openapi::SecurityScheme;
 use poem_openapi::auth::Bearer;
+use sqlx::PgConnection;
 
 /// A user's API key, as `Authorization: Bearer lf_…`.
 #[derive(SecurityScheme)]
@@ -45,9 +46,12 @@ pub fn allows(role: AdminRole, perm: Permission) -> bool {
     )
 }
 
-/// The user whose API key this is, or 401.
-pub async fn user(state: &AppState, key: &UserKey) -> Result<UserId> {
-    users::authenticate_api_key(state.pool(), &key.0.token)
+/// The user whose API key this is, or 401. Looked up on the caller's
+/// connection (the public handlers reuse it for the rest of the request, one
+/// pool checkout instead of two). Not cached: a revoked or expired key is
+/// refused from the next request on.
+pub async fn user(conn: &mut PgConnection, key: &UserKey) -> Result<UserId> {
+    users::authenticate_api_key(&mut *conn, &key.0.token)
         .await?
         .ok_or(Error::Unauthorized)
 }

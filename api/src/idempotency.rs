@@ -6,11 +6,12 @@
 //! transaction that starts the workflow, so "answered 201" and "workflow
 //! exists" commit together (contract rule 1):
 //!
-//! - [`begin`] opens the transaction and claims the key (insert first,
-//!   `ON CONFLICT DO NOTHING`).
+//! - [`begin`] opens the transaction on the caller's connection and claims
+//!   the key (insert first, `ON CONFLICT DO NOTHING`).
 //!   - new key → [`Begun::New`] with the open transaction: the handler starts
-//!     the workflow on it and calls [`finish`], which stores the response and
-//!     commits;
+//!     the workflow on it, stores the response (`complete_trade` /
+//!     `complete_withdrawal` of `ledgerflow_payments::idempotency`, which
+//!     read the created resource back in the same statement) and commits;
 //!   - key already used with the same fingerprint → [`Begun::Replay`] with the
 //!     stored first response (same status and body);
 //!   - key already used with another request → 422 problem (`unprocessable`).
@@ -23,13 +24,11 @@
 //!
 //! Validation errors (bad JSON, bad amounts, unknown assets) are answered
 //! before the key is claimed: they store nothing and change nothing.
-use crate::AppState;
 use crate::error::{Error, Result};
 use ledgerflow_payments::UserId;
 use ledgerflow_payments::idempotency::{self, Claim};
 use serde_json::Value;
-use sqlx::{Postgres, Transaction};
-use uuid::Uuid;
+use sqlx::{Connection, PgConnection, Postgres, Transaction};
 
 /// The request header.
 pub const HEADER: &str = "Idempotency-Key";
@@ -54,14 +53,14 @@ pub fn require_key(value: Option<&str>) -> Result<String> {
 }
 
 /// What [`begin`] decided.
-pub enum Begun {
-    /// A new key: do the work on this transaction, then [`finish`].
-    New(Transaction<'static, Postgres>),
+pub enum Begun<'c> {
+    /// A new key: do the work on this transaction, store the response, commit.
+    New(Transaction<'c, Postgres>),
     /// A repeated request: answer with the stored status and body.
     Replay { status: u16, body: Value },
 }
 
-impl std::fmt::Debug for Begun {
+impl std::fmt::Debug for Begun<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Begun::New(_) => f.write_str("Begun::New"),
@@ -76,18 +75,21 @@ fn in_progress() -> Error {
     ))
 }
 
-/// Opens the transaction and claims `key` for the request `method path body`.
-pub async fn begin(
-    state: &AppState,
+/// Opens the transaction on `conn` (with [`LOCK_TIMEOUT_MS`] as its
+/// `lock_timeout`) and claims `key` for the request `method path body`.
+pub async fn begin<'c>(
+    conn: &'c mut PgConnection,
     user: UserId,
     key: &str,
     method: &str,
     path: &str,
     body: &Value,
-) -> Result<Begun> {
+) -> Result<Begun<'c>> {
     let fingerprint = idempotency::fingerprint(method, path, body);
-    let mut tx = state.pool().begin().await?;
-    match idempotency::claim(&mut tx, user, key, &fingerprint, LOCK_TIMEOUT_MS).await? {
+    let mut tx = conn
+        .begin_with(idempotency::begin_statement(LOCK_TIMEOUT_MS))
+        .await?;
+    match idempotency::claim(&mut tx, user, key, &fingerprint).await? {
         Claim::New => Ok(Begun::New(tx)),
         Claim::InProgress => Err(in_progress()),
         Claim::Existing(record) => {
@@ -102,20 +104,6 @@ pub async fn begin(
             }
         }
     }
-}
-
-/// Stores the response of a [`Begun::New`] request and commits everything.
-pub async fn finish(
-    mut tx: Transaction<'static, Postgres>,
-    user: UserId,
-    key: &str,
-    status: u16,
-    body: &Value,
-    resource: Option<Uuid>,
-) -> Result<()> {
-    idempotency::complete(&mut tx, user, key, status, body, resource).await?;
-    tx.commit().await?;
-    Ok(())
 }
 
 #[cfg(test)]

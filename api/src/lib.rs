@@ -39,6 +39,7 @@ pub mod middleware;
 pub mod ops;
 pub mod public;
 pub mod types;
+pub mod wakeup;
 pub mod webhooks;
 
 pub use error::{Error, Problem, Result};
@@ -100,6 +101,10 @@ pub struct AppState {
     /// The workflows the public API starts (trades, withdrawals); set by
     /// [`AppState::with_workflows`]. Without it, those POSTs answer 503.
     pub workflows: Option<Arc<ledgerflow_engine::WorkflowRegistry>>,
+    /// Job wake-ups the public POSTs send after their commits.
+    pub wakeups: Arc<wakeup::Wakeups>,
+    /// Registered assets the public POSTs have looked up.
+    pub assets: Arc<public::AssetCache>,
     checks: Arc<Vec<Arc<dyn ReadinessCheck>>>,
 }
 
@@ -134,6 +139,8 @@ impl AppState {
         Ok(Self {
             webhooks: Arc::new(intake),
             workflows: None,
+            wakeups: Arc::new(wakeup::Wakeups::new(pool.clone())),
+            assets: Arc::new(public::AssetCache::default()),
             checks: Arc::new(vec![Arc::new(ops::Postgres(pool.clone()))]),
             pool,
             store,

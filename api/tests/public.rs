@@ -219,6 +219,36 @@ async fn post_trade_starts_the_workflow_and_answers_201() {
 }
 
 #[tokio::test]
+async fn a_created_trade_wakes_its_queue_after_the_commit() {
+    // The workflow starts without an in-transaction NOTIFY; the API sends the
+    // wake-up itself once the commit is done.
+    let f = fixture(8).await;
+    let mut listener = ledgerflow_engine::notify::Listener::connect(&f.db.pool)
+        .await
+        .unwrap();
+    let r = send(
+        &f.app,
+        Method::POST,
+        "/v1/trades",
+        Some(&f.user_a),
+        Some("wake-1"),
+        Some(&trade_body()),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let queue: String = sqlx::query_scalar("SELECT queue FROM jobs WHERE workflow_id = $1::uuid")
+        .bind(r.json["id"].as_str().unwrap())
+        .fetch_one(&f.db.pool)
+        .await
+        .unwrap();
+    let woken = tokio::time::timeout(Duration::from_secs(10), listener.recv())
+        .await
+        .expect("a wake-up within 10 s")
+        .unwrap();
+    assert_eq!(woken, Some(ledgerflow_engine::notify::Wakeup::Jobs(queue)));
+}
+
+#[tokio::test]
 async fn post_withdrawal_starts_the_workflow_and_answers_201() {
     let f = fixture(8).await;
     let r = send(

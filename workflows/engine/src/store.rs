@@ -93,6 +93,19 @@ impl Store {
         self
     }
 
+    /// The same store with NOTIFY on inserts turned on or off. A caller that
+    /// sends its own wake-up after the commit (the public API coalesces them)
+    /// starts workflows with `false`, so its commits do not take Postgres'
+    /// global notify lock.
+    pub fn with_notify(mut self, notify: bool) -> Self {
+        if self.config.notify != notify {
+            let mut config = (*self.config).clone();
+            config.notify = notify;
+            self.config = Arc::new(config);
+        }
+        self
+    }
+
     /// The pool.
     pub fn pool(&self) -> &PgPool {
         &self.pool

@@ -3,7 +3,9 @@
 //! sees them).
 //!
 //! The protocol (table `idempotency_keys`, PK `(user_id, key)`), all inside
-//! the one transaction that also starts the workflow:
+//! the one transaction that also starts the workflow, opened with
+//! [`begin_statement`] (so the claim's `lock_timeout` costs no extra round
+//! trip):
 //! 1. [`claim`] inserts the row first with `ON CONFLICT DO NOTHING`. The
 //!    first request gets [`Claim::New`]; a concurrent request with the same
 //!    key blocks inside that insert until the first transaction ends, then
@@ -12,8 +14,10 @@
 //!    A wait longer than the transaction's `lock_timeout` is
 //!    [`Claim::InProgress`] (the caller answers 409 and should retry).
 //! 2. The caller does its work (starts the workflow) on the same connection.
-//! 3. [`complete`] stores the response; the commit publishes row, workflow
-//!    and response together (contract rule 1).
+//! 3. [`complete`] stores the response — or, in one statement with the
+//!    read-back of the created resource, [`complete_trade`] /
+//!    [`complete_withdrawal`]; the commit publishes row, workflow and
+//!    response together (contract rule 1).
 //!
 //! The request [`fingerprint`] is the SHA-256 of method, path and the
 //! canonical JSON body (object keys sorted, no insignificant whitespace).
@@ -102,19 +106,23 @@ fn write_canonical(v: &Value, out: &mut String) {
     }
 }
 
+/// The statement that opens the protocol's transaction: `BEGIN` and a
+/// transaction-local `lock_timeout` of `lock_timeout_ms` (one simple query,
+/// one round trip), for `Connection::begin_with`.
+pub fn begin_statement(lock_timeout_ms: u32) -> String {
+    format!("BEGIN; SET LOCAL lock_timeout = {lock_timeout_ms}")
+}
+
 /// Step 1 of the protocol: claims `(user, key)` for a request with
-/// `fingerprint`, waiting at most `lock_timeout_ms` for a concurrent holder.
-/// Run it inside a transaction (the `SET LOCAL` applies to it only).
+/// `fingerprint`. Run it inside a transaction opened with
+/// [`begin_statement`]: a concurrent holder is waited for at most that
+/// statement's `lock_timeout` (without one, Postgres waits indefinitely).
 pub async fn claim(
     conn: &mut PgConnection,
     user: UserId,
     key: &str,
     fingerprint: &str,
-    lock_timeout_ms: u32,
 ) -> Result<Claim> {
-    sqlx::query(&format!("SET LOCAL lock_timeout = {lock_timeout_ms}"))
-        .execute(&mut *conn)
-        .await?;
     let inserted = sqlx::query_scalar::<_, bool>(
         "INSERT INTO idempotency_keys (user_id, key, fingerprint)
          VALUES ($1, $2, $3)
@@ -225,22 +233,69 @@ type TradeRow = (
     DateTime<Utc>,
 );
 
-/// Trade `id` if `user` owns it (None otherwise: another user's trade is
-/// indistinguishable from a missing one).
-pub async fn trade(conn: &mut PgConnection, user: UserId, id: Uuid) -> Result<Option<TradeRecord>> {
-    let sql = format!(
+/// The query behind [`trade`] and [`complete_trade`]: trade `$1` if user
+/// `$2` owns it, `$3` being the trade workflow's kind.
+fn trade_sql() -> String {
+    format!(
         "SELECT w.id,
-                coalesce(t.side, w.input->>'side', ''),
-                coalesce(t.base_asset, w.input->>'base', ''),
-                coalesce(t.quote_asset, w.input->>'quote', ''),
-                coalesce(t.base_amount::text, w.input->>'base_amount', ''),
-                coalesce(t.limit_price::text, w.input->>'limit_price', ''),
-                coalesce(t.status, {PENDING_STATUS}),
+                coalesce(t.side, w.input->>'side', '') AS side,
+                coalesce(t.base_asset, w.input->>'base', '') AS base_asset,
+                coalesce(t.quote_asset, w.input->>'quote', '') AS quote_asset,
+                coalesce(t.base_amount::text, w.input->>'base_amount', '') AS base_amount,
+                coalesce(t.limit_price::text, w.input->>'limit_price', '') AS limit_price,
+                coalesce(t.status, {PENDING_STATUS}) AS status,
                 t.error,
                 w.created_at
          FROM workflows w LEFT JOIN trades t ON t.id = w.id
          WHERE w.id = $1 AND w.kind = $3 AND w.input->>'user_id' = ($2::uuid)::text"
+    )
+}
+
+/// A timestamp as RFC 3339 in UTC with microseconds and `Z`, like the API's
+/// `created_at` fields (`chrono`'s `to_rfc3339_opts(Micros, true)`).
+const RFC3339_MICROS: &str =
+    "to_char(v.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')";
+
+/// Step 3 of the protocol for a trade, folded with its read-back: stores
+/// status 201 and trade `id` as `user` sees it (the body of
+/// `POST /v1/trades`: the [`trade`] record as JSON, `error` omitted when
+/// null, `created_at` as RFC 3339) and returns that body. None when `user`
+/// owns no trade `id` (nothing is stored then).
+pub async fn complete_trade(
+    conn: &mut PgConnection,
+    user: UserId,
+    key: &str,
+    id: Uuid,
+) -> Result<Option<Value>> {
+    let sql = format!(
+        "WITH v AS ({}),
+         body AS (
+           SELECT v.id, jsonb_strip_nulls(jsonb_build_object(
+             'id', v.id, 'side', v.side, 'base_asset', v.base_asset,
+             'quote_asset', v.quote_asset, 'base_amount', v.base_amount,
+             'limit_price', v.limit_price, 'status', v.status, 'error', v.error,
+             'created_at', {RFC3339_MICROS})) AS b
+           FROM v
+         )
+         UPDATE idempotency_keys k
+         SET response_status = 201, response_body = body.b, resource_id = body.id
+         FROM body WHERE k.user_id = $2 AND k.key = $4
+         RETURNING k.response_body",
+        trade_sql()
     );
+    Ok(sqlx::query_scalar(&sql)
+        .bind(id)
+        .bind(user)
+        .bind(crate::workflows::trade::KIND)
+        .bind(key)
+        .fetch_optional(&mut *conn)
+        .await?)
+}
+
+/// Trade `id` if `user` owns it (None otherwise: another user's trade is
+/// indistinguishable from a missing one).
+pub async fn trade(conn: &mut PgConnection, user: UserId, id: Uuid) -> Result<Option<TradeRecord>> {
+    let sql = trade_sql();
     let row: Option<TradeRow> = sqlx::query_as(&sql)
         .bind(id)
         .bind(user)
@@ -284,23 +339,61 @@ type WithdrawalRow = (
     DateTime<Utc>,
 );
 
+/// The query behind [`withdrawal`] and [`complete_withdrawal`]: withdrawal
+/// `$1` if user `$2` owns it, `$3` being the withdrawal workflow's kind.
+fn withdrawal_sql() -> String {
+    format!(
+        "SELECT w.id,
+                coalesce(d.asset, w.input->>'asset', '') AS asset,
+                coalesce(d.amount::text, w.input->>'amount', '') AS amount,
+                coalesce(d.address, w.input->>'address', '') AS address,
+                coalesce(d.status, {PENDING_STATUS}) AS status,
+                d.error,
+                w.created_at
+         FROM workflows w LEFT JOIN withdrawals d ON d.id = w.id
+         WHERE w.id = $1 AND w.kind = $3 AND w.input->>'user_id' = ($2::uuid)::text"
+    )
+}
+
+/// [`complete_trade`] for a withdrawal: stores status 201 and the
+/// [`withdrawal`] record as JSON (the body of `POST /v1/withdrawals`) and
+/// returns that body; None when `user` owns no withdrawal `id`.
+pub async fn complete_withdrawal(
+    conn: &mut PgConnection,
+    user: UserId,
+    key: &str,
+    id: Uuid,
+) -> Result<Option<Value>> {
+    let sql = format!(
+        "WITH v AS ({}),
+         body AS (
+           SELECT v.id, jsonb_strip_nulls(jsonb_build_object(
+             'id', v.id, 'asset', v.asset, 'amount', v.amount, 'address', v.address,
+             'status', v.status, 'error', v.error, 'created_at', {RFC3339_MICROS})) AS b
+           FROM v
+         )
+         UPDATE idempotency_keys k
+         SET response_status = 201, response_body = body.b, resource_id = body.id
+         FROM body WHERE k.user_id = $2 AND k.key = $4
+         RETURNING k.response_body",
+        withdrawal_sql()
+    );
+    Ok(sqlx::query_scalar(&sql)
+        .bind(id)
+        .bind(user)
+        .bind(crate::workflows::withdrawal::KIND)
+        .bind(key)
+        .fetch_optional(&mut *conn)
+        .await?)
+}
+
 /// Withdrawal `id` if `user` owns it (None otherwise).
 pub async fn withdrawal(
     conn: &mut PgConnection,
     user: UserId,
     id: Uuid,
 ) -> Result<Option<WithdrawalRecord>> {
-    let sql = format!(
-        "SELECT w.id,
-                coalesce(d.asset, w.input->>'asset', ''),
-                coalesce(d.amount::text, w.input->>'amount', ''),
-                coalesce(d.address, w.input->>'address', ''),
-                coalesce(d.status, {PENDING_STATUS}),
-                d.error,
-                w.created_at
-         FROM workflows w LEFT JOIN withdrawals d ON d.id = w.id
-         WHERE w.id = $1 AND w.kind = $3 AND w.input->>'user_id' = ($2::uuid)::text"
-    );
+    let sql = withdrawal_sql();
     let row: Option<WithdrawalRow> = sqlx::query_as(&sql)
         .bind(id)
         .bind(user)
