@@ -10,7 +10,8 @@ mod seed;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use ledgerflow_engine::{
-    JobState, NewJob, Outcome, Store, StoreConfig, WORKFLOW_JOB_KIND, WorkflowRegistry, run_step,
+    Inline, JobState, NewJob, Outcome, Store, StoreConfig, WORKFLOW_JOB_KIND, WorkflowRegistry,
+    run_steps,
 };
 use ledgerflow_payments::exchange::http::{HttpConfig, HttpExchange};
 use ledgerflow_payments::notifier::http::{HttpConfig as NotifierHttpConfig, HttpNotifier};
@@ -498,7 +499,13 @@ fn worker_handlers(workflows: Option<Arc<WorkflowRegistry>>) -> Registry {
     match workflows {
         Some(workflows) => registry.register(WORKFLOW_JOB_KIND, move |ctx: JobContext| {
             let workflows = workflows.clone();
-            async move { run_step(ctx.store(), &workflows, ctx.job()).await }
+            // Inline continuation: a step whose successor is due now runs it in
+            // the same delivery (each step still checkpoints on its own).
+            async move {
+                run_steps(ctx.store(), &workflows, ctx.job(), Inline::default())
+                    .await
+                    .outcome
+            }
         }),
         None => registry,
     }

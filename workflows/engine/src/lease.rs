@@ -77,6 +77,20 @@ impl Lease {
         self.wake_own_queue.store(true, Ordering::Release);
     }
 
+    /// The lease of the next workflow step that a checkpoint moved this job
+    /// row on to (inline continuation): the same row, token and owner, and
+    /// the same shared flags (the runner holding the original sees the
+    /// outcome the last step commits); the step's own start and attempt
+    /// budget. The attempt number is kept: a row is moved on only on its
+    /// first attempt, which is the new step's first attempt too.
+    pub(crate) fn for_next_step(&self, attempted_at: DateTime<Utc>, max_attempts: i32) -> Self {
+        Self {
+            attempted_at,
+            max_attempts,
+            ..self.clone()
+        }
+    }
+
     /// True when this is the job's last permitted attempt.
     pub fn is_last_attempt(&self) -> bool {
         self.attempt >= self.max_attempts

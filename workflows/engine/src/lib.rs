@@ -15,7 +15,8 @@
 //! - [`notify`]   — LISTEN/NOTIFY channel names and the wake-up listener;
 //! - [`clock`]    — the injectable clock (database clock by default);
 //! - [`workflow`] — workflow definitions, the step journal, durable timers,
-//!   signal waits, and `run_step` (one lease-fenced checkpoint per step);
+//!   signal waits, and `run_step`/`run_steps` (one lease-fenced checkpoint per
+//!   step; `run_steps` runs a due successor in the same delivery);
 //! - [`signal`]   — signals that waiting workflows consume (deduplicated, kept
 //!   until consumed);
 //! - [`testing`]  — (feature `testing`) per-test databases and helpers;
@@ -58,9 +59,9 @@ pub use workflow::{
     CallError, ExternalError, ExternalResult, Reconciled, Resolution, workflow_resolve_in,
 };
 pub use workflow::{
-    StepCtx, StepDef, StepOutcome, WORKFLOW_JOB_KIND, Workflow, WorkflowId, WorkflowRegistry,
-    WorkflowState, run_step, workflow_cancel_in, workflow_retry_in, workflow_start,
-    workflow_start_in,
+    Inline, StepCtx, StepDef, StepOutcome, StepsRun, WORKFLOW_JOB_KIND, Workflow, WorkflowId,
+    WorkflowRegistry, WorkflowState, run_step, run_steps, workflow_cancel_in, workflow_retry_in,
+    workflow_start, workflow_start_in,
 };
 
 /// The workspace's migrations, embedded at compile time.

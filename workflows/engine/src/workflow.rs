@@ -10,6 +10,12 @@
 //! job. A crash anywhere leaves either no trace of the step or the whole
 //! checkpoint; a stale lease applies nothing.
 //!
+//! Inline continuation ([`run_steps`]): when a step's successor is due now in
+//! the same queue, its checkpoint may move the same job row on to the
+//! successor instead (same statement, same fence) and the successor runs in
+//! the same delivery — one claim and one job row for a chain of steps, each
+//! still checkpointed before the next starts. See [`run_steps`] for when.
+//!
 //! Re-delivery: a step whose journal row is `completed` is never run again; a
 //! re-delivered job only re-enqueues the successor (idempotently, by unique
 //! key) and completes. Concurrent deliveries of one step are serialized by a
@@ -1281,18 +1287,134 @@ struct Journaled {
 /// lease, a database error — the returned `Retry` is for the runner to record.
 /// The same job kind runs compensations and reconcile hooks.
 pub async fn run_step(store: &Store, registry: &WorkflowRegistry, job: &ClaimedJob) -> Outcome {
-    let args: StepArgs = match serde_json::from_value(job.args.clone()) {
-        Ok(a) => a,
-        Err(e) => return Outcome::fail(format!("bad workflow step arguments: {e}")),
+    run_steps(store, registry, job, Inline::OFF).await.outcome
+}
+
+/// How far one delivery of a step job may carry its workflow inline
+/// ([`run_steps`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Inline {
+    /// Steps run after the delivered one, at most.
+    pub max_steps: u32,
+    /// No step is moved on to once this long has passed since the delivery
+    /// started, so one workflow does not hold a worker slot for long.
+    pub budget: Duration,
+}
+
+impl Inline {
+    /// One step per delivery: every successor is enqueued as its own job.
+    pub const OFF: Inline = Inline {
+        max_steps: 0,
+        budget: Duration::ZERO,
     };
-    match run_step_inner(store, registry, job, &args).await {
-        Ok(outcome) => outcome,
-        Err(e) => {
-            tracing::warn!(job_id = %job.id, workflow_id = %args.workflow_id, step = %args.step,
-                error = %e, "workflow step not checkpointed");
-            Outcome::retry(e)
+}
+
+impl Default for Inline {
+    /// Up to 8 more steps within 250 ms: enough to run short workflows in one
+    /// delivery, short enough that a long chain yields its slot (and the
+    /// next delivery is claimed in priority order like any other job).
+    fn default() -> Self {
+        Self {
+            max_steps: 8,
+            budget: Duration::from_millis(250),
         }
     }
+}
+
+/// What [`run_steps`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepsRun {
+    /// The outcome for the runner, as [`run_step`] returns it.
+    pub outcome: Outcome,
+    /// The step the last run was for (`None` when the job's arguments were
+    /// not a step's).
+    pub last_step: Option<String>,
+    /// How many steps ran (1 + those continued inline).
+    pub steps: u32,
+}
+
+/// [`run_step`], continuing inline: when a step's checkpoint finds its
+/// successor due now in the same queue, that checkpoint moves THIS job row on
+/// to the successor (instead of inserting a job and completing this one) and
+/// the successor runs at once, in this call, under the same lease token.
+/// Every step still commits its own lease-fenced checkpoint before the next
+/// one starts, so a crash between steps leaves the row `running` on the next
+/// step; its lease expires, the reaper makes it available again and the
+/// re-delivery reads the journal (a completed step never runs again).
+///
+/// A row is moved on only when the per-step attempt accounting stays exact:
+/// on its first attempt (the successor starts at attempt 1 too, and the row
+/// has no `job_attempts` rows to collide with), with the workflow's attempt
+/// budget, and without a job timeout (the runner's timeout covers the whole
+/// call, which could cut a later step short). Timers, signal waits,
+/// compensations, in-doubt steps, other queues and a cancelled workflow end
+/// the chain the ordinary way; so does `inline`'s bound. The outcome of an
+/// inlined step that did not checkpoint (a retry, a failure) is recorded
+/// here with that step's lease.
+pub async fn run_steps(
+    store: &Store,
+    registry: &WorkflowRegistry,
+    job: &ClaimedJob,
+    inline: Inline,
+) -> StepsRun {
+    let deadline = std::time::Instant::now().checked_add(inline.budget);
+    let mut current = std::borrow::Cow::Borrowed(job);
+    let mut steps: u32 = 0;
+    loop {
+        let args: StepArgs = match serde_json::from_value(current.args.clone()) {
+            Ok(a) => a,
+            Err(e) => {
+                let outcome = Outcome::fail(format!("bad workflow step arguments: {e}"));
+                return StepsRun {
+                    outcome: record_inlined(store, &current, steps, outcome).await,
+                    last_step: None,
+                    steps,
+                };
+            }
+        };
+        // Checked again at the checkpoint: the step's own run counts too.
+        let may_move =
+            (steps < inline.max_steps && current.timeout.is_none() && current.lease.attempt == 1)
+                .then_some(deadline)
+                .flatten();
+        let mut moved = None;
+        let outcome =
+            match run_step_inner(store, registry, &current, &args, may_move, &mut moved).await {
+                Ok(outcome) => outcome,
+                Err(e) => {
+                    tracing::warn!(job_id = %current.id, workflow_id = %args.workflow_id,
+                    step = %args.step, error = %e, "workflow step not checkpointed");
+                    Outcome::retry(e)
+                }
+            };
+        steps = steps.saturating_add(1);
+        match moved {
+            Some(next) => current = std::borrow::Cow::Owned(next),
+            None => {
+                return StepsRun {
+                    outcome: record_inlined(store, &current, steps, outcome).await,
+                    last_step: Some(args.step),
+                    steps,
+                };
+            }
+        }
+    }
+}
+
+/// Records the outcome of a step that ran inline and did not commit one
+/// itself, with that step's own lease (its start; the runner's copy has the
+/// first step's). When that fails the runner records it with its copy,
+/// which has the same token, attempt and budget.
+async fn record_inlined(store: &Store, job: &ClaimedJob, steps: u32, outcome: Outcome) -> Outcome {
+    if steps <= 1 || job.lease.is_finished() {
+        return outcome;
+    }
+    match store.job_finish(&job.lease, &outcome).await {
+        Ok(()) => job.lease.mark_finished(),
+        Err(e) => tracing::warn!(job_id = %job.id, error = %e,
+            "recording an inlined step's outcome failed; left to the runner"),
+    }
+    outcome
 }
 
 async fn run_step_inner(
@@ -1300,6 +1422,8 @@ async fn run_step_inner(
     registry: &WorkflowRegistry,
     job: &ClaimedJob,
     args: &StepArgs,
+    inline: Option<std::time::Instant>,
+    moved: &mut Option<ClaimedJob>,
 ) -> Result<Outcome> {
     let mut tx = FencedTx::begin(store, &job.lease).await?;
     let Some(wf) = lock_workflow(tx.conn(), args.workflow_id).await? else {
@@ -1386,7 +1510,8 @@ async fn run_step_inner(
         if let Some(payload) =
             signal_consume_in(tx.conn(), store, wf.id, &args.step, name, key).await?
         {
-            checkpoint_advance(tx, store, &wf, &def, idx, &payload, job, None).await?;
+            *moved =
+                checkpoint_advance(tx, store, &wf, &def, idx, &payload, job, None, inline).await?;
             return Ok(Outcome::Complete);
         }
         match wake {
@@ -1471,16 +1596,17 @@ async fn run_step_inner(
             Ok(outcome)
         }
         Ok(StepOutcome::Continue(output)) => {
-            checkpoint_advance(tx, store, &wf, &def, idx, &output, job, None).await?;
+            *moved =
+                checkpoint_advance(tx, store, &wf, &def, idx, &output, job, None, inline).await?;
             Ok(Outcome::Complete)
         }
         Ok(StepOutcome::Finish(output)) => {
-            checkpoint_step(tx, store, &wf, &def, idx, &output, job, None).await?;
+            checkpoint_step(tx, store, &wf, &def, idx, &output, job, None, None).await?;
             Ok(Outcome::Complete)
         }
         Ok(StepOutcome::SleepUntil(at)) => {
             let output = json!({ "sleep_until": at });
-            checkpoint_advance(tx, store, &wf, &def, idx, &output, job, Some(at)).await?;
+            checkpoint_advance(tx, store, &wf, &def, idx, &output, job, Some(at), None).await?;
             Ok(Outcome::Complete)
         }
         Ok(StepOutcome::Fail(error)) => {
@@ -1508,7 +1634,8 @@ async fn run_step_inner(
                 signal_consume_in(tx.conn(), store, wf.id, &args.step, &name, &correlation_key)
                     .await?
             {
-                checkpoint_advance(tx, store, &wf, &def, idx, &payload, job, None).await?;
+                *moved = checkpoint_advance(tx, store, &wf, &def, idx, &payload, job, None, inline)
+                    .await?;
                 return Ok(Outcome::Complete);
             }
             let now = db_now(tx.conn(), store).await?;
@@ -1941,9 +2068,10 @@ async fn checkpoint_advance(
     output: &Value,
     job: &ClaimedJob,
     run_at: Option<DateTime<Utc>>,
-) -> Result<()> {
+    inline: Option<std::time::Instant>,
+) -> Result<Option<ClaimedJob>> {
     let next = def.steps.get(idx + 1).map(|n| (n.name, run_at));
-    checkpoint_step(tx, store, wf, def, idx, output, job, next).await
+    checkpoint_step(tx, store, wf, def, idx, output, job, next, inline).await
 }
 
 /// The checkpoint statement: `$workflow` updates the workflow row, `$next`
@@ -2022,6 +2150,47 @@ const CHECKPOINT_FINISH_SQL: &str = checkpoint_sql!(
     "0::bigint"
 );
 
+/// The checkpoint of a step whose successor runs inline ([`run_steps`]):
+/// the journal row and the workflow row as in [`CHECKPOINT_ADVANCE_SQL`]
+/// (due now, so `running`), and instead of a new job and the completion of
+/// this one, this job row moved on to the successor (`$11`, its arguments
+/// `$12`, budget `$13`, unique key `$14`) under the same lease token, its
+/// lease extended by `$15` ms. Returns the row's new `attempted_at`, NULL
+/// when the lease is stale. The successor takes the unique key a new job
+/// would have had, so a re-delivery of an earlier step (which enqueues the
+/// successor by that key) finds it; another row holding that key already
+/// stands for the successor, and the moved row then takes none (both
+/// serialize on the workflow row, and the later finds the step done).
+const CHECKPOINT_MOVE_SQL: &str = "WITH t AS (SELECT coalesce($4::timestamptz, now()) AS n),
+     journal AS (
+       INSERT INTO workflow_steps (workflow_id, step, position, status, output,
+                                   idempotency_key, attempt, started_at, finished_at)
+       SELECT $1, $2, $3, 'completed', $5, $6, $7, $8, t.n FROM t
+       ON CONFLICT (workflow_id, step) DO UPDATE
+       SET status = EXCLUDED.status, output = EXCLUDED.output, error = NULL,
+           attempt = EXCLUDED.attempt, started_at = EXCLUDED.started_at,
+           finished_at = EXCLUDED.finished_at
+       WHERE workflow_steps.status <> 'completed'
+     ),
+     moved AS (
+       UPDATE jobs j
+       SET args = $12, workflow_step = $11, max_attempts = $13,
+           unique_key = CASE WHEN EXISTS (SELECT 1 FROM jobs o WHERE o.unique_key = $14)
+                             THEN NULL ELSE $14 END,
+           run_at = t.n, attempted_at = t.n,
+           lease_expires_at = t.n + $15 * interval '1 millisecond'
+       FROM t
+       WHERE j.id = $9 AND j.lease_token = $10 AND j.state = 'running'
+       RETURNING j.attempted_at
+     ),
+     wf AS (
+       UPDATE workflows
+       SET state = 'running', wait_reason = NULL, wait_signal_name = NULL,
+           wait_correlation_key = NULL, wait_until = NULL, current_step = $11, updated_at = t.n
+       FROM t WHERE id = $1
+     )
+     SELECT (SELECT attempted_at FROM moved)";
+
 /// A step's checkpoint in ONE statement, then the commit: its journal row,
 /// the workflow row (on to `next`, a step name and its timer, or completed
 /// with `output` when `next` is `None`), the next step's job and the
@@ -2046,9 +2215,19 @@ async fn checkpoint_step(
     output: &Value,
     job: &ClaimedJob,
     next: Option<(&str, Option<DateTime<Utc>>)>,
-) -> Result<()> {
+    inline: Option<std::time::Instant>,
+) -> Result<Option<ClaimedJob>> {
     let lease = &job.lease;
     let step = def.steps[idx].name;
+    if let Some((name, None)) = next
+        && wf.queue == job.queue
+        && lease.max_attempts == def.max_attempts
+        && inline.is_some_and(|deadline| std::time::Instant::now() < deadline)
+    {
+        return checkpoint_move(tx, store, wf, def, idx, output, job, name)
+            .await
+            .map(Some);
+    }
     let own_queue = next.is_some_and(|(_, run_at)| run_at.is_none()) && wf.queue == job.queue;
     let query = sqlx::query_as::<_, (i64, i64)>(match next {
         Some(_) => CHECKPOINT_ADVANCE_SQL,
@@ -2106,7 +2285,66 @@ async fn checkpoint_step(
         lease.mark_own_queue_fed();
     }
     lease.mark_finished();
-    Ok(())
+    Ok(None)
+}
+
+/// [`checkpoint_step`] for a successor that runs inline: commits
+/// [`CHECKPOINT_MOVE_SQL`] and returns the job as the successor's delivery
+/// (the lease is not finished: the same call runs the successor next).
+#[allow(clippy::too_many_arguments)]
+async fn checkpoint_move(
+    mut tx: FencedTx,
+    store: &Store,
+    wf: &Locked,
+    def: &Workflow,
+    idx: usize,
+    output: &Value,
+    job: &ClaimedJob,
+    next: &str,
+) -> Result<ClaimedJob> {
+    let lease = &job.lease;
+    let step = def.steps[idx].name;
+    let next_job = step_job(
+        wf.id,
+        &wf.queue,
+        next,
+        Wake::Entry,
+        None,
+        Some(def.max_attempts),
+    );
+    next_job.validate()?;
+    let ttl_ms = i64::try_from(store.config().lease_ttl.as_millis()).unwrap_or(i64::MAX);
+    let attempted_at: Option<DateTime<Utc>> = sqlx::query_scalar(CHECKPOINT_MOVE_SQL)
+        .bind(wf.id)
+        .bind(step)
+        .bind(i32::try_from(idx).unwrap_or(i32::MAX))
+        .bind(store.now())
+        .bind(output)
+        .bind(idempotency_key(wf.id, step))
+        .bind(lease.attempt)
+        .bind(lease.attempted_at)
+        .bind(lease.job_id)
+        .bind(lease.token)
+        .bind(next)
+        .bind(&next_job.args)
+        .bind(next_job.max_attempts)
+        .bind(&next_job.unique_key)
+        .bind(ttl_ms)
+        .fetch_one(tx.conn())
+        .await?;
+    let Some(attempted_at) = attempted_at else {
+        tx.rollback().await?;
+        return Err(Error::StaleLease {
+            job_id: lease.job_id,
+            token: lease.token,
+        });
+    };
+    tx.commit().await?;
+    let mut moved = job.clone();
+    moved.args = next_job.args;
+    moved.workflow_step = Some(next.to_string());
+    moved.lease = lease.for_next_step(attempted_at, next_job.max_attempts);
+    Ok(moved)
 }
 
 /// The writes of [`checkpoint_advance`], on the caller's connection.

@@ -1,10 +1,11 @@
 //! `ledgerflow-bench workflow`: durable three-step workflows through the real runner.
 //!
-//! A workflow of three no-op steps (`a` → `b` → `c`) runs on the engine's [`run_step`] behind
+//! A workflow of three no-op steps (`a` → `b` → `c`) runs on the engine's [`run_steps`] behind
 //! the workers crate's [`Runner`], exactly as the `ledgerflow` binary's worker role runs the
-//! payments workflows: each step is a job claimed under a lease, and its journal row, the
-//! workflow row's new state, the next step's job and the job's completion commit in one
-//! lease-fenced transaction.
+//! payments workflows: a step runs under a claimed job's lease, and its journal row, the
+//! workflow row's new state and either the next step's job plus the job's completion, or (inline
+//! continuation, `--inline-steps`) the move of the same job row on to the next step, commit in
+//! one lease-fenced transaction.
 //!
 //! On a fresh database the runner is started, then `--starters` tasks start `--workflows`
 //! workflows (`workflow_start`, one transaction each, as an API call would), keeping at most
@@ -23,8 +24,8 @@
 use crate::common::{BenchDb, CommonArgs, CpuUse, PoolArgs, percentile, quiet};
 use anyhow::{Context, Result, bail, ensure};
 use ledgerflow_engine::{
-    Outcome, StepOutcome, Store, StoreConfig, WORKFLOW_JOB_KIND, Workflow, WorkflowRegistry,
-    run_step, workflow_start,
+    Inline, Outcome, StepOutcome, Store, StoreConfig, WORKFLOW_JOB_KIND, Workflow,
+    WorkflowRegistry, run_steps, workflow_start,
 };
 use ledgerflow_workers::{JobContext, QueueConfig, Registry, Runner, RunnerConfig};
 use serde_json::{Value, json};
@@ -86,6 +87,11 @@ pub struct Args {
     /// `RunnerConfig::poll_interval` in milliseconds (default: the runner's).
     #[arg(long)]
     poll_ms: Option<u64>,
+
+    /// `Inline::max_steps`: steps one delivery may run after its own (0: every step is its
+    /// own claimed job, as before inline continuation).
+    #[arg(long, default_value_t = Inline::default().max_steps)]
+    inline_steps: u32,
 }
 
 /// The measured figures.
@@ -172,6 +178,10 @@ async fn measure(args: &Args, db: &BenchDb, bg_pct: u32) -> Result<Figures> {
     // One permit per workflow allowed in flight; the last step's handler gives it back.
     let slots = Arc::new(Semaphore::new(args.in_flight));
 
+    let inline = Inline {
+        max_steps: args.inline_steps,
+        ..Inline::default()
+    };
     let handler = {
         let workflows = workflows.clone();
         let tracker = tracker.clone();
@@ -181,11 +191,13 @@ async fn measure(args: &Args, db: &BenchDb, bg_pct: u32) -> Result<Figures> {
             let tracker = tracker.clone();
             let slots = slots.clone();
             async move {
-                let outcome = run_step(ctx.store(), &workflows, ctx.job()).await;
+                let ran = run_steps(ctx.store(), &workflows, ctx.job(), inline).await;
+                let outcome = ran.outcome;
                 let job = ctx.job();
                 // The lease is finished only when the step's checkpoint committed; on the last
-                // step that checkpoint is the workflow's completion.
-                if job.workflow_step.as_deref() == Some(STEPS[2])
+                // step that checkpoint is the workflow's completion (the delivery may have
+                // started at an earlier step and continued inline).
+                if ran.last_step.as_deref() == Some(STEPS[2])
                     && ctx.lease().is_finished()
                     && outcome == Outcome::Complete
                     && let Some(id) = job.workflow_id
