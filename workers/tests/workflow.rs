@@ -44,6 +44,15 @@ fn fast_config(worker: &str) -> RunnerConfig {
     }
 }
 
+/// A test database whose pool fits the runner, sized as the `ledgerflow` binary sizes
+/// its own (concurrency + 8): every in-flight step holds one connection for its fenced
+/// transaction, these steps also write `executions` through the pool, and the fetcher,
+/// heartbeats and completer need theirs. With the default 8 connections and 8 steps in
+/// flight, a step's second checkout could wait out the pool timeout.
+async fn test_db() -> Result<TestDb, Box<dyn std::error::Error + Send + Sync>> {
+    Ok(TestDb::with_pool_size(16).await?)
+}
+
 /// The runner's handler for workflow step jobs.
 fn handlers(workflows: WorkflowRegistry) -> Registry {
     let workflows = Arc::new(workflows);
@@ -139,7 +148,11 @@ async fn wf_child_worker() -> TestResult {
     let Ok(url) = std::env::var(CHILD_DB) else {
         return Ok(());
     };
-    let pool = PgPool::connect(&url).await?;
+    // Sized like `test_db` (concurrency + 8), for the same reason.
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(16)
+        .connect(&url)
+        .await?;
     let workflows = WorkflowRegistry::new().register(abc(60_000))?;
     let _runner = Runner::start(
         store(&pool, Duration::from_secs(2)),
@@ -168,7 +181,7 @@ fn spawn_child(db: &TestDb) -> std::io::Result<Child> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn workflows_run_to_completion_on_a_runner() -> TestResult {
-    let db = TestDb::new().await?;
+    let db = test_db().await?;
     create_tables(&db.pool).await?;
     let s = store(&db.pool, Duration::from_secs(10));
     let workflows = WorkflowRegistry::new().register(abc(5))?;
@@ -195,7 +208,7 @@ async fn workflows_run_to_completion_on_a_runner() -> TestResult {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_signal_wakes_a_workflow_on_a_runner() -> TestResult {
-    let db = TestDb::new().await?;
+    let db = test_db().await?;
     let s = store(&db.pool, Duration::from_secs(10));
     let workflows = WorkflowRegistry::new().register(
         Workflow::new("await", 1)
@@ -234,7 +247,7 @@ async fn a_signal_wakes_a_workflow_on_a_runner() -> TestResult {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_timer_step_survives_a_runner_restart() -> TestResult {
-    let db = TestDb::new().await?;
+    let db = test_db().await?;
     let s = store(&db.pool, Duration::from_secs(10));
     let wake_at = Utc::now() + chrono::TimeDelta::seconds(2);
     let workflows = WorkflowRegistry::new().register(
@@ -283,7 +296,7 @@ async fn a_timer_step_survives_a_runner_restart() -> TestResult {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_9_mid_workflow_resumes_at_the_next_step_and_no_step_applies_twice() -> TestResult {
-    let db = TestDb::new().await?;
+    let db = test_db().await?;
     create_tables(&db.pool).await?;
     let s = store(&db.pool, Duration::from_secs(2));
     // The child's `b` takes a minute: it is killed while `b` runs, after `a`
