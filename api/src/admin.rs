@@ -424,6 +424,21 @@ pub(crate) fn page_limit(limit: Option<u32>, default: u32, max: u32) -> Result<u
     }
 }
 
+/// Cuts a page fetched with `limit + 1` rows down to `limit` and returns the cursor of its last
+/// row when the extra row showed that more follow (`None` on the last page).
+pub(crate) fn next_page<T>(
+    rows: &mut Vec<T>,
+    limit: u32,
+    cursor_of: impl FnOnce(&T) -> Result<String>,
+) -> Result<Option<String>> {
+    let limit = limit as usize;
+    if rows.len() <= limit {
+        return Ok(None);
+    }
+    rows.truncate(limit);
+    rows.last().map(cursor_of).transpose()
+}
+
 pub(crate) fn reason(text: &str) -> Result<String> {
     audit::check_reason(text)
         .map(str::to_string)
@@ -504,12 +519,7 @@ impl AdminApi {
             .store
             .job_list(&filter, sort, after.as_ref(), limit + 1)
             .await?;
-        let next_cursor = if jobs.len() > limit as usize {
-            jobs.truncate(limit as usize);
-            jobs.last().map(|j| job_cursor(sort, j)).transpose()?
-        } else {
-            None
-        };
+        let next_cursor = next_page(&mut jobs, limit, |j| job_cursor(sort, j))?;
         Ok(Json(JobPage {
             items: jobs.into_iter().map(JobView::from).collect(),
             next_cursor,
@@ -726,19 +736,12 @@ impl AdminApi {
         };
         let limit = page_limit(limit.0, AUDIT_PAGE, AUDIT_PAGE_MAX)?;
         let mut rows = audit::list(state.pool(), &filter, limit + 1).await?;
-        let next_cursor = if rows.len() > limit as usize {
-            rows.truncate(limit as usize);
-            rows.last()
-                .map(|r| {
-                    encode_cursor(&AuditCursorWire {
-                        t: r.created_at,
-                        id: r.id,
-                    })
-                })
-                .transpose()?
-        } else {
-            None
-        };
+        let next_cursor = next_page(&mut rows, limit, |r| {
+            encode_cursor(&AuditCursorWire {
+                t: r.created_at,
+                id: r.id,
+            })
+        })?;
         Ok(Json(AuditPage {
             items: rows.into_iter().map(AuditView::from).collect(),
             next_cursor,

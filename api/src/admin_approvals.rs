@@ -134,19 +134,12 @@ impl ApprovalsApi {
             .map(|c| (c.t, c.id));
         let limit = page_limit(limit.0, PAGE, PAGE_MAX)?;
         let mut rows = approvals::pending_list(state.pool(), after, limit + 1).await?;
-        let next_cursor = if rows.len() > limit as usize {
-            rows.truncate(limit as usize);
-            rows.last()
-                .map(|r| {
-                    encode_cursor(&CursorWire {
-                        t: r.requested_at,
-                        id: r.id,
-                    })
-                })
-                .transpose()?
-        } else {
-            None
-        };
+        let next_cursor = crate::admin::next_page(&mut rows, limit, |r| {
+            encode_cursor(&CursorWire {
+                t: r.requested_at,
+                id: r.id,
+            })
+        })?;
         Ok(Json(PendingPage {
             items: rows.into_iter().map(PendingWithdrawalView::from).collect(),
             next_cursor,

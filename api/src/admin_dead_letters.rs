@@ -178,14 +178,9 @@ impl DeadLettersApi {
             .store
             .dead_letter_page(&filter, before, limit + 1)
             .await?;
-        let next_cursor = if rows.len() > limit as usize {
-            rows.truncate(limit as usize);
-            rows.last()
-                .map(|r| encode_cursor(&CursorWire { before: r.id }))
-                .transpose()?
-        } else {
-            None
-        };
+        let next_cursor = crate::admin::next_page(&mut rows, limit, |r| {
+            encode_cursor(&CursorWire { before: r.id })
+        })?;
         Ok(Json(DeadLetterPage {
             items: rows.into_iter().map(DeadLetterView::from).collect(),
             next_cursor,
@@ -231,12 +226,7 @@ impl DeadLettersApi {
             .store
             .job_list(&filter, sort, after.as_ref(), limit + 1)
             .await?;
-        let next_cursor = if jobs.len() > limit as usize {
-            jobs.truncate(limit as usize);
-            jobs.last().map(|j| job_cursor(sort, j)).transpose()?
-        } else {
-            None
-        };
+        let next_cursor = crate::admin::next_page(&mut jobs, limit, |j| job_cursor(sort, j))?;
         Ok(Json(DeadJobPage {
             items: jobs.into_iter().map(JobView::from).collect(),
             next_cursor,

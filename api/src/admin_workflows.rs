@@ -334,12 +334,7 @@ impl WorkflowsApi {
             .store
             .workflow_list(&filter, sort, after.as_ref(), limit + 1)
             .await?;
-        let next_cursor = if rows.len() > limit as usize {
-            rows.truncate(limit as usize);
-            rows.last().map(|r| cursor_of(sort, r)).transpose()?
-        } else {
-            None
-        };
+        let next_cursor = crate::admin::next_page(&mut rows, limit, |r| cursor_of(sort, r))?;
         Ok(Json(WorkflowPage {
             items: rows.into_iter().map(WorkflowView::from).collect(),
             next_cursor,
