@@ -5,6 +5,8 @@
 //! Tests that need a process to die re-run this test binary with
 //! `LF_CHILD_ROLE` set, which turns `child_role` into a long-running ingress
 //! or relay that the parent kills with `kill -9`.
+mod common;
+use common::{count, wait_for};
 use ledgerflow_engine::Store;
 use ledgerflow_engine::outbox::{NewOutboxEvent, outbox_insert_in};
 use ledgerflow_engine::testing::TestDb;
@@ -260,24 +262,6 @@ async fn consume_all(
 }
 
 // ------------------------------------------------------------------- utils
-
-async fn count(pool: &PgPool, sql: &str) -> i64 {
-    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap_or(-1)
-}
-
-async fn wait_for(pool: &PgPool, sql: &str, at_least: i64, within: Duration) -> TestResult {
-    let start = Instant::now();
-    loop {
-        let n = count(pool, sql).await;
-        if n >= at_least {
-            return Ok(());
-        }
-        if start.elapsed() > within {
-            return Err(format!("timed out waiting for `{sql}` >= {at_least} (last {n})").into());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 fn ingress_config(broker: &Broker, topic: &str, group: &str, dlq: &str) -> IngressConfig {
     let mut c = IngressConfig::new(

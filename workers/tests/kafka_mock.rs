@@ -3,6 +3,8 @@
 //! protocol with fault injection) and a real Postgres: offset commits that
 //! fail, and a broker that goes down and comes back with its log intact.
 //! The same scenarios against a real broker are in `tests/kafka.rs`.
+mod common;
+use common::{count, wait_for};
 use ledgerflow_engine::Store;
 use ledgerflow_engine::outbox::{NewOutboxEvent, outbox_insert_in};
 use ledgerflow_engine::testing::TestDb;
@@ -130,24 +132,6 @@ fn messages(prefix: &str, range: std::ops::Range<usize>) -> Vec<(i32, String, St
             )
         })
         .collect()
-}
-
-async fn count(pool: &PgPool, sql: &str) -> i64 {
-    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap_or(-1)
-}
-
-async fn wait_for(pool: &PgPool, sql: &str, at_least: i64, within: Duration) -> TestResult {
-    let start = Instant::now();
-    loop {
-        let n = count(pool, sql).await;
-        if n >= at_least {
-            return Ok(());
-        }
-        if start.elapsed() > within {
-            return Err(format!("timed out waiting for `{sql}` >= {at_least} (last {n})").into());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 fn committed_offsets(

@@ -5,6 +5,8 @@
 //! Tests that need a second worker *process* re-run this test binary with
 //! `CHILD_DB` set, which turns the `child_worker` test into a long-running
 //! worker (see `spawn_child`).
+mod common;
+use common::{count, wait_for};
 use ledgerflow_engine::testing::TestDb;
 use ledgerflow_engine::{NewJob, Outcome, RetryPolicy, Store, StoreConfig};
 use ledgerflow_workers::runner::{JobContext, QueueConfig, Registry, Runner, RunnerConfig};
@@ -76,24 +78,6 @@ async fn create_effects(pool: &PgPool) -> TestResult {
         .execute(pool)
         .await?;
     Ok(())
-}
-
-async fn count(pool: &PgPool, sql: &str) -> i64 {
-    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap_or(-1)
-}
-
-async fn wait_for(pool: &PgPool, sql: &str, at_least: i64, within: Duration) -> TestResult {
-    let start = Instant::now();
-    loop {
-        let n = count(pool, sql).await;
-        if n >= at_least {
-            return Ok(());
-        }
-        if start.elapsed() > within {
-            return Err(format!("timed out waiting for `{sql}` >= {at_least} (last {n})").into());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 fn spawn_child(db: &TestDb, queue: &str, sleep_ms: u64) -> std::io::Result<Child> {

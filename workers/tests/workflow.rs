@@ -3,7 +3,9 @@
 //!
 //! The crash test re-runs this test binary with `LF_WF_CHILD_DB` set, which
 //! turns the `wf_child_worker` test into a long-running worker process.
+mod common;
 use chrono::Utc;
+use common::{count, wait_for};
 use futures::future::BoxFuture;
 use ledgerflow_engine::testing::TestDb;
 use ledgerflow_engine::{
@@ -15,7 +17,7 @@ use serde_json::json;
 use sqlx::PgPool;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
@@ -121,24 +123,6 @@ fn abc(b_ms: u64) -> Workflow {
                 json!({ "done": ctx.idempotency_key() }),
             ))
         })
-}
-
-async fn count(pool: &PgPool, sql: &str) -> i64 {
-    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap_or(-1)
-}
-
-async fn wait_for(pool: &PgPool, sql: &str, at_least: i64, within: Duration) -> TestResult {
-    let start = Instant::now();
-    loop {
-        let n = count(pool, sql).await;
-        if n >= at_least {
-            return Ok(());
-        }
-        if start.elapsed() > within {
-            return Err(format!("timed out waiting for `{sql}` >= {at_least} (last {n})").into());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Not a test of its own: the body of a child worker process. Returns at once
