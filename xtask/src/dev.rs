@@ -447,17 +447,20 @@ fn seed_json(stdout: &str) -> Result<Value> {
     Ok(value)
 }
 
-/// Creates database `name` on `url`'s server unless it exists; returns its URL.
+/// Creates database `name` on `url`'s server unless it exists, empties it, and
+/// returns its URL.
 ///
-/// Kept between runs rather than dropped and recreated: `DROP DATABASE`
-/// waits for a checkpoint, which takes tens of seconds on a busy machine. A
-/// reused database is fine for the smoke run: `ledgerflow seed` is
-/// idempotent and the checks compare balances before and after.
+/// The database is kept between runs rather than dropped and recreated
+/// (`DROP DATABASE` waits for a checkpoint, tens of seconds on a busy
+/// machine), but its schema is dropped and rebuilt by the migrations: the
+/// previous run's schemathesis pass drives the admin API at random and can
+/// leave a queue paused or a schedule stopped, which would hold this run's
+/// trade forever.
 fn smoke_database(url: &str, name: &str) -> Result<String> {
-    let psql = |sql: &str| {
+    let psql = |db_url: &str, sql: &str| {
         cmd::capture(
             Command::new("psql")
-                .arg(format!("--dbname={url}"))
+                .arg(format!("--dbname={db_url}"))
                 .args([
                     "-X",
                     "-w",
@@ -472,9 +475,10 @@ fn smoke_database(url: &str, name: &str) -> Result<String> {
                 .env("PGCONNECT_TIMEOUT", "5"),
         )
     };
-    let exists = psql(&format!(
-        "SELECT count(*) FROM pg_database WHERE datname = '{name}'"
-    ))?;
+    let exists = psql(
+        url,
+        &format!("SELECT count(*) FROM pg_database WHERE datname = '{name}'"),
+    )?;
     if !exists.status.success() {
         bail!(
             "cannot query {}: {}",
@@ -483,9 +487,9 @@ fn smoke_database(url: &str, name: &str) -> Result<String> {
         );
     }
     if String::from_utf8_lossy(&exists.stdout).trim() == "0" {
-        let created = psql(&format!("CREATE DATABASE {name}"))?;
+        let created = psql(url, &format!("CREATE DATABASE {name}"))?;
         let stderr = String::from_utf8_lossy(&created.stderr);
-        // A concurrent smoke run may have created it meanwhile: fine.
+        // Another process may have created it meanwhile: fine.
         if !created.status.success() && !stderr.contains("already exists") {
             bail!(
                 "could not create the smoke database {name} on {} (the role needs CREATEDB): {}",
@@ -495,7 +499,20 @@ fn smoke_database(url: &str, name: &str) -> Result<String> {
         }
         println!("      created database {name}");
     }
-    Ok(with_database(url, name))
+    let url = with_database(url, name);
+    let reset = psql(
+        &url,
+        "DROP SCHEMA IF EXISTS public CASCADE; CREATE SCHEMA public;",
+    )?;
+    if !reset.status.success() {
+        bail!(
+            "could not empty the smoke database {name} on {} (its role must own it): {}",
+            cmd::redact_url(&url),
+            String::from_utf8_lossy(&reset.stderr).trim()
+        );
+    }
+    println!("      emptied database {name} (the migrations rebuild it)");
+    Ok(url)
 }
 
 /// `url` with its database name replaced by `name`.
