@@ -556,7 +556,7 @@ impl Store {
     /// than `failed` are left out on purpose: they are history, which grows
     /// without bound, and counting it on every scrape would make the scrape
     /// cost follow the history; the states gauged here are served by the
-    /// `workflows_state_updated` index and stay small in a healthy system.
+    /// `workflows_state_created` index (leading column `state`) and stay small in a healthy system.
     pub async fn workflow_state_counts(&self) -> Result<Vec<(WorkflowState, i64)>> {
         let states: Vec<&'static str> = GAUGED_WORKFLOW_STATES.iter().map(|s| s.as_str()).collect();
         let rows = sqlx::query(

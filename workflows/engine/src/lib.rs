@@ -14,6 +14,8 @@
 //! - [`queue`]    — queue controls (pause/resume) and statistics;
 //! - [`notify`]   — LISTEN/NOTIFY channel names and the wake-up listener;
 //! - [`clock`]    — the injectable clock (database clock by default);
+//! - `checkpoint` — group commit of the checkpoints of steps that ran without
+//!   touching the database (many workflows' steps, one statement, one commit);
 //! - [`workflow`] — workflow definitions, the step journal, durable timers,
 //!   signal waits, and `run_step`/`run_steps` (one lease-fenced checkpoint per
 //!   step; `run_steps` runs a due successor in the same delivery);
@@ -28,6 +30,7 @@
 //! Job all use.
 
 pub mod admin_query;
+mod checkpoint;
 pub mod clock;
 pub mod cron;
 pub mod error;

@@ -9,6 +9,7 @@
 //! Every statement takes "now" as a parameter from the injected [`Clock`] and
 //! falls back to the database's `now()` when the clock has no opinion (the
 //! production default), so all workers share the database's timeline.
+use crate::checkpoint::Checkpointer;
 use crate::job::{Attempt, JOB_COLUMNS};
 use crate::lease::Lease;
 use crate::notify::JOBS_CHANNEL;
@@ -18,7 +19,7 @@ use crate::{
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool, Row};
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use uuid::Uuid;
 
@@ -49,6 +50,9 @@ pub struct Store {
     pool: PgPool,
     clock: Arc<dyn Clock>,
     config: Arc<StoreConfig>,
+    /// The group committer of workflow checkpoints, started on first use
+    /// (clones share it; a store with another clock gets its own).
+    checkpointer: Arc<OnceLock<Checkpointer>>,
 }
 
 /// A job claimed under a lease, ready for its handler.
@@ -84,12 +88,14 @@ impl Store {
             pool,
             clock: Arc::new(DbClock),
             config: Arc::new(config),
+            checkpointer: Arc::default(),
         }
     }
 
     /// Replaces the clock (tests use a [`crate::ManualClock`]).
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = clock;
+        self.checkpointer = Arc::default();
         self
     }
 
@@ -102,6 +108,7 @@ impl Store {
             let mut config = (*self.config).clone();
             config.notify = notify;
             self.config = Arc::new(config);
+            self.checkpointer = Arc::default();
         }
         self
     }
@@ -114,6 +121,14 @@ impl Store {
     /// The settings.
     pub fn config(&self) -> &StoreConfig {
         &self.config
+    }
+
+    /// The group committer of workflow checkpoints, started on the current
+    /// runtime the first time it is needed.
+    pub(crate) fn checkpointer(&self) -> &Checkpointer {
+        self.checkpointer.get_or_init(|| {
+            Checkpointer::start(self.pool.clone(), self.clock.clone(), self.config.lease_ttl)
+        })
     }
 
     /// The clock's reading (`None`: the database's `now()`).

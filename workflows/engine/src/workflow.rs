@@ -66,6 +66,7 @@
 //! UPDATE`, which lets that connection's journal insert pass its foreign-key
 //! check, and the job row lock it also holds keeps the lease from moving
 //! while the call is in flight.
+use crate::checkpoint;
 use crate::job::DEFAULT_MAX_ATTEMPTS;
 use crate::signal::{lock_signal_key, signal_consume_in};
 use crate::store::ClaimedJob;
@@ -524,6 +525,20 @@ struct StepInfo {
     /// a compensation or a reconcile hook.
     role: Role,
     track: std::sync::Mutex<CallTrack>,
+    /// Set when the step runs without a transaction (the optimistic path):
+    /// how to open one, lock the workflow and check that it is still where
+    /// the step found it, the first time the step needs the database or
+    /// makes its external call.
+    lazy: Option<LazyTx>,
+}
+
+/// What opening a step's transaction on first use needs ([`StepInfo::lazy`]).
+struct LazyTx {
+    lease: crate::Lease,
+    state: WorkflowState,
+    wait_seq: i32,
+    /// Opened (or tried to) already: a failed attempt is not repeated.
+    tried: std::sync::atomic::AtomicBool,
 }
 
 /// What a [`StepCtx`] is handed to.
@@ -725,6 +740,18 @@ impl StepCtx {
                 }
             }
         }
+        if self.info.lazy.is_some() {
+            // The call is made under the workflow's lock, as on the locked
+            // path: an operator's cancel waits for the step's checkpoint.
+            let mut slot = self.tx.lock().await;
+            if slot.is_none()
+                && let Err(e) = self.open_lazily(&mut slot).await
+            {
+                return Err(ExternalError::NotMade(format!(
+                    "the step's transaction could not be opened: {e}"
+                )));
+            }
+        }
         let info = &self.info;
         let intent: std::result::Result<Option<i32>, sqlx::Error> = sqlx::query_scalar(
             "INSERT INTO workflow_steps (workflow_id, step, position, status, idempotency_key,
@@ -807,9 +834,44 @@ impl StepCtx {
     /// commit together with the step's checkpoint, or not at all. Hold the
     /// guard only while writing and drop it before returning.
     pub async fn db(&self) -> Result<StepDb> {
-        let guard = self.tx.clone().lock_owned().await;
+        let mut guard = self.tx.clone().lock_owned().await;
+        if guard.is_none() {
+            self.open_lazily(&mut guard).await?;
+        }
         OwnedMutexGuard::try_map(guard, |slot| slot.as_mut().map(FencedTx::conn))
             .map_err(|_| Error::Invalid("the step's transaction is closed".to_string()))
+    }
+
+    /// On the optimistic path (a step started without a transaction), opens
+    /// the step's fenced transaction and locks its workflow row — unless the
+    /// workflow moved on since the step started, which is an error: the
+    /// step's run is then discarded and the job looked at again. From here
+    /// on the step runs exactly as on the locked path.
+    async fn open_lazily(&self, slot: &mut Option<FencedTx>) -> Result<()> {
+        let Some(lazy) = &self.info.lazy else {
+            return Ok(());
+        };
+        if lazy.tried.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return Ok(());
+        }
+        let info = &self.info;
+        match lock_unchanged(
+            &info.store,
+            &lazy.lease,
+            info.workflow_id,
+            (lazy.state, &info.step, lazy.wait_seq),
+        )
+        .await?
+        {
+            Some(tx) => {
+                *slot = Some(tx);
+                Ok(())
+            }
+            None => Err(Error::Invalid(format!(
+                "workflow {} changed while its step {:?} ran",
+                info.workflow_id, info.step
+            ))),
+        }
     }
 }
 
@@ -1258,6 +1320,7 @@ pub async fn workflow_steps_in(conn: &mut PgConnection, id: WorkflowId) -> Resul
 // --------------------------------------------------------------- execution
 
 /// The locked workflow row, as `run_step` needs it.
+#[derive(Clone)]
 struct Locked {
     id: WorkflowId,
     kind: String,
@@ -1270,6 +1333,17 @@ struct Locked {
     wait_seq: i32,
     wait_until: Option<DateTime<Utc>>,
     queue: String,
+}
+
+impl Locked {
+    /// The row as an inline move on to `step` leaves it (running, no wait).
+    fn moved_on_to(&mut self, step: &str) {
+        self.state = WorkflowState::Running;
+        self.current_step = Some(step.to_string());
+        self.wait_signal_name = None;
+        self.wait_correlation_key = None;
+        self.wait_until = None;
+    }
 }
 
 /// A step's journal row, as `run_step` needs it.
@@ -1360,6 +1434,9 @@ pub async fn run_steps(
     let deadline = std::time::Instant::now().checked_add(inline.budget);
     let mut current = std::borrow::Cow::Borrowed(job);
     let mut steps: u32 = 0;
+    // What the optimistic path knows of the workflow after moving the row on
+    // itself: the successor runs against it without reading it again.
+    let mut carried: Option<Snapshot> = None;
     loop {
         let args: StepArgs = match serde_json::from_value(current.args.clone()) {
             Ok(a) => a,
@@ -1378,18 +1455,35 @@ pub async fn run_steps(
                 .then_some(deadline)
                 .flatten();
         let mut moved = None;
-        let outcome =
-            match run_step_inner(store, registry, &current, &args, may_move, &mut moved).await {
-                Ok(outcome) => outcome,
-                Err(e) => {
-                    tracing::warn!(job_id = %current.id, workflow_id = %args.workflow_id,
+        let mut carry = None;
+        let run = Run {
+            job: &current,
+            args: &args,
+            inline: may_move,
+        };
+        let outcome = match run_step_inner(
+            store,
+            registry,
+            run,
+            carried.take(),
+            &mut moved,
+            &mut carry,
+        )
+        .await
+        {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                tracing::warn!(job_id = %current.id, workflow_id = %args.workflow_id,
                     step = %args.step, error = %e, "workflow step not checkpointed");
-                    Outcome::retry(e)
-                }
-            };
+                Outcome::retry(e)
+            }
+        };
         steps = steps.saturating_add(1);
         match moved {
-            Some(next) => current = std::borrow::Cow::Owned(next),
+            Some(next) => {
+                current = std::borrow::Cow::Owned(next);
+                carried = carry;
+            }
             None => {
                 return StepsRun {
                     outcome: record_inlined(store, &current, steps, outcome).await,
@@ -1417,19 +1511,115 @@ async fn record_inlined(store: &Store, job: &ClaimedJob, steps: u32, outcome: Ou
     outcome
 }
 
+/// One delivery's step run: the job, its decoded arguments, and until when
+/// (if at all) the successor may run inline.
+#[derive(Clone, Copy)]
+struct Run<'a> {
+    job: &'a ClaimedJob,
+    args: &'a StepArgs,
+    inline: Option<std::time::Instant>,
+}
+
+/// Runs the step a job stands for. A successor that this delivery moved its
+/// own row on to, right after checkpointing its predecessor under the lock,
+/// runs the optimistic way ([`run_optimistic`]) against what that
+/// checkpoint wrote; everything else — a delivery's first step, signals,
+/// timeouts, retries, compensations, reconciles, re-deliveries — the locked
+/// way ([`prepare_locked`], then the step, then [`after_step`]).
 async fn run_step_inner(
     store: &Store,
     registry: &WorkflowRegistry,
-    job: &ClaimedJob,
-    args: &StepArgs,
-    inline: Option<std::time::Instant>,
+    run: Run<'_>,
+    carried: Option<Snapshot>,
     moved: &mut Option<ClaimedJob>,
+    carry: &mut Option<Snapshot>,
 ) -> Result<Outcome> {
+    let Run { job, args, .. } = run;
+    if let Some(snap) = carried
+        && args.wake() == Wake::Entry
+        && snap.runs_optimistically(&args.step)
+        && let Some(def) = registry.get(&snap.wf.kind, snap.wf.version).cloned()
+        && let Some(idx) = def.index_of(&args.step)
+    {
+        return run_optimistic(store, registry, run, snap, &def, idx, moved, carry).await;
+    }
+    let ready = match prepare_locked(store, registry, run, moved).await? {
+        Prepared::Done(outcome) => return Ok(outcome),
+        Prepared::Run(ready) => *ready,
+    };
+    let Ready {
+        tx,
+        wf,
+        def,
+        idx,
+        journaled,
+        outputs,
+        timed_out,
+        prior_call,
+    } = ready;
+    let (ctx, slot) = step_ctx(
+        store,
+        &wf,
+        &def,
+        idx,
+        outputs.clone(),
+        job,
+        timed_out,
+        prior_call,
+        Role::Step,
+        Some(tx),
+        None,
+    );
+    let result = def.steps[idx].run.call(ctx.clone()).await;
+    let tx = take_tx(&slot).await?;
+    let flagged = ctx.track().in_doubt.take();
+    let done = Done {
+        result,
+        flagged,
+        journal: (journaled, outputs),
+    };
+    after_step(store, tx, &wf, &def, idx, run, done, moved, carry).await
+}
+
+/// What [`prepare_locked`] leaves to do.
+enum Prepared {
+    /// Nothing to run: the job's outcome (committed unless it is a retry).
+    Done(Outcome),
+    /// The step runs now, in `Ready::tx`.
+    Run(Box<Ready>),
+}
+
+/// A step ready to run on the locked path: the fenced transaction holding
+/// the workflow row, the definition and the journal.
+struct Ready {
+    tx: FencedTx,
+    wf: Locked,
+    def: Arc<Workflow>,
+    idx: usize,
+    /// Steps with a journal row, and the outputs of the completed ones.
+    journaled: std::collections::HashSet<String>,
+    outputs: HashMap<String, Value>,
+    timed_out: bool,
+    prior_call: Option<PriorCall>,
+}
+
+/// The locked path up to the step's run: opens the fenced transaction,
+/// locks the workflow row, reads the journal and decides. Finished and
+/// stray jobs, re-deliveries of journaled steps, compensations, reconciles,
+/// signal waits (and their arrivals) end here; a step that is due comes
+/// back ready to run.
+async fn prepare_locked(
+    store: &Store,
+    registry: &WorkflowRegistry,
+    run: Run<'_>,
+    moved: &mut Option<ClaimedJob>,
+) -> Result<Prepared> {
+    let Run { job, args, inline } = run;
     let mut tx = FencedTx::begin(store, &job.lease).await?;
     let Some(wf) = lock_workflow(tx.conn(), args.workflow_id).await? else {
         let outcome = Outcome::fail(format!("workflow {} not found", args.workflow_id));
         tx.finish(outcome.clone()).await?;
-        return Ok(outcome);
+        return Ok(Prepared::Done(outcome));
     };
     let wake = args.wake();
     let compensating = wf.state == WorkflowState::Compensating;
@@ -1437,14 +1627,14 @@ async fn run_step_inner(
         // Finished, or a forward step job while compensating, or a
         // compensation job while not: nothing to do.
         tx.complete().await?;
-        return Ok(Outcome::Complete);
+        return Ok(Prepared::Done(Outcome::Complete));
     }
     let Some(def) = registry.get(&wf.kind, wf.version).cloned() else {
         tx.rollback().await?;
-        return Ok(Outcome::retry(format!(
+        return Ok(Prepared::Done(Outcome::retry(format!(
             "workflow {} v{} is not registered in this worker",
             wf.kind, wf.version
-        )));
+        ))));
     };
     let Some(idx) = def.index_of(&args.step) else {
         let outcome = Outcome::fail(format!(
@@ -1452,15 +1642,17 @@ async fn run_step_inner(
             wf.kind, wf.version, args.step
         ));
         tx.finish(outcome.clone()).await?;
-        return Ok(outcome);
+        return Ok(Prepared::Done(outcome));
     };
-    let (journaled, outputs) = load_journal(tx.conn(), wf.id, &args.step).await?;
+    let (journaled, names, outputs) = load_journal(tx.conn(), wf.id, &args.step).await?;
     match wake {
         Wake::Compensate { seq } => {
-            return run_compensation(store, tx, &wf, &def, idx, job, journaled, seq).await;
+            let outcome = run_compensation(store, tx, &wf, &def, idx, job, journaled, seq).await;
+            return outcome.map(Prepared::Done);
         }
         Wake::Reconcile { seq, n } => {
-            return run_reconcile(store, tx, &wf, &def, idx, job, journaled, (seq, n)).await;
+            let outcome = run_reconcile(store, tx, &wf, &def, idx, job, journaled, (seq, n)).await;
+            return outcome.map(Prepared::Done);
         }
         _ => {}
     }
@@ -1494,12 +1686,12 @@ async fn run_step_inner(
             }
         }
         tx.complete().await?;
-        return Ok(Outcome::Complete);
+        return Ok(Prepared::Done(Outcome::Complete));
     }
     if wf.current_step.as_deref() != Some(args.step.as_str()) {
         // Not this step's turn (a stray job): nothing to do.
         tx.complete().await?;
-        return Ok(Outcome::Complete);
+        return Ok(Prepared::Done(Outcome::Complete));
     }
 
     let mut timed_out = false;
@@ -1512,14 +1704,14 @@ async fn run_step_inner(
         {
             *moved =
                 checkpoint_advance(tx, store, &wf, &def, idx, &payload, job, None, inline).await?;
-            return Ok(Outcome::Complete);
+            return Ok(Prepared::Done(Outcome::Complete));
         }
         match wake {
             Wake::Timeout { wait_seq } if wait_seq == wf.wait_seq => timed_out = true,
             _ => {
                 // A spurious or stale wake-up: keep waiting.
                 tx.complete().await?;
-                return Ok(Outcome::Complete);
+                return Ok(Prepared::Done(Outcome::Complete));
             }
         }
     }
@@ -1541,25 +1733,219 @@ async fn run_step_inner(
             .unwrap_or_else(|| "the call's intent is recorded without an answer".to_string());
         checkpoint_in_doubt(&mut tx, store, &wf, &def, idx, &job.lease, &reason).await?;
         tx.complete().await?;
-        return Ok(Outcome::Complete);
+        return Ok(Prepared::Done(Outcome::Complete));
     }
 
+    Ok(Prepared::Run(Box::new(Ready {
+        tx,
+        wf,
+        def,
+        idx,
+        journaled: names,
+        outputs,
+        timed_out,
+        prior_call,
+    })))
+}
+
+/// A successor's run without a transaction, against the snapshot its
+/// predecessor's checkpoint left ([`run_steps`] carries it). When the step
+/// needed nothing but its checkpoint (no `db()`, no external call) and ends
+/// in a successor that may run inline too, or in the workflow's end, the
+/// checkpoint goes to the group committer ([`crate::checkpoint`]), which
+/// fences and re-checks it inside its batch statement. Otherwise — the step
+/// opened its transaction (and holds the lock since), it ends another way,
+/// or the batch did not apply it — the locked path finishes: the job is
+/// looked at under the lock as on any delivery ([`prepare_locked`]) and the
+/// step's result checkpointed if the step is still due ([`after_step`]).
+///
+/// Safe because a step's run has no effect until it commits: the step's
+/// database writes and its external call happen only under the lock
+/// ([`StepCtx::db`], [`StepCtx::external_call`] take it first, checking that
+/// the workflow did not move), and a checkpoint against a workflow that
+/// moved (an operator's cancel) is discarded. What the lock-free run gives
+/// up: an operator's cancel does not wait for such a step, whose result is
+/// then dropped; and in the rare case that another job also stands for the
+/// successor (a re-delivery of an earlier step enqueued it), both may run
+/// the step's body — one checkpoint wins, the other finds it journaled.
+#[allow(clippy::too_many_arguments)]
+async fn run_optimistic(
+    store: &Store,
+    registry: &WorkflowRegistry,
+    run: Run<'_>,
+    snap: Snapshot,
+    def: &Workflow,
+    idx: usize,
+    moved: &mut Option<ClaimedJob>,
+    carry: &mut Option<Snapshot>,
+) -> Result<Outcome> {
+    let Run { job, inline, .. } = run;
+    let Snapshot {
+        mut wf,
+        mut journaled,
+        mut outputs,
+    } = snap;
+    let lease = &job.lease;
+    let lazy = LazyTx {
+        lease: lease.clone(),
+        state: wf.state,
+        wait_seq: wf.wait_seq,
+        tried: std::sync::atomic::AtomicBool::new(false),
+    };
     let (ctx, slot) = step_ctx(
         store,
         &wf,
-        &def,
+        def,
         idx,
-        outputs,
+        outputs.clone(),
         job,
-        timed_out,
-        prior_call,
+        false,
+        None,
         Role::Step,
-        tx,
+        None,
+        Some(lazy),
     );
     let result = def.steps[idx].run.call(ctx.clone()).await;
-    let tx = take_tx(&slot).await?;
+    let tx = slot.lock().await.take();
     let flagged = ctx.track().in_doubt.take();
+    let step = def.steps[idx].name;
+    if let Some(tx) = tx {
+        let done = Done {
+            result,
+            flagged,
+            journal: (journaled, outputs),
+        };
+        return after_step(store, tx, &wf, def, idx, run, done, moved, carry).await;
+    }
+    let batched = match (&result, &flagged) {
+        (Ok(StepOutcome::Finish(output)), None) => Some((output, None)),
+        (Ok(StepOutcome::Continue(output)), None) => match def.steps.get(idx + 1) {
+            None => Some((output, None)),
+            Some(next)
+                if wf.queue == job.queue
+                    && lease.max_attempts == def.max_attempts
+                    && inline.is_some_and(|d| std::time::Instant::now() < d) =>
+            {
+                Some((output, Some(next.name)))
+            }
+            Some(_) => None,
+        },
+        _ => None,
+    };
+    if let Some((output, next)) = batched {
+        let next_job = next.map(|name| {
+            step_job(
+                wf.id,
+                &wf.queue,
+                name,
+                Wake::Entry,
+                None,
+                Some(def.max_attempts),
+            )
+        });
+        if let Some(j) = &next_job {
+            j.validate()?;
+        }
+        let item = checkpoint::Item {
+            workflow_id: wf.id,
+            step: step.to_string(),
+            position: i32::try_from(idx).unwrap_or(i32::MAX),
+            idempotency_key: idempotency_key(wf.id, step),
+            output: output.clone(),
+            attempt: lease.attempt,
+            started_at: lease.attempted_at,
+            job_id: lease.job_id,
+            token: lease.token,
+            state: wf.state.as_str(),
+            wait_seq: wf.wait_seq,
+            next: next
+                .zip(next_job.as_ref())
+                .map(|(name, j)| checkpoint::Next {
+                    step: name.to_string(),
+                    args: j.args.clone(),
+                    max_attempts: j.max_attempts,
+                    unique_key: j.unique_key.clone(),
+                }),
+        };
+        match (store.checkpointer().submit(item).await, next.zip(next_job)) {
+            (checkpoint::Applied::Finished, None) => {
+                lease.mark_finished();
+                return Ok(Outcome::Complete);
+            }
+            (checkpoint::Applied::Moved(attempted_at), Some((name, next_job))) => {
+                let mut successor = job.clone();
+                successor.args = next_job.args;
+                successor.workflow_step = Some(name.to_string());
+                successor.lease = lease.for_next_step(attempted_at, next_job.max_attempts);
+                *moved = Some(successor);
+                journaled.insert(step.to_string());
+                outputs.insert(step.to_string(), output.clone());
+                wf.moved_on_to(name);
+                *carry = Some(Snapshot {
+                    wf,
+                    journaled,
+                    outputs,
+                });
+                return Ok(Outcome::Complete);
+            }
+            // Not applied: nothing was written; the locked path re-checks.
+            _ => {}
+        }
+    }
+    let ready = match prepare_locked(store, registry, run, moved).await? {
+        Prepared::Done(outcome) => return Ok(outcome),
+        Prepared::Run(ready) => *ready,
+    };
+    if ready.def.steps[ready.idx].name != step || ready.prior_call.is_some() || ready.timed_out {
+        // Due again, but not as this run found it: run it afresh later.
+        ready.tx.rollback().await?;
+        return Ok(Outcome::retry(format!(
+            "workflow {} moved while its step {step:?} ran; it runs again",
+            wf.id
+        )));
+    }
+    let done = Done {
+        result,
+        flagged,
+        journal: (ready.journaled, ready.outputs),
+    };
+    after_step(
+        store, ready.tx, &ready.wf, def, idx, run, done, moved, carry,
+    )
+    .await
+}
 
+/// A step's run as [`after_step`] gets it: what the step returned, the
+/// in-doubt reason its external call left (if any), and the journal it ran
+/// against (step names and completed outputs), from which the successor's
+/// snapshot is made when the row moves on inline.
+struct Done {
+    result: StepResult,
+    flagged: Option<String>,
+    journal: (std::collections::HashSet<String>, HashMap<String, Value>),
+}
+
+/// What follows a step's run on the locked path: its checkpoint (or its
+/// failure, its doubt, its signal wait) in the fenced transaction `tx`,
+/// which holds the workflow row `wf` locked.
+#[allow(clippy::too_many_arguments)]
+async fn after_step(
+    store: &Store,
+    tx: FencedTx,
+    wf: &Locked,
+    def: &Workflow,
+    idx: usize,
+    run: Run<'_>,
+    done: Done,
+    moved: &mut Option<ClaimedJob>,
+    carry: &mut Option<Snapshot>,
+) -> Result<Outcome> {
+    let Run { job, args, inline } = run;
+    let Done {
+        result,
+        flagged,
+        journal: (mut journaled, mut outputs),
+    } = done;
     let in_doubt = match (&result, flagged) {
         (Ok(StepOutcome::InDoubt(reason)), _) => Some(reason.clone()),
         (_, Some(reason)) => Some(reason),
@@ -1573,7 +1959,7 @@ async fn run_step_inner(
             tx.rollback().await?;
             return Ok(Outcome::retry(reason));
         };
-        checkpoint_in_doubt(&mut tx, store, &wf, &def, idx, &job.lease, &reason).await?;
+        checkpoint_in_doubt(&mut tx, store, &wf, def, idx, &job.lease, &reason).await?;
         tx.complete().await?;
         return Ok(Outcome::Complete);
     }
@@ -1590,28 +1976,42 @@ async fn run_step_inner(
                 tx.rollback().await?;
                 return Ok(Outcome::retry(error));
             };
-            fail_step_in(tx.conn(), store, &wf, &def, idx, Some(&job.lease), &error).await?;
+            fail_step_in(tx.conn(), store, &wf, def, idx, Some(&job.lease), &error).await?;
             let outcome = Outcome::fail(&error);
             tx.finish(outcome.clone()).await?;
             Ok(outcome)
         }
         Ok(StepOutcome::Continue(output)) => {
             *moved =
-                checkpoint_advance(tx, store, &wf, &def, idx, &output, job, None, inline).await?;
+                checkpoint_advance(tx, store, wf, def, idx, &output, job, None, inline).await?;
+            if let Some(next) = moved.as_ref().and_then(|m| m.workflow_step.as_deref()) {
+                // The row moved on inline: the successor runs against what
+                // this checkpoint wrote.
+                let step = def.steps[idx].name.to_string();
+                journaled.insert(step.clone());
+                outputs.insert(step, output);
+                let mut wf = wf.clone();
+                wf.moved_on_to(next);
+                *carry = Some(Snapshot {
+                    wf,
+                    journaled,
+                    outputs,
+                });
+            }
             Ok(Outcome::Complete)
         }
         Ok(StepOutcome::Finish(output)) => {
-            checkpoint_step(tx, store, &wf, &def, idx, &output, job, None, None).await?;
+            checkpoint_step(tx, store, wf, def, idx, &output, job, None, None).await?;
             Ok(Outcome::Complete)
         }
         Ok(StepOutcome::SleepUntil(at)) => {
             let output = json!({ "sleep_until": at });
-            checkpoint_advance(tx, store, &wf, &def, idx, &output, job, Some(at), None).await?;
+            checkpoint_advance(tx, store, wf, def, idx, &output, job, Some(at), None).await?;
             Ok(Outcome::Complete)
         }
         Ok(StepOutcome::Fail(error)) => {
             let mut tx = tx;
-            fail_step_in(tx.conn(), store, &wf, &def, idx, Some(&job.lease), &error).await?;
+            fail_step_in(tx.conn(), store, wf, def, idx, Some(&job.lease), &error).await?;
             tx.complete().await?;
             Ok(Outcome::Complete)
         }
@@ -1634,7 +2034,7 @@ async fn run_step_inner(
                 signal_consume_in(tx.conn(), store, wf.id, &args.step, &name, &correlation_key)
                     .await?
             {
-                *moved = checkpoint_advance(tx, store, &wf, &def, idx, &payload, job, None, inline)
+                *moved = checkpoint_advance(tx, store, wf, def, idx, &payload, job, None, inline)
                     .await?;
                 return Ok(Outcome::Complete);
             }
@@ -1687,10 +2087,11 @@ fn step_ctx(
     timed_out: bool,
     prior_call: Option<PriorCall>,
     role: Role,
-    tx: FencedTx,
+    tx: Option<FencedTx>,
+    lazy: Option<LazyTx>,
 ) -> (StepCtx, Arc<Mutex<Option<FencedTx>>>) {
     let step = def.steps[idx].name;
-    let slot = Arc::new(Mutex::new(Some(tx)));
+    let slot = Arc::new(Mutex::new(tx));
     let ctx = StepCtx {
         info: Arc::new(StepInfo {
             workflow_id: wf.id,
@@ -1711,6 +2112,7 @@ fn step_ctx(
             prior_call,
             role,
             track: std::sync::Mutex::new(CallTrack::default()),
+            lazy,
         }),
         tx: slot.clone(),
     };
@@ -1760,7 +2162,8 @@ async fn run_compensation(
         false,
         None,
         Role::Compensation,
-        tx,
+        Some(tx),
+        None,
     );
     let result = compensate.call(ctx, output).await;
     let mut tx = take_tx(&slot).await?;
@@ -1855,7 +2258,8 @@ async fn run_reconcile(
         false,
         prior_call,
         Role::Reconcile,
-        tx,
+        Some(tx),
+        None,
     );
     let result = reconcile.call(ctx, idempotency_key(wf.id, step)).await;
     let mut tx = take_tx(&slot).await?;
@@ -1909,23 +2313,55 @@ async fn run_reconcile(
     }
 }
 
+/// The columns [`locked_from_row`] reads, first in a row, of table `$t`.
+macro_rules! locked_columns {
+    ($t:literal) => {
+        concat!(
+            $t,
+            ".id, ",
+            $t,
+            ".kind, ",
+            $t,
+            ".version, ",
+            $t,
+            ".state, ",
+            $t,
+            ".input, ",
+            $t,
+            ".current_step, ",
+            $t,
+            ".wait_signal_name, ",
+            $t,
+            ".wait_correlation_key, ",
+            $t,
+            ".wait_seq, ",
+            $t,
+            ".wait_until, ",
+            $t,
+            ".queue"
+        )
+    };
+}
+
 async fn lock_workflow(conn: &mut PgConnection, id: WorkflowId) -> Result<Option<Locked>> {
     // NO KEY UPDATE: serializes deliveries and operators like FOR UPDATE,
     // but lets `external_call`'s own transaction insert the step's journal
     // row (its foreign-key check takes KEY SHARE on this row).
-    let Some(r) = sqlx::query(
-        "SELECT id, kind, version, state, input, current_step, wait_signal_name,
-                wait_correlation_key, wait_seq, wait_until, queue
-         FROM workflows WHERE id = $1 FOR NO KEY UPDATE",
-    )
+    let row = sqlx::query(concat!(
+        "SELECT ",
+        locked_columns!("workflows"),
+        " FROM workflows WHERE id = $1 FOR NO KEY UPDATE"
+    ))
     .bind(id)
     .fetch_optional(&mut *conn)
-    .await?
-    else {
-        return Ok(None);
-    };
+    .await?;
+    row.as_ref().map(locked_from_row).transpose()
+}
+
+/// A workflow row as [`locked_columns`] selected it.
+fn locked_from_row(r: &sqlx::postgres::PgRow) -> Result<Locked> {
     let state: String = r.try_get(3)?;
-    Ok(Some(Locked {
+    Ok(Locked {
         id: r.try_get(0)?,
         kind: r.try_get(1)?,
         version: r.try_get(2)?,
@@ -1937,18 +2373,80 @@ async fn lock_workflow(conn: &mut PgConnection, id: WorkflowId) -> Result<Option
         wait_seq: r.try_get(8)?,
         wait_until: r.try_get(9)?,
         queue: r.try_get(10)?,
-    }))
+    })
+}
+
+/// The workflow row and the names and outputs of its journaled steps as a
+/// checkpoint that moved its job row on inline left them: what the
+/// successor runs against without a lock ([`run_optimistic`]).
+struct Snapshot {
+    wf: Locked,
+    /// Steps with a journal row (any status).
+    journaled: std::collections::HashSet<String>,
+    /// Outputs of the completed (and compensated) steps.
+    outputs: HashMap<String, Value>,
+}
+
+impl Snapshot {
+    /// True when `step` may run optimistically: it is the workflow's current
+    /// step, never journaled (no earlier attempt left an intent, a failure or
+    /// a doubt behind), and the workflow runs or sleeps on a timer. Anything
+    /// else takes the locked path.
+    fn runs_optimistically(&self, step: &str) -> bool {
+        let runnable = match self.wf.state {
+            WorkflowState::Running => true,
+            WorkflowState::Waiting => self.wf.wait_signal_name.is_none(),
+            _ => false,
+        };
+        runnable && self.wf.current_step.as_deref() == Some(step) && !self.journaled.contains(step)
+    }
+}
+
+/// Opens the step's fenced transaction (failing with [`Error::StaleLease`]
+/// when the lease is lost) and locks the workflow row, if the workflow is
+/// still in `state` on `step` at `wait_seq` with no journal row for the step
+/// — where the optimistic path found it. `None` (rolled back) when it moved.
+async fn lock_unchanged(
+    store: &Store,
+    lease: &crate::Lease,
+    id: WorkflowId,
+    (state, step, wait_seq): (WorkflowState, &str, i32),
+) -> Result<Option<FencedTx>> {
+    let mut tx = FencedTx::begin(store, lease).await?;
+    let same: Option<bool> = sqlx::query_scalar(
+        "SELECT coalesce(w.state = $2 AND w.current_step = $3 AND w.wait_seq = $4
+                         AND NOT EXISTS (SELECT 1 FROM workflow_steps s
+                                         WHERE s.workflow_id = w.id AND s.step = $3), false)
+         FROM workflows w WHERE w.id = $1 FOR NO KEY UPDATE OF w",
+    )
+    .bind(id)
+    .bind(state.as_str())
+    .bind(step)
+    .bind(wait_seq)
+    .fetch_optional(tx.conn())
+    .await?;
+    if same == Some(true) {
+        Ok(Some(tx))
+    } else {
+        tx.rollback().await?;
+        Ok(None)
+    }
 }
 
 /// The step's journal row and the outputs of the completed (and compensated)
 /// steps by name, read in one query: a step needs both, and every round trip
 /// costs both sides CPU (the workflow benchmark spends most of its time on
 /// them).
+#[allow(clippy::type_complexity)]
 async fn load_journal(
     conn: &mut PgConnection,
     id: WorkflowId,
     step: &str,
-) -> Result<(Option<Journaled>, HashMap<String, Value>)> {
+) -> Result<(
+    Option<Journaled>,
+    std::collections::HashSet<String>,
+    HashMap<String, Value>,
+)> {
     let rows = sqlx::query(
         "SELECT step, status, output, call_state, call_output, call_error
          FROM workflow_steps WHERE workflow_id = $1",
@@ -1957,9 +2455,11 @@ async fn load_journal(
     .fetch_all(&mut *conn)
     .await?;
     let mut journaled = None;
+    let mut names = std::collections::HashSet::with_capacity(rows.len());
     let mut outputs = HashMap::with_capacity(rows.len());
     for r in rows {
         let name: String = r.try_get(0)?;
+        names.insert(name.clone());
         let status: String = r.try_get(1)?;
         let output: Option<Value> = r.try_get(2)?;
         if matches!(status.as_str(), "completed" | "compensated") {
@@ -1982,7 +2482,7 @@ async fn load_journal(
             });
         }
     }
-    Ok((journaled, outputs))
+    Ok((journaled, names, outputs))
 }
 
 /// The outputs of the completed (and compensated) steps, by name.
