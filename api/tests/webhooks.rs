@@ -439,3 +439,29 @@ async fn processing_marks_the_inbox_row_processed_with_its_signal() {
     assert_eq!(count(&f, signals).await, 1);
     assert_eq!(count(&f, processed).await, 1);
 }
+
+#[tokio::test]
+async fn an_accepted_delivery_wakes_its_queue_after_the_commit() {
+    // The processing workflow starts without an in-transaction NOTIFY (it
+    // would serialize the intake's commits); the intake sends the wake-up
+    // itself once the inbox row and the workflow are committed.
+    let f = fixture().await;
+    let mut listener = ledgerflow_engine::notify::Listener::connect(&f.db.pool)
+        .await
+        .unwrap();
+    let resp = post_stripe(&f.state, SECRET, now(), &event_body("evt_wake")).await;
+    assert_eq!(resp.0, StatusCode::OK, "{}", resp.1);
+    assert_eq!(resp.1["status"], "accepted");
+    let queue: String = sqlx::query_scalar(
+        "SELECT j.queue FROM jobs j JOIN workflows w ON w.id = j.workflow_id
+         WHERE w.unique_key = 'webhook:evt_wake'",
+    )
+    .fetch_one(&f.db.pool)
+    .await
+    .unwrap();
+    let woken = tokio::time::timeout(std::time::Duration::from_secs(10), listener.recv())
+        .await
+        .expect("a wake-up within 10 s")
+        .unwrap();
+    assert_eq!(woken, Some(ledgerflow_engine::notify::Wakeup::Jobs(queue)));
+}
