@@ -7,13 +7,24 @@
 //!
 //! Admin rights are an explicit allow-list per [`Permission`], so a role or
 //! permission added later is denied until someone grants it here.
+//!
+//! User API keys that authenticated are remembered for a short while
+//! ([`KeyCache`], `ApiConfig::api_key_cache_ttl`, 1 s by default), so a
+//! client sending many requests costs one key lookup per second instead of
+//! one database round trip per request. Revoking a key therefore takes
+//! effect within that TTL on every API process (instead of on the next
+//! request), and a key is never served from the cache past its expiry.
+//! Refusals are never cached: a new key works at once. Admin credentials
+//! are looked up on every request (the admin API is not a hot path).
 use crate::AppState;
 use crate::error::{Error, Result};
 use ledgerflow_payments::UserId;
 use ledgerflow_payments::users::{self, Admin, AdminRole};
 use poem_openapi::SecurityScheme;
 use poem_openapi::auth::Bearer;
-use sqlx::PgConnection;
+use std::collections::HashMap;
+use std::sync::RwLock;
+use std::time::{Duration, Instant};
 
 /// A user's API key, as `Authorization: Bearer lf_…`.
 #[derive(SecurityScheme)]
@@ -46,14 +57,80 @@ pub fn allows(role: AdminRole, perm: Permission) -> bool {
     )
 }
 
-/// The user whose API key this is, or 401. Looked up on the caller's
-/// connection (the public handlers reuse it for the rest of the request, one
-/// pool checkout instead of two). Not cached: a revoked or expired key is
-/// refused from the next request on.
-pub async fn user(conn: &mut PgConnection, key: &UserKey) -> Result<UserId> {
-    users::authenticate_api_key(&mut *conn, &key.0.token)
+/// The most keys remembered at once; past it, the expired ones are
+/// dropped, and if that is not enough, all of them (a burst of lookups
+/// follows, nothing else).
+const MAX_CACHED_KEYS: usize = 10_000;
+
+/// Recently authenticated user API keys, by the SHA-256 of the whole
+/// credential (the credential itself is not kept).
+#[derive(Debug)]
+pub struct KeyCache {
+    ttl: Duration,
+    keys: RwLock<HashMap<[u8; 32], (UserId, Instant)>>,
+}
+
+impl KeyCache {
+    /// A cache that trusts a successful lookup for `ttl` (zero: no caching).
+    pub fn new(ttl: Duration) -> Self {
+        Self {
+            ttl,
+            keys: RwLock::new(HashMap::new()),
+        }
+    }
+
+    fn get(&self, digest: &[u8; 32], now: Instant) -> Option<UserId> {
+        let keys = self
+            .keys
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        keys.get(digest)
+            .and_then(|&(user, until)| (now < until).then_some(user))
+    }
+
+    fn put(&self, digest: [u8; 32], user: UserId, until: Instant) {
+        let mut keys = self
+            .keys
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if keys.len() >= MAX_CACHED_KEYS {
+            let now = Instant::now();
+            keys.retain(|_, &mut (_, until)| now < until);
+            if keys.len() >= MAX_CACHED_KEYS {
+                keys.clear();
+            }
+        }
+        keys.insert(digest, (user, until));
+    }
+}
+
+/// The user whose API key this is, or 401: from the [`KeyCache`] while the
+/// key's last successful lookup is younger than the TTL, otherwise looked
+/// up (on a pooled connection of its own; only the hot paths' cache hits
+/// avoid the round trip).
+pub async fn user(state: &AppState, key: &UserKey) -> Result<UserId> {
+    let token = &key.0.token;
+    let cache = &state.keys;
+    if cache.ttl.is_zero() {
+        return users::authenticate_api_key(state.pool(), token)
+            .await?
+            .ok_or(Error::Unauthorized);
+    }
+    let digest = users::credential_digest(token);
+    // Taken before the lookup: the entry ends no later than the key does,
+    // however long the answer takes to arrive.
+    let asked = Instant::now();
+    if let Some(user) = cache.get(&digest, asked) {
+        return Ok(user);
+    }
+    let live = users::authenticate_api_key_live(state.pool(), token)
         .await?
-        .ok_or(Error::Unauthorized)
+        .ok_or(Error::Unauthorized)?;
+    let trust = live
+        .expires_in
+        .map_or(cache.ttl, |left| left.min(cache.ttl));
+    cache.put(digest, live.user, asked + trust);
+    Ok(live.user)
 }
 
 /// The admin whose credential this is (401 otherwise), if its role has
@@ -83,5 +160,39 @@ mod tests {
         assert!(allows(Operator, Operate));
         assert!(!allows(Viewer, Operate));
         assert!(!allows(Approver, Operate));
+    }
+
+    #[test]
+    fn cached_keys_end_at_their_deadline() {
+        let cache = KeyCache::new(Duration::from_secs(1));
+        let user = UserId::new();
+        let now = Instant::now();
+        cache.put([1; 32], user, now + Duration::from_millis(10));
+        assert_eq!(cache.get(&[1; 32], now), Some(user));
+        assert_eq!(cache.get(&[2; 32], now), None);
+        assert_eq!(cache.get(&[1; 32], now + Duration::from_millis(10)), None);
+    }
+
+    #[test]
+    fn a_full_cache_drops_expired_keys_first() {
+        let cache = KeyCache::new(Duration::from_secs(1));
+        let now = Instant::now();
+        let live = UserId::new();
+        for i in 0..MAX_CACHED_KEYS {
+            let mut digest = [0; 32];
+            digest[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            // Every key but the first has already ended.
+            let until = if i == 0 {
+                now + Duration::from_secs(60)
+            } else {
+                now
+            };
+            cache.put(digest, live, until);
+        }
+        cache.put([9; 32], live, now + Duration::from_secs(60));
+        assert_eq!(cache.get(&[0; 32], now), Some(live));
+        assert_eq!(cache.get(&[9; 32], now), Some(live));
+        let len = cache.keys.read().map(|k| k.len()).unwrap_or_default();
+        assert_eq!(len, 2);
     }
 }

@@ -4,29 +4,35 @@
 //! characters; missing or malformed → 400 problem). Keys are scoped per user.
 //! The record is stored by `ledgerflow_payments::idempotency` in the SAME
 //! transaction that starts the workflow, so "answered 201" and "workflow
-//! exists" commit together (contract rule 1):
+//! exists" commit together (contract rule 1). A POST runs:
 //!
-//! - [`begin`] opens the transaction on the caller's connection and claims
-//!   the key (insert first, `ON CONFLICT DO NOTHING`).
-//!   - new key → [`Begun::New`] with the open transaction: the handler starts
-//!     the workflow on it, stores the response (`complete_trade` /
-//!     `complete_withdrawal` of `ledgerflow_payments::idempotency`, which
-//!     read the created resource back in the same statement) and commits;
-//!   - key already used with the same fingerprint → [`Begun::Replay`] with the
-//!     stored first response (same status and body);
-//!   - key already used with another request → 422 problem (`unprocessable`).
+//! 1. [`begin`]: the transaction, with [`LOCK_TIMEOUT_MS`] as its
+//!    `lock_timeout`;
+//! 2. the workflow start, with a unique key made of user and key
+//!    (`api:trade:{user}:{key}`);
+//! 3. `record_trade` / `record_withdrawal` of
+//!    `ledgerflow_payments::idempotency`: the record, its fingerprint and the
+//!    response (the created resource read back) in one statement; [`settle`]
+//!    turns what it found into the answer:
+//!    - new key → [`Settled::Created`]: the handler commits and answers 201;
+//!    - key already used with the same fingerprint → [`Settled::Replay`]
+//!      with the stored first response (same status and body); the
+//!      transaction is rolled back (the start found the first request's
+//!      workflow and inserted nothing);
+//!    - key already used with another request → 422 problem
+//!      (`unprocessable`), rolled back.
 //! - **Concurrency (chosen behaviour):** a second request with a key whose
-//!   first request has not committed yet *waits* on the row lock (up to
-//!   [`LOCK_TIMEOUT_MS`]) and then replays the committed response; if the
-//!   first request rolled back, the waiter becomes the first. Only when the
-//!   wait exceeds the timeout is the answer 409 `conflict` ("request in
-//!   progress"), and the client should retry with the same key.
+//!   first request has not committed yet *waits* on the workflow's unique
+//!   key (up to [`LOCK_TIMEOUT_MS`]) and then replays the committed
+//!   response; if the first request rolled back, the waiter becomes the
+//!   first. Only when the wait exceeds the timeout is the answer 409
+//!   `conflict` ("request in progress"), and the client should retry with
+//!   the same key.
 //!
 //! Validation errors (bad JSON, bad amounts, unknown assets) are answered
-//! before the key is claimed: they store nothing and change nothing.
+//! before the transaction starts: they store nothing and change nothing.
 use crate::error::{Error, Result};
-use ledgerflow_payments::UserId;
-use ledgerflow_payments::idempotency::{self, Claim};
+use ledgerflow_payments::idempotency::{self, Recorded};
 use serde_json::Value;
 use sqlx::{Connection, PgConnection, Postgres, Transaction};
 
@@ -52,21 +58,14 @@ pub fn require_key(value: Option<&str>) -> Result<String> {
     Ok(key.to_string())
 }
 
-/// What [`begin`] decided.
-pub enum Begun<'c> {
-    /// A new key: do the work on this transaction, store the response, commit.
-    New(Transaction<'c, Postgres>),
-    /// A repeated request: answer with the stored status and body.
+/// What [`settle`] decided.
+#[derive(Debug)]
+pub enum Settled {
+    /// A new key: commit the transaction, then answer with this body (201).
+    Created(Value),
+    /// A repeated request: answer with the stored status and body (the
+    /// transaction wrote nothing; drop it).
     Replay { status: u16, body: Value },
-}
-
-impl std::fmt::Debug for Begun<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Begun::New(_) => f.write_str("Begun::New"),
-            Begun::Replay { status, .. } => write!(f, "Begun::Replay({status})"),
-        }
-    }
 }
 
 fn in_progress() -> Error {
@@ -75,40 +74,50 @@ fn in_progress() -> Error {
     ))
 }
 
-/// Opens the transaction on `conn` (with [`LOCK_TIMEOUT_MS`] as its
-/// `lock_timeout`) and claims `key` for the request `method path body`.
-pub async fn begin<'c>(
-    conn: &'c mut PgConnection,
-    user: UserId,
-    key: &str,
-    method: &str,
-    path: &str,
-    body: &Value,
-) -> Result<Begun<'c>> {
-    let fingerprint = idempotency::fingerprint(method, path, body);
-    let mut tx = conn
+/// Opens the protocol's transaction on `conn`, with [`LOCK_TIMEOUT_MS`] as
+/// its `lock_timeout` (one round trip).
+pub async fn begin(conn: &mut PgConnection) -> Result<Transaction<'_, Postgres>> {
+    Ok(conn
         .begin_with(idempotency::begin_statement(LOCK_TIMEOUT_MS))
-        .await?;
-    match idempotency::claim(&mut tx, user, key, &fingerprint).await? {
-        Claim::New => Ok(Begun::New(tx)),
-        Claim::InProgress => Err(in_progress()),
-        Claim::Existing(record) => {
+        .await?)
+}
+
+/// A failed workflow start: a wait for a concurrent request with the same
+/// key that outlived the lock timeout is a 409; anything else as usual.
+pub fn start_failed(e: ledgerflow_engine::Error) -> Error {
+    match &e {
+        ledgerflow_engine::Error::Db(db) if idempotency::is_lock_timeout(db) => in_progress(),
+        _ => e.into(),
+    }
+}
+
+/// The answer for what `record_trade` / `record_withdrawal` found, for a
+/// request with `fingerprint` that created `what` (named in the error when
+/// the created resource could not be read back).
+pub fn settle(recorded: Option<Recorded>, fingerprint: &str, what: &str) -> Result<Settled> {
+    match recorded {
+        Some(Recorded::New(body)) => Ok(Settled::Created(body)),
+        Some(Recorded::InProgress) => Err(in_progress()),
+        Some(Recorded::Existing(record)) => {
             if record.fingerprint != fingerprint {
                 return Err(Error::Unprocessable(format!(
                     "this {HEADER} was already used with a different request"
                 )));
             }
             match (record.response_status, record.response_body) {
-                (Some(status), Some(body)) => Ok(Begun::Replay { status, body }),
+                (Some(status), Some(body)) => Ok(Settled::Replay { status, body }),
                 _ => Err(in_progress()),
             }
         }
+        None => Err(Error::Internal(format!("{what} vanished"))),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ledgerflow_payments::idempotency::Record;
+    use serde_json::json;
 
     #[test]
     fn keys_are_required_and_bounded() {
@@ -120,5 +129,37 @@ mod tests {
             require_key(Some("order-1")).ok().as_deref(),
             Some("order-1")
         );
+    }
+
+    #[test]
+    fn settling_replays_only_the_same_request() {
+        let record = |fingerprint: &str| {
+            Some(Recorded::Existing(Record {
+                fingerprint: fingerprint.to_string(),
+                response_status: Some(201),
+                response_body: Some(json!({"id": "x"})),
+                resource_id: None,
+            }))
+        };
+        assert!(matches!(
+            settle(Some(Recorded::New(json!({}))), "a", "trade"),
+            Ok(Settled::Created(_))
+        ));
+        assert!(matches!(
+            settle(record("a"), "a", "trade"),
+            Ok(Settled::Replay { status: 201, .. })
+        ));
+        assert!(matches!(
+            settle(record("b"), "a", "trade"),
+            Err(Error::Unprocessable(_))
+        ));
+        assert!(matches!(
+            settle(Some(Recorded::InProgress), "a", "trade"),
+            Err(Error::Conflict(_))
+        ));
+        assert!(matches!(
+            settle(None, "a", "trade"),
+            Err(Error::Internal(_))
+        ));
     }
 }

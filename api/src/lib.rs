@@ -72,6 +72,10 @@ pub struct ApiConfig {
     pub shutdown_grace: Duration,
     /// Webhook providers (see [`webhooks`]; default: none).
     pub webhooks: webhooks::WebhookProviders,
+    /// How long a user API key that authenticated is trusted without being
+    /// looked up again (default 1 s; zero: looked up on every request). A
+    /// revoked key stops working within this time; see [`auth::KeyCache`].
+    pub api_key_cache_ttl: Duration,
 }
 
 impl Default for ApiConfig {
@@ -81,6 +85,7 @@ impl Default for ApiConfig {
             request_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),
             webhooks: webhooks::WebhookProviders::default(),
+            api_key_cache_ttl: Duration::from_secs(1),
         }
     }
 }
@@ -105,6 +110,8 @@ pub struct AppState {
     pub wakeups: Arc<wakeup::Wakeups>,
     /// Registered assets the public POSTs have looked up.
     pub assets: Arc<public::AssetCache>,
+    /// User API keys that authenticated recently.
+    pub keys: Arc<auth::KeyCache>,
     checks: Arc<Vec<Arc<dyn ReadinessCheck>>>,
 }
 
@@ -141,6 +148,7 @@ impl AppState {
             workflows: None,
             wakeups: Arc::new(wakeup::Wakeups::new(pool.clone())),
             assets: Arc::new(public::AssetCache::default()),
+            keys: Arc::new(auth::KeyCache::new(config.api_key_cache_ttl)),
             checks: Arc::new(vec![Arc::new(ops::Postgres(pool.clone()))]),
             pool,
             store,

@@ -16,17 +16,19 @@
 //! answers 201 only after the commit. A user sees only their own trades and
 //! withdrawals: another user's id is a 404, like a missing one.
 //!
-//! The POSTs are the hot path (`cargo xtask bench api`), so each runs on ONE
-//! pooled connection: key lookup, then `BEGIN` with the claim's lock timeout,
-//! claim, workflow + first job, response stored together with the read-back
-//! of the new resource, `COMMIT` — six round trips. Assets come from
-//! [`AssetCache`]. The workflow is started without the in-transaction
-//! `NOTIFY` (which would serialize the commits on Postgres' notify lock); the
-//! wake-up is sent after the commit by [`crate::wakeup::Wakeups`].
+//! The POSTs are the hot path (`cargo xtask bench api`), so each costs four
+//! round trips on one pooled connection: `BEGIN` with the lock timeout,
+//! workflow + first job (one statement), the idempotency record stored
+//! together with the response and the read-back of the new resource (one
+//! statement), `COMMIT`. The API key comes from [`crate::auth::KeyCache`] and
+//! assets from [`AssetCache`] (a lookup only on a miss). The workflow is
+//! started without the in-transaction `NOTIFY` (which would serialize the
+//! commits on Postgres' notify lock); the wake-up is sent after the commit
+//! by [`crate::wakeup::Wakeups`].
 use crate::AppState;
 use crate::auth::{self, UserKey};
 use crate::error::Error;
-use crate::idempotency::{self, Begun};
+use crate::idempotency::{self, Settled};
 use crate::types::Text;
 use ledgerflow_engine::{WorkflowRegistry, workflow_start_in};
 use ledgerflow_payments::exchange::Side;
@@ -41,7 +43,6 @@ use poem_openapi::payload::Json;
 use poem_openapi::types::{ParseFromJSON, ToJSON};
 use poem_openapi::{ApiResponse, Enum, Object, OpenApi, Tags};
 use serde_json::{Value, json};
-use sqlx::PgConnection;
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
@@ -246,19 +247,15 @@ impl AssetCache {
 }
 
 /// A registered asset, or a 400 problem.
-async fn asset(
-    state: &AppState,
-    conn: &mut PgConnection,
-    field: &str,
-    code: &str,
-) -> Result<Asset, Error> {
+async fn asset(state: &AppState, field: &str, code: &str) -> Result<Asset, Error> {
     if code.is_empty() || code.len() > 32 {
         return Err(Error::Validation(format!("{field}: unknown asset")));
     }
     if let Some(known) = state.assets.get(code) {
         return Ok(known);
     }
-    let found = ledger::asset(conn, code)
+    let mut conn = state.pool().acquire().await?;
+    let found = ledger::asset(&mut conn, code)
         .await?
         .ok_or_else(|| Error::Validation(format!("{field}: unknown asset {code:?}")))?;
     state.assets.put(&found);
@@ -311,8 +308,8 @@ impl PublicApi {
         state: Data<&AppState>,
         key: UserKey,
     ) -> Result<Json<Balances>, Error> {
+        let user = auth::user(&state, &key).await?;
         let mut conn = state.pool().acquire().await?;
-        let user = auth::user(&mut conn, &key).await?;
         let rows = ledger::balances(&mut conn, user).await?;
         Ok(Json(Balances {
             balances: rows
@@ -348,8 +345,7 @@ impl PublicApi {
         idempotency_key: Header<Option<String>>,
         body: Json<NewTrade>,
     ) -> Result<TradeCreated, Error> {
-        let mut conn = state.pool().acquire().await?;
-        let user = auth::user(&mut conn, &key).await?;
+        let user = auth::user(&state, &key).await?;
         let idem = idempotency::require_key(idempotency_key.0.as_deref())?;
         let registry = registry(&state)?;
         let req = body.0;
@@ -359,8 +355,8 @@ impl PublicApi {
                 "base_asset and quote_asset must differ".into(),
             ));
         }
-        let base = asset(&state, &mut conn, "base_asset", base_code).await?;
-        let quote = asset(&state, &mut conn, "quote_asset", quote_code).await?;
+        let base = asset(&state, "base_asset", base_code).await?;
+        let quote = asset(&state, "quote_asset", quote_code).await?;
         let (base_amount, _) = amount("base_amount", req.base_amount.as_str(), &base)?;
         let (limit_price, _) = amount("limit_price", req.limit_price.as_str(), &quote)?;
         let side = match req.side {
@@ -374,14 +370,7 @@ impl PublicApi {
             "base_amount": base_amount.as_str(),
             "limit_price": limit_price.as_str(),
         });
-        let path = "/v1/trades";
-        let mut tx =
-            match idempotency::begin(&mut conn, user, &idem, "POST", path, &canonical).await? {
-                Begun::Replay { status, body } => {
-                    return Ok(TradeCreated::Created(Json(stored(status, body)?)));
-                }
-                Begun::New(tx) => tx,
-            };
+        let fingerprint = records::fingerprint("POST", "/v1/trades", &canonical);
         let input = TradeInput {
             user_id: user,
             side,
@@ -391,8 +380,12 @@ impl PublicApi {
             limit_price,
         };
         let input = serde_json::to_value(&input).map_err(|e| Error::Internal(e.to_string()))?;
+        // The unique key is what makes a concurrent request with this key
+        // wait for the first one (see `crate::idempotency`).
         let unique = format!("api:trade:{user}:{idem}");
         let wake = state.store.config().notify;
+        let mut conn = state.pool().acquire().await?;
+        let mut tx = idempotency::begin(&mut conn).await?;
         let id = workflow_start_in(
             &mut tx,
             &state.store.clone().with_notify(false),
@@ -401,10 +394,15 @@ impl PublicApi {
             &input,
             Some(&unique),
         )
-        .await?;
-        let body = records::complete_trade(&mut tx, user, &idem, id)
-            .await?
-            .ok_or_else(|| Error::Internal(format!("trade {id} vanished")))?;
+        .await
+        .map_err(idempotency::start_failed)?;
+        let recorded = records::record_trade(&mut tx, user, &idem, &fingerprint, id).await?;
+        let body = match idempotency::settle(recorded, &fingerprint, &format!("trade {id}"))? {
+            Settled::Replay { status, body } => {
+                return Ok(TradeCreated::Created(Json(stored(status, body)?)));
+            }
+            Settled::Created(body) => body,
+        };
         tx.commit().await?;
         if wake {
             state.wakeups.wake(&queue_of(&registry, trade::KIND)?);
@@ -426,8 +424,8 @@ impl PublicApi {
         key: UserKey,
         id: Path<uuid::Uuid>,
     ) -> Result<Json<TradeView>, Error> {
+        let user = auth::user(&state, &key).await?;
         let mut conn = state.pool().acquire().await?;
-        let user = auth::user(&mut conn, &key).await?;
         records::trade(&mut conn, user, id.0)
             .await?
             .map(|r| Json(r.into()))
@@ -452,8 +450,7 @@ impl PublicApi {
         idempotency_key: Header<Option<String>>,
         body: Json<NewWithdrawal>,
     ) -> Result<WithdrawalCreated, Error> {
-        let mut conn = state.pool().acquire().await?;
-        let user = auth::user(&mut conn, &key).await?;
+        let user = auth::user(&state, &key).await?;
         let idem = idempotency::require_key(idempotency_key.0.as_deref())?;
         let registry = registry(&state)?;
         let req = body.0;
@@ -464,21 +461,14 @@ impl PublicApi {
             ));
         }
         let code = req.asset.as_str();
-        let asset = asset(&state, &mut conn, "asset", code).await?;
+        let asset = asset(&state, "asset", code).await?;
         let amount_str = amount("amount", req.amount.as_str(), &asset)?.0;
         let canonical = json!({
             "asset": code,
             "amount": amount_str.as_str(),
             "address": address,
         });
-        let path = "/v1/withdrawals";
-        let mut tx =
-            match idempotency::begin(&mut conn, user, &idem, "POST", path, &canonical).await? {
-                Begun::Replay { status, body } => {
-                    return Ok(WithdrawalCreated::Created(Json(stored(status, body)?)));
-                }
-                Begun::New(tx) => tx,
-            };
+        let fingerprint = records::fingerprint("POST", "/v1/withdrawals", &canonical);
         let input = WithdrawalInput {
             user_id: user,
             asset: code.to_string(),
@@ -489,6 +479,8 @@ impl PublicApi {
         let input = serde_json::to_value(&input).map_err(|e| Error::Internal(e.to_string()))?;
         let unique = format!("api:withdrawal:{user}:{idem}");
         let wake = state.store.config().notify;
+        let mut conn = state.pool().acquire().await?;
+        let mut tx = idempotency::begin(&mut conn).await?;
         let id = workflow_start_in(
             &mut tx,
             &state.store.clone().with_notify(false),
@@ -497,10 +489,15 @@ impl PublicApi {
             &input,
             Some(&unique),
         )
-        .await?;
-        let body = records::complete_withdrawal(&mut tx, user, &idem, id)
-            .await?
-            .ok_or_else(|| Error::Internal(format!("withdrawal {id} vanished")))?;
+        .await
+        .map_err(idempotency::start_failed)?;
+        let recorded = records::record_withdrawal(&mut tx, user, &idem, &fingerprint, id).await?;
+        let body = match idempotency::settle(recorded, &fingerprint, &format!("withdrawal {id}"))? {
+            Settled::Replay { status, body } => {
+                return Ok(WithdrawalCreated::Created(Json(stored(status, body)?)));
+            }
+            Settled::Created(body) => body,
+        };
         tx.commit().await?;
         if wake {
             state.wakeups.wake(&queue_of(&registry, withdrawal::KIND)?);
@@ -521,8 +518,8 @@ impl PublicApi {
         key: UserKey,
         id: Path<uuid::Uuid>,
     ) -> Result<Json<WithdrawalView>, Error> {
+        let user = auth::user(&state, &key).await?;
         let mut conn = state.pool().acquire().await?;
-        let user = auth::user(&mut conn, &key).await?;
         records::withdrawal(&mut conn, user, id.0)
             .await?
             .map(|r| Json(r.into()))

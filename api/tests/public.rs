@@ -642,3 +642,183 @@ async fn bad_input_is_a_problem_and_changes_nothing() {
     assert_problem(&r, 400, "validation");
     assert_nothing_written(&f).await;
 }
+
+// ------------------------------------------------------ API key cache
+
+/// An app on `f`'s database with `config` (the fixture's app uses the
+/// defaults).
+fn app_with(f: &Fixture, config: ledgerflow_api::ApiConfig) -> App {
+    let registry = workflows::registry(Deps {
+        exchange: Arc::new(SimulatedExchange::new(SimConfig::default())),
+        notifier: Arc::new(SimulatedNotifier::new()),
+        config: WorkflowsConfig::default(),
+    })
+    .unwrap();
+    let state = AppState::with_config(Store::new(f.db.pool.clone()), config)
+        .unwrap()
+        .with_workflows(Arc::new(registry));
+    TestClient::new(public_app(state).boxed())
+}
+
+/// A fresh user with one API key of `lifetime`: (key id, plain key).
+async fn user_with_key(
+    f: &Fixture,
+    email: &str,
+    lifetime: Option<Duration>,
+) -> (ledgerflow_payments::ApiKeyId, String) {
+    let mut conn = f.db.pool.acquire().await.unwrap();
+    let user = users::create_user(&mut conn, email, "C").await.unwrap();
+    let (id, key) = users::create_api_key(&mut conn, user, lifetime)
+        .await
+        .unwrap();
+    (id, key.expose_secret().to_string())
+}
+
+/// Sends `GET /v1/accounts/me/balances` with `key` every 50 ms until it is
+/// refused (asserting every earlier answer was a 200); returns how long
+/// that took, or panics after `deadline`.
+async fn until_refused(app: &App, key: &str, deadline: Duration) -> Duration {
+    let start = std::time::Instant::now();
+    loop {
+        let r = send(
+            app,
+            Method::GET,
+            "/v1/accounts/me/balances",
+            Some(key),
+            None,
+            None,
+        )
+        .await;
+        if r.status == StatusCode::UNAUTHORIZED {
+            assert_problem(&r, 401, "unauthorized");
+            return start.elapsed();
+        }
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        assert!(
+            start.elapsed() < deadline,
+            "the key still works after {deadline:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_revoked_key_stops_working_within_the_key_cache_ttl() {
+    let f = fixture(8).await;
+    let (id, key) = user_with_key(&f, "c@example.com", None).await;
+    // Used once: now remembered by the app's key cache (TTL 1 s by default).
+    let r = send(
+        &f.app,
+        Method::GET,
+        "/v1/accounts/me/balances",
+        Some(&key),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let mut conn = f.db.pool.acquire().await.unwrap();
+    assert!(users::revoke_api_key(&mut conn, id).await.unwrap());
+    // Refused once the cached answer is older than the TTL (generous
+    // deadline: a loaded machine may be slow to send the requests).
+    until_refused(&f.app, &key, Duration::from_secs(20)).await;
+    // ...and a POST with it writes nothing.
+    let r = send(
+        &f.app,
+        Method::POST,
+        "/v1/trades",
+        Some(&key),
+        Some("after-revocation"),
+        Some(&trade_body()),
+    )
+    .await;
+    assert_problem(&r, 401, "unauthorized");
+    assert_nothing_written(&f).await;
+}
+
+#[tokio::test]
+async fn without_a_key_cache_a_revoked_key_is_refused_at_once() {
+    let f = fixture(8).await;
+    let app = app_with(
+        &f,
+        ledgerflow_api::ApiConfig {
+            api_key_cache_ttl: Duration::ZERO,
+            ..Default::default()
+        },
+    );
+    let (id, key) = user_with_key(&f, "c@example.com", None).await;
+    let r = send(
+        &app,
+        Method::GET,
+        "/v1/accounts/me/balances",
+        Some(&key),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let mut conn = f.db.pool.acquire().await.unwrap();
+    assert!(users::revoke_api_key(&mut conn, id).await.unwrap());
+    let r = send(
+        &app,
+        Method::GET,
+        "/v1/accounts/me/balances",
+        Some(&key),
+        None,
+        None,
+    )
+    .await;
+    assert_problem(&r, 401, "unauthorized");
+}
+
+#[tokio::test]
+async fn a_cached_key_is_not_trusted_past_its_expiry() {
+    let f = fixture(8).await;
+    // A cache TTL far longer than the key's life: only the expiry bound
+    // can end the cached answer within the deadline.
+    let app = app_with(
+        &f,
+        ledgerflow_api::ApiConfig {
+            api_key_cache_ttl: Duration::from_secs(3600),
+            ..Default::default()
+        },
+    );
+    let (_, key) = user_with_key(&f, "c@example.com", Some(Duration::from_secs(3))).await;
+    let r = send(
+        &app,
+        Method::GET,
+        "/v1/accounts/me/balances",
+        Some(&key),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    until_refused(&app, &key, Duration::from_secs(30)).await;
+}
+
+#[tokio::test]
+async fn a_post_does_not_lock_its_users_row() {
+    // Concurrent POSTs of one user must not queue on the user's row: hold
+    // it FOR UPDATE (which a foreign key check's FOR KEY SHARE would wait
+    // for, past the POST's 5 s lock timeout) and POST meanwhile.
+    let f = fixture(8).await;
+    let mut tx = f.db.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM users WHERE email = 'a@example.com' FOR UPDATE")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let r = send(
+        &f.app,
+        Method::POST,
+        "/v1/trades",
+        Some(&f.user_a),
+        Some("while-locked"),
+        Some(&trade_body()),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    tx.rollback().await.unwrap();
+    assert_eq!(workflows_of(&f, "payments.trade").await, 1);
+    assert_eq!(count(&f, "SELECT count(*) FROM idempotency_keys").await, 1);
+}

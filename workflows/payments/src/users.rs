@@ -199,21 +199,54 @@ pub async fn authenticate_api_key<'e, E: PgExecutor<'e>>(
     executor: E,
     presented: &str,
 ) -> Result<Option<UserId>> {
+    Ok(authenticate_api_key_live(executor, presented)
+        .await?
+        .map(|live| live.user))
+}
+
+/// A valid API key's user and how much longer the key lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LiveKey {
+    /// The key's owner.
+    pub user: UserId,
+    /// Time left until the key expires, measured by the database's clock
+    /// (`None`: it never expires). A cache of the answer must not outlive it.
+    pub expires_in: Option<Duration>,
+}
+
+/// [`authenticate_api_key`] that also says how long the key lives, for
+/// callers that cache the answer (the public API): same query, same checks.
+pub async fn authenticate_api_key_live<'e, E: PgExecutor<'e>>(
+    executor: E,
+    presented: &str,
+) -> Result<Option<LiveKey>> {
     let Some(parsed) = Presented::parse(presented, USER_KEY_TAG) else {
         return Ok(None);
     };
-    let row: Option<(UserId, Vec<u8>, bool)> = sqlx::query_as(
+    // The remaining lifetime in whole microseconds, computed by the database
+    // that also decides `live`, so no clock skew between hosts matters.
+    let row: Option<(UserId, Vec<u8>, bool, Option<i64>)> = sqlx::query_as(
         "SELECT user_id, secret_hash,
-                revoked_at IS NULL AND (expires_at IS NULL OR expires_at > now()) AS live
+                revoked_at IS NULL AND (expires_at IS NULL OR expires_at > now()) AS live,
+                floor(extract(epoch FROM expires_at - now()) * 1000000)::bigint
            FROM api_keys WHERE prefix = $1",
     )
     .bind(parsed.prefix)
     .fetch_optional(executor)
     .await?;
     Ok(match row {
-        Some((user, hash, live)) if parsed.matches(&hash) && live => Some(user),
+        Some((user, hash, live, left_us)) if parsed.matches(&hash) && live => Some(LiveKey {
+            user,
+            expires_in: left_us.map(|us| Duration::from_micros(u64::try_from(us).unwrap_or(0))),
+        }),
         _ => None,
     })
+}
+
+/// SHA-256 of a whole presented credential: an in-memory cache key that
+/// does not keep the credential itself around.
+pub fn credential_digest(presented: &str) -> [u8; 32] {
+    sha256(presented)
 }
 
 /// Revokes an API key (from the next request on). Returns `true` if this
