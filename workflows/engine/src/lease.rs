@@ -122,25 +122,40 @@ impl std::fmt::Debug for FencedTx {
 impl FencedTx {
     /// Begins a transaction fenced by `lease`.
     pub async fn begin(store: &Store, lease: &Lease) -> Result<Self> {
-        let mut tx = store.pool().begin().await?;
-        let held: Option<i32> = sqlx::query_scalar(
-            "SELECT 1 FROM jobs WHERE id = $1 AND lease_token = $2 AND state = 'running' FOR UPDATE",
-        )
-        .bind(lease.job_id)
-        .bind(lease.token)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if held.is_none() {
-            return Err(Error::StaleLease {
-                job_id: lease.job_id,
-                token: lease.token,
-            });
-        }
+        let mut tx = Self::begin_unfenced(store, lease).await?;
+        tx.check_fence().await?;
+        Ok(tx)
+    }
+
+    /// Begins the transaction WITHOUT locking the job row yet: the caller's
+    /// first statement must lock it by id and token itself (the workflow
+    /// step path does so together with the workflow row and the journal),
+    /// or call [`FencedTx::check_fence`], before anything is written.
+    pub(crate) async fn begin_unfenced(store: &Store, lease: &Lease) -> Result<Self> {
         Ok(Self {
-            tx,
+            tx: store.pool().begin().await?,
             lease: lease.clone(),
             store: store.clone(),
         })
+    }
+
+    /// Locks the job row by id and lease token; [`Error::StaleLease`] when
+    /// the lease is no longer current.
+    pub(crate) async fn check_fence(&mut self) -> Result<()> {
+        let held: Option<i32> = sqlx::query_scalar(
+            "SELECT 1 FROM jobs WHERE id = $1 AND lease_token = $2 AND state = 'running' FOR UPDATE",
+        )
+        .bind(self.lease.job_id)
+        .bind(self.lease.token)
+        .fetch_optional(&mut *self.tx)
+        .await?;
+        if held.is_none() {
+            return Err(Error::StaleLease {
+                job_id: self.lease.job_id,
+                token: self.lease.token,
+            });
+        }
+        Ok(())
     }
 
     /// The connection to run the handler's own statements on.
