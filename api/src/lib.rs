@@ -10,6 +10,8 @@
 //! - [`public`]     — `/v1` for users (bearer API key): balances, trades,
 //!   withdrawals;
 //! - [`idempotency`] — the `Idempotency-Key` protocol of the public POSTs;
+//! - [`batch`]      — group commit of the public POSTs (one transaction for
+//!   many concurrent ones);
 //! - [`admin`]      — the admin API (bearer admin credential, roles, audit):
 //!   jobs, queues, audit log; [`admin_workflows`], [`admin_cron`],
 //!   [`admin_dead_letters`] and [`admin_approvals`] add workflows, cron
@@ -31,6 +33,7 @@ pub mod admin_cron;
 pub mod admin_dead_letters;
 pub mod admin_workflows;
 pub mod auth;
+pub mod batch;
 pub mod console;
 pub mod error;
 pub mod idempotency;
@@ -76,6 +79,11 @@ pub struct ApiConfig {
     /// looked up again (default 1 s; zero: looked up on every request). A
     /// revoked key stops working within this time; see [`auth::KeyCache`].
     pub api_key_cache_ttl: Duration,
+    /// Most public POSTs committed in one shared transaction (default 16;
+    /// 1: every POST in a transaction of its own). See [`batch`].
+    pub post_batch: usize,
+    /// Most transactions of public POSTs running at once (default 4).
+    pub post_transactions: usize,
 }
 
 impl Default for ApiConfig {
@@ -86,6 +94,8 @@ impl Default for ApiConfig {
             shutdown_grace: Duration::from_secs(10),
             webhooks: webhooks::WebhookProviders::default(),
             api_key_cache_ttl: Duration::from_secs(1),
+            post_batch: 16,
+            post_transactions: 4,
         }
     }
 }
@@ -112,6 +122,8 @@ pub struct AppState {
     pub assets: Arc<public::AssetCache>,
     /// User API keys that authenticated recently.
     pub keys: Arc<auth::KeyCache>,
+    /// The public POSTs' transaction runners.
+    pub batcher: Arc<batch::Batcher>,
     checks: Arc<Vec<Arc<dyn ReadinessCheck>>>,
 }
 
@@ -143,12 +155,19 @@ impl AppState {
         let pool = store.pool().clone();
         let intake = webhooks::Intake::new(&metrics, config.webhooks.clone())
             .map_err(|e| Error::Internal(e.to_string()))?;
+        let batcher = batch::Batcher::new(
+            config.post_transactions,
+            config.post_batch,
+            metrics.registry(),
+        )
+        .map_err(|e| Error::Internal(e.to_string()))?;
         Ok(Self {
             webhooks: Arc::new(intake),
             workflows: None,
             wakeups: Arc::new(wakeup::Wakeups::new(pool.clone())),
             assets: Arc::new(public::AssetCache::default()),
             keys: Arc::new(auth::KeyCache::new(config.api_key_cache_ttl)),
+            batcher: Arc::new(batcher),
             checks: Arc::new(vec![Arc::new(ops::Postgres(pool.clone()))]),
             pool,
             store,

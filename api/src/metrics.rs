@@ -15,6 +15,7 @@
 //! | `ledgerflow_dead_letters_pending` | gauge | — | Kafka dead letters not redriven |
 //! | `ledgerflow_db_pool_connections` | gauge | state (idle, in_use) | the API's Postgres pool |
 //! | `ledgerflow_metrics_scrape_errors_total` | counter | — | scrapes whose queue query failed |
+//! | `ledgerflow_api_post_batch_size` | histogram | — | public POSTs committed per transaction ([`crate::batch`]) |
 //!
 //! `route` is the matched route template (`/v1/jobs/{id}`), never the raw
 //! path, so ids and queue names cannot blow up the label cardinality;

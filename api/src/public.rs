@@ -16,27 +16,28 @@
 //! answers 201 only after the commit. A user sees only their own trades and
 //! withdrawals: another user's id is a 404, like a missing one.
 //!
-//! The POSTs are the hot path (`cargo xtask bench api`), so each costs four
-//! round trips on one pooled connection: `BEGIN` with the lock timeout,
-//! workflow + first job (one statement), the idempotency record stored
-//! together with the response and the read-back of the new resource (one
-//! statement), `COMMIT`. The API key comes from [`crate::auth::KeyCache`] and
-//! assets from [`AssetCache`] (a lookup only on a miss). The workflow is
-//! started without the in-transaction `NOTIFY` (which would serialize the
-//! commits on Postgres' notify lock); the wake-up is sent after the commit
-//! by [`crate::wakeup::Wakeups`].
+//! The POSTs are the hot path (`cargo xtask bench api`). The API key comes
+//! from [`crate::auth::KeyCache`] and assets from [`AssetCache`] (a lookup
+//! only on a miss), so validation needs no database. The writes are two
+//! statements per POST — workflow + first job, then the idempotency record
+//! stored together with the response and the read-back of the new resource
+//! — inside `BEGIN` (with the lock timeout) … `COMMIT`, a transaction that
+//! concurrent POSTs share when the API is busy ([`crate::batch`]). The
+//! workflow is started without the in-transaction `NOTIFY` (which would
+//! serialize the commits on Postgres' notify lock); the wake-up is sent after
+//! the commit by [`crate::wakeup::Wakeups`].
 use crate::AppState;
 use crate::auth::{self, UserKey};
+use crate::batch::{Creation, Resource};
 use crate::error::Error;
 use crate::idempotency::{self, Settled};
 use crate::types::Text;
-use ledgerflow_engine::{WorkflowRegistry, workflow_start_in};
 use ledgerflow_payments::exchange::Side;
 use ledgerflow_payments::idempotency::{self as records, TradeRecord, WithdrawalRecord};
 use ledgerflow_payments::ledger;
 use ledgerflow_payments::money::{Amount, AmountStr, Asset};
-use ledgerflow_payments::workflows::trade::{self, TradeInput};
-use ledgerflow_payments::workflows::withdrawal::{self, WithdrawalInput};
+use ledgerflow_payments::workflows::trade::TradeInput;
+use ledgerflow_payments::workflows::withdrawal::WithdrawalInput;
 use poem::web::Data;
 use poem_openapi::param::{Header, Path};
 use poem_openapi::payload::Json;
@@ -44,7 +45,7 @@ use poem_openapi::types::{ParseFromJSON, ToJSON};
 use poem_openapi::{ApiResponse, Enum, Object, OpenApi, Tags};
 use serde_json::{Value, json};
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::RwLock;
 
 #[derive(Tags)]
 enum Tag {
@@ -211,12 +212,14 @@ impl From<WithdrawalRecord> for WithdrawalView {
     }
 }
 
-/// The registry the POSTs start workflows from (503 when not wired).
-fn registry(state: &AppState) -> Result<Arc<WorkflowRegistry>, Error> {
-    state.workflows.clone().ok_or_else(|| {
+/// 503 unless the POSTs have a workflow registry to start workflows from
+/// (checked before validation, so nothing is queued without one).
+fn require_registry(state: &AppState) -> Result<(), Error> {
+    if state.workflows.is_none() {
         tracing::error!("public API has no workflow registry (AppState::with_workflows)");
-        Error::Unavailable
-    })
+        return Err(Error::Unavailable);
+    }
+    Ok(())
 }
 
 /// Registered assets by code, as the POSTs found them. Only found assets are
@@ -260,14 +263,6 @@ async fn asset(state: &AppState, field: &str, code: &str) -> Result<Asset, Error
         .ok_or_else(|| Error::Validation(format!("{field}: unknown asset {code:?}")))?;
     state.assets.put(&found);
     Ok(found)
-}
-
-/// The queue `kind`'s workflows start on (for the wake-up after the commit).
-fn queue_of(registry: &WorkflowRegistry, kind: &str) -> Result<String, Error> {
-    registry
-        .latest(kind)
-        .map(|def| def.queue.clone())
-        .ok_or_else(|| Error::Internal(format!("no workflow of kind {kind:?} is registered")))
 }
 
 /// A money field: a plain positive decimal string within `asset`'s scale
@@ -347,7 +342,7 @@ impl PublicApi {
     ) -> Result<TradeCreated, Error> {
         let user = auth::user(&state, &key).await?;
         let idem = idempotency::require_key(idempotency_key.0.as_deref())?;
-        let registry = registry(&state)?;
+        require_registry(&state)?;
         let req = body.0;
         let (base_code, quote_code) = (req.base_asset.as_str(), req.quote_asset.as_str());
         if base_code == quote_code {
@@ -380,35 +375,20 @@ impl PublicApi {
             limit_price,
         };
         let input = serde_json::to_value(&input).map_err(|e| Error::Internal(e.to_string()))?;
-        // The unique key is what makes a concurrent request with this key
-        // wait for the first one (see `crate::idempotency`).
-        let unique = format!("api:trade:{user}:{idem}");
-        let wake = state.store.config().notify;
-        let mut conn = state.pool().acquire().await?;
-        let mut tx = idempotency::begin(&mut conn).await?;
-        let id = workflow_start_in(
-            &mut tx,
-            &state.store.clone().with_notify(false),
-            &registry,
-            trade::KIND,
-            &input,
-            Some(&unique),
-        )
-        .await
-        .map_err(idempotency::start_failed)?;
-        let recorded = records::record_trade(&mut tx, user, &idem, &fingerprint, id).await?;
-        let body = match idempotency::settle(recorded, &fingerprint, &format!("trade {id}"))? {
-            Settled::Replay { status, body } => {
-                return Ok(TradeCreated::Created(Json(stored(status, body)?)));
-            }
-            Settled::Created(body) => body,
+        let creation = Creation {
+            resource: Resource::Trade,
+            user,
+            key: idem,
+            fingerprint,
+            input,
         };
-        tx.commit().await?;
-        if wake {
-            state.wakeups.wake(&queue_of(&registry, trade::KIND)?);
-        }
         // Parsed back like a replay, so both answers serialize alike.
-        Ok(TradeCreated::Created(Json(stored(201, body)?)))
+        Ok(TradeCreated::Created(Json(
+            match state.batcher.create(&state, creation).await? {
+                Settled::Created(body) => stored(201, body)?,
+                Settled::Replay { status, body } => stored(status, body)?,
+            },
+        )))
     }
 
     /// One of the caller's trades (another user's is a 404).
@@ -452,7 +432,7 @@ impl PublicApi {
     ) -> Result<WithdrawalCreated, Error> {
         let user = auth::user(&state, &key).await?;
         let idem = idempotency::require_key(idempotency_key.0.as_deref())?;
-        let registry = registry(&state)?;
+        require_registry(&state)?;
         let req = body.0;
         let address = req.address.as_str();
         if address.trim().is_empty() || address.trim() != address || address.chars().count() > 200 {
@@ -477,32 +457,19 @@ impl PublicApi {
             requested_by: None,
         };
         let input = serde_json::to_value(&input).map_err(|e| Error::Internal(e.to_string()))?;
-        let unique = format!("api:withdrawal:{user}:{idem}");
-        let wake = state.store.config().notify;
-        let mut conn = state.pool().acquire().await?;
-        let mut tx = idempotency::begin(&mut conn).await?;
-        let id = workflow_start_in(
-            &mut tx,
-            &state.store.clone().with_notify(false),
-            &registry,
-            withdrawal::KIND,
-            &input,
-            Some(&unique),
-        )
-        .await
-        .map_err(idempotency::start_failed)?;
-        let recorded = records::record_withdrawal(&mut tx, user, &idem, &fingerprint, id).await?;
-        let body = match idempotency::settle(recorded, &fingerprint, &format!("withdrawal {id}"))? {
-            Settled::Replay { status, body } => {
-                return Ok(WithdrawalCreated::Created(Json(stored(status, body)?)));
-            }
-            Settled::Created(body) => body,
+        let creation = Creation {
+            resource: Resource::Withdrawal,
+            user,
+            key: idem,
+            fingerprint,
+            input,
         };
-        tx.commit().await?;
-        if wake {
-            state.wakeups.wake(&queue_of(&registry, withdrawal::KIND)?);
-        }
-        Ok(WithdrawalCreated::Created(Json(stored(201, body)?)))
+        Ok(WithdrawalCreated::Created(Json(
+            match state.batcher.create(&state, creation).await? {
+                Settled::Created(body) => stored(201, body)?,
+                Settled::Replay { status, body } => stored(status, body)?,
+            },
+        )))
     }
 
     /// One of the caller's withdrawals (another user's is a 404).

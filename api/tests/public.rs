@@ -822,3 +822,135 @@ async fn a_post_does_not_lock_its_users_row() {
     assert_eq!(workflows_of(&f, "payments.trade").await, 1);
     assert_eq!(count(&f, "SELECT count(*) FROM idempotency_keys").await, 1);
 }
+
+// ------------------------------------------------------- group commit
+
+/// `ledgerflow_api_post_batch_size`'s (count, sum) from `/metrics`: POSTs'
+/// transactions and the POSTs they committed.
+async fn batch_sizes(app: &App) -> (f64, f64) {
+    let r = send(app, Method::GET, "/metrics", None, None, None).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let value = |name: &str| {
+        r.text
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (
+        value("ledgerflow_api_post_batch_size_count"),
+        value("ledgerflow_api_post_batch_size_sum"),
+    )
+}
+
+#[tokio::test]
+async fn concurrent_posts_share_transactions_and_each_gets_its_own_answer() {
+    let f = fixture(20).await;
+    // One POST first, so the key and the assets are cached and the burst
+    // below reaches the batcher without awaiting anything.
+    let first = send(
+        &f.app,
+        Method::POST,
+        "/v1/trades",
+        Some(&f.user_a),
+        Some("warm"),
+        Some(&trade_body()),
+    )
+    .await;
+    assert_eq!(first.status, StatusCode::CREATED, "{}", first.text);
+    let keys: Vec<String> = (0..40).map(|i| format!("burst-{i}")).collect();
+    let replies = futures::future::join_all(keys.iter().enumerate().map(|(i, k)| {
+        let (path, body) = if i % 4 == 0 {
+            ("/v1/withdrawals", withdrawal_body())
+        } else {
+            ("/v1/trades", trade_body())
+        };
+        let app = &f.app;
+        let key = f.user_a.clone();
+        async move { send(app, Method::POST, path, Some(&key), Some(k), Some(&body)).await }
+    }))
+    .await;
+    for (k, r) in keys.iter().zip(&replies) {
+        assert_eq!(r.status, StatusCode::CREATED, "{k}: {}", r.text);
+        // Each answer is its own resource, committed with its record.
+        let stored: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM idempotency_keys k JOIN workflows w ON w.id = k.resource_id
+             JOIN jobs j ON j.workflow_id = w.id
+             WHERE k.key = $1 AND w.id = $2::uuid AND k.response_status = 201",
+        )
+        .bind(k)
+        .bind(r.json["id"].as_str().unwrap())
+        .fetch_one(&f.db.pool)
+        .await
+        .unwrap();
+        assert_eq!(stored, 1, "{k}");
+    }
+    assert_eq!(count(&f, "SELECT count(*) FROM workflows").await, 41);
+    assert_eq!(count(&f, "SELECT count(*) FROM jobs").await, 41);
+    assert_eq!(count(&f, "SELECT count(*) FROM idempotency_keys").await, 41);
+    // Fewer transactions than POSTs: some were committed together.
+    let (transactions, posts) = batch_sizes(&f.app).await;
+    assert_eq!(posts, 41.0);
+    assert!(transactions < posts, "{transactions} transactions");
+}
+
+#[tokio::test]
+async fn a_shared_transaction_with_a_repeated_or_reused_key_answers_each_request_alone() {
+    let f = fixture(20).await;
+    let warm = send(
+        &f.app,
+        Method::POST,
+        "/v1/trades",
+        Some(&f.user_a),
+        Some("warm"),
+        Some(&trade_body()),
+    )
+    .await;
+    assert_eq!(warm.status, StatusCode::CREATED, "{}", warm.text);
+    // Ten trades, "dup-3" twice more, and a withdrawal reusing "dup-5":
+    // whichever of a pair runs first wins, the other replays or gets a 422.
+    let mut posts: Vec<(&str, String, Value)> = (0..10)
+        .map(|i| ("/v1/trades", format!("dup-{i}"), trade_body()))
+        .collect();
+    posts.push(("/v1/trades", "dup-3".into(), trade_body()));
+    posts.push(("/v1/trades", "dup-3".into(), trade_body()));
+    posts.push(("/v1/withdrawals", "dup-5".into(), withdrawal_body()));
+    let replies = futures::future::join_all(posts.iter().map(|(path, k, body)| {
+        let app = &f.app;
+        let key = f.user_a.clone();
+        async move { send(app, Method::POST, path, Some(&key), Some(k), Some(body)).await }
+    }))
+    .await;
+    let dup3: Vec<&Reply> = posts
+        .iter()
+        .zip(&replies)
+        .filter(|((_, k, _), _)| k == "dup-3")
+        .map(|(_, r)| r)
+        .collect();
+    for r in &dup3 {
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+        assert_eq!(r.text, dup3[0].text, "one answer for one key");
+    }
+    let dup5: Vec<&Reply> = posts
+        .iter()
+        .zip(&replies)
+        .filter(|((_, k, _), _)| k == "dup-5")
+        .map(|(_, r)| r)
+        .collect();
+    let created = dup5
+        .iter()
+        .filter(|r| r.status == StatusCode::CREATED)
+        .count();
+    assert_eq!(created, 1, "{:?}", dup5);
+    for r in dup5.iter().filter(|r| r.status != StatusCode::CREATED) {
+        assert_problem(r, 422, "unprocessable");
+    }
+    for ((_, k, _), r) in posts.iter().zip(&replies) {
+        if k != "dup-3" && k != "dup-5" {
+            assert_eq!(r.status, StatusCode::CREATED, "{k}: {}", r.text);
+        }
+    }
+    // One workflow, job and record per key; nothing of a losing request.
+    assert_eq!(count(&f, "SELECT count(*) FROM workflows").await, 11);
+    assert_eq!(count(&f, "SELECT count(*) FROM jobs").await, 11);
+    assert_eq!(count(&f, "SELECT count(*) FROM idempotency_keys").await, 11);
+}

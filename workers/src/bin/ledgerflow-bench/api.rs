@@ -12,13 +12,15 @@
 //! as soon as the previous answer arrived (a closed loop), every request with a distinct
 //! `Idempotency-Key`. It is a minimal hand-written HTTP/1.1 client (request bytes out,
 //! `Content-Length` framed answer in) so that the client's share of the two cores stays small.
-//! `--warmup` requests go first and are not counted.
+//! `--warmup` requests go first and are not counted. The API runs with its default settings
+//! (group commit of concurrent POSTs included) unless `--post-batch` / `--post-transactions`
+//! say otherwise (`--post-batch 1`: one transaction per POST).
 //!
 //! Afterwards the database is checked: one trade workflow with its first job per `201`.
 
 use crate::common::{BenchDb, CommonArgs, CpuUse, PoolArgs, percentile, quiet};
 use anyhow::{Context, Result, bail, ensure};
-use ledgerflow_api::AppState;
+use ledgerflow_api::{ApiConfig, AppState};
 use ledgerflow_engine::Store;
 use ledgerflow_payments::exchange::sim::{SimConfig, SimulatedExchange};
 use ledgerflow_payments::money::Amount;
@@ -54,6 +56,15 @@ pub struct Args {
     #[arg(long, default_value_t = 32)]
     connections: usize,
 
+    /// `ApiConfig::post_batch`: most POSTs committed in one shared transaction (1: one
+    /// transaction per POST). Default: the API's default.
+    #[arg(long)]
+    post_batch: Option<usize>,
+
+    /// `ApiConfig::post_transactions`: most POST transactions at once. Default: the API's.
+    #[arg(long)]
+    post_transactions: Option<usize>,
+
     #[command(flatten)]
     pool: PoolArgs,
 }
@@ -70,6 +81,9 @@ struct Figures {
     /// CPU milliseconds per request: this process (server and client) and Postgres.
     cpu: CpuUse,
     bg_pct: u32,
+    /// The API's group commit settings used.
+    post_batch: usize,
+    post_transactions: usize,
 }
 
 pub async fn run(args: Args) -> Result<()> {
@@ -112,7 +126,15 @@ async fn measure(args: &Args, db: &BenchDb, bg_pct: u32) -> Result<Figures> {
         notifier: Arc::new(SimulatedNotifier::new()),
         config: WorkflowsConfig::default(),
     })?;
-    let state = AppState::new(Store::new(db.pool.clone()))?.with_workflows(Arc::new(registry));
+    let defaults = ApiConfig::default();
+    let config = ApiConfig {
+        post_batch: args.post_batch.unwrap_or(defaults.post_batch),
+        post_transactions: args.post_transactions.unwrap_or(defaults.post_transactions),
+        ..defaults
+    };
+    let (post_batch, post_transactions) = (config.post_batch, config.post_transactions);
+    let state = AppState::with_config(Store::new(db.pool.clone()), config)?
+        .with_workflows(Arc::new(registry));
     let public = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = public.local_addr()?;
@@ -148,6 +170,8 @@ async fn measure(args: &Args, db: &BenchDb, bg_pct: u32) -> Result<Figures> {
             postgres_ms: cpu.postgres_ms / xs.len() as f64,
         },
         bg_pct,
+        post_batch,
+        post_transactions,
     })
 }
 
@@ -343,6 +367,10 @@ fn report(args: &Args, f: &Figures) -> Result<()> {
             "connections / pool",
             format!("{} / {}", args.connections, args.pool.pool_size),
         ),
+        (
+            "POST batch / transactions",
+            format!("{} / {}", f.post_batch, f.post_transactions),
+        ),
         ("bg_pct", f.bg_pct.to_string()),
     ];
     let width = rows
@@ -369,6 +397,8 @@ fn report(args: &Args, f: &Figures) -> Result<()> {
             "cpu_ms_per_request_postgres": f.cpu.postgres_ms,
             "connections": args.connections,
             "pool_size": args.pool.pool_size,
+            "post_batch": f.post_batch,
+            "post_transactions": f.post_transactions,
             "load_generator": "in-process",
             "workers_running": false,
             "bg_pct": f.bg_pct,
