@@ -987,10 +987,12 @@ pub async fn workflow_start(
     input: &Value,
     unique_key: Option<&str>,
 ) -> Result<WorkflowId> {
-    let mut tx = store.pool().begin().await?;
-    let id = workflow_start_in(&mut tx, store, registry, kind, input, unique_key).await?;
-    tx.commit().await?;
-    Ok(id)
+    // `workflow_start_in` writes the instance and its first job in ONE
+    // statement, atomic on its own: no BEGIN and COMMIT round trips around
+    // it. (Its follow-up read after a unique-key conflict then sees the
+    // committed winner.)
+    let mut conn = store.pool().acquire().await?;
+    workflow_start_in(&mut conn, store, registry, kind, input, unique_key).await
 }
 
 /// Starts a workflow of `kind` at its newest registered version on the
