@@ -5,7 +5,9 @@
 //! payments workflows: a step runs under a claimed job's lease, and its journal row, the
 //! workflow row's new state and either the next step's job plus the job's completion, or (inline
 //! continuation, `--inline-steps`) the move of the same job row on to the next step, commit in
-//! one lease-fenced transaction.
+//! one lease-fenced transaction. A delivery's first step runs under the workflow row's lock; the
+//! successors it moves on to inline run without it, and their checkpoints are group-committed
+//! with other workflows' (one statement and one commit for many, each still fenced and checked).
 //!
 //! On a fresh database the runner is started, then `--starters` tasks start `--workflows`
 //! workflows (`workflow_start`, one transaction each, as an API call would), keeping at most
@@ -61,16 +63,17 @@ pub struct Args {
     in_flight: usize,
 
     /// Tasks starting workflows concurrently.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 16)]
     starters: usize,
 
     /// Starts per second in all (0: as fast as `--in-flight` allows).
     #[arg(long, default_value_t = 0.0)]
     rate: f64,
 
-    /// Handler slots of the runner's queue (keep it below `--pool-size`: a running step holds
-    /// a connection).
-    #[arg(long, default_value_t = 12)]
+    /// Handler slots of the runner's queue. A step on the locked path holds a connection, so
+    /// the pool is raised to at least `--concurrency` + `--starters` + 8 (the `ledgerflow`
+    /// binary sizes its pool the same way: handler slots + 8).
+    #[arg(long, default_value_t = 24)]
     concurrency: usize,
 
     /// Step jobs claimed ahead of free handler slots.
@@ -113,6 +116,15 @@ pub async fn run(args: Args) -> Result<()> {
     ensure!(args.in_flight > 0, "--in-flight must be at least 1");
     ensure!(args.starters > 0, "--starters must be at least 1");
     ensure!(args.rate >= 0.0, "--rate must not be negative");
+    let mut args = args;
+    let needed = u32::try_from(args.concurrency + args.starters + 8).unwrap_or(u32::MAX);
+    if args.pool.pool_size < needed {
+        println!(
+            "pool raised from {} to {needed} connections (--concurrency + --starters + 8)",
+            args.pool.pool_size
+        );
+        args.pool.pool_size = needed;
+    }
     let bg_pct = quiet(&args.common).await?;
     let db = BenchDb::create(&args.common, &args.pool).await?;
     let out = measure(&args, &db, bg_pct).await;
