@@ -441,10 +441,9 @@ async fn processing_marks_the_inbox_row_processed_with_its_signal() {
 }
 
 #[tokio::test]
-async fn an_accepted_delivery_wakes_its_queue_after_the_commit() {
-    // The processing workflow starts without an in-transaction NOTIFY (it
-    // would serialize the intake's commits); the intake sends the wake-up
-    // itself once the inbox row and the workflow are committed.
+async fn an_accepted_delivery_wakes_its_queue() {
+    // Workers listening for the queue learn about the processing workflow's
+    // first job without waiting for their next poll.
     let f = fixture().await;
     let mut listener = ledgerflow_engine::notify::Listener::connect(&f.db.pool)
         .await
