@@ -24,8 +24,14 @@
 //!
 //! Backpressure: a partition holds at most `partition-buffer` messages in
 //! memory (handed to its worker and not yet committed); when it reaches that
-//! it is paused (`consumer.pause`, which also drops librdkafka's prefetched
-//! messages of it) and resumed at half. A topic with a `queue` also waits for
+//! the consumer loop waits (up to a second) for its worker to commit a batch,
+//! so librdkafka's bounded prefetch queue (`queued.max.messages.kbytes`)
+//! holds the rest; a partition whose worker is stuck longer is paused
+//! (`consumer.pause`, which also drops librdkafka's prefetched messages of
+//! it) and resumed at half, so it does not hold up the others. Waiting
+//! instead of pausing keeps the fetch position where the broker left it:
+//! a pause/resume cycle per batch costs a refetch of everything prefetched.
+//! A topic with a `queue` also waits for
 //! room in that job queue: its workers reserve room below `max-backlog`
 //! available jobs (a shared estimate, re-measured at least every
 //! `commit-interval-ms` and whenever it says full) before applying a batch,
@@ -35,6 +41,30 @@
 //! buffered for a revoked partition are dropped (the next owner gets them
 //! from the committed offset; anything applied meanwhile is an inbox
 //! duplicate for it).
+//!
+//! Fetch positions: a fetch resumed or started in the middle of a producer's
+//! record batch (after a pause, a seek, or from a committed offset) gets the
+//! whole batch from a real broker, and librdkafka drops the records before the
+//! position. tansu's memory storage instead answers with the batches that
+//! START at or after the position, silently skipping the rest of that batch
+//! (or answering nothing when it is the last one). So the consumer loop keeps
+//! each partition's next expected offset (the committed offset when the
+//! partition is assigned), drops redelivered messages below it, and on a gap
+//! (a message beyond it, or a partition that stays silent while its high
+//! watermark is beyond it) seeks back — 64 messages, then 4 times further
+//! each try, down to the log start — until the broker serves the expected
+//! offset again or provably skips it (it served messages below it and then
+//! jumped: a real gap, e.g. a transaction marker), and accepts the gap then.
+//! Re-fetched messages already handed to a worker are dropped before any
+//! work; nothing is lost or applied twice, and offsets are still stored only
+//! after the commit.
+//!
+//! Consumer lag: every `lag-interval-ms` [`IngressStats::consumer_lag`] is
+//! updated with, per assigned partition, the high watermark minus the
+//! group's position (the committed offset, or this process's stored offset
+//! when newer), from librdkafka's statistics plus one ListOffsets request for
+//! paused partitions (see `lag_monitor`); the ops endpoint exports it on
+//! `/metrics` as `ledgerflow_kafka_consumer_lag{group,topic,partition}`.
 //!
 //! Poison messages — undecodable or invalid ([`HandlerError::Poison`]), or
 //! failing `max-attempts` times ([`HandlerError::Failed`]) — are published to
@@ -57,13 +87,13 @@ use rdkafka::consumer::{
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use rdkafka::{ClientContext, TopicPartitionList};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use sqlx::PgConnection;
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -365,6 +395,25 @@ pub struct IngressStats {
     duplicates: AtomicU64,
     dead_lettered: AtomicU64,
     batches: AtomicU64,
+    rewinds: AtomicU64,
+    lag: Mutex<Vec<ConsumerLag>>,
+}
+
+/// One assigned partition's consumer lag, as last measured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerLag {
+    /// The consumer group.
+    pub group: String,
+    pub topic: String,
+    pub partition: i32,
+    /// The offset the next message produced to the partition gets.
+    pub high_watermark: i64,
+    /// Where the group goes on from: the committed offset, or the offset
+    /// this process stored (committed in Postgres, not yet to Kafka) when
+    /// newer; the log start when neither exists.
+    pub position: i64,
+    /// `high_watermark - position`, never negative.
+    pub lag: i64,
 }
 
 impl IngressStats {
@@ -409,6 +458,18 @@ impl IngressStats {
     pub fn batches(&self) -> u64 {
         self.batches.load(Ordering::SeqCst)
     }
+
+    /// Seeks back to re-fetch a partition whose broker skipped offsets (see
+    /// the module docs, "Fetch positions").
+    pub fn rewinds(&self) -> u64 {
+        self.rewinds.load(Ordering::SeqCst)
+    }
+
+    /// The consumer lag of each partition assigned to this consumer, as last
+    /// measured (every `lag-interval-ms`), ordered by topic and partition.
+    pub fn consumer_lag(&self) -> Vec<ConsumerLag> {
+        self.lag.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }
 
 /// Per-partition state shared by the consumer loop, the partition's worker
@@ -424,11 +485,26 @@ struct PartState {
     paused_backlog: AtomicBool,
     /// Serialises pause/resume decisions.
     gate: Mutex<()>,
+    /// Signalled whenever buffered messages leave memory.
+    room: Notify,
+    /// One past the last offset stored in this assignment (0: none yet).
+    stored_next: AtomicI64,
+    /// When the partition was last assigned or resumed: it is not silent
+    /// (stalled) before it had time to fetch.
+    woken: Mutex<Option<Instant>>,
 }
 
 impl PartState {
     fn paused(&self) -> bool {
         self.paused_buffer.load(Ordering::SeqCst) || self.paused_backlog.load(Ordering::SeqCst)
+    }
+
+    fn wake(&self) {
+        *self.woken.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    }
+
+    fn woken(&self) -> Option<Instant> {
+        *self.woken.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -437,12 +513,58 @@ type Parts = Arc<Mutex<HashMap<(String, i32), Arc<PartState>>>>;
 /// Topic name -> its config and handler.
 type ByTopic = HashMap<String, (TopicConfig, Arc<dyn MessageHandler>)>;
 
+/// librdkafka's figures of one partition, from its statistics.
+#[derive(Debug, Clone, Copy)]
+struct Figures {
+    /// High watermark from the last fetch response (-1: none yet).
+    high: i64,
+    /// Log start offset (-1: unknown).
+    low: i64,
+    /// The group's committed offset as this consumer knows it (-1: none).
+    committed: i64,
+}
+
+impl Default for Figures {
+    fn default() -> Self {
+        Self {
+            high: -1,
+            low: -1,
+            committed: -1,
+        }
+    }
+}
+
+type PartitionFigures = Arc<Mutex<HashMap<(String, i32), Figures>>>;
+
 struct IngressContext {
     parts: Parts,
     stats: Arc<IngressStats>,
+    figures: PartitionFigures,
 }
 
-impl ClientContext for IngressContext {}
+impl ClientContext for IngressContext {
+    /// librdkafka's statistics (every `lag-interval-ms`): the figures the
+    /// consumer lag is computed from, without asking the brokers.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let mut figures = self.figures.lock().unwrap_or_else(|p| p.into_inner());
+        figures.clear();
+        for (name, topic) in statistics.topics {
+            for (partition, p) in topic.partitions {
+                if partition >= 0 && p.desired {
+                    let known = |o: i64| if o >= 0 { o } else { -1 };
+                    figures.insert(
+                        (name.clone(), partition),
+                        Figures {
+                            high: known(p.hi_offset),
+                            low: known(p.lo_offset),
+                            committed: known(p.committed_offset),
+                        },
+                    );
+                }
+            }
+        }
+    }
+}
 
 impl ConsumerContext for IngressContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -463,6 +585,7 @@ impl ConsumerContext for IngressContext {
                     }
                     state.paused_buffer.store(false, Ordering::SeqCst);
                     state.paused_backlog.store(false, Ordering::SeqCst);
+                    state.stored_next.store(0, Ordering::SeqCst);
                 }
             }
         }
@@ -474,6 +597,13 @@ impl ConsumerContext for IngressContext {
             // paused: its state was reset at revocation.
             if let Err(e) = consumer.resume(tpl) {
                 tracing::debug!(error = %e, "resume after assignment failed");
+            }
+            let mut parts = self.parts.lock().unwrap_or_else(|p| p.into_inner());
+            for elem in tpl.elements() {
+                parts
+                    .entry((elem.topic().to_string(), elem.partition()))
+                    .or_default()
+                    .wake();
             }
         }
     }
@@ -585,9 +715,11 @@ struct Shared {
     store: Store,
     config: IngressConfig,
     consumer: Arc<IngressConsumer>,
+    figures: PartitionFigures,
     /// The dead-letter producer; rebuilt when it fails (see [`dead_letter`]).
     producer: Mutex<FutureProducer>,
     backlogs: Mutex<HashMap<String, Arc<Backlog>>>,
+    parts: Parts,
     stats: Arc<IngressStats>,
     cancel: CancellationToken,
 }
@@ -640,6 +772,8 @@ impl Ingress {
         }
         let parts: Parts = Arc::default();
         let stats = Arc::new(IngressStats::default());
+        let figures = PartitionFigures::default();
+        let lag_ms = config.lag_interval.as_millis().max(50).to_string();
         let consumer: IngressConsumer = config
             .kafka
             .client_config(&[
@@ -657,10 +791,12 @@ impl Ingress {
                 // request; a broker may hold one for this long when it has
                 // nothing for the other partitions (tansu always does).
                 ("fetch.wait.max.ms", "50"),
+                ("statistics.interval.ms", &lag_ms),
             ])
             .create_with_context(IngressContext {
                 parts: parts.clone(),
                 stats: stats.clone(),
+                figures: figures.clone(),
             })?;
         let topics: Vec<&str> = by_topic.keys().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
@@ -669,8 +805,10 @@ impl Ingress {
             store,
             config,
             consumer: Arc::new(consumer),
+            figures,
             producer: Mutex::new(producer),
             backlogs: Mutex::default(),
+            parts: parts.clone(),
             stats: stats.clone(),
             cancel: cancel.clone(),
         });
@@ -690,15 +828,23 @@ struct Item {
 
 async fn run(shared: Arc<Shared>, by_topic: Arc<ByTopic>, parts: Parts) -> anyhow::Result<()> {
     let mut workers: HashMap<(String, i32), mpsc::UnboundedSender<Item>> = HashMap::new();
+    let mut cursors: HashMap<(String, i32), Cursor> = HashMap::new();
     let mut tasks = JoinSet::new();
+    let lag = tokio::spawn(lag_monitor(shared.clone()));
     let mut commit_tick = tokio::time::interval(shared.config.commit_interval);
     commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut stall_tick = tokio::time::interval(STALL_AFTER / 4);
+    stall_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let high_water = shared.config.partition_buffer.max(1);
     loop {
         let received = tokio::select! {
             () = shared.cancel.cancelled() => break,
             _ = commit_tick.tick() => {
                 commit(&shared.consumer, CommitMode::Async);
+                continue;
+            }
+            _ = stall_tick.tick() => {
+                rewind_stalled(&shared, &parts, &mut cursors);
                 continue;
             }
             m = shared.consumer.recv() => m,
@@ -714,13 +860,38 @@ async fn run(shared: Arc<Shared>, by_topic: Arc<ByTopic>, parts: Parts) -> anyho
         let Some((topic_cfg, handler)) = by_topic.get(m.topic()) else {
             continue;
         };
+        let tp = (m.topic().to_string(), m.partition());
+        let offset = m.offset();
+        let state = {
+            let mut map = parts.lock().unwrap_or_else(|p| p.into_inner());
+            map.entry(tp.clone()).or_default().clone()
+        };
+        let epoch = state.epoch.load(Ordering::SeqCst);
+        if cursors.get(&tp).is_none_or(|c| c.epoch != epoch) {
+            // First message since the partition was assigned: it must be
+            // the committed offset, where the fetch started.
+            let start = committed_offset(&shared, &tp).await;
+            cursors.insert(tp.clone(), Cursor::new(epoch, start));
+        }
+        let Some(cursor) = cursors.get_mut(&tp) else {
+            continue;
+        };
+        match cursor.admit(offset) {
+            Admit::Take => {}
+            Admit::Drop => continue,
+            Admit::Rewind(to) => {
+                tracing::debug!(topic = %tp.0, partition = tp.1, expected = ?cursor.next, got = offset, to, "broker skipped offsets; fetching again from further back");
+                rewind(&shared, &tp, to);
+                continue;
+            }
+        }
         let headers = headers_to_json(m.headers());
         let payload = m.payload().map(<[u8]>::to_vec);
         let business_id = business_id(&topic_cfg.business_id, &headers, payload.as_deref());
         let msg = IngressMessage {
-            topic: m.topic().to_string(),
-            partition: m.partition(),
-            offset: m.offset(),
+            topic: tp.0.clone(),
+            partition: tp.1,
+            offset,
             key: m.key().map(<[u8]>::to_vec),
             payload,
             headers,
@@ -728,11 +899,6 @@ async fn run(shared: Arc<Shared>, by_topic: Arc<ByTopic>, parts: Parts) -> anyho
         };
         drop(m);
         tracing::trace!(topic = %msg.topic, partition = msg.partition, offset = msg.offset, "received");
-        let tp = (msg.topic.clone(), msg.partition);
-        let state = {
-            let mut map = parts.lock().unwrap_or_else(|p| p.into_inner());
-            map.entry(tp.clone()).or_default().clone()
-        };
         let sender = workers.entry(tp.clone()).or_insert_with(|| {
             let (tx, rx) = mpsc::unbounded_channel();
             tasks.spawn(partition_worker(
@@ -745,7 +911,6 @@ async fn run(shared: Arc<Shared>, by_topic: Arc<ByTopic>, parts: Parts) -> anyho
             ));
             tx
         });
-        let epoch = state.epoch.load(Ordering::SeqCst);
         if sender.send(Item { msg, epoch }).is_err() {
             continue;
         }
@@ -755,16 +920,353 @@ async fn run(shared: Arc<Shared>, by_topic: Arc<ByTopic>, parts: Parts) -> anyho
             .stats
             .max_partition_buffered
             .fetch_max(held, Ordering::SeqCst);
-        if held >= high_water {
+        if held >= high_water
+            && (state.paused() || !wait_for_worker(&shared, &state, high_water).await)
+        {
             set_paused(&shared, &tp, &state, Reason::Buffer, true);
         }
     }
+    // The monitor holds the consumer too: it must be gone before this
+    // returns, or the consumer outlives `shutdown` (and its close commits
+    // whenever it finally happens).
+    let _ = lag.await;
     // Stop the workers (each finishes the batch in hand), then commit.
     drop(workers);
     while tasks.join_next().await.is_some() {}
     commit(&shared.consumer, CommitMode::Sync);
     shared.consumer.unsubscribe();
     Ok(())
+}
+
+/// How long the consumer loop waits for a partition with a full buffer to
+/// commit a batch before it pauses that partition instead.
+const WAIT_BEFORE_PAUSE: Duration = Duration::from_secs(1);
+
+/// Waits until the partition's buffer is below `high_water` (true) or
+/// [`WAIT_BEFORE_PAUSE`] passed (false).
+async fn wait_for_worker(shared: &Shared, state: &PartState, high_water: usize) -> bool {
+    let deadline = tokio::time::Instant::now() + WAIT_BEFORE_PAUSE;
+    loop {
+        let notified = state.room.notified();
+        tokio::pin!(notified);
+        // Registered before the check, so a release in between is not missed.
+        notified.as_mut().enable();
+        if state.buffered.load(Ordering::SeqCst) < high_water {
+            return true;
+        }
+        tokio::select! {
+            () = &mut notified => {}
+            () = tokio::time::sleep_until(deadline) => return false,
+            () = shared.cancel.cancelled() => return true,
+        }
+    }
+}
+
+/// How far back the first re-fetch of a gap goes; each further try goes 4
+/// times as far.
+const REWIND_FIRST: i64 = 64;
+
+/// A re-fetch goes straight back to the partition's anchor (see [`Cursor`])
+/// when that re-fetches at most this many messages.
+const ANCHOR_REACH: i64 = 4096;
+
+/// A partition that should be fetching but has received nothing for this
+/// long while its high watermark is beyond its next offset is re-fetched from
+/// further back.
+const STALL_AFTER: Duration = Duration::from_secs(1);
+
+/// The consumer loop's view of one partition's fetch position (see the
+/// module docs, "Fetch positions").
+struct Cursor {
+    /// The assignment this belongs to ([`PartState::epoch`]).
+    epoch: u64,
+    /// The next offset to hand to the worker; `None` before the first
+    /// message when the start is unknown (no committed offset).
+    next: Option<i64>,
+    /// The re-fetch in progress, if any.
+    rewind: Option<Rewind>,
+    /// An offset at or below `next` that a fetch provably starts at (the
+    /// first message served after an earlier re-fetch): the next re-fetch
+    /// goes there directly when it is close enough.
+    anchor: Option<i64>,
+    /// When a message of the partition last arrived.
+    seen: Option<Instant>,
+}
+
+#[derive(Clone, Copy)]
+struct Rewind {
+    /// The expected offset the broker skipped.
+    gap_at: i64,
+    /// Where the consumer was sent back to.
+    to: i64,
+    /// How far back that was.
+    back: i64,
+    /// Whether the broker served a message below `gap_at` since.
+    served_below: bool,
+    /// Whether any message arrived since.
+    served: bool,
+}
+
+enum Admit {
+    /// The expected message (or one after a gap the broker provably has).
+    Take,
+    /// Already handed over (a re-fetched message).
+    Drop,
+    /// The broker skipped offsets: fetch again from this offset.
+    Rewind(i64),
+}
+
+impl Cursor {
+    fn new(epoch: u64, start: Option<i64>) -> Self {
+        Self {
+            epoch,
+            next: start,
+            rewind: None,
+            anchor: None,
+            seen: None,
+        }
+    }
+
+    fn admit(&mut self, offset: i64) -> Admit {
+        self.seen = Some(Instant::now());
+        let Some(next) = self.next else {
+            self.next = Some(offset + 1);
+            return Admit::Take;
+        };
+        if let Some(r) = &mut self.rewind
+            && !r.served
+        {
+            r.served = true;
+            if offset <= r.gap_at {
+                self.anchor = Some(offset);
+            }
+        }
+        if offset < next {
+            if let Some(r) = &mut self.rewind {
+                r.served_below = true;
+            }
+            return Admit::Drop;
+        }
+        if offset > next
+            && let Some(to) = self.skipped(next)
+        {
+            return Admit::Rewind(to);
+        }
+        self.rewind = None;
+        self.next = Some(offset + 1);
+        Admit::Take
+    }
+
+    /// The broker did not serve `next`: where to fetch from now, or `None`
+    /// when the gap is real (it served messages below it and still skipped
+    /// it, or the fetch already started at the log's beginning).
+    fn skipped(&mut self, next: i64) -> Option<i64> {
+        let back = match self.rewind {
+            Some(r) if r.gap_at == next && (r.served_below || r.to == 0) => return None,
+            Some(r) if r.gap_at == next => {
+                if self.anchor == Some(r.to) {
+                    // Even the anchor is not served any more (retention).
+                    self.anchor = None;
+                }
+                r.back.saturating_mul(4)
+            }
+            _ => REWIND_FIRST,
+        };
+        let mut to = next.saturating_sub(back).max(0);
+        if let Some(anchor) = self.anchor.filter(|&a| a <= next) {
+            to = if next - anchor <= ANCHOR_REACH {
+                anchor
+            } else {
+                to.max(anchor)
+            };
+        }
+        self.rewind = Some(Rewind {
+            gap_at: next,
+            to,
+            back,
+            served_below: false,
+            served: false,
+        });
+        // A silent partition gets STALL_AFTER again from the seek on.
+        self.seen = Some(Instant::now());
+        Some(to)
+    }
+}
+
+/// The group's committed offset of `tp`, if it has one.
+async fn committed_offset(shared: &Shared, tp: &(String, i32)) -> Option<i64> {
+    let consumer = shared.consumer.clone();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(&tp.0, tp.1);
+    let got = tokio::task::spawn_blocking(move || {
+        consumer.committed_offsets(tpl, Duration::from_secs(5))
+    })
+    .await;
+    match got {
+        Ok(Ok(tpl)) => tpl.elements().first().and_then(|e| match e.offset() {
+            Offset::Offset(o) => Some(o),
+            _ => None,
+        }),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, topic = %tp.0, partition = tp.1, "committed offset unknown");
+            None
+        }
+        Err(_) => None,
+    }
+}
+
+/// Sends the partition's fetch back to `to` (asynchronously: messages
+/// already prefetched are discarded by librdkafka).
+fn rewind(shared: &Shared, tp: &(String, i32), to: i64) {
+    shared.stats.rewinds.fetch_add(1, Ordering::SeqCst);
+    if let Err(e) = shared
+        .consumer
+        .seek(&tp.0, tp.1, Offset::Offset(to), Duration::ZERO)
+    {
+        tracing::debug!(error = %e, topic = %tp.0, partition = tp.1, "seek failed");
+    }
+}
+
+/// Re-fetches partitions that receive nothing although their high watermark
+/// (as last measured for the lag) is beyond their next offset and they are
+/// not paused: tansu answers a fetch from inside its last batch with nothing.
+fn rewind_stalled(shared: &Shared, parts: &Parts, cursors: &mut HashMap<(String, i32), Cursor>) {
+    let lags = shared.stats.consumer_lag();
+    if lags.is_empty() {
+        return;
+    }
+    let parts = parts.lock().unwrap_or_else(|p| p.into_inner());
+    let now = Instant::now();
+    for l in lags {
+        let tp = (l.topic, l.partition);
+        let Some(state) = parts.get(&tp) else {
+            continue;
+        };
+        if state.paused() {
+            continue;
+        }
+        let epoch = state.epoch.load(Ordering::SeqCst);
+        let cursor = match cursors.get_mut(&tp) {
+            Some(c) if c.epoch == epoch => c,
+            _ => cursors
+                .entry(tp.clone())
+                .insert_entry(Cursor::new(epoch, Some(l.position)))
+                .into_mut(),
+        };
+        let Some(next) = cursor.next else {
+            continue;
+        };
+        let quiet_since = cursor.seen.max(state.woken());
+        if l.high_watermark <= next || quiet_since.is_none_or(|t| now - t < STALL_AFTER) {
+            continue;
+        }
+        if let Some(to) = cursor.skipped(next) {
+            tracing::debug!(topic = %tp.0, partition = tp.1, next, high_watermark = l.high_watermark, to, "partition silent below its high watermark; fetching again from further back");
+            rewind(shared, &tp, to);
+        }
+    }
+}
+
+/// Measures the consumer lag every `lag-interval-ms` into the stats.
+///
+/// From librdkafka's own statistics (no requests): each partition's high
+/// watermark as its last fetch response reported it, and the offset the
+/// group last committed (read at assignment, then updated by each commit).
+/// A paused partition is not fetched, so its high watermark would go stale:
+/// for those (and any not fetched yet) the monitor asks the broker
+/// (ListOffsets, one request for all of them) and keeps the larger value —
+/// tansu's ListOffsets answer is too low with multi-record batches (the last
+/// batch's first offset + 1), its fetch responses are right.
+async fn lag_monitor(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(shared.config.lag_interval.max(Duration::from_millis(50)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shared.cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let Ok(assignment) = shared.consumer.assignment() else {
+            continue;
+        };
+        let figures = shared
+            .figures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mut ask = TopicPartitionList::new();
+        {
+            let parts = shared.parts.lock().unwrap_or_else(|p| p.into_inner());
+            for e in assignment.elements() {
+                let tp = (e.topic().to_string(), e.partition());
+                let paused = parts.get(&tp).is_some_and(|s| s.paused());
+                if paused || figures.get(&tp).is_none_or(|f| f.high < 0) {
+                    ask.add_partition(&tp.0, tp.1);
+                }
+            }
+        }
+        let mut listed: HashMap<(String, i32), i64> = HashMap::new();
+        if ask.count() > 0 {
+            let consumer = shared.consumer.clone();
+            let got = tokio::task::spawn_blocking(move || latest_offsets(&consumer, ask)).await;
+            match got {
+                Ok(Ok(l)) => listed = l,
+                Ok(Err(e)) => tracing::debug!(error = %e, "high watermarks not listed"),
+                Err(_) => {}
+            }
+        }
+        let mut lags = Vec::new();
+        {
+            let parts = shared.parts.lock().unwrap_or_else(|p| p.into_inner());
+            for e in assignment.elements() {
+                let tp = (e.topic().to_string(), e.partition());
+                let f = figures.get(&tp).copied().unwrap_or_default();
+                let high = f.high.max(listed.get(&tp).copied().unwrap_or(-1));
+                if high < 0 {
+                    continue; // unknown yet
+                }
+                let stored = parts
+                    .get(&tp)
+                    .map(|s| s.stored_next.load(Ordering::SeqCst))
+                    .filter(|&o| o > 0);
+                let committed = (f.committed >= 0).then_some(f.committed);
+                let position = match (committed, stored) {
+                    (Some(c), Some(s)) => c.max(s),
+                    (Some(o), None) | (None, Some(o)) => o,
+                    (None, None) => f.low.max(0),
+                };
+                lags.push(ConsumerLag {
+                    group: shared.config.group_id.clone(),
+                    topic: tp.0,
+                    partition: tp.1,
+                    high_watermark: high,
+                    position,
+                    lag: (high - position).max(0),
+                });
+            }
+        }
+        lags.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+        *shared.stats.lag.lock().unwrap_or_else(|p| p.into_inner()) = lags;
+    }
+}
+
+/// The high watermarks of `tpl`'s partitions (ListOffsets for the latest
+/// offset: the special timestamp -1, which is how `Offset::End` is sent).
+fn latest_offsets(
+    consumer: &IngressConsumer,
+    mut tpl: TopicPartitionList,
+) -> Result<HashMap<(String, i32), i64>, KafkaError> {
+    tpl.set_all_offsets(Offset::End)?;
+    let got = consumer.offsets_for_times(tpl, Duration::from_secs(5))?;
+    Ok(got
+        .elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            Offset::Offset(o) if e.error().is_ok() => {
+                Some(((e.topic().to_string(), e.partition()), o))
+            }
+            _ => None,
+        })
+        .collect())
 }
 
 fn commit(consumer: &IngressConsumer, mode: CommitMode) {
@@ -799,6 +1301,7 @@ fn set_paused(shared: &Shared, tp: &(String, i32), state: &PartState, reason: Re
         shared.stats.pauses.fetch_add(1, Ordering::SeqCst);
     } else {
         shared.stats.paused.fetch_sub(1, Ordering::SeqCst);
+        state.wake();
     }
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition(&tp.0, tp.1);
@@ -911,6 +1414,7 @@ fn release(shared: &Shared, tp: &(String, i32), state: &PartState, n: usize, low
         .fetch_sub(n, Ordering::SeqCst)
         .saturating_sub(n);
     shared.stats.buffered.fetch_sub(n, Ordering::SeqCst);
+    state.room.notify_waiters();
     if left <= low_water && state.paused_buffer.load(Ordering::SeqCst) {
         set_paused(shared, tp, state, Reason::Buffer, false);
     }
@@ -1000,12 +1504,22 @@ async fn process_batch(
 }
 
 fn store_offset(shared: &Shared, msg: &IngressMessage) {
-    if let Err(e) = shared
+    match shared
         .consumer
         .store_offset(&msg.topic, msg.partition, msg.offset)
     {
+        Ok(()) => {
+            let parts = shared.parts.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(state) = parts.get(&(msg.topic.clone(), msg.partition)) {
+                state
+                    .stored_next
+                    .fetch_max(msg.offset + 1, Ordering::SeqCst);
+            }
+        }
         // Revoked meanwhile: the next owner redelivers it and the inbox skips it.
-        tracing::debug!(error = %e, topic = %msg.topic, offset = msg.offset, "offset not stored");
+        Err(e) => {
+            tracing::debug!(error = %e, topic = %msg.topic, offset = msg.offset, "offset not stored")
+        }
     }
 }
 

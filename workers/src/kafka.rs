@@ -124,6 +124,16 @@ pub struct IngressConfig {
     /// applied in one transaction.
     #[serde(default = "default_partition_buffer")]
     pub partition_buffer: usize,
+    /// How often the consumer lag of the assigned partitions (high watermark
+    /// minus the group's position) is measured for `/metrics`; a partition
+    /// that should be fetching but has received nothing for a while is also
+    /// checked against it (see [`crate::ingress`], "Fetch positions").
+    #[serde(
+        default = "default_lag_interval",
+        with = "millis",
+        rename = "lag-interval-ms"
+    )]
+    pub lag_interval: Duration,
 }
 
 /// The outbox relay role.
@@ -198,6 +208,7 @@ impl IngressConfig {
             max_backlog: default_max_backlog(),
             commit_interval: default_commit_interval(),
             partition_buffer: default_partition_buffer(),
+            lag_interval: default_lag_interval(),
         }
     }
 }
@@ -216,6 +227,9 @@ fn default_commit_interval() -> Duration {
 }
 fn default_partition_buffer() -> usize {
     500
+}
+fn default_lag_interval() -> Duration {
+    Duration::from_secs(1)
 }
 fn default_batch_size() -> i64 {
     256

@@ -192,6 +192,10 @@ async fn read_topic(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_offset_commits_mean_redelivery_and_each_message_applied_once() -> TestResult {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let t0 = Instant::now();
     let db = TestDb::new().await?;
     let topic = unique("orders");
