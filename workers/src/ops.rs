@@ -1,11 +1,16 @@
 //! The operations endpoint of non-API roles: `/healthcheck` (liveness),
-//! `/readyz` (PostgreSQL reachable) and `/metrics` (Prometheus text).
+//! `/readyz` (PostgreSQL reachable) and `/metrics` (Prometheus text: job
+//! counts per queue and state, and the Kafka consumer lag of this process's
+//! ingress consumers).
 //!
 //! A deliberately tiny HTTP/1.1 responder on a tokio listener: probes and
 //! scrapes only need a status line and a short body, and this keeps the
 //! worker image free of a web framework.
+use crate::ingress::IngressStats;
 use sqlx::PgPool;
+use std::fmt::Write as _;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -13,14 +18,26 @@ use tokio::task::JoinHandle;
 
 /// Binds `addr` and serves until the returned task is aborted.
 pub async fn serve(addr: SocketAddr, pool: PgPool) -> std::io::Result<JoinHandle<()>> {
+    serve_with(addr, pool, Vec::new()).await
+}
+
+/// Like [`serve`]; `/metrics` also exports the consumer lag that each of
+/// `ingress` measures (`ledgerflow_kafka_consumer_lag{group,topic,partition}`).
+pub async fn serve_with(
+    addr: SocketAddr,
+    pool: PgPool,
+    ingress: Vec<Arc<IngressStats>>,
+) -> std::io::Result<JoinHandle<()>> {
     let listener = TcpListener::bind(addr).await?;
     tracing::info!(addr = %listener.local_addr()?, "ops endpoint listening");
+    let ingress = Arc::new(ingress);
     Ok(tokio::spawn(async move {
         loop {
             let Ok((mut sock, _)) = listener.accept().await else {
                 continue;
             };
             let pool = pool.clone();
+            let ingress = ingress.clone();
             tokio::spawn(async move {
                 let mut buf = [0u8; 1024];
                 let n =
@@ -30,7 +47,7 @@ pub async fn serve(addr: SocketAddr, pool: PgPool) -> std::io::Result<JoinHandle
                     };
                 let head = String::from_utf8_lossy(&buf[..n]);
                 let path = head.split_whitespace().nth(1).unwrap_or("/");
-                let (status, body) = respond(path, &pool).await;
+                let (status, body) = respond(path, &pool, &ingress).await;
                 let reply = format!(
                     "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
                     body.len()
@@ -41,7 +58,11 @@ pub async fn serve(addr: SocketAddr, pool: PgPool) -> std::io::Result<JoinHandle
     }))
 }
 
-async fn respond(path: &str, pool: &PgPool) -> (&'static str, String) {
+async fn respond(
+    path: &str,
+    pool: &PgPool,
+    ingress: &[Arc<IngressStats>],
+) -> (&'static str, String) {
     match path {
         "/healthcheck" => ("200 OK", "ok\n".into()),
         "/readyz" => {
@@ -55,7 +76,11 @@ async fn respond(path: &str, pool: &PgPool) -> (&'static str, String) {
                 _ => ("503 Service Unavailable", "postgres unreachable\n".into()),
             }
         }
-        "/metrics" => ("200 OK", metrics(pool).await),
+        "/metrics" => {
+            let mut out = metrics(pool).await;
+            consumer_lag(&mut out, ingress);
+            ("200 OK", out)
+        }
         _ => ("404 Not Found", "not found\n".into()),
     }
 }
@@ -81,6 +106,33 @@ async fn metrics(pool: &PgPool) -> String {
         ));
     }
     out
+}
+
+/// The lag of every partition assigned to one of `ingress`, as its consumer
+/// last measured it (every `lag-interval-ms`; a scrape never waits on the
+/// brokers).
+fn consumer_lag(out: &mut String, ingress: &[Arc<IngressStats>]) {
+    if ingress.is_empty() {
+        return;
+    }
+    out.push_str(
+        "# HELP ledgerflow_kafka_consumer_lag Messages in a partition after the consumer \
+         group's position (high watermark minus the committed offset, or the offset this \
+         process stored when newer), per partition assigned to this process.\n\
+         # TYPE ledgerflow_kafka_consumer_lag gauge\n",
+    );
+    for stats in ingress {
+        for l in stats.consumer_lag() {
+            let _ = writeln!(
+                out,
+                "ledgerflow_kafka_consumer_lag{{group=\"{}\",topic=\"{}\",partition=\"{}\"}} {}",
+                escape_label(&l.group),
+                escape_label(&l.topic),
+                l.partition,
+                l.lag
+            );
+        }
+    }
 }
 
 /// Escapes a Prometheus label value (queue names are user-chosen).

@@ -325,6 +325,7 @@ async fn run(url: &str, args: RunArgs) -> Result<()> {
             stop.clone(),
         )?));
     }
+    let mut ingress_metrics = Vec::new();
     if roles.contains(&Role::Ingress) {
         let json = std::env::var("LEDGERFLOW_INGRESS_CONFIG").context(
             "the ingress role needs LEDGERFLOW_INGRESS_CONFIG (JSON: kafka, group-id, topics, dead-letter-topic)",
@@ -333,14 +334,12 @@ async fn run(url: &str, args: RunArgs) -> Result<()> {
             serde_json::from_str(&json).context("LEDGERFLOW_INGRESS_CONFIG")?;
         let handlers = ingress_handlers(&config)?;
         tracing::info!(topics = config.topics.len(), "ingress role running");
-        kafka_roles.push(KafkaRole::Ingress(Ingress::start(
-            store.clone(),
-            config,
-            handlers,
-            stop.clone(),
-        )?));
+        let ingress = Ingress::start(store.clone(), config, handlers, stop.clone())?;
+        // Its consumer lag is exported on the ops endpoint's /metrics.
+        ingress_metrics.push(ingress.stats());
+        kafka_roles.push(KafkaRole::Ingress(ingress));
     }
-    let ops = ops::serve(args.ops_addr, pool.clone()).await?;
+    let ops = ops::serve_with(args.ops_addr, pool.clone(), ingress_metrics).await?;
 
     shutdown_signal().await;
     tracing::info!(grace_secs = args.grace_secs, "shutting down");
