@@ -13,9 +13,11 @@
 //! group and fetch the first batch is reported apart. Afterwards the database must hold exactly
 //! one inbox row and one job per message.
 //!
-//! Messages are produced one per record batch (`batch.num.messages=1`): tansu's memory storage
-//! only serves a fetch from a batch's first offset, so a partition that the ingress pauses for
-//! backpressure and resumes mid-batch would stall on it (a real broker serves any offset).
+//! Messages are produced as real producers do: librdkafka batches them per partition
+//! (`linger.ms` = `--linger-ms`, default 5; default `batch.size`), so a record batch holds
+//! hundreds to thousands of them. `--one-per-batch` produces one message per batch instead (how
+//! this bench ran before the ingress handled tansu's mid-batch fetches, for A/B comparisons: the
+//! broker's per-fetch cost grows with the number of batches in a partition).
 //!
 //! **Webhooks** (on another fresh database): the real api (`ledgerflow_api::serve_listeners`) on
 //! a port-0 socket, with a Stripe-style provider and the payments workflows registered, and
@@ -74,6 +76,14 @@ pub struct Args {
     #[arg(long)]
     partition_buffer: Option<usize>,
 
+    /// The producer's `linger.ms`: how long librdkafka waits to fill a record batch.
+    #[arg(long, default_value_t = 5)]
+    linger_ms: u32,
+
+    /// Produce one message per record batch (`batch.num.messages=1`) instead.
+    #[arg(long)]
+    one_per_batch: bool,
+
     /// Webhook deliveries (0: skip the webhook part).
     #[arg(long, default_value_t = 20_000)]
     webhooks: usize,
@@ -96,6 +106,7 @@ struct KafkaFigures {
     broker_ms: f64,
     batches: u64,
     pauses: u64,
+    rewinds: u64,
     cpu: CpuUse,
     bg_pct: u32,
 }
@@ -254,15 +265,19 @@ async fn create_topic(broker: &Broker, topic: &str, partitions: i32) -> Result<(
 
 /// Produces `n` messages (all sends in flight at once, bounded by librdkafka's queue) and waits
 /// for every delivery report.
-async fn produce(broker: &Broker, topic: &str, n: usize) -> Result<()> {
-    let producer: FutureProducer = broker
-        .client()
+async fn produce(args: &Args, broker: &Broker, topic: &str) -> Result<()> {
+    let n = args.messages;
+    let mut client = broker.client();
+    client
         .set("enable.idempotence", "true")
         .set("acks", "all")
-        .set("batch.num.messages", "1")
+        .set("linger.ms", args.linger_ms.to_string())
         .set("queue.buffering.max.messages", "1000000")
-        .set("message.timeout.ms", "300000")
-        .create()?;
+        .set("message.timeout.ms", "300000");
+    if args.one_per_batch {
+        client.set("batch.num.messages", "1");
+    }
+    let producer: FutureProducer = client.create()?;
     const WINDOW: usize = 20_000;
     let mut i = 0;
     while i < n {
@@ -300,7 +315,7 @@ async fn kafka(args: &Args, db: &BenchDb, bg_pct: u32) -> Result<KafkaFigures> {
     let topic = format!("bench-ingress-{}", uuid::Uuid::new_v4().simple());
     create_topic(&broker, &topic, args.partitions).await?;
     let t = Instant::now();
-    produce(&broker, &topic, args.messages).await?;
+    produce(args, &broker, &topic).await?;
     let produce_s = t.elapsed().as_secs_f64();
     eprintln!(
         "kafka: produced {} messages in {produce_s:.1} s",
@@ -387,6 +402,7 @@ async fn kafka(args: &Args, db: &BenchDb, bg_pct: u32) -> Result<KafkaFigures> {
         broker_ms,
         batches: stats.batches(),
         pauses: stats.pauses(),
+        rewinds: stats.rewinds(),
         cpu: per_item(cpu, args.messages),
         bg_pct,
     })
@@ -551,8 +567,8 @@ fn report(args: &Args, k: Option<KafkaFigures>, w: Option<WebhookFigures>) -> Re
     if let Some(k) = &k {
         eprintln!(
             "ingress/kafka: {} messages → committed jobs at {:.0} msgs/s (group join + first \
-             batch {:.2} s; {} batch transactions, {} pauses; bg {}%)",
-            k.messages, k.per_s, k.join_s, k.batches, k.pauses, k.bg_pct
+             batch {:.2} s; {} batch transactions, {} pauses, {} rewinds; bg {}%)",
+            k.messages, k.per_s, k.join_s, k.batches, k.pauses, k.rewinds, k.bg_pct
         );
         rows.extend([
             ("kafka messages", k.messages.to_string()),
@@ -561,6 +577,15 @@ fn report(args: &Args, k: Option<KafkaFigures>, w: Option<WebhookFigures>) -> Re
             ("kafka produce s (not timed)", format!("{:.1}", k.produce_s)),
             ("kafka batch transactions", k.batches.to_string()),
             ("kafka partition pauses", k.pauses.to_string()),
+            ("kafka re-fetches (rewinds)", k.rewinds.to_string()),
+            (
+                "kafka record batches",
+                if args.one_per_batch {
+                    "one message each".to_string()
+                } else {
+                    format!("linger.ms {}", args.linger_ms)
+                },
+            ),
             (
                 "kafka CPU ms/msg: bench / postgres / broker",
                 format!(
