@@ -58,7 +58,6 @@ pub(crate) struct Next {
     pub step: String,
     pub args: Value,
     pub max_attempts: i32,
-    pub unique_key: Option<String>,
 }
 
 /// What became of an item.
@@ -133,16 +132,21 @@ impl Checkpointer {
 /// nothing. Every row is found by `id = ANY(array)`, which the planner
 /// serves from the primary key even with the statistics of an empty table
 /// (a statement prepared early in a fresh database keeps its generic plan,
-/// and joins against `unnest` were planned as sequential scans there). The journal upsert, the job move and the completions say what
-/// `CHECKPOINT_MOVE_SQL` and `CHECKPOINT_FINISH_SQL` in `workflow.rs` say,
-/// per row; keep them in step.
+/// and joins against `unnest` were planned as sequential scans there).
+///
+/// The journal upsert and the completions say what `CHECKPOINT_MOVE_SQL` and
+/// `CHECKPOINT_FINISH_SQL` in `workflow.rs` say, per row; keep them in step.
+/// The move differs on purpose: it changes no indexed column (the row keeps
+/// its `unique_key` and `run_at`), so Postgres updates it in place (HOT)
+/// instead of adding an entry to each of the job table's indexes; the row
+/// keeps the unique key of the step it was moved on to under the lock.
 const BATCH_SQL: &str = "WITH t AS (SELECT coalesce($1::timestamptz, now()) AS n),
      i AS (
        SELECT * FROM unnest($2::uuid[], $3::text[], $4::int[], $5::text[], $6::jsonb[],
                             $7::int[], $8::timestamptz[], $9::uuid[], $10::uuid[], $11::text[],
-                            $12::int[], $13::text[], $14::jsonb[], $15::int[], $16::text[])
+                            $12::int[], $13::text[], $14::jsonb[], $15::int[])
          AS i(wf, step, pos, idem, output, attempt, started, job, token, state, wait_seq,
-              next_step, next_args, next_max, next_key)
+              next_step, next_args, next_max)
      ),
      fenced AS (
        SELECT j.id, j.lease_token FROM jobs j
@@ -176,10 +180,7 @@ const BATCH_SQL: &str = "WITH t AS (SELECT coalesce($1::timestamptz, now()) AS n
      moved AS (
        UPDATE jobs j
        SET args = ok.next_args, workflow_step = ok.next_step, max_attempts = ok.next_max,
-           unique_key = CASE WHEN EXISTS (SELECT 1 FROM jobs o WHERE o.unique_key = ok.next_key)
-                             THEN NULL ELSE ok.next_key END,
-           run_at = t.n, attempted_at = t.n,
-           lease_expires_at = t.n + $17 * interval '1 millisecond'
+           attempted_at = t.n, lease_expires_at = t.n + $16 * interval '1 millisecond'
        FROM ok, t
        WHERE j.id = ok.job AND ok.next_step IS NOT NULL AND j.id = ANY($9::uuid[])
        RETURNING j.id, j.attempted_at
@@ -226,7 +227,6 @@ async fn apply(
     let mut next_step = Vec::with_capacity(n);
     let mut next_args = Vec::with_capacity(n);
     let mut next_max = Vec::with_capacity(n);
-    let mut next_key = Vec::with_capacity(n);
     for (item, _) in batch {
         wf.push(item.workflow_id);
         step.push(item.step.as_str());
@@ -242,7 +242,6 @@ async fn apply(
         next_step.push(item.next.as_ref().map(|x| x.step.as_str()));
         next_args.push(item.next.as_ref().map(|x| &x.args));
         next_max.push(item.next.as_ref().map(|x| x.max_attempts));
-        next_key.push(item.next.as_ref().and_then(|x| x.unique_key.as_deref()));
     }
     let mut tx = pool.begin().await?;
     let rows: Vec<(Uuid, Option<DateTime<Utc>>)> = sqlx::query_as(BATCH_SQL)
@@ -261,7 +260,6 @@ async fn apply(
         .bind(&next_step)
         .bind(&next_args)
         .bind(&next_max)
-        .bind(&next_key)
         .bind(ttl_ms)
         .fetch_all(&mut *tx)
         .await?;

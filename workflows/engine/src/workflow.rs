@@ -1769,8 +1769,10 @@ async fn prepare_locked(
 /// moved (an operator's cancel) is discarded. What the lock-free run gives
 /// up: an operator's cancel does not wait for such a step, whose result is
 /// then dropped; and in the rare case that another job also stands for the
-/// successor (a re-delivery of an earlier step enqueued it), both may run
-/// the step's body — one checkpoint wins, the other finds it journaled.
+/// successor (a re-delivery of an earlier step enqueued it — the lock-free
+/// move keeps the row's unique key, see `checkpoint::BATCH_SQL`, so nothing
+/// stops that), both may run the step's body: one checkpoint wins, the
+/// other finds the step journaled.
 #[allow(clippy::too_many_arguments)]
 async fn run_optimistic(
     store: &Store,
@@ -1867,7 +1869,6 @@ async fn run_optimistic(
                     step: name.to_string(),
                     args: j.args.clone(),
                     max_attempts: j.max_attempts,
-                    unique_key: j.unique_key.clone(),
                 }),
         };
         match (store.checkpointer().submit(item).await, next.zip(next_job)) {
