@@ -125,6 +125,22 @@ impl Checkpointer {
     }
 }
 
+/// The journal upsert's conflict clause for a step that completed: a row
+/// left by an earlier attempt (an intent, a failure) is overwritten, a
+/// `completed` row never. Shared by every checkpoint statement (here and in
+/// `workflow.rs`), which differ only in where their rows come from.
+macro_rules! journal_completed_on_conflict {
+    () => {
+        "
+       ON CONFLICT (workflow_id, step) DO UPDATE
+       SET status = EXCLUDED.status, output = EXCLUDED.output, error = NULL,
+           attempt = EXCLUDED.attempt, started_at = EXCLUDED.started_at,
+           finished_at = EXCLUDED.finished_at
+       WHERE workflow_steps.status <> 'completed'"
+    };
+}
+pub(crate) use journal_completed_on_conflict;
+
 /// The batch statement. `i` is the items; `fenced` and `current` lock their
 /// job and workflow rows (in id order, so two batches cannot deadlock on
 /// each other); `ok` is the items whose job row holds their lease token and
@@ -140,7 +156,8 @@ impl Checkpointer {
 /// its `unique_key` and `run_at`), so Postgres updates it in place (HOT)
 /// instead of adding an entry to each of the job table's indexes; the row
 /// keeps the unique key of the step it was moved on to under the lock.
-const BATCH_SQL: &str = "WITH t AS (SELECT coalesce($1::timestamptz, now()) AS n),
+const BATCH_SQL: &str = concat!(
+    "WITH t AS (SELECT coalesce($1::timestamptz, now()) AS n),
      i AS (
        SELECT * FROM unnest($2::uuid[], $3::text[], $4::int[], $5::text[], $6::jsonb[],
                             $7::int[], $8::timestamptz[], $9::uuid[], $10::uuid[], $11::text[],
@@ -171,11 +188,9 @@ const BATCH_SQL: &str = "WITH t AS (SELECT coalesce($1::timestamptz, now()) AS n
                                    idempotency_key, attempt, started_at, finished_at)
        SELECT ok.wf, ok.step, ok.pos, 'completed', ok.output, ok.idem, ok.attempt, ok.started, t.n
        FROM ok, t
-       ON CONFLICT (workflow_id, step) DO UPDATE
-       SET status = EXCLUDED.status, output = EXCLUDED.output, error = NULL,
-           attempt = EXCLUDED.attempt, started_at = EXCLUDED.started_at,
-           finished_at = EXCLUDED.finished_at
-       WHERE workflow_steps.status <> 'completed'
+",
+    journal_completed_on_conflict!(),
+    "
      ),
      moved AS (
        UPDATE jobs j
@@ -203,7 +218,8 @@ const BATCH_SQL: &str = "WITH t AS (SELECT coalesce($1::timestamptz, now()) AS n
        FROM ok, t
        WHERE w.id = ok.wf AND w.id = ANY($2::uuid[])
      )
-     SELECT ok.job, m.attempted_at FROM ok LEFT JOIN moved m ON m.id = ok.job";
+     SELECT ok.job, m.attempted_at FROM ok LEFT JOIN moved m ON m.id = ok.job"
+);
 
 /// Runs one batch in its own transaction; the result is per item, in order.
 async fn apply(

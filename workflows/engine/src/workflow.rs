@@ -2615,11 +2615,9 @@ macro_rules! checkpoint_sql {
                INSERT INTO workflow_steps (workflow_id, step, position, status, output,
                                            idempotency_key, attempt, started_at, finished_at)
                SELECT $1, $2, $3, 'completed', $5, $6, $7, $8, t.n FROM t
-               ON CONFLICT (workflow_id, step) DO UPDATE
-               SET status = EXCLUDED.status, output = EXCLUDED.output, error = NULL,
-                   attempt = EXCLUDED.attempt, started_at = EXCLUDED.started_at,
-                   finished_at = EXCLUDED.finished_at
-               WHERE workflow_steps.status <> 'completed'
+",
+            crate::checkpoint::journal_completed_on_conflict!(),
+            "
              ),
              done AS (
                UPDATE jobs j
@@ -2688,16 +2686,15 @@ const CHECKPOINT_FINISH_SQL: &str = checkpoint_sql!(
 /// successor by that key) finds it; another row holding that key already
 /// stands for the successor, and the moved row then takes none (both
 /// serialize on the workflow row, and the later finds the step done).
-const CHECKPOINT_MOVE_SQL: &str = "WITH t AS (SELECT coalesce($4::timestamptz, now()) AS n),
+const CHECKPOINT_MOVE_SQL: &str = concat!(
+    "WITH t AS (SELECT coalesce($4::timestamptz, now()) AS n),
      journal AS (
        INSERT INTO workflow_steps (workflow_id, step, position, status, output,
                                    idempotency_key, attempt, started_at, finished_at)
        SELECT $1, $2, $3, 'completed', $5, $6, $7, $8, t.n FROM t
-       ON CONFLICT (workflow_id, step) DO UPDATE
-       SET status = EXCLUDED.status, output = EXCLUDED.output, error = NULL,
-           attempt = EXCLUDED.attempt, started_at = EXCLUDED.started_at,
-           finished_at = EXCLUDED.finished_at
-       WHERE workflow_steps.status <> 'completed'
+",
+    crate::checkpoint::journal_completed_on_conflict!(),
+    "
      ),
      moved AS (
        UPDATE jobs j
@@ -2716,7 +2713,8 @@ const CHECKPOINT_MOVE_SQL: &str = "WITH t AS (SELECT coalesce($4::timestamptz, n
            wait_correlation_key = NULL, wait_until = NULL, current_step = $11, updated_at = t.n
        FROM t WHERE id = $1
      )
-     SELECT (SELECT attempted_at FROM moved)";
+     SELECT (SELECT attempted_at FROM moved)"
+);
 
 /// A step's checkpoint in ONE statement, then the commit: its journal row,
 /// the workflow row (on to `next`, a step name and its timer, or completed

@@ -1278,6 +1278,19 @@ async fn nothing(_ctx: StepCtx) -> std::result::Result<(), String> {
     Ok(())
 }
 
+/// An operator's cancel of workflow `id`, committed before it returns.
+async fn cancel_now(
+    pool: &PgPool,
+    store: &Store,
+    id: WorkflowId,
+) -> std::result::Result<(), String> {
+    let mut conn = pool.acquire().await.map_err(|e| e.to_string())?;
+    workflow_cancel_in(&mut conn, store, id, "operator")
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pure_inline_successors_of_many_workflows_share_batched_checkpoints() -> TestResult {
     let env = Env::new().await?;
@@ -1349,13 +1362,7 @@ async fn a_cancel_during_a_pure_inline_successor_discards_its_result() -> TestRe
     // does not wait for b's checkpoint.
     let cancel = move |ctx: StepCtx| {
         let (pool, store) = (pool.clone(), store.clone());
-        async move {
-            let mut conn = pool.acquire().await.map_err(|e| e.to_string())?;
-            workflow_cancel_in(&mut conn, &store, ctx.workflow_id(), "operator")
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok(())
-        }
+        async move { cancel_now(&pool, &store, ctx.workflow_id()).await }
     };
     let reg = registry(pure_steps(&calls, cancel))?;
     let id = workflow_start(&env.store, &reg, "pure", &json!({ "n": 1 }), None).await?;
@@ -1388,11 +1395,7 @@ async fn a_pure_successor_that_writes_after_its_workflow_moved_writes_nothing() 
     let cancel_then_write = move |ctx: StepCtx| {
         let (pool, store) = (pool.clone(), store.clone());
         async move {
-            let mut conn = pool.acquire().await.map_err(|e| e.to_string())?;
-            workflow_cancel_in(&mut conn, &store, ctx.workflow_id(), "operator")
-                .await
-                .map_err(|e| e.to_string())?;
-            drop(conn);
+            cancel_now(&pool, &store, ctx.workflow_id()).await?;
             effect(&ctx).await
         }
     };
