@@ -17,8 +17,9 @@
 //! transaction holding its workflow and its record committed. A shared
 //! transaction commits only if EVERY member is a new key (its workflow and
 //! record freshly inserted). Anything else — a replay, a key reused with
-//! another request, two members with one key, a lock timeout or any database
-//! error — rolls it back, and its members run again one transaction each
+//! another request, two members with one key, a lock timeout, a deadlock (two
+//! shared transactions holding the same keys in opposite order) or any
+//! database error — rolls it back, and its members run again one transaction each
 //! (the protocol of [`crate::idempotency`], which gives each its own answer).
 //! Running them again is safe: the workflow's unique key and the record make
 //! every step idempotent, also after a `COMMIT` whose outcome was unknown.

@@ -79,8 +79,9 @@ pub struct ApiConfig {
     /// looked up again (default 1 s; zero: looked up on every request). A
     /// revoked key stops working within this time; see [`auth::KeyCache`].
     pub api_key_cache_ttl: Duration,
-    /// Most public POSTs committed in one shared transaction (default 16;
-    /// 1: every POST in a transaction of its own). See [`batch`].
+    /// Most public POSTs committed in one shared transaction (default 8;
+    /// 1: every POST in a transaction of its own). See [`batch`]. With 32
+    /// clients, 8 gave a lower p99 than 16 at the same rate (docs/benchmarks.md).
     pub post_batch: usize,
     /// Most transactions of public POSTs running at once (default 4).
     pub post_transactions: usize,
@@ -94,7 +95,7 @@ impl Default for ApiConfig {
             shutdown_grace: Duration::from_secs(10),
             webhooks: webhooks::WebhookProviders::default(),
             api_key_cache_ttl: Duration::from_secs(1),
-            post_batch: 16,
+            post_batch: 8,
             post_transactions: 4,
         }
     }
