@@ -522,6 +522,9 @@ struct Figures {
     low: i64,
     /// The group's committed offset as this consumer knows it (-1: none).
     committed: i64,
+    /// Messages fetched and waiting in librdkafka's queue (with one consumer
+    /// queue for all partitions, that queue's length).
+    queued: i64,
 }
 
 impl Default for Figures {
@@ -530,6 +533,7 @@ impl Default for Figures {
             high: -1,
             low: -1,
             committed: -1,
+            queued: 0,
         }
     }
 }
@@ -558,6 +562,7 @@ impl ClientContext for IngressContext {
                             high: known(p.hi_offset),
                             low: known(p.lo_offset),
                             committed: known(p.committed_offset),
+                            queued: p.fetchq_cnt,
                         },
                     );
                 }
@@ -1135,6 +1140,11 @@ fn rewind_stalled(shared: &Shared, parts: &Parts, cursors: &mut HashMap<(String,
     if lags.is_empty() {
         return;
     }
+    let figures = shared
+        .figures
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
     let parts = parts.lock().unwrap_or_else(|p| p.into_inner());
     let now = Instant::now();
     for l in lags {
@@ -1142,7 +1152,9 @@ fn rewind_stalled(shared: &Shared, parts: &Parts, cursors: &mut HashMap<(String,
         let Some(state) = parts.get(&tp) else {
             continue;
         };
-        if state.paused() {
+        // Messages still queued in librdkafka (e.g. behind a partition the
+        // loop waited for) are not a silent broker.
+        if state.paused() || figures.get(&tp).is_some_and(|f| f.queued > 0) {
             continue;
         }
         let epoch = state.epoch.load(Ordering::SeqCst);
