@@ -51,7 +51,8 @@ pub struct Store {
     clock: Arc<dyn Clock>,
     config: Arc<StoreConfig>,
     /// The group committer of workflow checkpoints, started on first use
-    /// (clones share it; a store with another clock gets its own).
+    /// (clones share it, as do stores made by `with_notify`; a store with
+    /// another clock gets its own).
     checkpointer: Arc<OnceLock<Checkpointer>>,
 }
 
@@ -108,7 +109,7 @@ impl Store {
             let mut config = (*self.config).clone();
             config.notify = notify;
             self.config = Arc::new(config);
-            self.checkpointer = Arc::default();
+            // The checkpointer is kept: checkpoints send no NOTIFY.
         }
         self
     }
