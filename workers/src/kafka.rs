@@ -120,8 +120,9 @@ pub struct IngressConfig {
     )]
     pub commit_interval: Duration,
     /// Most messages a partition holds in memory (received, not yet
-    /// committed) before it is paused; half of it is the largest batch
-    /// applied in one transaction.
+    /// committed): at this many the consumer waits for the partition's worker
+    /// (pausing the partition if that takes over a second); half of it is
+    /// the largest batch applied in one transaction.
     #[serde(default = "default_partition_buffer")]
     pub partition_buffer: usize,
     /// How often the consumer lag of the assigned partitions (high watermark
