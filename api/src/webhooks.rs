@@ -59,7 +59,7 @@ use crate::error::Error;
 use crate::metrics::Metrics;
 use chrono::Utc;
 use ledgerflow_engine::WorkflowRegistry;
-use ledgerflow_engine::inbox::{InboxEntry, InboxInserted, inbox_insert_in};
+use ledgerflow_engine::inbox::InboxEntry;
 use ledgerflow_payments::exchange::Event;
 use ledgerflow_payments::exchange::signature::{
     self, GITHUB_DELIVERY_HEADER, GITHUB_EVENT_HEADER, GITHUB_HEADER, STRIPE_HEADER, Scheme,
@@ -382,10 +382,6 @@ pub async fn receive(
 
     let source = format!("webhook:{name}");
     let kept = kept_headers(headers);
-    let mut tx = match state.pool.begin().await {
-        Ok(tx) => tx,
-        Err(e) => return db_unavailable(&name, "begin", &e),
-    };
     let entry = InboxEntry {
         source: &source,
         dedupe_key: &id,
@@ -395,20 +391,18 @@ pub async fn receive(
         processed: false,
         ..InboxEntry::default()
     };
-    let inserted = match inbox_insert_in(&mut tx, &entry).await {
-        Ok(i) => i,
-        Err(e) => return db_unavailable(&name, "inbox insert", &e),
+    // The inbox row and the processing workflow's start are ONE statement,
+    // committed on its own before the 2xx (no BEGIN/COMMIT round trips).
+    let mut conn = match state.pool.acquire().await {
+        Ok(conn) => conn,
+        Err(e) => return db_unavailable(&name, "connection", &e),
     };
-    if let InboxInserted::Inserted(inbox_id) = inserted
-        && let Err(e) =
-            webhook::start_for_inbox_in(&mut tx, &state.store, registry, &event, Some(inbox_id))
-                .await
-    {
-        return db_unavailable(&name, "workflow start", &e);
-    }
-    if let Err(e) = tx.commit().await {
-        return db_unavailable(&name, "commit", &e);
-    }
+    let inserted =
+        match webhook::record_and_start_in(&mut conn, &state.store, registry, &entry, &event).await
+        {
+            Ok(i) => i,
+            Err(e) => return db_unavailable(&name, "inbox insert and workflow start", &e),
+        };
     let status = if inserted.is_new() {
         tracing::info!(provider = %name, event_id = %id, "webhook accepted");
         "accepted"

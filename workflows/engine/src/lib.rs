@@ -64,7 +64,7 @@ pub use workflow::{
 pub use workflow::{
     Inline, StepCtx, StepDef, StepOutcome, StepsRun, WORKFLOW_JOB_KIND, Workflow, WorkflowId,
     WorkflowRegistry, WorkflowState, run_step, run_steps, workflow_cancel_in, workflow_retry_in,
-    workflow_start, workflow_start_in,
+    workflow_start, workflow_start_for_inbox_in, workflow_start_in,
 };
 
 /// The workspace's migrations, embedded at compile time.

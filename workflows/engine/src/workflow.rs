@@ -995,44 +995,25 @@ pub async fn workflow_start(
     workflow_start_in(&mut conn, store, registry, kind, input, unique_key).await
 }
 
-/// Starts a workflow of `kind` at its newest registered version on the
-/// caller's connection (inside their transaction, if one is open): inserts
-/// the instance and enqueues its first step's job. With a `unique_key`,
-/// starting again returns the existing instance's id and enqueues nothing.
-pub async fn workflow_start_in(
-    conn: &mut PgConnection,
-    store: &Store,
-    registry: &WorkflowRegistry,
-    kind: &str,
-    input: &Value,
-    unique_key: Option<&str>,
-) -> Result<WorkflowId> {
-    let def = registry
-        .latest(kind)
-        .ok_or_else(|| Error::Invalid(format!("no workflow of kind {kind:?} is registered")))?;
-    let first = def
-        .steps
-        .first()
-        .ok_or_else(|| Error::Invalid(format!("workflow {kind:?} has no steps")))?;
-    let id = Uuid::now_v7();
-    let job = step_job(
-        id,
-        &def.queue,
-        first.name,
-        Wake::Entry,
-        None,
-        Some(def.max_attempts),
-    );
-    job.validate()?;
-    // The instance and its first step's job in one statement (one round trip
-    // instead of two on every start); the job part says what
-    // `Store::job_insert_in` says for a job due now.
-    let inserted: Option<(Uuid, i64)> = sqlx::query_as(
-        "WITH t AS (SELECT coalesce($8::timestamptz, now()) AS n),
+/// The start statement: `$inbox` is an extra CTE (or nothing) that `$input`
+/// and `$from` may use; the workflow row and its first step's job (due now,
+/// with its NOTIFY unless `$17` is false) are inserted by the same parts in
+/// both forms. The job part says what `Store::job_insert_in` says for a job
+/// due now.
+macro_rules! start_sql {
+    ($inbox:literal, $input:literal, $from:literal, $select:literal) => {
+        concat!(
+            "WITH t AS (SELECT coalesce($8::timestamptz, now()) AS n)",
+            $inbox,
+            ",
          wf AS (
            INSERT INTO workflows (id, kind, version, state, input, current_step, queue,
                                   unique_key, created_at, updated_at)
-           SELECT $1, $2, $3, 'running', $4, $5, $6, $7, t.n, t.n FROM t
+           SELECT $1, $2, $3, 'running', ",
+            $input,
+            ", $5, $6, $7, t.n, t.n FROM ",
+            $from,
+            "
            ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL DO NOTHING
            RETURNING id
          ),
@@ -1049,41 +1030,180 @@ pub async fn workflow_start_in(
            SELECT count(pg_notify($16, queue)) AS n
            FROM (SELECT DISTINCT queue FROM job WHERE $17) q
          )
-         SELECT wf.id, (SELECT n FROM ntf) FROM wf",
-    )
-    .bind(id)
-    .bind(def.kind)
-    .bind(def.version)
-    .bind(input)
-    .bind(first.name)
-    .bind(&def.queue)
-    .bind(unique_key)
-    .bind(store.now())
-    .bind(job.id)
-    .bind(&job.kind)
-    .bind(&job.args)
-    .bind(job.priority)
-    .bind(job.max_attempts)
-    .bind(job.timeout_ms())
-    .bind(&job.unique_key)
-    .bind(crate::notify::JOBS_CHANNEL)
-    .bind(store.config().notify)
-    .fetch_optional(&mut *conn)
-    .await?;
-    if inserted.is_none() {
-        let key = unique_key.unwrap_or_default();
-        let existing: Option<Uuid> =
-            sqlx::query_scalar("SELECT id FROM workflows WHERE unique_key = $1")
-                .bind(key)
-                .fetch_optional(&mut *conn)
-                .await?;
-        return existing.ok_or_else(|| {
-            Error::Invalid(format!(
-                "workflow unique key {key:?} is taken by an instance this transaction cannot see"
-            ))
-        });
+         SELECT ",
+            $select
+        )
+    };
+}
+
+/// What a start binds as `$1`–`$17` ([`start_sql`]): the instance of `kind`
+/// at its newest version with `input` as `$4`, and its first step's job.
+struct StartBinds<'a> {
+    id: WorkflowId,
+    def: &'a Workflow,
+    first: &'a str,
+    job: NewJob,
+}
+
+impl<'a> StartBinds<'a> {
+    fn new(registry: &'a WorkflowRegistry, kind: &str) -> Result<Self> {
+        let def = registry
+            .latest(kind)
+            .ok_or_else(|| Error::Invalid(format!("no workflow of kind {kind:?} is registered")))?;
+        let first = def
+            .steps
+            .first()
+            .ok_or_else(|| Error::Invalid(format!("workflow {kind:?} has no steps")))?
+            .name;
+        let id = Uuid::now_v7();
+        let job = step_job(
+            id,
+            &def.queue,
+            first,
+            Wake::Entry,
+            None,
+            Some(def.max_attempts),
+        );
+        job.validate()?;
+        Ok(Self {
+            id,
+            def,
+            first,
+            job,
+        })
     }
-    Ok(id)
+
+    fn bind<'q, O>(
+        &'q self,
+        query: sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
+        store: &Store,
+        input: &'q Value,
+        unique_key: Option<&'q str>,
+    ) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
+        query
+            .bind(self.id)
+            .bind(self.def.kind)
+            .bind(self.def.version)
+            .bind(input)
+            .bind(self.first)
+            .bind(&self.def.queue)
+            .bind(unique_key)
+            .bind(store.now())
+            .bind(self.job.id)
+            .bind(&self.job.kind)
+            .bind(&self.job.args)
+            .bind(self.job.priority)
+            .bind(self.job.max_attempts)
+            .bind(self.job.timeout_ms())
+            .bind(&self.job.unique_key)
+            .bind(crate::notify::JOBS_CHANNEL)
+            .bind(store.config().notify)
+    }
+}
+
+/// The instance holding workflow unique key `key`, after a start found it
+/// taken.
+async fn started_with_key(conn: &mut PgConnection, key: Option<&str>) -> Result<WorkflowId> {
+    let key = key.unwrap_or_default();
+    let existing: Option<Uuid> =
+        sqlx::query_scalar("SELECT id FROM workflows WHERE unique_key = $1")
+            .bind(key)
+            .fetch_optional(&mut *conn)
+            .await?;
+    existing.ok_or_else(|| {
+        Error::Invalid(format!(
+            "workflow unique key {key:?} is taken by an instance this transaction cannot see"
+        ))
+    })
+}
+
+/// Starts a workflow of `kind` at its newest registered version on the
+/// caller's connection (inside their transaction, if one is open): inserts
+/// the instance and enqueues its first step's job. With a `unique_key`,
+/// starting again returns the existing instance's id and enqueues nothing.
+pub async fn workflow_start_in(
+    conn: &mut PgConnection,
+    store: &Store,
+    registry: &WorkflowRegistry,
+    kind: &str,
+    input: &Value,
+    unique_key: Option<&str>,
+) -> Result<WorkflowId> {
+    let start = StartBinds::new(registry, kind)?;
+    // The instance and its first step's job in one statement (one round trip
+    // instead of two on every start).
+    const SQL: &str = start_sql!("", "$4", "t", "wf.id, (SELECT n FROM ntf) FROM wf");
+    let inserted: Option<(Uuid, i64)> = start
+        .bind(sqlx::query_as(SQL), store, input, unique_key)
+        .fetch_optional(&mut *conn)
+        .await?;
+    match inserted {
+        Some(_) => Ok(start.id),
+        None => started_with_key(conn, unique_key).await,
+    }
+}
+
+/// Records `entry` in the inbox and, when it is new, starts a workflow of
+/// `kind` for it whose input is `input` (an object) with `"inbox_id"` set to
+/// the new inbox row's id — in ONE statement, atomic on its own: run it on a
+/// pooled connection, without a transaction around it, and it is one round
+/// trip (the webhook intake's hot path). A duplicate entry starts nothing
+/// and returns no workflow; a new entry whose workflow `unique_key` is taken
+/// returns the existing instance, as [`workflow_start_in`] does.
+pub async fn workflow_start_for_inbox_in(
+    conn: &mut PgConnection,
+    store: &Store,
+    registry: &WorkflowRegistry,
+    entry: &crate::inbox::InboxEntry<'_>,
+    (kind, input, unique_key): (&str, &Value, Option<&str>),
+) -> Result<(crate::inbox::InboxInserted, Option<WorkflowId>)> {
+    use crate::inbox::InboxInserted;
+    if entry.source.is_empty() || entry.dedupe_key.is_empty() {
+        return Err(Error::Invalid(
+            "inbox source and dedupe key must not be empty".into(),
+        ));
+    }
+    if !input.is_object() {
+        return Err(Error::Invalid(
+            "the input of a workflow started for an inbox entry must be a JSON object".into(),
+        ));
+    }
+    let start = StartBinds::new(registry, kind)?;
+    const SQL: &str = start_sql!(
+        ",
+         ib AS (
+           INSERT INTO inbox (source, dedupe_key, topic, \"partition\", \"offset\", business_id,
+                              payload, headers, processed_at)
+           SELECT $18, $19, $20, $21, $22, $23, $24, $25, CASE WHEN $26 THEN t.n END FROM t
+           ON CONFLICT (source, dedupe_key) DO NOTHING
+           RETURNING id
+         )",
+        "$4::jsonb || jsonb_build_object('inbox_id', ib.id)",
+        "t, ib",
+        "(SELECT id FROM ib), (SELECT id FROM wf), (SELECT n FROM ntf)"
+    );
+    let empty = Value::Object(serde_json::Map::new());
+    let (inbox_id, workflow_id, _notified): (Option<i64>, Option<Uuid>, i64) = start
+        .bind(sqlx::query_as(SQL), store, input, unique_key)
+        .bind(entry.source)
+        .bind(entry.dedupe_key)
+        .bind(entry.topic)
+        .bind(entry.partition)
+        .bind(entry.offset)
+        .bind(entry.business_id)
+        .bind(entry.payload)
+        .bind(entry.headers.unwrap_or(&empty))
+        .bind(entry.processed)
+        .fetch_one(&mut *conn)
+        .await?;
+    match (inbox_id, workflow_id) {
+        (None, _) => Ok((InboxInserted::Duplicate, None)),
+        (Some(id), Some(wf)) => Ok((InboxInserted::Inserted(id), Some(wf))),
+        (Some(id), None) => Ok((
+            InboxInserted::Inserted(id),
+            Some(started_with_key(conn, unique_key).await?),
+        )),
+    }
 }
 
 // --------------------------------------------------------------- operators

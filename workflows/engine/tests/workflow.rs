@@ -1459,3 +1459,66 @@ async fn a_pure_successor_whose_lease_was_lost_checkpoints_nothing() -> TestResu
     assert_eq!(env.journal(id).await?.len(), 3);
     Ok(())
 }
+
+#[tokio::test]
+async fn an_inbox_entry_and_its_workflow_start_are_one_statement() -> TestResult {
+    use ledgerflow_engine::inbox::{InboxEntry, InboxInserted};
+    use ledgerflow_engine::workflow_start_for_inbox_in;
+    let env = Env::new().await?;
+    let calls = Calls::default();
+    let reg = registry(pure_steps(&calls, nothing))?;
+    let entry = |key: &'static str| InboxEntry {
+        source: "webhook:test",
+        dedupe_key: key,
+        business_id: Some("evt-1"),
+        payload: Some(b"{\"id\":\"evt-1\"}"),
+        ..InboxEntry::default()
+    };
+    let mut conn = env.pool().acquire().await?;
+    let start = ("pure", &json!({ "n": 5 }), Some("for:evt-1"));
+
+    // New: the inbox row, the workflow with the row's id in its input, its
+    // first job — committed by the one statement (no transaction around it).
+    let (inserted, wf) =
+        workflow_start_for_inbox_in(&mut conn, &env.store, &reg, &entry("d-1"), start).await?;
+    let InboxInserted::Inserted(inbox_id) = inserted else {
+        panic!("a new entry: {inserted:?}");
+    };
+    let wf = wf.expect("a workflow was started");
+    let row = env.workflow(wf).await?;
+    assert_eq!(row.input, json!({ "n": 5, "inbox_id": inbox_id }));
+    assert_eq!(env.count("SELECT count(*) FROM jobs").await?, 1);
+
+    // The same entry again: nothing.
+    let again =
+        workflow_start_for_inbox_in(&mut conn, &env.store, &reg, &entry("d-1"), start).await?;
+    assert_eq!(again, (InboxInserted::Duplicate, None));
+
+    // Another entry for a workflow whose unique key is taken: its inbox row,
+    // and the existing workflow.
+    let (other, existing) =
+        workflow_start_for_inbox_in(&mut conn, &env.store, &reg, &entry("d-2"), start).await?;
+    assert!(other.is_new());
+    assert_eq!(existing, Some(wf));
+    assert_eq!(env.count("SELECT count(*) FROM inbox").await?, 2);
+    assert_eq!(env.count("SELECT count(*) FROM workflows").await?, 1);
+    assert_eq!(env.count("SELECT count(*) FROM jobs").await?, 1);
+
+    // An input that is not an object is refused before anything is written.
+    let refused = workflow_start_for_inbox_in(
+        &mut conn,
+        &env.store,
+        &reg,
+        &entry("d-3"),
+        ("pure", &json!([1]), None),
+    )
+    .await;
+    assert!(refused.is_err());
+    assert_eq!(env.count("SELECT count(*) FROM inbox").await?, 2);
+    drop(conn);
+
+    // The started workflow runs.
+    env.drain(&reg).await?;
+    assert_eq!(env.workflow(wf).await?.state, "completed");
+    Ok(())
+}

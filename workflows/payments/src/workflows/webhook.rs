@@ -13,11 +13,11 @@
 //! so `inbox.processed_at` is set exactly when the signal is committed.
 use super::db;
 use crate::exchange::Event;
-use ledgerflow_engine::inbox::inbox_mark_processed_in;
+use ledgerflow_engine::inbox::{InboxEntry, InboxInserted, inbox_mark_processed_in};
 use ledgerflow_engine::workflow::StepResult;
 use ledgerflow_engine::{
     SignalSent, StepCtx, StepOutcome, Store, Workflow, WorkflowId, WorkflowRegistry,
-    signal_send_in, workflow_start_in,
+    signal_send_in, workflow_start_for_inbox_in, workflow_start_in,
 };
 use serde_json::json;
 use sqlx::PgConnection;
@@ -85,6 +85,26 @@ pub async fn start_for_inbox_in(
         Some(&format!("webhook:{}", event.id)),
     )
     .await?)
+}
+
+/// Stores a verified delivery in the inbox and, when it is new, starts its
+/// processing workflow (input `{"event", "inbox_id"}`, as
+/// [`start_for_inbox_in`] gives it) — one statement, atomic on its own, so
+/// the webhook intake runs it without a transaction around it. Returns the
+/// inbox outcome (a duplicate starts nothing).
+pub async fn record_and_start_in(
+    conn: &mut PgConnection,
+    store: &Store,
+    registry: &WorkflowRegistry,
+    entry: &InboxEntry<'_>,
+    event: &Event,
+) -> crate::Result<InboxInserted> {
+    let input = json!({ "event": event });
+    let key = format!("webhook:{}", event.id);
+    let (inserted, _workflow) =
+        workflow_start_for_inbox_in(conn, store, registry, entry, (KIND, &input, Some(&key)))
+            .await?;
+    Ok(inserted)
 }
 
 async fn signal_step(ctx: StepCtx) -> StepResult {
