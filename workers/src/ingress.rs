@@ -1776,3 +1776,96 @@ async fn dead_letter(shared: &Shared, msg: &IngressMessage, error: &str, attempt
 
 /// The id header name, re-exported for handlers and tests.
 pub const BUSINESS_ID_HEADER: &str = ID_HEADER;
+
+#[cfg(test)]
+mod tests {
+    use super::{Admit, Cursor, REWIND_FIRST};
+
+    fn take(c: &mut Cursor, o: i64) {
+        assert!(matches!(c.admit(o), Admit::Take), "offset {o} not taken");
+    }
+
+    #[test]
+    fn in_order_offsets_are_taken_and_redeliveries_dropped() {
+        let mut c = Cursor::new(0, Some(5));
+        for o in 5..10 {
+            take(&mut c, o);
+        }
+        assert!(matches!(c.admit(7), Admit::Drop));
+        take(&mut c, 10);
+        assert_eq!(c.next, Some(11));
+    }
+
+    #[test]
+    fn without_a_start_the_first_offset_is_taken() {
+        let mut c = Cursor::new(0, None);
+        take(&mut c, 40);
+        assert_eq!(c.next, Some(41));
+    }
+
+    /// tansu from the middle of a batch [100, 200) with the position at
+    /// 150: it answers from the next batch (200); re-fetching from 86 is
+    /// still inside [100, 200) (the answer is 200 again), from -> 0 the whole
+    /// batch comes back and 150 is served.
+    #[test]
+    fn a_skipped_batch_tail_is_fetched_again_from_further_back() {
+        let mut c = Cursor::new(0, Some(150));
+        let Admit::Rewind(first) = c.admit(200) else {
+            panic!("gap not noticed")
+        };
+        assert_eq!(first, 150 - REWIND_FIRST);
+        let Admit::Rewind(second) = c.admit(200) else {
+            panic!("a repeated gap must go further back")
+        };
+        assert_eq!(second, (150 - 4 * REWIND_FIRST).max(0));
+        for o in 100..150 {
+            assert!(matches!(c.admit(o), Admit::Drop));
+        }
+        for o in 150..=200 {
+            take(&mut c, o);
+        }
+        // The first offset served after the seek is an anchor: the next
+        // re-fetch goes straight there.
+        assert_eq!(c.anchor, Some(100));
+        c.next = Some(180);
+        let Admit::Rewind(to) = c.admit(250) else {
+            panic!("gap not noticed")
+        };
+        assert_eq!(to, 100);
+    }
+
+    /// A real gap (a transaction marker at 150): the broker serves 86..150
+    /// again and then still jumps to 151 — accepted, no endless re-fetching.
+    #[test]
+    fn a_gap_the_broker_really_has_is_accepted_after_one_re_fetch() {
+        let mut c = Cursor::new(0, Some(150));
+        assert!(matches!(c.admit(151), Admit::Rewind(_)));
+        for o in 86..150 {
+            assert!(matches!(c.admit(o), Admit::Drop));
+        }
+        take(&mut c, 151);
+        assert_eq!(c.next, Some(152));
+        assert!(c.rewind.is_none());
+    }
+
+    /// A gap at the start of the log (retention deleted it): once a re-fetch
+    /// from offset 0 still starts beyond it, it is accepted.
+    #[test]
+    fn a_gap_below_the_log_start_ends_at_offset_zero() {
+        let mut c = Cursor::new(0, Some(10));
+        assert!(matches!(c.admit(500), Admit::Rewind(0)));
+        take(&mut c, 500);
+    }
+
+    /// A silent partition (tansu answers nothing from inside its last batch)
+    /// is re-fetched from further back each time it stays silent.
+    #[test]
+    fn a_silent_partition_goes_further_back_each_time() {
+        let mut c = Cursor::new(0, Some(1000));
+        assert_eq!(c.skipped(1000), Some(1000 - REWIND_FIRST));
+        assert_eq!(c.skipped(1000), Some(1000 - 4 * REWIND_FIRST));
+        // 16 × 64 reaches below 0: the log start.
+        assert_eq!(c.skipped(1000), Some(0));
+        assert_eq!(c.skipped(1000), None, "nothing below the log start");
+    }
+}
