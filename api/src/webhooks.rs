@@ -27,8 +27,10 @@
 //!   the commit is `200 {"status":"accepted"}` (or `{"status":"duplicate"}`)
 //!   answered; a database failure is a 503 problem so the provider retries.
 //!
-//! A delivery costs four round trips on one pooled connection (`BEGIN`, the
-//! inbox insert, workflow + first job, `COMMIT`). Unlike the public POSTs,
+//! A delivery costs one statement on one pooled connection, committed on its
+//! own: the inbox row, and when it is new the processing workflow and its
+//! first job (`ledgerflow_engine::workflow_start_for_inbox_in`). Unlike the
+//! public POSTs,
 //! the workflow keeps its in-transaction `NOTIFY`: with the few concurrent
 //! deliveries a provider makes, the coalescing of [`crate::wakeup::Wakeups`]
 //! rarely finds a wake-up in flight, so sending it after the commit cost one
