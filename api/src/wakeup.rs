@@ -20,6 +20,7 @@ use ledgerflow_engine::notify::JOBS_CHANNEL;
 use sqlx::PgPool;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 /// What a queue's sender has to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,19 +57,32 @@ impl Wakeups {
     /// Makes sure a notification for `queue` is sent after this call (call it
     /// after the commit that made the jobs available). Never blocks on I/O.
     pub fn wake(self: &Arc<Self>, queue: &str) {
+        self.wake_lingering(queue, Duration::ZERO);
+    }
+
+    /// [`Wakeups::wake`], but each notification first waits `linger`, so
+    /// that every commit asking within that window shares it: a steady
+    /// stream of commits costs one notification per `linger` instead of
+    /// about one per commit when few are concurrent. The jobs wait at most
+    /// `linger` longer for a worker; for work that runs after the answer
+    /// (webhook processing) that is nothing next to the poll interval.
+    pub fn wake_lingering(self: &Arc<Self>, queue: &str, linger: Duration) {
         let mut queues = self.queues();
         match queues.get_mut(queue) {
             Some(state) => *state = Sending::Again,
             None => {
                 queues.insert(queue.to_string(), Sending::Once);
-                tokio::spawn(Arc::clone(self).send(queue.to_string()));
+                tokio::spawn(Arc::clone(self).send(queue.to_string(), linger));
             }
         }
     }
 
     /// Sends for `queue` until no wake-up was asked for during the last send.
-    async fn send(self: Arc<Self>, queue: String) {
+    async fn send(self: Arc<Self>, queue: String, linger: Duration) {
         loop {
+            if !linger.is_zero() {
+                tokio::time::sleep(linger).await;
+            }
             let sent = sqlx::query(
                 "SELECT pg_notify($1, $2), set_config('synchronous_commit', 'off', true)",
             )
