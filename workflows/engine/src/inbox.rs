@@ -70,6 +70,39 @@ pub struct InboxRow {
     pub processed_at: Option<DateTime<Utc>>,
 }
 
+impl InboxEntry<'_> {
+    /// Refuses an entry that could not be deduplicated.
+    pub(crate) fn check(&self) -> Result<()> {
+        if self.source.is_empty() || self.dedupe_key.is_empty() {
+            return Err(crate::Error::Invalid(
+                "inbox source and dedupe key must not be empty".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Binds the entry's nine columns, in the order of [`inbox_insert_in`]'s
+    /// `VALUES` (source, dedupe key, topic, partition, offset, business id,
+    /// payload, headers, processed), as the next parameters of `query`.
+    pub(crate) fn bind<'q, O>(
+        &'q self,
+        query: sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
+        static EMPTY: std::sync::LazyLock<serde_json::Value> =
+            std::sync::LazyLock::new(|| serde_json::Value::Object(serde_json::Map::new()));
+        query
+            .bind(self.source)
+            .bind(self.dedupe_key)
+            .bind(self.topic)
+            .bind(self.partition)
+            .bind(self.offset)
+            .bind(self.business_id)
+            .bind(self.payload)
+            .bind(self.headers.unwrap_or(&EMPTY))
+            .bind(self.processed)
+    }
+}
+
 /// Records `entry` on the caller's connection (inside their transaction).
 /// Returns [`InboxInserted::Duplicate`] without writing when
 /// `(source, dedupe_key)` exists; never aborts the transaction on a conflict.
@@ -77,31 +110,20 @@ pub async fn inbox_insert_in(
     conn: &mut PgConnection,
     entry: &InboxEntry<'_>,
 ) -> Result<InboxInserted> {
-    if entry.source.is_empty() || entry.dedupe_key.is_empty() {
-        return Err(crate::Error::Invalid(
-            "inbox source and dedupe key must not be empty".into(),
-        ));
-    }
-    let empty = serde_json::Value::Object(serde_json::Map::new());
-    let id: Option<i64> = sqlx::query_scalar(
-        "INSERT INTO inbox (source, dedupe_key, topic, \"partition\", \"offset\", business_id,
-                            payload, headers, processed_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, CASE WHEN $9 THEN now() END)
-         ON CONFLICT (source, dedupe_key) DO NOTHING
-         RETURNING id",
-    )
-    .bind(entry.source)
-    .bind(entry.dedupe_key)
-    .bind(entry.topic)
-    .bind(entry.partition)
-    .bind(entry.offset)
-    .bind(entry.business_id)
-    .bind(entry.payload)
-    .bind(entry.headers.unwrap_or(&empty))
-    .bind(entry.processed)
-    .fetch_optional(&mut *conn)
-    .await?;
-    Ok(id.map_or(InboxInserted::Duplicate, InboxInserted::Inserted))
+    entry.check()?;
+    let id: Option<(i64,)> = entry
+        .bind(sqlx::query_as(
+            "INSERT INTO inbox (source, dedupe_key, topic, \"partition\", \"offset\", business_id,
+                                payload, headers, processed_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, CASE WHEN $9 THEN now() END)
+             ON CONFLICT (source, dedupe_key) DO NOTHING
+             RETURNING id",
+        ))
+        .fetch_optional(&mut *conn)
+        .await?;
+    Ok(id.map_or(InboxInserted::Duplicate, |(id,)| {
+        InboxInserted::Inserted(id)
+    }))
 }
 
 /// Records many entries with one statement on the caller's connection

@@ -1158,11 +1158,7 @@ pub async fn workflow_start_for_inbox_in(
     (kind, input, unique_key): (&str, &Value, Option<&str>),
 ) -> Result<(crate::inbox::InboxInserted, Option<WorkflowId>)> {
     use crate::inbox::InboxInserted;
-    if entry.source.is_empty() || entry.dedupe_key.is_empty() {
-        return Err(Error::Invalid(
-            "inbox source and dedupe key must not be empty".into(),
-        ));
-    }
+    entry.check()?;
     if !input.is_object() {
         return Err(Error::Invalid(
             "the input of a workflow started for an inbox entry must be a JSON object".into(),
@@ -1182,18 +1178,8 @@ pub async fn workflow_start_for_inbox_in(
         "t, ib",
         "(SELECT id FROM ib), (SELECT id FROM wf), (SELECT n FROM ntf)"
     );
-    let empty = Value::Object(serde_json::Map::new());
-    let (inbox_id, workflow_id, _notified): (Option<i64>, Option<Uuid>, i64) = start
-        .bind(sqlx::query_as(SQL), store, input, unique_key)
-        .bind(entry.source)
-        .bind(entry.dedupe_key)
-        .bind(entry.topic)
-        .bind(entry.partition)
-        .bind(entry.offset)
-        .bind(entry.business_id)
-        .bind(entry.payload)
-        .bind(entry.headers.unwrap_or(&empty))
-        .bind(entry.processed)
+    let (inbox_id, workflow_id, _notified): (Option<i64>, Option<Uuid>, i64) = entry
+        .bind(start.bind(sqlx::query_as(SQL), store, input, unique_key))
         .fetch_one(&mut *conn)
         .await?;
     match (inbox_id, workflow_id) {
