@@ -13,6 +13,7 @@
 //! | `ledgerflow_outbox_unpublished` | gauge | — | outbox rows the relay has not published yet |
 //! | `ledgerflow_outbox_oldest_unpublished_seconds` | gauge | — | age of the oldest unpublished outbox row (0 when none) |
 //! | `ledgerflow_dead_letters_pending` | gauge | — | Kafka dead letters not redriven |
+//! | `ledgerflow_kafka_consumer_lag` | gauge | group, topic, partition | messages after the consumer group's position, as the ingress measured it within the last minute (recorded in Postgres) |
 //! | `ledgerflow_db_pool_connections` | gauge | state (idle, in_use) | the API's Postgres pool |
 //! | `ledgerflow_metrics_scrape_errors_total` | counter | — | scrapes whose queue query failed |
 //! | `ledgerflow_api_post_batch_size` | histogram | — | public POSTs committed per transaction ([`crate::batch`]) |
@@ -21,11 +22,11 @@
 //! path, so ids and queue names cannot blow up the label cardinality;
 //! unknown paths are counted as `unmatched`.
 //!
-//! Consumer lag is not exported here: the ingress consumers run in the
-//! worker processes, not in the API's. What Postgres can tell about the Kafka
-//! edge is exported instead (outbox backlog and its age, pending dead
-//! letters). Job run times and outcomes belong to the runners, which time
-//! them; the API exports the queue wait that Postgres can tell cheaply.
+//! The ingress consumers run in the worker processes, not in the API's: they
+//! record the consumer lag they measure in Postgres, from where it is
+//! exported here (the ingress processes' own ops `/metrics` has it live).
+//! Job run times and outcomes belong to the runners, which time them; the
+//! API exports the queue wait that Postgres can tell cheaply.
 use ledgerflow_engine::Store;
 use prometheus::{
     Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -45,9 +46,14 @@ pub struct Metrics {
     outbox_unpublished: IntGauge,
     outbox_oldest: Gauge,
     dead_letters: IntGauge,
+    consumer_lag: IntGaugeVec,
     pool: IntGaugeVec,
     scrape_errors: IntCounter,
 }
+
+/// Lag measurements older than this are not exported (their consumer is
+/// gone, or its partition moved to another that reports it).
+const CONSUMER_LAG_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Metrics {
     /// Fresh metrics in a fresh registry.
@@ -101,6 +107,14 @@ impl Metrics {
             "ledgerflow_dead_letters_pending",
             "Kafka dead letters not redriven",
         )?;
+        let consumer_lag = IntGaugeVec::new(
+            Opts::new(
+                "ledgerflow_kafka_consumer_lag",
+                "Messages in a partition after the consumer group's position, as the ingress \
+                 measured it within the last minute",
+            ),
+            &["group", "topic", "partition"],
+        )?;
         let pool = IntGaugeVec::new(
             Opts::new(
                 "ledgerflow_db_pool_connections",
@@ -121,6 +135,7 @@ impl Metrics {
         registry.register(Box::new(outbox_unpublished.clone()))?;
         registry.register(Box::new(outbox_oldest.clone()))?;
         registry.register(Box::new(dead_letters.clone()))?;
+        registry.register(Box::new(consumer_lag.clone()))?;
         registry.register(Box::new(pool.clone()))?;
         registry.register(Box::new(scrape_errors.clone()))?;
         Ok(Self {
@@ -134,6 +149,7 @@ impl Metrics {
             outbox_unpublished,
             outbox_oldest,
             dead_letters,
+            consumer_lag,
             pool,
             scrape_errors,
         })
@@ -144,7 +160,7 @@ impl Metrics {
         &self.registry
     }
 
-    /// Refreshes the queue wait, workflow and Kafka-edge gauges; a failed
+    /// Refreshes the queue wait, workflow, Kafka-edge and consumer lag gauges; a failed
     /// query counts a scrape error and leaves that gauge as it was.
     async fn render_backlogs(&self, store: &Store) {
         match store.queue_oldest_available().await {
@@ -180,6 +196,22 @@ impl Metrics {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "metrics: outbox/dead-letter query failed");
+                self.scrape_errors.inc();
+            }
+        }
+        match store.consumer_lag_recent(CONSUMER_LAG_MAX_AGE).await {
+            Ok(lags) => {
+                // Reset first so a partition nobody measures any more drops out.
+                self.consumer_lag.reset();
+                for l in lags {
+                    let partition = l.partition.to_string();
+                    self.consumer_lag
+                        .with_label_values(&[l.group.as_str(), l.topic.as_str(), &partition])
+                        .set(l.lag);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics: consumer lag query failed");
                 self.scrape_errors.inc();
             }
         }

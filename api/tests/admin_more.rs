@@ -1160,3 +1160,49 @@ async fn metrics_export_workflow_states_outbox_backlog_dead_letters_and_queue_wa
         Some(0.0)
     );
 }
+
+#[tokio::test]
+async fn metrics_export_the_consumer_lag_the_ingress_recorded() {
+    use ledgerflow_engine::consumer_lag::PartitionLag;
+    let f = fixture().await;
+    let lag = |partition: i32, high: i64, position: i64| PartitionLag {
+        group: "ingress".into(),
+        topic: "exchange.events".into(),
+        partition,
+        high_watermark: high,
+        position,
+        lag: high - position,
+    };
+    f.store
+        .consumer_lag_record(&[lag(0, 120, 100), lag(1, 7, 7)])
+        .await
+        .unwrap();
+    // A partition measured long ago (its consumer is gone) is not exported.
+    sqlx::query(
+        "INSERT INTO kafka_consumer_lag (consumer_group, topic, \"partition\", high_watermark,
+                                        \"position\", lag, measured_at)
+         VALUES ('old', 'exchange.events', 0, 50, 0, 50, now() - interval '10 minutes')",
+    )
+    .execute(&f.db.pool)
+    .await
+    .unwrap();
+
+    let r = send(&f.admin, Method::GET, "/metrics", None, None).await;
+    assert_ok(&r);
+    let series = |group: &str, partition: i32| {
+        format!(
+            r#"ledgerflow_kafka_consumer_lag{{group="{group}",partition="{partition}",topic="exchange.events"}}"#
+        )
+    };
+    assert_eq!(sample(&r.text, &series("ingress", 0)), Some(20.0));
+    assert_eq!(sample(&r.text, &series("ingress", 1)), Some(0.0));
+    assert_eq!(sample(&r.text, &series("old", 0)), None);
+
+    // A newer measurement overwrites the partition's row.
+    f.store
+        .consumer_lag_record(&[lag(0, 130, 130)])
+        .await
+        .unwrap();
+    let r = send(&f.admin, Method::GET, "/metrics", None, None).await;
+    assert_eq!(sample(&r.text, &series("ingress", 0)), Some(0.0));
+}

@@ -64,7 +64,8 @@
 //! group's position (the committed offset, or this process's stored offset
 //! when newer), from librdkafka's statistics plus one ListOffsets request for
 //! paused partitions (see `lag_monitor`); the ops endpoint exports it on
-//! `/metrics` as `ledgerflow_kafka_consumer_lag{group,topic,partition}`.
+//! `/metrics` as `ledgerflow_kafka_consumer_lag{group,topic,partition}`, and it
+//! is recorded in Postgres (`kafka_consumer_lag`) for the API's `/metrics`.
 //!
 //! Poison messages — undecodable or invalid ([`HandlerError::Poison`]), or
 //! failing `max-attempts` times ([`HandlerError::Failed`]) — are published to
@@ -399,22 +400,12 @@ pub struct IngressStats {
     lag: Mutex<Vec<ConsumerLag>>,
 }
 
-/// One assigned partition's consumer lag, as last measured.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConsumerLag {
-    /// The consumer group.
-    pub group: String,
-    pub topic: String,
-    pub partition: i32,
-    /// The offset the next message produced to the partition gets.
-    pub high_watermark: i64,
-    /// Where the group goes on from: the committed offset, or the offset
-    /// this process stored (committed in Postgres, not yet to Kafka) when
-    /// newer; the log start when neither exists.
-    pub position: i64,
-    /// `high_watermark - position`, never negative.
-    pub lag: i64,
-}
+/// One assigned partition's consumer lag, as last measured: `position` is
+/// the committed offset, or the offset this process stored (committed in
+/// Postgres, not yet to Kafka) when newer; the log start when neither exists.
+/// The engine's type, since the ingress also records it in Postgres for
+/// every `/metrics` to export.
+pub use ledgerflow_engine::consumer_lag::PartitionLag as ConsumerLag;
 
 impl IngressStats {
     /// Messages held in memory now (received, not yet committed), over all
@@ -1257,6 +1248,11 @@ async fn lag_monitor(shared: Arc<Shared>) {
             }
         }
         lags.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+        // Also in Postgres, for the processes that consume nothing (the
+        // API's /metrics). A failure only leaves that copy stale.
+        if let Err(e) = shared.store.consumer_lag_record(&lags).await {
+            tracing::warn!(error = %e, "consumer lag not recorded in Postgres");
+        }
         *shared.stats.lag.lock().unwrap_or_else(|p| p.into_inner()) = lags;
     }
 }

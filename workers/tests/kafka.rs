@@ -1470,6 +1470,11 @@ async fn consumer_lag_is_on_the_ops_metrics_and_drops_to_zero_once_consumed() ->
     )
     .await?;
     assert_eq!(lag.values().filter(|&&n| n > 0).count(), 3, "lag {lag:?}");
+    // The same lag reaches Postgres, for the API's /metrics.
+    let recorded = format!(
+        "SELECT coalesce(sum(lag), 0)::bigint FROM kafka_consumer_lag WHERE consumer_group = '{group}'"
+    );
+    wait_for(&db.pool, &recorded, LATER as i64, Duration::from_secs(60)).await?;
     assert_eq!(
         count(&db.pool, "SELECT count(*) FROM inbox").await,
         LIMIT as i64
@@ -1485,6 +1490,18 @@ async fn consumer_lag_is_on_the_ops_metrics_and_drops_to_zero_once_consumed() ->
         "back to 0",
     )
     .await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left: i64 = sqlx::query_scalar(&recorded).fetch_one(&db.pool).await?;
+        if left == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the recorded lag stayed at {left}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(
         count(&db.pool, "SELECT count(DISTINCT business_id) FROM inbox").await,
         (LIMIT + LATER) as i64

@@ -14,6 +14,8 @@
 //! - [`queue`]    — queue controls (pause/resume) and statistics;
 //! - [`notify`]   — LISTEN/NOTIFY channel names and the wake-up listener;
 //! - [`clock`]    — the injectable clock (database clock by default);
+//! - [`consumer_lag`] — Kafka consumer lag as the ingress measured it, for
+//!   every `/metrics` to export;
 //! - `checkpoint` — group commit of the checkpoints of steps that ran without
 //!   touching the database (many workflows' steps, one statement, one commit);
 //! - [`workflow`] — workflow definitions, the step journal, durable timers,
@@ -32,6 +34,7 @@
 pub mod admin_query;
 mod checkpoint;
 pub mod clock;
+pub mod consumer_lag;
 pub mod cron;
 pub mod error;
 pub mod inbox;
