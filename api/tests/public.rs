@@ -130,6 +130,20 @@ fn key_of(name: &str) -> String {
         .collect()
 }
 
+/// `POST /v1/trades` of [`trade_body`] as the bearer of `token`, with
+/// Idempotency-Key `key`.
+async fn post_trade(app: &App, token: &str, key: &str) -> Reply {
+    send(
+        app,
+        Method::POST,
+        "/v1/trades",
+        Some(token),
+        Some(key),
+        Some(&trade_body()),
+    )
+    .await
+}
+
 fn trade_body() -> Value {
     json!({
         "side": "buy",
@@ -176,15 +190,7 @@ async fn assert_nothing_written(f: &Fixture) {
 #[tokio::test]
 async fn post_trade_starts_the_workflow_and_answers_201() {
     let f = fixture(8).await;
-    let r = send(
-        &f.app,
-        Method::POST,
-        "/v1/trades",
-        Some(&f.user_a),
-        Some("t-1"),
-        Some(&trade_body()),
-    )
-    .await;
+    let r = post_trade(&f.app, &f.user_a, "t-1").await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
     let id = r.json["id"].as_str().unwrap().to_string();
     assert_eq!(r.json["status"], "pending");
@@ -226,15 +232,7 @@ async fn a_created_trade_wakes_its_queue_after_the_commit() {
     let mut listener = ledgerflow_engine::notify::Listener::connect(&f.db.pool)
         .await
         .unwrap();
-    let r = send(
-        &f.app,
-        Method::POST,
-        "/v1/trades",
-        Some(&f.user_a),
-        Some("wake-1"),
-        Some(&trade_body()),
-    )
-    .await;
+    let r = post_trade(&f.app, &f.user_a, "wake-1").await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
     let queue: String = sqlx::query_scalar("SELECT queue FROM jobs WHERE workflow_id = $1::uuid")
         .bind(r.json["id"].as_str().unwrap())
@@ -330,15 +328,7 @@ async fn auth_and_ownership() {
     }
     assert_nothing_written(&f).await;
 
-    let trade = send(
-        &f.app,
-        Method::POST,
-        "/v1/trades",
-        Some(&f.user_a),
-        Some("t-1"),
-        Some(&trade_body()),
-    )
-    .await;
+    let trade = post_trade(&f.app, &f.user_a, "t-1").await;
     assert_eq!(trade.status, StatusCode::CREATED);
     let wd = send(
         &f.app,
@@ -382,15 +372,7 @@ async fn auth_and_ownership() {
     .await;
     assert_problem(&r, 401, "unauthorized");
     // Keys are scoped per user: B's "t-1" is a different request.
-    let r = send(
-        &f.app,
-        Method::POST,
-        "/v1/trades",
-        Some(&f.user_b),
-        Some("t-1"),
-        Some(&trade_body()),
-    )
-    .await;
+    let r = post_trade(&f.app, &f.user_b, "t-1").await;
     assert_eq!(r.status, StatusCode::CREATED);
     assert_ne!(r.json["id"], trade.json["id"]);
 }
@@ -429,15 +411,7 @@ async fn idempotency_key_replays_and_refuses_mismatches() {
     assert_problem(&r, 400, "validation");
     assert_nothing_written(&f).await;
 
-    let first = send(
-        &f.app,
-        Method::POST,
-        "/v1/trades",
-        Some(&f.user_a),
-        Some("same"),
-        Some(&trade_body()),
-    )
-    .await;
+    let first = post_trade(&f.app, &f.user_a, "same").await;
     assert_eq!(first.status, StatusCode::CREATED);
     // Same key, same body (other key order): the identical response.
     let reordered = json!({
@@ -723,15 +697,7 @@ async fn a_revoked_key_stops_working_within_the_key_cache_ttl() {
     // deadline: a loaded machine may be slow to send the requests).
     until_refused(&f.app, &key, Duration::from_secs(20)).await;
     // ...and a POST with it writes nothing.
-    let r = send(
-        &f.app,
-        Method::POST,
-        "/v1/trades",
-        Some(&key),
-        Some("after-revocation"),
-        Some(&trade_body()),
-    )
-    .await;
+    let r = post_trade(&f.app, &key, "after-revocation").await;
     assert_problem(&r, 401, "unauthorized");
     assert_nothing_written(&f).await;
 }
@@ -808,15 +774,7 @@ async fn a_post_does_not_lock_its_users_row() {
         .execute(&mut *tx)
         .await
         .unwrap();
-    let r = send(
-        &f.app,
-        Method::POST,
-        "/v1/trades",
-        Some(&f.user_a),
-        Some("while-locked"),
-        Some(&trade_body()),
-    )
-    .await;
+    let r = post_trade(&f.app, &f.user_a, "while-locked").await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
     tx.rollback().await.unwrap();
     assert_eq!(workflows_of(&f, "payments.trade").await, 1);
@@ -847,15 +805,7 @@ async fn concurrent_posts_share_transactions_and_each_gets_its_own_answer() {
     let f = fixture(20).await;
     // One POST first, so the key and the assets are cached and the burst
     // below reaches the batcher without awaiting anything.
-    let first = send(
-        &f.app,
-        Method::POST,
-        "/v1/trades",
-        Some(&f.user_a),
-        Some("warm"),
-        Some(&trade_body()),
-    )
-    .await;
+    let first = post_trade(&f.app, &f.user_a, "warm").await;
     assert_eq!(first.status, StatusCode::CREATED, "{}", first.text);
     let keys: Vec<String> = (0..40).map(|i| format!("burst-{i}")).collect();
     let replies = futures::future::join_all(keys.iter().enumerate().map(|(i, k)| {
@@ -896,15 +846,7 @@ async fn concurrent_posts_share_transactions_and_each_gets_its_own_answer() {
 #[tokio::test]
 async fn a_shared_transaction_with_a_repeated_or_reused_key_answers_each_request_alone() {
     let f = fixture(20).await;
-    let warm = send(
-        &f.app,
-        Method::POST,
-        "/v1/trades",
-        Some(&f.user_a),
-        Some("warm"),
-        Some(&trade_body()),
-    )
-    .await;
+    let warm = post_trade(&f.app, &f.user_a, "warm").await;
     assert_eq!(warm.status, StatusCode::CREATED, "{}", warm.text);
     // Ten trades, "dup-3" twice more, and a withdrawal reusing "dup-5":
     // whichever of a pair runs first wins, the other replays or gets a 422.
