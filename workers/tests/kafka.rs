@@ -747,10 +747,7 @@ async fn two_relays_at_once_keep_every_key_in_order() -> TestResult {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_down_and_back_delays_ingress_and_relay_but_loses_nothing() -> TestResult {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
+    init_tracing();
     let t0 = Instant::now();
     let db = TestDb::new().await?;
     let mut broker = Broker::start()?;
@@ -922,6 +919,22 @@ async fn broker_down_and_back_delays_ingress_and_relay_but_loses_nothing() -> Te
     Ok(())
 }
 
+/// Logs to the test's output when `RUST_LOG` asks for it.
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+/// Messages `m{i}` with body `{"n": i}` for `i` in `range`, spread over three
+/// partitions, as `produce_many` takes them.
+fn numbered_messages(range: std::ops::Range<usize>) -> Vec<(i32, String, String)> {
+    range
+        .map(|i| ((i % 3) as i32, format!("m{i}"), format!("{{\"n\":{i}}}")))
+        .collect()
+}
+
 /// Produces every `(partition, id, payload)`, one delivery at a time, so
 /// each message is its own record batch: tansu (memory storage) serves a
 /// fetch only from a batch's first offset, so a consumer starting or resuming
@@ -941,10 +954,7 @@ async fn produce_many(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_pauses_partitions_with_bounded_memory_and_everything_arrives_once_it_drains()
 -> TestResult {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
+    init_tracing();
     let t0 = Instant::now();
     let db = TestDb::new().await?;
     let broker = Broker::start()?;
@@ -953,9 +963,7 @@ async fn a_full_queue_pauses_partitions_with_bounded_memory_and_everything_arriv
     const TOTAL: usize = 600;
     const LIMIT: i64 = 20;
     const BUFFER: usize = 8;
-    let messages: Vec<(i32, String, String)> = (0..TOTAL)
-        .map(|i| ((i % 3) as i32, format!("m{i}"), format!("{{\"n\":{i}}}")))
-        .collect();
+    let messages = numbered_messages(0..TOTAL);
     produce_many(&broker.producer()?, &topic, &messages).await?;
 
     let mut config = ingress_config(&broker, &topic, &unique("ingress"), "unused-dlq");
@@ -1218,10 +1226,7 @@ async fn drain_until(pool: &PgPool, want: i64, within: Duration) -> Result<u64, 
 /// Nothing may be lost or applied twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn multi_record_batches_survive_pauses_and_a_restart_mid_batch() -> TestResult {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
+    init_tracing();
     let t0 = Instant::now();
     let db = TestDb::new().await?;
     let broker = Broker::start()?;
@@ -1229,9 +1234,7 @@ async fn multi_record_batches_survive_pauses_and_a_restart_mid_batch() -> TestRe
     let group = unique("ingress");
     broker.create_topics(&[&topic]).await?;
     const TOTAL: usize = 900;
-    let messages: Vec<(i32, String, String)> = (0..TOTAL)
-        .map(|i| ((i % 3) as i32, format!("m{i}"), format!("{{\"n\":{i}}}")))
-        .collect();
+    let messages = numbered_messages(0..TOTAL);
     // Three waves: several batches per partition, so a position in the
     // middle of one has a later batch (skipped) or none (a stall).
     for wave in messages.chunks(TOTAL / 3) {
@@ -1440,13 +1443,7 @@ async fn consumer_lag_is_on_the_ops_metrics_and_drops_to_zero_once_consumed() ->
 
     // The first messages fill the queue (no runner drains it) ...
     let producer = broker.producer()?;
-    let message = |i: usize| ((i % 3) as i32, format!("m{i}"), format!("{{\"n\":{i}}}"));
-    produce_many(
-        &producer,
-        &topic,
-        &(0..LIMIT).map(message).collect::<Vec<_>>(),
-    )
-    .await?;
+    produce_many(&producer, &topic, &numbered_messages(0..LIMIT)).await?;
     wait_for(
         &db.pool,
         "SELECT count(*) FROM inbox",
@@ -1455,12 +1452,7 @@ async fn consumer_lag_is_on_the_ops_metrics_and_drops_to_zero_once_consumed() ->
     )
     .await?;
     // ... so what is produced now waits in Kafka: exactly that is the lag.
-    produce_many(
-        &producer,
-        &topic,
-        &(LIMIT..LIMIT + LATER).map(message).collect::<Vec<_>>(),
-    )
-    .await?;
+    produce_many(&producer, &topic, &numbered_messages(LIMIT..LIMIT + LATER)).await?;
     let lag = wait_for_lag(
         ops,
         &group,
