@@ -18,7 +18,9 @@
 //!
 //! Afterwards the database is checked: one trade workflow with its first job per `201`.
 
-use crate::common::{BenchDb, CommonArgs, CpuUse, PoolArgs, percentile, quiet};
+use crate::common::{
+    BenchDb, CommonArgs, CpuUse, PoolArgs, percentile, print_table, quiet, write_json,
+};
 use anyhow::{Context, Result, bail, ensure};
 use ledgerflow_api::{ApiConfig, AppState};
 use ledgerflow_engine::Store;
@@ -373,40 +375,25 @@ fn report(args: &Args, f: &Figures) -> Result<()> {
         ),
         ("bg_pct", f.bg_pct.to_string()),
     ];
-    let width = rows
-        .iter()
-        .map(|(k, _)| k.chars().count())
-        .max()
-        .unwrap_or(0);
-    println!();
-    println!("| {:width$} | value |", "metric");
-    println!("|{}|-------|", "-".repeat(width + 2));
-    for (k, v) in &rows {
-        println!("| {k:width$} | {v} |");
-    }
-    println!();
-    if let Some(path) = &args.common.json {
-        let doc = json!({
-            "requests": f.requests,
-            "requests_per_s": f.per_s,
-            "p99_ms": f.p99_ms,
-            "p50_ms": f.p50_ms,
-            "max_ms": f.max_ms,
-            "wall_s": f.wall_s,
-            "cpu_ms_per_request_bench": f.cpu.this_ms,
-            "cpu_ms_per_request_postgres": f.cpu.postgres_ms,
-            "connections": args.connections,
-            "pool_size": args.pool.pool_size,
-            "post_batch": f.post_batch,
-            "post_transactions": f.post_transactions,
-            "load_generator": "in-process",
-            "workers_running": false,
-            "bg_pct": f.bg_pct,
-        });
-        std::fs::write(path, serde_json::to_string_pretty(&doc)? + "\n")
-            .with_context(|| format!("writing {}", path.display()))?;
-        eprintln!("wrote {}", path.display());
-    }
+    print_table(&rows);
+    let doc = json!({
+        "requests": f.requests,
+        "requests_per_s": f.per_s,
+        "p99_ms": f.p99_ms,
+        "p50_ms": f.p50_ms,
+        "max_ms": f.max_ms,
+        "wall_s": f.wall_s,
+        "cpu_ms_per_request_bench": f.cpu.this_ms,
+        "cpu_ms_per_request_postgres": f.cpu.postgres_ms,
+        "connections": args.connections,
+        "pool_size": args.pool.pool_size,
+        "post_batch": f.post_batch,
+        "post_transactions": f.post_transactions,
+        "load_generator": "in-process",
+        "workers_running": false,
+        "bg_pct": f.bg_pct,
+    });
+    write_json(args.common.json.as_deref(), &doc)?;
     Ok(())
 }
 

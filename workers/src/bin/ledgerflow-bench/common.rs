@@ -265,3 +265,29 @@ mod tests {
         assert_eq!(percentile(&[3.0], 99.0), 3.0);
     }
 }
+
+/// Prints `rows` as the two-column Markdown table every benchmark ends with.
+pub fn print_table(rows: &[(&str, String)]) {
+    let width = rows
+        .iter()
+        .map(|(k, _)| k.chars().count())
+        .max()
+        .unwrap_or(0);
+    println!();
+    println!("| {:width$} | value |", "metric");
+    println!("|{}|-------|", "-".repeat(width + 2));
+    for (k, v) in rows {
+        println!("| {k:width$} | {v} |");
+    }
+    println!();
+}
+
+/// Writes `doc` to `--json PATH`, if given.
+pub fn write_json(path: Option<&std::path::Path>, doc: &serde_json::Value) -> Result<()> {
+    if let Some(path) = path {
+        std::fs::write(path, serde_json::to_string_pretty(doc)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}

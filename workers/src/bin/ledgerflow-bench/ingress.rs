@@ -27,7 +27,9 @@
 //! **p99** over each request's send→response time. Afterwards the inbox must hold one row per
 //! delivery.
 
-use crate::common::{BenchDb, CommonArgs, CpuUse, PoolArgs, percentile, quiet};
+use crate::common::{
+    BenchDb, CommonArgs, CpuUse, PoolArgs, percentile, print_table, quiet, write_json,
+};
 use anyhow::{Context, Result, bail, ensure};
 use ledgerflow_api::webhooks::{Provider, WebhookProviders};
 use ledgerflow_api::{ApiConfig, AppState, serve_listeners};
@@ -616,34 +618,19 @@ fn report(args: &Args, k: Option<KafkaFigures>, w: Option<WebhookFigures>) -> Re
             ("webhook bg_pct", w.bg_pct.to_string()),
         ]);
     }
-    let width = rows
-        .iter()
-        .map(|(k, _)| k.chars().count())
-        .max()
-        .unwrap_or(0);
-    println!();
-    println!("| {:width$} | value |", "metric");
-    println!("|{}|-------|", "-".repeat(width + 2));
-    for (k, v) in &rows {
-        println!("| {k:width$} | {v} |");
-    }
-    println!();
-    if let Some(path) = &args.common.json {
-        let doc = json!({
-            "kafka_msgs_per_s": k.map(|k| k.per_s),
-            "webhooks_per_s": w.map(|w| w.per_s),
-            "webhook_p99_ms": w.map(|w| w.p99_ms),
-            "webhook_p50_ms": w.map(|w| w.p50_ms),
-            "kafka_messages": k.map(|k| k.messages),
-            "kafka_join_s": k.map(|k| k.join_s),
-            "webhook_deliveries": w.map(|w| w.deliveries),
-            "webhook_clients": args.concurrency,
-            "kafka_bg_pct": k.map(|k| k.bg_pct),
-            "webhook_bg_pct": w.map(|w| w.bg_pct),
-        });
-        std::fs::write(path, serde_json::to_string_pretty(&doc)? + "\n")
-            .with_context(|| format!("writing {}", path.display()))?;
-        eprintln!("wrote {}", path.display());
-    }
+    print_table(&rows);
+    let doc = json!({
+        "kafka_msgs_per_s": k.map(|k| k.per_s),
+        "webhooks_per_s": w.map(|w| w.per_s),
+        "webhook_p99_ms": w.map(|w| w.p99_ms),
+        "webhook_p50_ms": w.map(|w| w.p50_ms),
+        "kafka_messages": k.map(|k| k.messages),
+        "kafka_join_s": k.map(|k| k.join_s),
+        "webhook_deliveries": w.map(|w| w.deliveries),
+        "webhook_clients": args.concurrency,
+        "kafka_bg_pct": k.map(|k| k.bg_pct),
+        "webhook_bg_pct": w.map(|w| w.bg_pct),
+    });
+    write_json(args.common.json.as_deref(), &doc)?;
     Ok(())
 }

@@ -18,7 +18,7 @@
 //! as a table and as a `RESULT` line that `../shared/bench/peers/table.py` tabulates with the
 //! peers' lines; `--json` also writes them to a file.
 
-use crate::common::{BenchDb, CommonArgs, PoolArgs, percentile, quiet};
+use crate::common::{BenchDb, CommonArgs, PoolArgs, percentile, print_table, quiet, write_json};
 use anyhow::{Context, Result, bail, ensure};
 use ledgerflow_engine::{NewJob, Outcome, Store, StoreConfig};
 use ledgerflow_workers::{JobContext, QueueConfig, Registry, Runner, RunnerConfig};
@@ -410,14 +410,7 @@ fn report(args: &Args, w1: Option<Throughput>, w2: Option<Latency>) -> Result<()
     );
     rows.push(("bg_pct (W1/W2)", bg.clone()));
 
-    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
-    println!();
-    println!("| {:width$} | value |", "metric");
-    println!("|{}|-------|", "-".repeat(width + 2));
-    for (k, v) in &rows {
-        println!("| {k:width$} | {v} |");
-    }
-    println!();
+    print_table(&rows);
 
     // The peers' RESULT format, so table.py can put Ledgerflow in the same table.
     let mut line = format!(
@@ -454,30 +447,26 @@ fn report(args: &Args, w1: Option<Throughput>, w2: Option<Latency>) -> Result<()
     line.push_str(&format!(" bg_pct={bg_int}"));
     println!("{line}");
 
-    if let Some(path) = &args.common.json {
-        let doc = json!({
-            "jobs": args.jobs,
-            "enqueue_jobs_per_s": w1.map(|r| r.enqueue_per_s),
-            "processing_jobs_per_s": w1.map(|r| r.processing_per_s),
-            "wall_s": w1.map(|r| r.wall_s),
-            "latency_n": w2.map(|r| r.n),
-            "latency_p50_ms": w2.map(|r| r.p50_ms),
-            "latency_p99_ms": w2.map(|r| r.p99_ms),
-            "latency_max_ms": w2.map(|r| r.max_ms),
-            "insert_p50_ms": w2.map(|r| r.insert_p50_ms),
-            "insert_p99_ms": w2.map(|r| r.insert_p99_ms),
-            "concurrency": args.concurrency,
-            "prefetch": args.prefetch,
-            "history": args.history,
-            "backlog": args.backlog,
-            "pool_size": args.pool.pool_size,
-            "test_before_acquire": args.pool.test_before_acquire,
-            "bg_pct": bg,
-        });
-        std::fs::write(path, serde_json::to_string_pretty(&doc)? + "\n")
-            .with_context(|| format!("writing {}", path.display()))?;
-        eprintln!("wrote {}", path.display());
-    }
+    let doc = json!({
+        "jobs": args.jobs,
+        "enqueue_jobs_per_s": w1.map(|r| r.enqueue_per_s),
+        "processing_jobs_per_s": w1.map(|r| r.processing_per_s),
+        "wall_s": w1.map(|r| r.wall_s),
+        "latency_n": w2.map(|r| r.n),
+        "latency_p50_ms": w2.map(|r| r.p50_ms),
+        "latency_p99_ms": w2.map(|r| r.p99_ms),
+        "latency_max_ms": w2.map(|r| r.max_ms),
+        "insert_p50_ms": w2.map(|r| r.insert_p50_ms),
+        "insert_p99_ms": w2.map(|r| r.insert_p99_ms),
+        "concurrency": args.concurrency,
+        "prefetch": args.prefetch,
+        "history": args.history,
+        "backlog": args.backlog,
+        "pool_size": args.pool.pool_size,
+        "test_before_acquire": args.pool.test_before_acquire,
+        "bg_pct": bg,
+    });
+    write_json(args.common.json.as_deref(), &doc)?;
     Ok(())
 }
 

@@ -23,7 +23,9 @@
 //! Afterwards the database is checked: every workflow `completed` with three `completed` journal
 //! rows, every step job `completed`.
 
-use crate::common::{BenchDb, CommonArgs, CpuUse, PoolArgs, percentile, quiet};
+use crate::common::{
+    BenchDb, CommonArgs, CpuUse, PoolArgs, percentile, print_table, quiet, write_json,
+};
 use anyhow::{Context, Result, bail, ensure};
 use ledgerflow_engine::{
     Inline, Outcome, StepOutcome, Store, StoreConfig, WORKFLOW_JOB_KIND, Workflow,
@@ -379,40 +381,25 @@ fn report(args: &Args, f: &Figures) -> Result<()> {
         ),
         ("bg_pct", f.bg_pct.to_string()),
     ];
-    let width = rows
-        .iter()
-        .map(|(k, _)| k.chars().count())
-        .max()
-        .unwrap_or(0);
-    println!();
-    println!("| {:width$} | value |", "metric");
-    println!("|{}|-------|", "-".repeat(width + 2));
-    for (k, v) in &rows {
-        println!("| {k:width$} | {v} |");
-    }
-    println!();
-    if let Some(path) = &args.common.json {
-        let doc = json!({
-            "workflows": f.workflows,
-            "workflows_per_s": f.per_s,
-            "p99_ms": f.p99_ms,
-            "p50_ms": f.p50_ms,
-            "max_ms": f.max_ms,
-            "wall_s": f.wall_s,
-            "cpu_ms_per_workflow_bench": f.cpu.this_ms,
-            "cpu_ms_per_workflow_postgres": f.cpu.postgres_ms,
-            "in_flight": args.in_flight,
-            "starters": args.starters,
-            "rate": args.rate,
-            "concurrency": args.concurrency,
-            "prefetch": args.prefetch,
-            "pool_size": args.pool.pool_size,
-            "bg_pct": f.bg_pct,
-        });
-        std::fs::write(path, serde_json::to_string_pretty(&doc)? + "\n")
-            .with_context(|| format!("writing {}", path.display()))?;
-        eprintln!("wrote {}", path.display());
-    }
+    print_table(&rows);
+    let doc = json!({
+        "workflows": f.workflows,
+        "workflows_per_s": f.per_s,
+        "p99_ms": f.p99_ms,
+        "p50_ms": f.p50_ms,
+        "max_ms": f.max_ms,
+        "wall_s": f.wall_s,
+        "cpu_ms_per_workflow_bench": f.cpu.this_ms,
+        "cpu_ms_per_workflow_postgres": f.cpu.postgres_ms,
+        "in_flight": args.in_flight,
+        "starters": args.starters,
+        "rate": args.rate,
+        "concurrency": args.concurrency,
+        "prefetch": args.prefetch,
+        "pool_size": args.pool.pool_size,
+        "bg_pct": f.bg_pct,
+    });
+    write_json(args.common.json.as_deref(), &doc)?;
     Ok(())
 }
 
