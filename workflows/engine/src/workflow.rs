@@ -1811,8 +1811,9 @@ async fn prepare_locked(
         if let Some(payload) =
             signal_consume_in(tx.conn(), store, wf.id, &args.step, name, key).await?
         {
-            *moved =
-                checkpoint_advance(tx, store, &wf, &def, idx, &payload, job, None, inline).await?;
+            *moved = checkpoint_advance(tx, store, &wf, &def, idx, &payload, job, None, inline)
+                .await?
+                .map(|(job, _)| job);
             return Ok(Prepared::Done(Outcome::Complete));
         }
         match wake {
@@ -2092,11 +2093,19 @@ async fn after_step(
             Ok(outcome)
         }
         Ok(StepOutcome::Continue(output)) => {
-            *moved =
+            let advanced =
                 checkpoint_advance(tx, store, wf, def, idx, &output, job, None, inline).await?;
-            if let Some(next) = moved.as_ref().and_then(|m| m.workflow_step.as_deref()) {
+            let contended = advanced.as_ref().is_some_and(|(_, c)| *c);
+            *moved = advanced.map(|(job, _)| job);
+            if let Some(next) = moved.as_ref().and_then(|m| m.workflow_step.as_deref())
+                && !contended
+            {
                 // The row moved on inline: the successor runs against what
-                // this checkpoint wrote.
+                // this checkpoint wrote, without the lock. Not when another
+                // transaction was waiting for this one's locks (an
+                // operator's cancel waiting for this step's checkpoint, a
+                // duplicate delivery): the successor then queues for the
+                // workflow's lock behind it on the locked path.
                 let step = def.steps[idx].name.to_string();
                 journaled.insert(step.clone());
                 outputs.insert(step, output);
@@ -2145,7 +2154,8 @@ async fn after_step(
                     .await?
             {
                 *moved = checkpoint_advance(tx, store, wf, def, idx, &payload, job, None, inline)
-                    .await?;
+                    .await?
+                    .map(|(job, _)| job);
                 return Ok(Outcome::Complete);
             }
             let now = db_now(tx.conn(), store).await?;
@@ -2702,9 +2712,27 @@ async fn checkpoint_advance(
     job: &ClaimedJob,
     run_at: Option<DateTime<Utc>>,
     inline: Option<std::time::Instant>,
-) -> Result<Option<ClaimedJob>> {
+) -> Result<Option<(ClaimedJob, bool)>> {
     let next = def.steps.get(idx + 1).map(|n| (n.name, run_at));
     checkpoint_step(tx, store, wf, def, idx, output, job, next, inline).await
+}
+
+/// The start of every one-step checkpoint statement: "now" as `t` (`$4`)
+/// and the step's journal row as completed — workflow `$1`, step `$2` at
+/// position `$3` with output `$5`, key `$6`, attempt `$7` started at `$8`.
+macro_rules! step_journal_sql {
+    () => {
+        concat!(
+            "WITH t AS (SELECT coalesce($4::timestamptz, now()) AS n),
+             journal AS (
+               INSERT INTO workflow_steps (workflow_id, step, position, status, output,
+                                           idempotency_key, attempt, started_at, finished_at)
+               SELECT $1, $2, $3, 'completed', $5, $6, $7, $8, t.n FROM t",
+            crate::checkpoint::journal_completed_on_conflict!(),
+            "
+             ),"
+        )
+    };
 }
 
 /// The checkpoint statement: `$workflow` updates the workflow row, `$next`
@@ -2716,15 +2744,8 @@ async fn checkpoint_advance(
 macro_rules! checkpoint_sql {
     ($workflow:literal, $next:literal, $select:literal) => {
         concat!(
-            "WITH t AS (SELECT coalesce($4::timestamptz, now()) AS n),
-             journal AS (
-               INSERT INTO workflow_steps (workflow_id, step, position, status, output,
-                                           idempotency_key, attempt, started_at, finished_at)
-               SELECT $1, $2, $3, 'completed', $5, $6, $7, $8, t.n FROM t
-",
-            crate::checkpoint::journal_completed_on_conflict!(),
+            step_journal_sql!(),
             "
-             ),
              done AS (
                UPDATE jobs j
                SET state = 'completed', finished_at = t.n, completed_by = j.lease_owner,
@@ -2793,15 +2814,8 @@ const CHECKPOINT_FINISH_SQL: &str = checkpoint_sql!(
 /// stands for the successor, and the moved row then takes none (both
 /// serialize on the workflow row, and the later finds the step done).
 const CHECKPOINT_MOVE_SQL: &str = concat!(
-    "WITH t AS (SELECT coalesce($4::timestamptz, now()) AS n),
-     journal AS (
-       INSERT INTO workflow_steps (workflow_id, step, position, status, output,
-                                   idempotency_key, attempt, started_at, finished_at)
-       SELECT $1, $2, $3, 'completed', $5, $6, $7, $8, t.n FROM t
-",
-    crate::checkpoint::journal_completed_on_conflict!(),
+    step_journal_sql!(),
     "
-     ),
      moved AS (
        UPDATE jobs j
        SET args = $12, workflow_step = $11, max_attempts = $13,
@@ -2819,7 +2833,10 @@ const CHECKPOINT_MOVE_SQL: &str = concat!(
            wait_correlation_key = NULL, wait_until = NULL, current_step = $11, updated_at = t.n
        FROM t WHERE id = $1
      )
-     SELECT (SELECT attempted_at FROM moved)"
+     SELECT (SELECT attempted_at FROM moved),
+            EXISTS (SELECT 1 FROM pg_locks l
+                    WHERE l.locktype = 'transactionid' AND NOT l.granted
+                      AND l.transactionid = pg_current_xact_id()::text::xid)"
 );
 
 /// A step's checkpoint in ONE statement, then the commit: its journal row,
@@ -2847,7 +2864,7 @@ async fn checkpoint_step(
     job: &ClaimedJob,
     next: Option<(&str, Option<DateTime<Utc>>)>,
     inline: Option<std::time::Instant>,
-) -> Result<Option<ClaimedJob>> {
+) -> Result<Option<(ClaimedJob, bool)>> {
     let lease = &job.lease;
     let step = def.steps[idx].name;
     if let Some((name, None)) = next
@@ -2932,7 +2949,7 @@ async fn checkpoint_move(
     output: &Value,
     job: &ClaimedJob,
     next: &str,
-) -> Result<ClaimedJob> {
+) -> Result<(ClaimedJob, bool)> {
     let lease = &job.lease;
     let step = def.steps[idx].name;
     let next_job = step_job(
@@ -2945,24 +2962,25 @@ async fn checkpoint_move(
     );
     next_job.validate()?;
     let ttl_ms = i64::try_from(store.config().lease_ttl.as_millis()).unwrap_or(i64::MAX);
-    let attempted_at: Option<DateTime<Utc>> = sqlx::query_scalar(CHECKPOINT_MOVE_SQL)
-        .bind(wf.id)
-        .bind(step)
-        .bind(i32::try_from(idx).unwrap_or(i32::MAX))
-        .bind(store.now())
-        .bind(output)
-        .bind(idempotency_key(wf.id, step))
-        .bind(lease.attempt)
-        .bind(lease.attempted_at)
-        .bind(lease.job_id)
-        .bind(lease.token)
-        .bind(next)
-        .bind(&next_job.args)
-        .bind(next_job.max_attempts)
-        .bind(&next_job.unique_key)
-        .bind(ttl_ms)
-        .fetch_one(tx.conn())
-        .await?;
+    let (attempted_at, contended): (Option<DateTime<Utc>>, bool) =
+        sqlx::query_as(CHECKPOINT_MOVE_SQL)
+            .bind(wf.id)
+            .bind(step)
+            .bind(i32::try_from(idx).unwrap_or(i32::MAX))
+            .bind(store.now())
+            .bind(output)
+            .bind(idempotency_key(wf.id, step))
+            .bind(lease.attempt)
+            .bind(lease.attempted_at)
+            .bind(lease.job_id)
+            .bind(lease.token)
+            .bind(next)
+            .bind(&next_job.args)
+            .bind(next_job.max_attempts)
+            .bind(&next_job.unique_key)
+            .bind(ttl_ms)
+            .fetch_one(tx.conn())
+            .await?;
     let Some(attempted_at) = attempted_at else {
         tx.rollback().await?;
         return Err(Error::StaleLease {
@@ -2975,7 +2993,7 @@ async fn checkpoint_move(
     moved.args = next_job.args;
     moved.workflow_step = Some(next.to_string());
     moved.lease = lease.for_next_step(attempted_at, next_job.max_attempts);
-    Ok(moved)
+    Ok((moved, contended))
 }
 
 /// The writes of [`checkpoint_advance`], on the caller's connection.
