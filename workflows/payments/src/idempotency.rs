@@ -261,6 +261,27 @@ fn trade_sql() -> String {
 const RFC3339_MICROS: &str =
     "to_char(v.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')";
 
+/// The record statement over `view` (the resource's read, `$1` id, `$2`
+/// user, `$3` kind): the response body is `id`, the resource's `fields`
+/// (`'name', v.column` pairs), `status`, `error` (omitted when null) and
+/// `created_at`. Built once per resource kind.
+fn record_sql(view: &str, fields: &str) -> String {
+    format!(
+        "WITH v AS ({view}),
+         body AS (
+           SELECT v.id, jsonb_strip_nulls(jsonb_build_object(
+             'id', v.id, {fields}, 'status', v.status, 'error', v.error,
+             'created_at', {RFC3339_MICROS})) AS b
+           FROM v
+         )
+         INSERT INTO idempotency_keys (user_id, key, fingerprint, response_status,
+                                       response_body, resource_id)
+         SELECT $2, $4, $5, 201, body.b, body.id FROM body
+         ON CONFLICT (user_id, key) DO NOTHING
+         RETURNING response_body"
+    )
+}
+
 /// Step 2 of the protocol for a trade: stores `(user, key)` with
 /// `fingerprint`, status 201 and trade `id` as `user` sees it (the body of
 /// `POST /v1/trades`: the [`trade`] record as JSON, `error` omitted when
@@ -273,26 +294,16 @@ pub async fn record_trade(
     fingerprint: &str,
     id: Uuid,
 ) -> Result<Option<Recorded>> {
-    let sql = format!(
-        "WITH v AS ({}),
-         body AS (
-           SELECT v.id, jsonb_strip_nulls(jsonb_build_object(
-             'id', v.id, 'side', v.side, 'base_asset', v.base_asset,
-             'quote_asset', v.quote_asset, 'base_amount', v.base_amount,
-             'limit_price', v.limit_price, 'status', v.status, 'error', v.error,
-             'created_at', {RFC3339_MICROS})) AS b
-           FROM v
-         )
-         INSERT INTO idempotency_keys (user_id, key, fingerprint, response_status,
-                                       response_body, resource_id)
-         SELECT $2, $4, $5, 201, body.b, body.id FROM body
-         ON CONFLICT (user_id, key) DO NOTHING
-         RETURNING response_body",
-        trade_sql()
-    );
+    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        record_sql(
+            &trade_sql(),
+            "'side', v.side, 'base_asset', v.base_asset, 'quote_asset', v.quote_asset,
+             'base_amount', v.base_amount, 'limit_price', v.limit_price",
+        )
+    });
     record_with(
         conn,
-        &sql,
+        &SQL,
         crate::workflows::trade::KIND,
         user,
         key,
@@ -375,24 +386,15 @@ pub async fn record_withdrawal(
     fingerprint: &str,
     id: Uuid,
 ) -> Result<Option<Recorded>> {
-    let sql = format!(
-        "WITH v AS ({}),
-         body AS (
-           SELECT v.id, jsonb_strip_nulls(jsonb_build_object(
-             'id', v.id, 'asset', v.asset, 'amount', v.amount, 'address', v.address,
-             'status', v.status, 'error', v.error, 'created_at', {RFC3339_MICROS})) AS b
-           FROM v
-         )
-         INSERT INTO idempotency_keys (user_id, key, fingerprint, response_status,
-                                       response_body, resource_id)
-         SELECT $2, $4, $5, 201, body.b, body.id FROM body
-         ON CONFLICT (user_id, key) DO NOTHING
-         RETURNING response_body",
-        withdrawal_sql()
-    );
+    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        record_sql(
+            &withdrawal_sql(),
+            "'asset', v.asset, 'amount', v.amount, 'address', v.address",
+        )
+    });
     record_with(
         conn,
-        &sql,
+        &SQL,
         crate::workflows::withdrawal::KIND,
         user,
         key,
