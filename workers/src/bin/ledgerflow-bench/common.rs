@@ -253,19 +253,6 @@ impl CpuUse {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn percentile_uses_the_peers_rank_rule() {
-        let xs: Vec<f64> = (1..=500).map(f64::from).collect();
-        assert_eq!(percentile(&xs, 50.0), 251.0);
-        assert_eq!(percentile(&xs, 99.0), 496.0);
-        assert_eq!(percentile(&[3.0], 99.0), 3.0);
-    }
-}
-
 /// Prints `rows` as the two-column Markdown table every benchmark ends with.
 pub fn print_table(rows: &[(&str, String)]) {
     let width = rows
@@ -290,4 +277,17 @@ pub fn write_json(path: Option<&std::path::Path>, doc: &serde_json::Value) -> Re
         eprintln!("wrote {}", path.display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentile_uses_the_peers_rank_rule() {
+        let xs: Vec<f64> = (1..=500).map(f64::from).collect();
+        assert_eq!(percentile(&xs, 50.0), 251.0);
+        assert_eq!(percentile(&xs, 99.0), 496.0);
+        assert_eq!(percentile(&[3.0], 99.0), 3.0);
+    }
 }
