@@ -143,7 +143,9 @@ pub(crate) use journal_completed_on_conflict;
 
 /// The batch statement. `i` is the items; `fenced` and `current` lock their
 /// job and workflow rows (in id order, so two batches cannot deadlock on
-/// each other); `ok` is the items whose job row holds their lease token and
+/// each other; by id alone: a `state` condition there made the planner walk
+/// the state index over every running job); `ok` is the items whose job row
+/// holds their lease token (set only while the row is `running`) and
 /// whose workflow row is still where their step found it; the rest write
 /// nothing. Every row is found by `id = ANY(array)`, which the planner
 /// serves from the primary key even with the statistics of an empty table
@@ -167,7 +169,7 @@ const BATCH_SQL: &str = concat!(
      ),
      fenced AS (
        SELECT j.id, j.lease_token FROM jobs j
-       WHERE j.id = ANY($9::uuid[]) AND j.state = 'running'
+       WHERE j.id = ANY($9::uuid[])
        ORDER BY j.id
        FOR UPDATE
      ),
@@ -218,16 +220,41 @@ const BATCH_SQL: &str = concat!(
        FROM ok, t
        WHERE w.id = ok.wf AND w.id = ANY($2::uuid[])
      )
-     SELECT ok.job, m.attempted_at FROM ok LEFT JOIN moved m ON m.id = ok.job"
+     SELECT ok.job, m.attempted_at,
+            CASE WHEN $17 THEN EXISTS (SELECT 1 FROM pg_locks l
+                                       WHERE l.locktype = 'transactionid' AND NOT l.granted
+                                         AND l.transactionid = pg_current_xact_id()::text::xid)
+                 ELSE false END
+     FROM ok LEFT JOIN moved m ON m.id = ok.job"
 );
 
-/// Runs one batch in its own transaction; the result is per item, in order.
+/// Runs one batch as one statement, atomic on its own (no BEGIN and COMMIT
+/// round trips around it); the result is per item, in order.
 async fn apply(
     pool: &PgPool,
     now: Option<DateTime<Utc>>,
     ttl_ms: i64,
     batch: &[Request],
 ) -> Result<Vec<Applied>, sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    let items: Vec<&Item> = batch.iter().map(|(item, _)| item).collect();
+    let (applied, _) = apply_in(&mut conn, now, ttl_ms, &items, false).await?;
+    Ok(applied)
+}
+
+/// Runs [`BATCH_SQL`] for `items` on `conn` (in the caller's transaction,
+/// if one is open); the result is per item, in order. The locked batches of
+/// first steps (`crate::held`) run it in the transaction that already holds
+/// their rows, and with `ask_waiters` learn in the same round trip whether
+/// another transaction waits for one of that transaction's locks (the
+/// second value; `false` when not asked or nothing was applied).
+pub(crate) async fn apply_in(
+    conn: &mut sqlx::PgConnection,
+    now: Option<DateTime<Utc>>,
+    ttl_ms: i64,
+    batch: &[&Item],
+    ask_waiters: bool,
+) -> Result<(Vec<Applied>, bool), sqlx::Error> {
     let n = batch.len();
     let mut wf = Vec::with_capacity(n);
     let mut step = Vec::with_capacity(n);
@@ -243,7 +270,7 @@ async fn apply(
     let mut next_step = Vec::with_capacity(n);
     let mut next_args = Vec::with_capacity(n);
     let mut next_max = Vec::with_capacity(n);
-    for (item, _) in batch {
+    for item in batch {
         wf.push(item.workflow_id);
         step.push(item.step.as_str());
         pos.push(item.position);
@@ -259,8 +286,7 @@ async fn apply(
         next_args.push(item.next.as_ref().map(|x| &x.args));
         next_max.push(item.next.as_ref().map(|x| x.max_attempts));
     }
-    let mut tx = pool.begin().await?;
-    let rows: Vec<(Uuid, Option<DateTime<Utc>>)> = sqlx::query_as(BATCH_SQL)
+    let rows: Vec<(Uuid, Option<DateTime<Utc>>, bool)> = sqlx::query_as(BATCH_SQL)
         .bind(now)
         .bind(&wf)
         .bind(&step)
@@ -277,14 +303,15 @@ async fn apply(
         .bind(&next_args)
         .bind(&next_max)
         .bind(ttl_ms)
-        .fetch_all(&mut *tx)
+        .bind(ask_waiters)
+        .fetch_all(&mut *conn)
         .await?;
-    tx.commit().await?;
+    let waiting = rows.iter().any(|(_, _, waiting)| *waiting);
     let applied: std::collections::HashMap<Uuid, Option<DateTime<Utc>>> =
-        rows.into_iter().collect();
-    Ok(batch
+        rows.into_iter().map(|(job, at, _)| (job, at)).collect();
+    let applied = batch
         .iter()
-        .map(|(item, _)| match (applied.get(&item.job_id), &item.next) {
+        .map(|item| match (applied.get(&item.job_id), &item.next) {
             (None, _) => Applied::Rejected,
             (Some(_), None) => Applied::Finished,
             (Some(Some(at)), Some(_)) => Applied::Moved(*at),
@@ -294,5 +321,6 @@ async fn apply(
             // job, whose row then stands for the successor.
             (Some(None), Some(_)) => Applied::Rejected,
         })
-        .collect())
+        .collect();
+    Ok((applied, waiting))
 }

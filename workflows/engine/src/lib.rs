@@ -37,6 +37,7 @@ pub mod clock;
 pub mod consumer_lag;
 pub mod cron;
 pub mod error;
+mod held;
 pub mod inbox;
 pub mod job;
 pub mod lease;

@@ -10,6 +10,7 @@
 //! falls back to the database's `now()` when the clock has no opinion (the
 //! production default), so all workers share the database's timeline.
 use crate::checkpoint::Checkpointer;
+use crate::held::{Gates, LockBatcher};
 use crate::job::{Attempt, JOB_COLUMNS};
 use crate::lease::Lease;
 use crate::notify::JOBS_CHANNEL;
@@ -54,6 +55,11 @@ pub struct Store {
     /// (clones share it, as do stores made by `with_notify`; a store with
     /// another clock gets its own).
     checkpointer: Arc<OnceLock<Checkpointer>>,
+    /// The locked batches of workflow deliveries' first steps, started on
+    /// first use and shared like the checkpointer.
+    lock_batcher: Arc<OnceLock<LockBatcher>>,
+    /// In-process turns of one workflow's deliveries (`crate::held`).
+    gates: Arc<Gates>,
 }
 
 /// A job claimed under a lease, ready for its handler.
@@ -90,6 +96,8 @@ impl Store {
             clock: Arc::new(DbClock),
             config: Arc::new(config),
             checkpointer: Arc::default(),
+            lock_batcher: Arc::default(),
+            gates: Arc::default(),
         }
     }
 
@@ -97,6 +105,7 @@ impl Store {
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = clock;
         self.checkpointer = Arc::default();
+        self.lock_batcher = Arc::default();
         self
     }
 
@@ -130,6 +139,19 @@ impl Store {
         self.checkpointer.get_or_init(|| {
             Checkpointer::start(self.pool.clone(), self.clock.clone(), self.config.lease_ttl)
         })
+    }
+
+    /// The locked batches of workflow deliveries' first steps, started on
+    /// the current runtime the first time they are needed.
+    pub(crate) fn lock_batcher(&self) -> &LockBatcher {
+        self.lock_batcher.get_or_init(|| {
+            LockBatcher::start(self.pool.clone(), self.clock.clone(), self.config.lease_ttl)
+        })
+    }
+
+    /// The in-process turns of workflow deliveries.
+    pub(crate) fn gates(&self) -> &Arc<Gates> {
+        &self.gates
     }
 
     /// The clock's reading (`None`: the database's `now()`).

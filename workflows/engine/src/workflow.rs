@@ -67,6 +67,7 @@
 //! check, and the job row lock it also holds keeps the lease from moving
 //! while the call is in flight.
 use crate::checkpoint;
+use crate::held::HeldHandle;
 use crate::job::DEFAULT_MAX_ATTEMPTS;
 use crate::signal::{lock_signal_key, signal_consume_in};
 use crate::store::ClaimedJob;
@@ -539,6 +540,10 @@ struct LazyTx {
     wait_seq: i32,
     /// Opened (or tried to) already: a failed attempt is not repeated.
     tried: std::sync::atomic::AtomicBool,
+    /// The locked batch holding the workflow row while the step runs (a
+    /// delivery's first step, `crate::held`): left, and its commit awaited,
+    /// before the step takes the lock on its own.
+    held: Option<Arc<HeldHandle>>,
 }
 
 /// What a [`StepCtx`] is handed to.
@@ -853,6 +858,9 @@ impl StepCtx {
         };
         if lazy.tried.swap(true, std::sync::atomic::Ordering::SeqCst) {
             return Ok(());
+        }
+        if let Some(held) = &lazy.held {
+            held.release().await;
         }
         let info = &self.info;
         match lock_unchanged(
@@ -1649,7 +1657,41 @@ async fn run_step_inner(
         && let Some(def) = registry.get(&snap.wf.kind, snap.wf.version).cloned()
         && let Some(idx) = def.index_of(&args.step)
     {
-        return run_optimistic(store, registry, run, snap, &def, idx, moved, carry).await;
+        return run_optimistic(store, registry, run, snap, &def, idx, None, moved, carry).await;
+    }
+    // A delivery's first step: one delivery of the workflow at a time in
+    // this process, and under the workflow's lock — a locked batch's if one
+    // holds it (`crate::held`), else a transaction of its own.
+    let _turn = store.gates().enter(args.workflow_id).await;
+    if args.wake() == Wake::Entry
+        && let Some(held) = store
+            .lock_batcher()
+            .hold(
+                job.lease.job_id,
+                job.lease.token,
+                args.workflow_id,
+                &args.step,
+            )
+            .await
+    {
+        let handle = Arc::new(held.handle);
+        match held_snapshot(&held.rows) {
+            Ok(snap) => {
+                if let Some(def) = registry.get(&snap.wf.kind, snap.wf.version).cloned()
+                    && let Some(idx) = def.index_of(&args.step)
+                {
+                    let held = Some(handle);
+                    return run_optimistic(
+                        store, registry, run, snap, &def, idx, held, moved, carry,
+                    )
+                    .await;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "unreadable locked batch row"),
+        }
+        // Not a step this worker runs: the locked path says what becomes of
+        // the job, once the batch let go of the row.
+        handle.release().await;
     }
     let ready = match prepare_locked(store, registry, run, moved).await? {
         Prepared::Done(outcome) => return Ok(outcome),
@@ -1888,6 +1930,7 @@ async fn run_optimistic(
     snap: Snapshot,
     def: &Workflow,
     idx: usize,
+    held: Option<Arc<HeldHandle>>,
     moved: &mut Option<ClaimedJob>,
     carry: &mut Option<Snapshot>,
 ) -> Result<Outcome> {
@@ -1903,6 +1946,7 @@ async fn run_optimistic(
         state: wf.state,
         wait_seq: wf.wait_seq,
         tried: std::sync::atomic::AtomicBool::new(false),
+        held: held.clone(),
     };
     let (ctx, slot) = step_ctx(
         store,
@@ -1978,7 +2022,18 @@ async fn run_optimistic(
                     max_attempts: j.max_attempts,
                 }),
         };
-        match (store.checkpointer().submit(item).await, next.zip(next_job)) {
+        // A held step's checkpoint goes out with its batch (unless the batch
+        // went on without it); a transaction waiting for the batch's locks
+        // (an operator's cancel) then goes before the successor, which takes
+        // the locked path behind it.
+        let (applied, waited) = match &held {
+            Some(h) => match h.checkpoint(item).await {
+                Ok(answer) => answer,
+                Err(item) => (store.checkpointer().submit(*item).await, false),
+            },
+            None => (store.checkpointer().submit(item).await, false),
+        };
+        match (applied, next.zip(next_job)) {
             (checkpoint::Applied::Finished, None) => {
                 lease.mark_finished();
                 return Ok(Outcome::Complete);
@@ -1992,7 +2047,7 @@ async fn run_optimistic(
                 journaled.insert(step.to_string());
                 outputs.insert(step.to_string(), output.clone());
                 wf.moved_on_to(name);
-                *carry = Some(Snapshot {
+                *carry = (!waited).then_some(Snapshot {
                     wf,
                     journaled,
                     outputs,
@@ -2002,6 +2057,9 @@ async fn run_optimistic(
             // Not applied: nothing was written; the locked path re-checks.
             _ => {}
         }
+    }
+    if let Some(held) = &held {
+        held.release().await;
     }
     let ready = match prepare_locked(store, registry, run, moved).await? {
         Prepared::Done(outcome) => return Ok(outcome),
@@ -2462,6 +2520,7 @@ macro_rules! locked_columns {
         )
     };
 }
+pub(crate) use locked_columns;
 
 async fn lock_workflow(conn: &mut PgConnection, id: WorkflowId) -> Result<Option<Locked>> {
     // NO KEY UPDATE: serializes deliveries and operators like FOR UPDATE,
@@ -2626,6 +2685,34 @@ async fn lock_step(
         }
     }
     Ok(Some((wf, (journaled, names, outputs))))
+}
+
+/// The snapshot a locked batch's rows give a held delivery (`held::LOCK_SQL`:
+/// the workflow row's [`locked_columns`], then one journal row's step,
+/// status and output per result row).
+fn held_snapshot(rows: &[sqlx::postgres::PgRow]) -> Result<Snapshot> {
+    let first = rows
+        .first()
+        .ok_or_else(|| Error::Invalid("a locked batch held a delivery without rows".into()))?;
+    let wf = locked_from_row(first)?;
+    let mut journaled = std::collections::HashSet::with_capacity(rows.len());
+    let mut outputs = HashMap::with_capacity(rows.len());
+    for r in rows {
+        let Some(name) = r.try_get::<Option<String>, _>(11)? else {
+            continue;
+        };
+        let status: String = r.try_get(12)?;
+        if matches!(status.as_str(), "completed" | "compensated") {
+            let output: Option<Value> = r.try_get(13)?;
+            outputs.insert(name.clone(), output.unwrap_or(Value::Null));
+        }
+        journaled.insert(name);
+    }
+    Ok(Snapshot {
+        wf,
+        journaled,
+        outputs,
+    })
 }
 
 /// The outputs of the completed (and compensated) steps, by name.
