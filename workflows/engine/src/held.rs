@@ -36,7 +36,7 @@ use sqlx::PgPool;
 use sqlx::postgres::PgRow;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use uuid::Uuid;
@@ -175,10 +175,50 @@ impl Drop for HeldHandle {
     }
 }
 
+/// What the locked batches of a store have done (for diagnostics and tests).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct LockBatchStats {
+    /// Batches that ran their lock statement.
+    pub batches: u64,
+    /// Deliveries a batch held.
+    pub held: u64,
+    /// Requests a batch did not hold (they took the one-at-a-time path).
+    pub not_held: u64,
+    /// Held deliveries whose batch went on without them (still running 20 ms after the first
+    /// of their batch reported).
+    pub stragglers: u64,
+    /// Batches open now.
+    pub open: u64,
+    /// Requests waiting for a batch to take them now.
+    pub waiting: u64,
+}
+
+/// The counters behind [`LockBatchStats`].
+#[derive(Debug, Default)]
+struct Counters {
+    batches: AtomicU64,
+    held: AtomicU64,
+    not_held: AtomicU64,
+    stragglers: AtomicU64,
+    open: AtomicU64,
+    waiting: AtomicU64,
+}
+
+impl Counters {
+    fn add(counter: &AtomicU64, n: usize) {
+        counter.fetch_add(u64::try_from(n).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    fn sub(counter: &AtomicU64, n: usize) {
+        counter.fetch_sub(u64::try_from(n).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+}
+
 /// Handle on the batching task; cheap to clone. The task ends when every handle is gone.
 #[derive(Debug, Clone)]
 pub(crate) struct LockBatcher {
     tx: mpsc::UnboundedSender<Request>,
+    counters: Arc<Counters>,
 }
 
 impl LockBatcher {
@@ -186,6 +226,8 @@ impl LockBatcher {
     pub(crate) fn start(pool: PgPool, clock: Arc<dyn Clock>, lease_ttl: Duration) -> Self {
         let (tx, mut rx) = mpsc::unbounded_channel::<Request>();
         let ttl_ms = i64::try_from(lease_ttl.as_millis()).unwrap_or(i64::MAX);
+        let counters = Arc::new(Counters::default());
+        let stats = counters.clone();
         tokio::spawn(async move {
             let open = Arc::new(Semaphore::new(MAX_OPEN));
             while let Some(first) = rx.recv().await {
@@ -200,14 +242,30 @@ impl LockBatcher {
                         Err(_) => break,
                     }
                 }
-                let (pool, clock) = (pool.clone(), clock.clone());
+                Counters::sub(&stats.waiting, batch.len());
+                Counters::add(&stats.open, 1);
+                let (pool, clock, stats) = (pool.clone(), clock.clone(), stats.clone());
                 tokio::spawn(async move {
-                    run_batch(&pool, clock.as_ref(), ttl_ms, batch).await;
+                    run_batch(&pool, clock.as_ref(), ttl_ms, batch, &stats).await;
+                    Counters::sub(&stats.open, 1);
                     drop(permit);
                 });
             }
         });
-        Self { tx }
+        Self { tx, counters }
+    }
+
+    /// What the batches have done so far.
+    pub(crate) fn stats(&self) -> LockBatchStats {
+        let c = &self.counters;
+        LockBatchStats {
+            batches: c.batches.load(Ordering::Relaxed),
+            held: c.held.load(Ordering::Relaxed),
+            not_held: c.not_held.load(Ordering::Relaxed),
+            stragglers: c.stragglers.load(Ordering::Relaxed),
+            open: c.open.load(Ordering::Relaxed),
+            waiting: c.waiting.load(Ordering::Relaxed),
+        }
     }
 
     /// Asks to run `step` of `workflow_id` (the delivery of job `job_id` under `token`) in a
@@ -229,17 +287,29 @@ impl LockBatcher {
             step: step.to_string(),
             reply,
         };
-        self.tx.send(request).ok()?;
+        Counters::add(&self.counters.waiting, 1);
+        if self.tx.send(request).is_err() {
+            Counters::sub(&self.counters.waiting, 1);
+            return None;
+        }
         answer.await.ok().flatten()
     }
 }
 
 /// One batch, from its lock statement to its commit.
-async fn run_batch(pool: &PgPool, clock: &dyn Clock, ttl_ms: i64, requests: Vec<Request>) {
+async fn run_batch(
+    pool: &PgPool,
+    clock: &dyn Clock,
+    ttl_ms: i64,
+    requests: Vec<Request>,
+    stats: &Counters,
+) {
+    let asked = requests.len();
     let mut tx = match pool.begin().await {
         Ok(tx) => tx,
         Err(e) => {
             tracing::warn!(error = %e, "locked batch could not begin; its steps lock one at a time");
+            Counters::add(&stats.not_held, asked);
             return;
         }
     };
@@ -266,6 +336,7 @@ async fn run_batch(pool: &PgPool, clock: &dyn Clock, ttl_ms: i64, requests: Vec<
             tracing::warn!(error = %e, steps = requests.len(),
                 "locked batch failed to lock; its steps lock one at a time");
             // Dropping the requests answers `None` to each.
+            Counters::add(&stats.not_held, asked);
             return;
         }
     };
@@ -277,6 +348,7 @@ async fn run_batch(pool: &PgPool, clock: &dyn Clock, ttl_ms: i64, requests: Vec<
             Ok(ord) => by_ord.entry(ord).or_default().push(row),
             Err(e) => {
                 tracing::warn!(error = %e, "locked batch returned an unreadable row");
+                Counters::add(&stats.not_held, asked);
                 return;
             }
         }
@@ -308,6 +380,9 @@ async fn run_batch(pool: &PgPool, clock: &dyn Clock, ttl_ms: i64, requests: Vec<
         let _ = request.reply.send(Some(held));
     }
     drop(events_tx);
+    Counters::add(&stats.batches, 1);
+    Counters::add(&stats.held, pending);
+    Counters::add(&stats.not_held, asked - pending);
     let mut items: Vec<(Box<Item>, oneshot::Sender<Answer>)> = Vec::new();
     let mut deadline: Option<tokio::time::Instant> = None;
     while pending > 0 {
@@ -316,7 +391,10 @@ async fn run_batch(pool: &PgPool, clock: &dyn Clock, ttl_ms: i64, requests: Vec<
             Some(at) => match tokio::time::timeout_at(at, events.recv()).await {
                 Ok(event) => event,
                 // Stragglers go on without the batch.
-                Err(_) => break,
+                Err(_) => {
+                    Counters::add(&stats.stragglers, pending);
+                    break;
+                }
             },
         };
         let Some(event) = event else { break };

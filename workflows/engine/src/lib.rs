@@ -56,6 +56,7 @@ pub mod workflow_testing;
 
 pub use clock::{Clock, DbClock, ManualClock};
 pub use error::{Error, Result};
+pub use held::LockBatchStats;
 pub use job::{Inserted, Job, JobId, JobState, NewJob};
 pub use lease::{FencedTx, Lease};
 pub use outcome::Outcome;

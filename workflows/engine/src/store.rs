@@ -10,7 +10,7 @@
 //! falls back to the database's `now()` when the clock has no opinion (the
 //! production default), so all workers share the database's timeline.
 use crate::checkpoint::Checkpointer;
-use crate::held::{Gates, LockBatcher};
+use crate::held::{Gates, LockBatchStats, LockBatcher};
 use crate::job::{Attempt, JOB_COLUMNS};
 use crate::lease::Lease;
 use crate::notify::JOBS_CHANNEL;
@@ -147,6 +147,15 @@ impl Store {
         self.lock_batcher.get_or_init(|| {
             LockBatcher::start(self.pool.clone(), self.clock.clone(), self.config.lease_ttl)
         })
+    }
+
+    /// What the locked batches of workflow deliveries' first steps have
+    /// done so far (all zero until the first is needed).
+    pub fn lock_batch_stats(&self) -> LockBatchStats {
+        self.lock_batcher
+            .get()
+            .map(LockBatcher::stats)
+            .unwrap_or_default()
     }
 
     /// The in-process turns of workflow deliveries.

@@ -1522,3 +1522,170 @@ async fn an_inbox_entry_and_its_workflow_start_are_one_statement() -> TestResult
     assert_eq!(env.workflow(wf).await?.state, "completed");
     Ok(())
 }
+
+/// Polls `cond` until it holds, failing after a generous deadline (the machine may be loaded).
+async fn eventually<F, Fut>(what: &str, mut cond: F) -> TestResult
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !cond().await? {
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!("timed out waiting for {what}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
+}
+
+/// Runs every job in `jobs` at once, each in its own task, the way a worker's handler slots
+/// do; returns the tasks.
+fn run_all(
+    env: &Env,
+    reg: &Arc<WorkflowRegistry>,
+    jobs: Vec<ClaimedJob>,
+) -> Vec<tokio::task::JoinHandle<ledgerflow_engine::StepsRun>> {
+    jobs.into_iter()
+        .map(|job| {
+            let (store, reg) = (env.store.clone(), reg.clone());
+            tokio::spawn(async move { run_steps(&store, &reg, &job, Inline::default()).await })
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn first_steps_of_concurrent_deliveries_share_locked_batches() -> TestResult {
+    let env = Env::new().await?;
+    let calls = Calls::default();
+    let reg = Arc::new(registry(pure_steps(&calls, nothing))?);
+    let n = 40;
+    let mut ids = Vec::new();
+    for i in 0..n {
+        ids.push(workflow_start(&env.store, &reg, "pure", &json!({ "n": i }), None).await?);
+    }
+    let jobs = env.claim("worker", 100).await?;
+    assert_eq!(jobs.len(), n);
+    for task in run_all(&env, &reg, jobs) {
+        let ran = task.await?;
+        assert_eq!((ran.outcome, ran.steps), (Outcome::Complete, 3));
+    }
+    for id in &ids {
+        assert_eq!(env.workflow(*id).await?.state, "completed");
+        assert_eq!(env.journal(*id).await?.len(), 3);
+    }
+    assert_eq!(calls.get("a"), n, "every first step ran once");
+    let stats = env.store.lock_batch_stats();
+    // Every first step ran under a batch's lock, and the batches were shared: at most two
+    // are open at once, so 40 deliveries arriving together cannot each get their own.
+    assert_eq!((stats.held, stats.not_held), (40, 0), "{stats:?}");
+    assert!(stats.batches < 40, "{stats:?}");
+    assert_eq!((stats.open, stats.waiting), (0, 0), "{stats:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_first_step_does_not_hold_back_its_batch_mates() -> TestResult {
+    let env = Env::new().await?;
+    let (release_blockers, blockers_released) = tokio::sync::watch::channel(false);
+    let (release_slow, slow_released) = tokio::sync::watch::channel(false);
+    // Step a: "blocker"s hold their batch open until released; the "slow" one runs until the
+    // test has seen every other workflow of its batch completed; the rest return at once.
+    let wf = Workflow::new("slow", 1)
+        .step("a", move |ctx: StepCtx| {
+            let (mut blockers, mut slow) = (blockers_released.clone(), slow_released.clone());
+            async move {
+                let wait = Duration::from_secs(30);
+                match ctx.input()["role"].as_str() {
+                    Some("blocker") => {
+                        let _ = tokio::time::timeout(wait, blockers.wait_for(|r| *r)).await;
+                    }
+                    Some("slow") => {
+                        let _ = tokio::time::timeout(wait, slow.wait_for(|r| *r)).await;
+                    }
+                    _ => {}
+                }
+                Ok(StepOutcome::Continue(json!("a")))
+            }
+        })
+        .step("b", |_ctx: StepCtx| async {
+            Ok(StepOutcome::Continue(json!("b")))
+        })
+        .step("c", |_ctx: StepCtx| async {
+            Ok(StepOutcome::Continue(json!("c")))
+        });
+    let reg = Arc::new(registry(wf)?);
+    let mut tasks = Vec::new();
+    // Two blockers, one after the other, occupy both open batches.
+    for open in 1..=2u64 {
+        workflow_start(
+            &env.store,
+            &reg,
+            "slow",
+            &json!({ "role": "blocker" }),
+            None,
+        )
+        .await?;
+        tasks.extend(run_all(&env, &reg, env.claim("worker", 1).await?));
+        let store = env.store.clone();
+        eventually("a blocker's batch to open", || {
+            let stats = store.lock_batch_stats();
+            async move { Ok(stats.open == open) }
+        })
+        .await?;
+    }
+    // Eight deliveries queue for the next batch: one slow, seven quick.
+    let slow = workflow_start(&env.store, &reg, "slow", &json!({ "role": "slow" }), None).await?;
+    let mut quick = Vec::new();
+    for i in 0..7 {
+        quick.push(workflow_start(&env.store, &reg, "slow", &json!({ "n": i }), None).await?);
+    }
+    let jobs = env.claim("worker", 8).await?;
+    assert_eq!(jobs.len(), 8);
+    tasks.extend(run_all(&env, &reg, jobs));
+    let store = env.store.clone();
+    eventually("eight deliveries waiting for a batch", || {
+        let stats = store.lock_batch_stats();
+        async move { Ok(stats.waiting == 8) }
+    })
+    .await?;
+    release_blockers.send(true)?;
+    // The seven quick workflows finish while the slow one's first step still runs in the
+    // same batch: the batch commits their checkpoints without waiting for it.
+    let ids = quick.clone();
+    let pool = env.pool().clone();
+    eventually("the quick workflows to complete", || {
+        let (ids, pool) = (ids.clone(), pool.clone());
+        async move {
+            let done: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM workflows WHERE id = ANY($1) AND state = 'completed'",
+            )
+            .bind(&ids)
+            .fetch_one(&pool)
+            .await?;
+            Ok(done == 7)
+        }
+    })
+    .await?;
+    assert_eq!(
+        env.workflow(slow).await?.state,
+        "running",
+        "still in step a"
+    );
+    release_slow.send(true)?;
+    for task in tasks {
+        let ran = task.await?;
+        assert_eq!((ran.outcome, ran.steps), (Outcome::Complete, 3));
+    }
+    let slow_wf = env.workflow(slow).await?;
+    assert_eq!(slow_wf.state, "completed");
+    assert_eq!(slow_wf.output, Some(json!("c")));
+    assert_eq!(env.journal(slow).await?.len(), 3);
+    let stats = env.store.lock_batch_stats();
+    assert_eq!(
+        (stats.batches, stats.held, stats.stragglers),
+        (3, 10, 1),
+        "two blockers' batches, then the eight together; the slow one went on without its batch: {stats:?}"
+    );
+    Ok(())
+}
