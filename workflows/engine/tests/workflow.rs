@@ -1291,18 +1291,28 @@ async fn cancel_now(
     Ok(())
 }
 
+/// Starts `n` workflows of [`pure_steps`] (input `{"n": i}`) and claims their first jobs.
+async fn start_pure(
+    env: &Env,
+    reg: &WorkflowRegistry,
+    n: usize,
+) -> Result<(Vec<WorkflowId>, Vec<ClaimedJob>)> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        ids.push(workflow_start(&env.store, reg, "pure", &json!({ "n": i }), None).await?);
+    }
+    let jobs = env.claim("worker", 100).await?;
+    assert_eq!(jobs.len(), n);
+    Ok((ids, jobs))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pure_inline_successors_of_many_workflows_share_batched_checkpoints() -> TestResult {
     let env = Env::new().await?;
     let calls = Calls::default();
     let reg = Arc::new(registry(pure_steps(&calls, nothing))?);
     let n = 40;
-    let mut ids = Vec::new();
-    for i in 0..n {
-        ids.push(workflow_start(&env.store, &reg, "pure", &json!({ "n": i }), None).await?);
-    }
-    let jobs = env.claim("worker", 100).await?;
-    assert_eq!(jobs.len(), n);
+    let (ids, jobs) = start_pure(&env, &reg, n).await?;
     // All deliveries at once, so their successors' checkpoints meet in the
     // group committer.
     let mut tasks = Vec::new();
@@ -1560,12 +1570,7 @@ async fn first_steps_of_concurrent_deliveries_share_locked_batches() -> TestResu
     let calls = Calls::default();
     let reg = Arc::new(registry(pure_steps(&calls, nothing))?);
     let n = 40;
-    let mut ids = Vec::new();
-    for i in 0..n {
-        ids.push(workflow_start(&env.store, &reg, "pure", &json!({ "n": i }), None).await?);
-    }
-    let jobs = env.claim("worker", 100).await?;
-    assert_eq!(jobs.len(), n);
+    let (ids, jobs) = start_pure(&env, &reg, n).await?;
     for task in run_all(&env, &reg, jobs) {
         let ran = task.await?;
         assert_eq!((ran.outcome, ran.steps), (Outcome::Complete, 3));
