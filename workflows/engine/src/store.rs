@@ -13,6 +13,7 @@ use crate::checkpoint::Checkpointer;
 use crate::job::{Attempt, JOB_COLUMNS};
 use crate::lease::Lease;
 use crate::notify::JOBS_CHANNEL;
+use crate::start_batch::StartBatcher;
 use crate::{
     Clock, DbClock, Error, Inserted, Job, JobId, JobState, NewJob, Outcome, Result, RetryPolicy,
 };
@@ -54,6 +55,9 @@ pub struct Store {
     /// (clones share it, as do stores made by `with_notify`; a store with
     /// another clock gets its own).
     checkpointer: Arc<OnceLock<Checkpointer>>,
+    /// The group committer of workflow starts, started on first use (shared
+    /// like the checkpointer; its items carry their store's NOTIFY setting).
+    start_batcher: Arc<OnceLock<StartBatcher>>,
 }
 
 /// A job claimed under a lease, ready for its handler.
@@ -90,6 +94,7 @@ impl Store {
             clock: Arc::new(DbClock),
             config: Arc::new(config),
             checkpointer: Arc::default(),
+            start_batcher: Arc::default(),
         }
     }
 
@@ -97,6 +102,7 @@ impl Store {
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = clock;
         self.checkpointer = Arc::default();
+        self.start_batcher = Arc::default();
         self
     }
 
@@ -130,6 +136,13 @@ impl Store {
         self.checkpointer.get_or_init(|| {
             Checkpointer::start(self.pool.clone(), self.clock.clone(), self.config.lease_ttl)
         })
+    }
+
+    /// The group committer of workflow starts, started on the current
+    /// runtime the first time it is needed.
+    pub(crate) fn start_batcher(&self) -> &StartBatcher {
+        self.start_batcher
+            .get_or_init(|| StartBatcher::start(self.pool.clone(), self.clock.clone()))
     }
 
     /// The clock's reading (`None`: the database's `now()`).
