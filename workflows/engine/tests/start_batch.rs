@@ -1,6 +1,7 @@
 //! Group-committed `workflow_start`s against a real database: concurrent starts share
-//! statements yet keep one workflow and one job per unique key, every id returned is
-//! committed, a start Postgres refuses fails alone, and a lone start is not delayed.
+//! statements yet keep one workflow and one job per unique key (also a key another
+//! transaction holds meanwhile), every id returned is committed, a start Postgres refuses
+//! fails alone, NOTIFY goes once per queue, and a lone start is not delayed.
 //!
 //! Rows inserted by one statement share their `xmin` (the inserting transaction), which is
 //! how these tests see which starts went out together. Starts are put in one batch
@@ -13,7 +14,7 @@ use ledgerflow_engine::notify::JOBS_CHANNEL;
 use ledgerflow_engine::testing::TestDb;
 use ledgerflow_engine::{
     Error, ManualClock, Outcome, Result, RetryPolicy, StepCtx, StepOutcome, Store, StoreConfig,
-    Workflow, WorkflowId, WorkflowRegistry, run_step, workflow_start,
+    Workflow, WorkflowId, WorkflowRegistry, run_step, workflow_start, workflow_start_in,
 };
 use serde_json::{Value, json};
 use sqlx::PgPool;
@@ -294,6 +295,79 @@ async fn one_key_twice_in_one_batch_gives_one_workflow_and_a_taken_key_enqueues_
     assert_eq!(env.count("SELECT count(*) FROM workflows").await?, 3);
     assert_eq!(env.count("SELECT count(*) FROM jobs").await?, 3);
     Ok(())
+}
+
+/// A batch item whose key another transaction inserted and has not yet
+/// committed waits for it; once that transaction ends, the item gets its
+/// instance (committed) or inserts its own (rolled back).
+async fn a_key_held_by_an_open_transaction(commit: bool) -> TestResult {
+    let env = Env::new(false).await?;
+    let reg = registry()?;
+    let mut tx = env.db.pool.begin().await?;
+    let held = workflow_start_in(
+        &mut tx,
+        &env.store,
+        &reg,
+        "order",
+        &json!({ "n": 0 }),
+        Some("held"),
+    )
+    .await?;
+    let store = &env.store;
+    let (one, two) = (json!({ "n": 1 }), json!({ "n": 2 }));
+    let mut starts: Vec<Start<'_>> = vec![
+        Box::pin(workflow_start(store, &reg, "order", &one, Some("held"))),
+        Box::pin(workflow_start(store, &reg, "order", &two, None)),
+    ];
+    for start in &mut starts {
+        assert!(start.as_mut().now_or_never().is_none());
+    }
+    // The batch statement waits for the open transaction's key.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sqlx::query_scalar::<_, i64>(
+        "SELECT count(*) FROM pg_stat_activity
+         WHERE datname = current_database() AND wait_event_type = 'Lock'",
+    )
+    .fetch_one(&env.other)
+    .await?
+        == 0
+    {
+        assert!(Instant::now() < deadline, "the batch never waited");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if commit {
+        tx.commit().await?;
+    } else {
+        tx.rollback().await?;
+    }
+    let started = futures::future::join_all(starts).await;
+    let [keyed, free] = <[Result<WorkflowId>; 2]>::try_from(started)
+        .map_err(|_| "two results")?
+        .map(|r| r.expect("both starts succeed"));
+    assert_eq!(keyed == held, commit);
+    assert_ne!(free, keyed);
+    // Both new rows came from the one batch statement, which waited.
+    if !commit {
+        assert_eq!(env.xmin(keyed).await?, env.xmin(free).await?);
+    }
+    assert_eq!(env.count("SELECT count(*) FROM workflows").await?, 2);
+    assert_eq!(env.count("SELECT count(*) FROM jobs").await?, 2);
+    assert_eq!(
+        env.count("SELECT count(DISTINCT workflow_id) FROM jobs")
+            .await?,
+        2
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_key_another_transaction_commits_meanwhile_gives_its_instance() -> TestResult {
+    a_key_held_by_an_open_transaction(true).await
+}
+
+#[tokio::test]
+async fn a_key_another_transaction_rolls_back_meanwhile_is_started_by_the_batch() -> TestResult {
+    a_key_held_by_an_open_transaction(false).await
 }
 
 #[tokio::test]
