@@ -19,7 +19,9 @@
 //!   the one-statement path (`workflow_start_in`) on its own, so only the item that caused
 //!   the error gets it. A failure that leaves the outcome unknown (the connection broke
 //!   while the statement ran) is reported to every caller, as the one-statement path
-//!   reports it to its one caller: retrying with the same unique key is safe.
+//!   reports it to its one caller: retrying with the same unique key is safe;
+//! - a caller that gave up (dropped its future) before its batch went out gets nothing
+//!   written, as a dropped one-statement start did.
 //!
 //! Starts inside a caller's transaction (`workflow_start_in`,
 //! `workflow_start_for_inbox_in`) are not batched: they commit with the caller's writes.
@@ -90,6 +92,13 @@ impl StartBatcher {
                         Ok(r) => batch.push(r),
                         Err(_) => break,
                     }
+                }
+                // A caller that gave up before its start went out (its future
+                // was dropped: a cancelled request) was told nothing, so
+                // nothing is written for it, as before batching.
+                batch.retain(|(_, reply)| !reply.is_closed());
+                if batch.is_empty() {
+                    continue;
                 }
                 // Rows in unique-key order: two batches (of two processes)
                 // that share keys then wait on each other's keys in the same

@@ -432,6 +432,26 @@ async fn a_start_postgres_refuses_fails_alone_and_the_rest_of_its_batch_starts()
 }
 
 #[tokio::test]
+async fn a_start_given_up_before_its_batch_went_out_writes_nothing() -> TestResult {
+    let env = Env::new(false).await?;
+    let reg = registry()?;
+    let store = &env.store;
+    let input = json!({ "n": 1 });
+    let mut gone: Start<'_> = Box::pin(workflow_start(store, &reg, "order", &input, Some("gone")));
+    assert!(gone.as_mut().now_or_never().is_none(), "queued");
+    drop(gone);
+    let kept = workflow_start(store, &reg, "order", &json!({ "n": 2 }), None).await?;
+    assert_eq!(
+        sqlx::query_scalar::<_, Vec<WorkflowId>>("SELECT array_agg(id) FROM workflows")
+            .fetch_one(&env.other)
+            .await?,
+        vec![kept]
+    );
+    assert_eq!(env.count("SELECT count(*) FROM jobs").await?, 1);
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_lone_start_after_idle_is_not_delayed() -> TestResult {
     let env = Env::new(false).await?;
     let reg = registry()?;
