@@ -18,6 +18,8 @@
 //!   every `/metrics` to export;
 //! - `checkpoint` — group commit of the checkpoints of steps that ran without
 //!   touching the database (many workflows' steps, one statement, one commit);
+//! - `start_batch` — group commit of `workflow_start`s (many callers' starts,
+//!   one statement, one commit);
 //! - [`workflow`] — workflow definitions, the step journal, durable timers,
 //!   signal waits, and `run_step`/`run_steps` (one lease-fenced checkpoint per
 //!   step; `run_steps` runs a due successor in the same delivery);
@@ -47,6 +49,7 @@ pub mod outcome;
 pub mod queue;
 pub mod retry;
 pub mod signal;
+mod start_batch;
 pub mod store;
 #[cfg(feature = "testing")]
 pub mod testing;

@@ -14,6 +14,7 @@ use crate::held::{Gates, LockBatchStats, LockBatcher};
 use crate::job::{Attempt, JOB_COLUMNS};
 use crate::lease::Lease;
 use crate::notify::JOBS_CHANNEL;
+use crate::start_batch::StartBatcher;
 use crate::{
     Clock, DbClock, Error, Inserted, Job, JobId, JobState, NewJob, Outcome, Result, RetryPolicy,
 };
@@ -60,6 +61,9 @@ pub struct Store {
     lock_batcher: Arc<OnceLock<LockBatcher>>,
     /// In-process turns of one workflow's deliveries (`crate::held`).
     gates: Arc<Gates>,
+    /// The group committer of workflow starts, started on first use (shared
+    /// like the checkpointer; its items carry their store's NOTIFY setting).
+    start_batcher: Arc<OnceLock<StartBatcher>>,
 }
 
 /// A job claimed under a lease, ready for its handler.
@@ -98,6 +102,7 @@ impl Store {
             checkpointer: Arc::default(),
             lock_batcher: Arc::default(),
             gates: Arc::default(),
+            start_batcher: Arc::default(),
         }
     }
 
@@ -106,6 +111,7 @@ impl Store {
         self.clock = clock;
         self.checkpointer = Arc::default();
         self.lock_batcher = Arc::default();
+        self.start_batcher = Arc::default();
         self
     }
 
@@ -161,6 +167,13 @@ impl Store {
     /// The in-process turns of workflow deliveries.
     pub(crate) fn gates(&self) -> &Arc<Gates> {
         &self.gates
+    }
+
+    /// The group committer of workflow starts, started on the current
+    /// runtime the first time it is needed.
+    pub(crate) fn start_batcher(&self) -> &StartBatcher {
+        self.start_batcher
+            .get_or_init(|| StartBatcher::start(self.pool.clone(), self.clock.clone()))
     }
 
     /// The clock's reading (`None`: the database's `now()`).

@@ -988,6 +988,8 @@ pub(crate) fn step_job(
 // ------------------------------------------------------------------- start
 
 /// Starts a workflow in its own transaction; see [`workflow_start_in`].
+/// Returns once the instance and its first job are committed; concurrent
+/// calls share one statement and one commit (`start_batch.rs`).
 pub async fn workflow_start(
     store: &Store,
     registry: &WorkflowRegistry,
@@ -995,19 +997,35 @@ pub async fn workflow_start(
     input: &Value,
     unique_key: Option<&str>,
 ) -> Result<WorkflowId> {
-    // `workflow_start_in` writes the instance and its first job in ONE
-    // statement, atomic on its own: no BEGIN and COMMIT round trips around
-    // it. (Its follow-up read after a unique-key conflict then sees the
-    // committed winner.)
-    let mut conn = store.pool().acquire().await?;
-    workflow_start_in(&mut conn, store, registry, kind, input, unique_key).await
+    let start = StartBinds::new(registry, kind)?;
+    let item = crate::start_batch::Item {
+        id: start.id,
+        kind: start.def.kind,
+        version: start.def.version,
+        input: input.clone(),
+        first_step: start.first,
+        queue: start.def.queue.clone(),
+        unique_key: unique_key.map(str::to_owned),
+        job: start.job,
+        notify: store.config().notify,
+    };
+    match store.start_batcher().submit(item).await {
+        crate::start_batch::Submitted::Started(id) => Ok(id),
+        crate::start_batch::Submitted::Failed(e) => Err(e),
+        // The batch wrote nothing of it: `workflow_start_in` writes the
+        // instance and its first job in ONE statement, atomic on its own.
+        crate::start_batch::Submitted::Unbatched => {
+            let mut conn = store.pool().acquire().await?;
+            workflow_start_in(&mut conn, store, registry, kind, input, unique_key).await
+        }
+    }
 }
 
 /// The start statement: `$inbox` is an extra CTE (or nothing) that `$input`
 /// and `$from` may use; the workflow row and its first step's job (due now,
 /// with its NOTIFY unless `$17` is false) are inserted by the same parts in
 /// both forms. The job part says what `Store::job_insert_in` says for a job
-/// due now.
+/// due now. `BATCH_SQL` in `start_batch.rs` says the same over arrays.
 macro_rules! start_sql {
     ($inbox:literal, $input:literal, $from:literal, $select:literal) => {
         concat!(
@@ -1049,7 +1067,7 @@ macro_rules! start_sql {
 struct StartBinds<'a> {
     id: WorkflowId,
     def: &'a Workflow,
-    first: &'a str,
+    first: &'static str,
     job: NewJob,
 }
 

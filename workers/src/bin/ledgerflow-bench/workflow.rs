@@ -10,10 +10,10 @@
 //! with other workflows' (one statement and one commit for many, each still fenced and checked).
 //!
 //! On a fresh database the runner is started, then `--starters` tasks start `--workflows`
-//! workflows (`workflow_start`, one transaction each, as an API call would), keeping at most
-//! `--in-flight` of them unfinished (a closed loop: without a bound, a producer faster than the
-//! workers would only grow a backlog and the latency with it). `--rate` paces the starts instead
-//! (open loop; the bound still applies).
+//! workflows (`workflow_start`, as an API call would; concurrent starts share a commit),
+//! keeping at most `--in-flight` of them unfinished (a closed loop: without a bound, a producer
+//! faster than the workers would only grow a backlog and the latency with it). `--rate` paces
+//! the starts instead (open loop; the bound still applies).
 //!
 //! - **workflows/s**: workflows finished ÷ (last finish − first start).
 //! - **start→finish**: from just before a workflow's `workflow_start` call to just after the
