@@ -75,6 +75,48 @@ pub(crate) enum Applied {
 
 type Request = (Item, oneshot::Sender<Applied>);
 
+/// The connection a batching task (this one, `crate::held`) runs its statements on: its own,
+/// outside the pool, with sequential scans priced out of its plans (`enable_seqscan = off`).
+///
+/// Why: a connection keeps a prepared statement's generic plan, made from the statistics of
+/// the moment. Planned while a table was small (a fresh database, the minute before
+/// autovacuum first analyzes it), a batch statement's lookups by `id = ANY(array)` became
+/// sequential scans, and stayed so while the table grew: measured at ~2.5× the Postgres time
+/// per workflow, depending on which pooled connection happened to plan first. Every lookup
+/// of these statements has an index, so the setting only removes the bad choice; on a pooled
+/// connection it would leak to every other statement.
+pub(crate) struct BatchConn {
+    pool: PgPool,
+    conn: Option<sqlx::PgConnection>,
+}
+
+impl BatchConn {
+    pub(crate) fn new(pool: PgPool) -> Self {
+        Self { pool, conn: None }
+    }
+
+    /// The connection, (re)opened if there is none.
+    pub(crate) async fn get(&mut self) -> Result<&mut sqlx::PgConnection, sqlx::Error> {
+        use sqlx::ConnectOptions;
+        let conn = match self.conn.take() {
+            Some(conn) => conn,
+            None => {
+                let mut conn = self.pool.connect_options().connect().await?;
+                sqlx::query("SET enable_seqscan = off")
+                    .execute(&mut conn)
+                    .await?;
+                conn
+            }
+        };
+        Ok(self.conn.insert(conn))
+    }
+
+    /// Forgets the connection after an error (it may be broken); the next use opens another.
+    pub(crate) fn discard(&mut self) {
+        self.conn = None;
+    }
+}
+
 /// Handle on the batching task; cheap to clone. The task ends when every
 /// handle is gone.
 #[derive(Debug, Clone)]
@@ -88,6 +130,7 @@ impl Checkpointer {
         let (tx, mut rx) = mpsc::unbounded_channel::<Request>();
         let ttl_ms = i64::try_from(lease_ttl.as_millis()).unwrap_or(i64::MAX);
         tokio::spawn(async move {
+            let mut conn = BatchConn::new(pool);
             let mut batch: Vec<Request> = Vec::with_capacity(MAX_BATCH);
             while let Some(first) = rx.recv().await {
                 batch.push(first);
@@ -97,9 +140,10 @@ impl Checkpointer {
                         Err(_) => break,
                     }
                 }
-                let results = match apply(&pool, clock.now(), ttl_ms, &batch).await {
+                let results = match apply(&mut conn, clock.now(), ttl_ms, &batch).await {
                     Ok(r) => r,
                     Err(e) => {
+                        conn.discard();
                         tracing::warn!(error = %e, steps = batch.len(),
                             "batched checkpoint failed; each step takes the one-at-a-time path");
                         vec![Applied::Rejected; batch.len()]
@@ -236,14 +280,13 @@ const BATCH_SQL: &str = concat!(
 /// Runs one batch as one statement, atomic on its own (no BEGIN and COMMIT
 /// round trips around it); the result is per item, in order.
 async fn apply(
-    pool: &PgPool,
+    conn: &mut BatchConn,
     now: Option<DateTime<Utc>>,
     ttl_ms: i64,
     batch: &[Request],
 ) -> Result<Vec<Applied>, sqlx::Error> {
-    let mut conn = pool.acquire().await?;
     let items: Vec<&Item> = batch.iter().map(|(item, _)| item).collect();
-    let (applied, _) = apply_in(&mut conn, now, ttl_ms, &items, false).await?;
+    let (applied, _) = apply_in(conn.get().await?, now, ttl_ms, &items, false).await?;
     Ok(applied)
 }
 

@@ -7,8 +7,9 @@
 //! and a COMMIT (with its WAL flush) per workflow — the largest share of the workflow
 //! benchmark's Postgres time. Here the deliveries that arrive together share it instead:
 //!
-//! 1. [`LockBatcher::hold`] requests pile up while earlier batches are open; the next batch
-//!    takes them all and, in ONE statement ([`LOCK_SQL`]), locks their job rows by lease token
+//! 1. [`LockBatcher::hold`] requests pile up while a batch is open (one at a time, on a
+//!    connection of its own, `checkpoint::BatchConn`: two open at once measured ~10 % more
+//!    Postgres CPU per workflow, for smaller batches); the next batch takes them all and, in ONE statement ([`LOCK_SQL`]), locks their job rows by lease token
 //!    and their workflow rows — only those whose step is due and not journaled, and skipping
 //!    rows someone else holds (that delivery takes the one-at-a-time locked path instead, and
 //!    waits there, so one busy workflow never stalls a batch) — and reads their journals.
@@ -32,23 +33,18 @@
 //! under the lock).
 use crate::Clock;
 use crate::JobId;
-use crate::checkpoint::{self, Applied, Item};
+use crate::checkpoint::{self, Applied, BatchConn, Item};
 use sqlx::PgPool;
 use sqlx::postgres::PgRow;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
-use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
 
 /// Most deliveries in one batch.
 const MAX_BATCH: usize = 128;
-
-/// Batches open at once. Requests that arrive meanwhile wait and make the next batch bigger:
-/// the point is to share statements and commits (one open batch measured ~10 % less Postgres
-/// CPU per workflow than two). The straggler rule bounds how long they wait.
-const MAX_OPEN: usize = 1;
 
 /// How long a batch waits for its slowest steps once one of its steps reported or another
 /// delivery waits for a batch. A step that takes longer does not hold its batch-mates'
@@ -231,11 +227,9 @@ impl LockBatcher {
         let counters = Arc::new(Counters::default());
         let stats = counters.clone();
         tokio::spawn(async move {
-            let open = Arc::new(Semaphore::new(MAX_OPEN));
+            // One batch at a time, on a connection of its own.
+            let mut conn = BatchConn::new(pool);
             while let Some(first) = rx.recv().await {
-                let Ok(permit) = open.clone().acquire_owned().await else {
-                    break;
-                };
                 let mut batch = Vec::with_capacity(MAX_BATCH);
                 batch.push(first);
                 while batch.len() < MAX_BATCH {
@@ -246,12 +240,10 @@ impl LockBatcher {
                 }
                 Counters::sub(&stats.waiting, batch.len());
                 Counters::add(&stats.open, 1);
-                let (pool, clock, stats) = (pool.clone(), clock.clone(), stats.clone());
-                tokio::spawn(async move {
-                    run_batch(&pool, clock.as_ref(), ttl_ms, batch, &stats).await;
-                    Counters::sub(&stats.open, 1);
-                    drop(permit);
-                });
+                if !run_batch(&mut conn, clock.as_ref(), ttl_ms, batch, &stats).await {
+                    conn.discard();
+                }
+                Counters::sub(&stats.open, 1);
             }
         });
         Self { tx, counters }
@@ -298,21 +290,26 @@ impl LockBatcher {
     }
 }
 
-/// One batch, from its lock statement to its commit.
+/// One batch, from its lock statement to its commit. `false` when a statement failed (the
+/// connection may be broken).
 async fn run_batch(
-    pool: &PgPool,
+    conn: &mut BatchConn,
     clock: &dyn Clock,
     ttl_ms: i64,
     requests: Vec<Request>,
     stats: &Counters,
-) {
+) -> bool {
     let asked = requests.len();
-    let mut tx = match pool.begin().await {
+    let begun = match conn.get().await {
+        Ok(conn) => sqlx::Connection::begin(conn).await,
+        Err(e) => Err(e),
+    };
+    let mut tx = match begun {
         Ok(tx) => tx,
         Err(e) => {
             tracing::warn!(error = %e, "locked batch could not begin; its steps lock one at a time");
             Counters::add(&stats.not_held, asked);
-            return;
+            return false;
         }
     };
     let mut jobs = Vec::with_capacity(requests.len());
@@ -339,7 +336,7 @@ async fn run_batch(
                 "locked batch failed to lock; its steps lock one at a time");
             // Dropping the requests answers `None` to each.
             Counters::add(&stats.not_held, asked);
-            return;
+            return false;
         }
     };
     // The rows of each held request, by ordinal (1-based).
@@ -351,7 +348,7 @@ async fn run_batch(
             Err(e) => {
                 tracing::warn!(error = %e, "locked batch returned an unreadable row");
                 Counters::add(&stats.not_held, asked);
-                return;
+                return false;
             }
         }
     }
@@ -416,9 +413,15 @@ async fn run_batch(
         let batch: Vec<&Item> = items.iter().map(|(item, _)| item.as_ref()).collect();
         match checkpoint::apply_in(&mut tx, clock.now(), ttl_ms, &batch, true).await {
             Ok(written) => tx.commit().await.map(|()| written),
-            Err(e) => Err(e),
+            Err(e) => {
+                // Ended before anyone is told so: the rows are free once this returns (or
+                // the connection, then discarded, is gone).
+                let _ = tx.rollback().await;
+                Err(e)
+            }
         }
     };
+    let ok = written.is_ok();
     let (applied, waiting) = written.unwrap_or_else(|e| {
         tracing::warn!(error = %e, steps = items.len(),
             "locked batch's checkpoint failed; each step takes the one-at-a-time path");
@@ -435,6 +438,7 @@ async fn run_batch(
             let _ = reply.send(Err(item));
         }
     }
+    ok
 }
 
 /// In-process serialization of one workflow's deliveries (see the module's doc).

@@ -1210,13 +1210,32 @@ async fn a_workflow_cancelled_between_inlined_steps_runs_no_further() -> TestRes
                 // An operator cancels while this step runs; the cancel waits
                 // for the workflow row, i.e. for this step's checkpoint.
                 let id = ctx.workflow_id();
+                let canceller = pool.clone();
                 tokio::spawn(async move {
-                    let mut conn = pool.acquire().await.map_err(|e| e.to_string())?;
+                    let mut conn = canceller.acquire().await.map_err(|e| e.to_string())?;
                     workflow_cancel_in(&mut conn, &store, id, "operator")
                         .await
                         .map_err(|e| e.to_string())
                 });
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                // The step ends once the cancel waits for the workflow's lock (a fixed
+                // sleep was too short when a loaded machine was slow to start the cancel).
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+                loop {
+                    let waiting: i64 = sqlx::query_scalar(
+                        "SELECT count(*) FROM pg_stat_activity
+                         WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                    )
+                    .fetch_one(&pool)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                    if waiting > 0 {
+                        break;
+                    }
+                    if tokio::time::Instant::now() > deadline {
+                        return Err("the cancel never waited for the step's lock".to_string());
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
                 Ok(StepOutcome::Continue(json!("r")))
             }
         })
