@@ -61,7 +61,7 @@ pub struct Args {
     workflows: usize,
 
     /// At most this many workflows started and not yet finished.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 1024)]
     in_flight: usize,
 
     /// Tasks starting workflows concurrently.
@@ -74,8 +74,10 @@ pub struct Args {
 
     /// Handler slots of the runner's queue. A step on the locked path holds a connection, so
     /// the pool is raised to at least `--concurrency` + `--starters` + 8 (the `ledgerflow`
-    /// binary sizes its pool the same way: handler slots + 8).
-    #[arg(long, default_value_t = 24)]
+    /// binary sizes its pool the same way: handler slots + 8), but not beyond
+    /// [`MAX_RAISED_POOL`]. A handler slot is a task, not a connection: a step that runs in a
+    /// locked batch or lock-free holds none.
+    #[arg(long, default_value_t = 128)]
     concurrency: usize,
 
     /// Step jobs claimed ahead of free handler slots.
@@ -99,6 +101,10 @@ pub struct Args {
     inline_steps: u32,
 }
 
+/// The most connections the pool is raised to: Postgres' default `max_connections` is 100, and
+/// the store's batching tasks and this process's CPU sampling hold connections of their own.
+const MAX_RAISED_POOL: u32 = 80;
+
 /// The measured figures.
 #[derive(Debug, Clone, Copy)]
 struct Figures {
@@ -119,10 +125,13 @@ pub async fn run(args: Args) -> Result<()> {
     ensure!(args.starters > 0, "--starters must be at least 1");
     ensure!(args.rate >= 0.0, "--rate must not be negative");
     let mut args = args;
-    let needed = u32::try_from(args.concurrency + args.starters + 8).unwrap_or(u32::MAX);
+    let needed = u32::try_from(args.concurrency + args.starters + 8)
+        .unwrap_or(u32::MAX)
+        .min(MAX_RAISED_POOL);
     if args.pool.pool_size < needed {
         println!(
-            "pool raised from {} to {needed} connections (--concurrency + --starters + 8)",
+            "pool raised from {} to {needed} connections (--concurrency + --starters + 8, \
+             at most {MAX_RAISED_POOL})",
             args.pool.pool_size
         );
         args.pool.pool_size = needed;
