@@ -132,14 +132,8 @@ impl Checkpointer {
         tokio::spawn(async move {
             let mut conn = BatchConn::new(pool);
             let mut batch: Vec<Request> = Vec::with_capacity(MAX_BATCH);
-            while let Some(first) = rx.recv().await {
-                batch.push(first);
-                while batch.len() < MAX_BATCH {
-                    match rx.try_recv() {
-                        Ok(r) => batch.push(r),
-                        Err(_) => break,
-                    }
-                }
+            // Whatever piled up while the previous batch was in flight (at least one).
+            while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
                 let results = match apply(&mut conn, clock.now(), ttl_ms, &batch).await {
                     Ok(r) => r,
                     Err(e) => {

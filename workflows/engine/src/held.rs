@@ -229,14 +229,11 @@ impl LockBatcher {
         tokio::spawn(async move {
             // One batch at a time, on a connection of its own.
             let mut conn = BatchConn::new(pool);
-            while let Some(first) = rx.recv().await {
+            loop {
+                // Whatever piled up while the previous batch was open (at least one).
                 let mut batch = Vec::with_capacity(MAX_BATCH);
-                batch.push(first);
-                while batch.len() < MAX_BATCH {
-                    match rx.try_recv() {
-                        Ok(r) => batch.push(r),
-                        Err(_) => break,
-                    }
+                if rx.recv_many(&mut batch, MAX_BATCH).await == 0 {
+                    break;
                 }
                 Counters::sub(&stats.waiting, batch.len());
                 Counters::add(&stats.open, 1);

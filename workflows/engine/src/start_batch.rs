@@ -85,14 +85,8 @@ impl StartBatcher {
         let (tx, mut rx) = mpsc::unbounded_channel::<Request>();
         tokio::spawn(async move {
             let mut batch: Vec<Request> = Vec::with_capacity(MAX_BATCH);
-            while let Some(first) = rx.recv().await {
-                batch.push(first);
-                while batch.len() < MAX_BATCH {
-                    match rx.try_recv() {
-                        Ok(r) => batch.push(r),
-                        Err(_) => break,
-                    }
-                }
+            // Whatever piled up while the previous batch was in flight (at least one).
+            while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
                 // A caller that gave up before its start went out (its future
                 // was dropped: a cancelled request) was told nothing, so
                 // nothing is written for it, as before batching.
