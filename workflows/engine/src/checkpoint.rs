@@ -128,7 +128,7 @@ impl Checkpointer {
     /// Starts the batching task on the current runtime.
     pub(crate) fn start(pool: PgPool, clock: Arc<dyn Clock>, lease_ttl: Duration) -> Self {
         let (tx, mut rx) = mpsc::unbounded_channel::<Request>();
-        let ttl_ms = i64::try_from(lease_ttl.as_millis()).unwrap_or(i64::MAX);
+        let ttl_ms = crate::store::ms(lease_ttl);
         tokio::spawn(async move {
             let mut conn = BatchConn::new(pool);
             let mut batch: Vec<Request> = Vec::with_capacity(MAX_BATCH);

@@ -60,7 +60,7 @@ impl Store {
     /// The partitions whose lag was measured within `max_age`, ordered by
     /// group, topic and partition.
     pub async fn consumer_lag_recent(&self, max_age: Duration) -> Result<Vec<PartitionLag>> {
-        let max_age_ms = i64::try_from(max_age.as_millis()).unwrap_or(i64::MAX);
+        let max_age_ms = crate::store::ms(max_age);
         Ok(sqlx::query_as(
             "SELECT consumer_group AS \"group\", topic, \"partition\", high_watermark,
                     \"position\", lag

@@ -8,8 +8,10 @@
 //! benchmark's Postgres time. Here the deliveries that arrive together share it instead:
 //!
 //! 1. [`LockBatcher::hold`] requests pile up while a batch is open (one at a time, on a
-//!    connection of its own, `checkpoint::BatchConn`: two open at once measured ~10 % more
-//!    Postgres CPU per workflow, for smaller batches); the next batch takes them all and, in ONE statement ([`LOCK_SQL`]), locks their job rows by lease token
+//!    connection of its own, `checkpoint::BatchConn`: with two open at once the batches were
+//!    smaller and Postgres used more CPU per workflow — 1.89–1.91 against 1.20–1.26 ms in two
+//!    interleaved pairs on a loaded machine); the next batch takes them all and, in ONE
+//!    statement ([`LOCK_SQL`]), locks their job rows by lease token
 //!    and their workflow rows — only those whose step is due and not journaled, and skipping
 //!    rows someone else holds (that delivery takes the one-at-a-time locked path instead, and
 //!    waits there, so one busy workflow never stalls a batch) — and reads their journals.
@@ -59,9 +61,9 @@ const STRAGGLER_WAIT: Duration = Duration::from_millis(20);
 /// one-at-a-time path. Rows are found by `id = ANY(array)` (see `checkpoint::BATCH_SQL` on
 /// plans) and locked in id order, the order every batch statement uses. No condition on a
 /// `state` column is one an index could serve: with such a condition the planner walked the
-/// state indexes (every running job, every running workflow) instead of the primary keys. One result row per
-/// journal row of a held workflow (or one with NULL journal columns), the request's ordinal
-/// last.
+/// state indexes (every running job, every running workflow) instead of the primary keys.
+/// One result row per journal row of a held workflow (or one with NULL journal columns), the
+/// request's ordinal last ([`ORD_COLUMN`]).
 const LOCK_SQL: &str = concat!(
     "WITH r AS (
        SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[]) WITH ORDINALITY
@@ -91,12 +93,17 @@ const LOCK_SQL: &str = concat!(
      )
      SELECT ",
     crate::workflow::locked_columns!("h"),
-    ", s.step, s.status, s.output, ready.ord
+    crate::workflow::journal_columns!(),
+    ", ready.ord
      FROM ready
      JOIN held h ON h.id = ready.wf AND h.current_step = ready.step
      LEFT JOIN workflow_steps s ON s.workflow_id = h.id
      ORDER BY ready.ord"
 );
+
+/// Where [`LOCK_SQL`]'s rows carry the request's ordinal: after the workflow's
+/// 11 locked columns and the journal's 6.
+const ORD_COLUMN: usize = 17;
 
 /// A delivery asking to run its step in a batch.
 struct Request {
@@ -223,7 +230,7 @@ impl LockBatcher {
     /// Starts the batching task on the current runtime.
     pub(crate) fn start(pool: PgPool, clock: Arc<dyn Clock>, lease_ttl: Duration) -> Self {
         let (tx, mut rx) = mpsc::unbounded_channel::<Request>();
-        let ttl_ms = i64::try_from(lease_ttl.as_millis()).unwrap_or(i64::MAX);
+        let ttl_ms = crate::store::ms(lease_ttl);
         let counters = Arc::new(Counters::default());
         let stats = counters.clone();
         tokio::spawn(async move {
@@ -340,7 +347,7 @@ async fn run_batch(
     let mut by_ord: HashMap<i64, Vec<PgRow>> = HashMap::new();
     for row in rows {
         use sqlx::Row;
-        match row.try_get::<i64, _>(14) {
+        match row.try_get::<i64, _>(ORD_COLUMN) {
             Ok(ord) => by_ord.entry(ord).or_default().push(row),
             Err(e) => {
                 tracing::warn!(error = %e, "locked batch returned an unreadable row");

@@ -83,7 +83,8 @@ pub struct ClaimedJob {
     pub lease: Lease,
 }
 
-fn ms(d: Duration) -> i64 {
+/// `d` in whole milliseconds, as statements bind durations (saturating).
+pub(crate) fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 

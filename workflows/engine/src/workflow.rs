@@ -1693,7 +1693,7 @@ async fn run_step_inner(
             .await
     {
         let handle = Arc::new(held.handle);
-        match held_snapshot(&held.rows) {
+        match held_snapshot(&held.rows, &args.step) {
             Ok(snap) => {
                 if let Some(def) = registry.get(&snap.wf.kind, snap.wf.version).cloned()
                     && let Some(idx) = def.index_of(&args.step)
@@ -2653,7 +2653,8 @@ async fn lock_step(
     let rows = sqlx::query(concat!(
         "SELECT ",
         locked_columns!("w"),
-        ", s.step, s.status, s.output, s.call_state, s.call_output, s.call_error
+        journal_columns!(),
+        "
          FROM jobs j
          JOIN workflows w ON w.id = $3
          LEFT JOIN workflow_steps s ON s.workflow_id = w.id
@@ -2672,10 +2673,27 @@ async fn lock_step(
         return Ok(None);
     };
     let wf = locked_from_row(first)?;
+    let journal = journal_from_rows(&rows, step)?;
+    Ok(Some((wf, journal)))
+}
+
+/// The columns [`journal_from_rows`] reads, after [`locked_columns`]: one
+/// journal row of the workflow per result row (NULLs when it has none).
+macro_rules! journal_columns {
+    () => {
+        ", s.step, s.status, s.output, s.call_state, s.call_output, s.call_error"
+    };
+}
+pub(crate) use journal_columns;
+
+/// Reads the journal from rows of [`locked_columns`] then [`journal_columns`]
+/// ([`lock_step`], `held::LOCK_SQL`): `step`'s own row, the names of every
+/// journaled step, and the outputs of the completed (and compensated) ones.
+fn journal_from_rows(rows: &[sqlx::postgres::PgRow], step: &str) -> Result<JournalRead> {
     let mut journaled = None;
     let mut names = std::collections::HashSet::with_capacity(rows.len());
     let mut outputs = HashMap::with_capacity(rows.len());
-    for r in &rows {
+    for r in rows {
         let Some(name) = r.try_get::<Option<String>, _>(11)? else {
             continue;
         };
@@ -2702,32 +2720,18 @@ async fn lock_step(
             });
         }
     }
-    Ok(Some((wf, (journaled, names, outputs))))
+    Ok((journaled, names, outputs))
 }
 
-/// The snapshot a locked batch's rows give a held delivery (`held::LOCK_SQL`:
-/// the workflow row's [`locked_columns`], then one journal row's step,
-/// status and output per result row).
-fn held_snapshot(rows: &[sqlx::postgres::PgRow]) -> Result<Snapshot> {
+/// The snapshot a locked batch's rows give a held delivery of `step`
+/// (`held::LOCK_SQL` holds only deliveries whose step is not journaled).
+fn held_snapshot(rows: &[sqlx::postgres::PgRow], step: &str) -> Result<Snapshot> {
     let first = rows
         .first()
         .ok_or_else(|| Error::Invalid("a locked batch held a delivery without rows".into()))?;
-    let wf = locked_from_row(first)?;
-    let mut journaled = std::collections::HashSet::with_capacity(rows.len());
-    let mut outputs = HashMap::with_capacity(rows.len());
-    for r in rows {
-        let Some(name) = r.try_get::<Option<String>, _>(11)? else {
-            continue;
-        };
-        let status: String = r.try_get(12)?;
-        if matches!(status.as_str(), "completed" | "compensated") {
-            let output: Option<Value> = r.try_get(13)?;
-            outputs.insert(name.clone(), output.unwrap_or(Value::Null));
-        }
-        journaled.insert(name);
-    }
+    let (_, journaled, outputs) = journal_from_rows(rows, step)?;
     Ok(Snapshot {
-        wf,
+        wf: locked_from_row(first)?,
         journaled,
         outputs,
     })
@@ -2838,6 +2842,29 @@ macro_rules! step_journal_sql {
              ),"
         )
     };
+}
+
+/// Binds what every statement starting with [`step_journal_sql`] takes:
+/// `$1`–`$8` for step `step` (at `idx`) of workflow `id` completed with
+/// `output`, then the job (`$9`) and lease token (`$10`) that fence it.
+fn bind_step_journal<'q, O>(
+    query: sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
+    store: &Store,
+    (id, step, idx): (WorkflowId, &'q str, usize),
+    output: &'q Value,
+    lease: &crate::Lease,
+) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
+    query
+        .bind(id)
+        .bind(step)
+        .bind(i32::try_from(idx).unwrap_or(i32::MAX))
+        .bind(store.now())
+        .bind(output)
+        .bind(idempotency_key(id, step))
+        .bind(lease.attempt)
+        .bind(lease.attempted_at)
+        .bind(lease.job_id)
+        .bind(lease.token)
 }
 
 /// The checkpoint statement: `$workflow` updates the workflow row, `$next`
@@ -2982,20 +3009,16 @@ async fn checkpoint_step(
             .map(Some);
     }
     let own_queue = next.is_some_and(|(_, run_at)| run_at.is_none()) && wf.queue == job.queue;
-    let query = sqlx::query_as::<_, (i64, i64)>(match next {
-        Some(_) => CHECKPOINT_ADVANCE_SQL,
-        None => CHECKPOINT_FINISH_SQL,
-    })
-    .bind(wf.id)
-    .bind(step)
-    .bind(i32::try_from(idx).unwrap_or(i32::MAX))
-    .bind(store.now())
-    .bind(output)
-    .bind(idempotency_key(wf.id, step))
-    .bind(lease.attempt)
-    .bind(lease.attempted_at)
-    .bind(lease.job_id)
-    .bind(lease.token);
+    let query = bind_step_journal(
+        sqlx::query_as::<_, (i64, i64)>(match next {
+            Some(_) => CHECKPOINT_ADVANCE_SQL,
+            None => CHECKPOINT_FINISH_SQL,
+        }),
+        store,
+        (wf.id, step, idx),
+        output,
+        lease,
+    );
     let next_job;
     let query = match next {
         None => query,
@@ -3066,26 +3089,21 @@ async fn checkpoint_move(
         Some(def.max_attempts),
     );
     next_job.validate()?;
-    let ttl_ms = i64::try_from(store.config().lease_ttl.as_millis()).unwrap_or(i64::MAX);
-    let (attempted_at, contended): (Option<DateTime<Utc>>, bool) =
-        sqlx::query_as(CHECKPOINT_MOVE_SQL)
-            .bind(wf.id)
-            .bind(step)
-            .bind(i32::try_from(idx).unwrap_or(i32::MAX))
-            .bind(store.now())
-            .bind(output)
-            .bind(idempotency_key(wf.id, step))
-            .bind(lease.attempt)
-            .bind(lease.attempted_at)
-            .bind(lease.job_id)
-            .bind(lease.token)
-            .bind(next)
-            .bind(&next_job.args)
-            .bind(next_job.max_attempts)
-            .bind(&next_job.unique_key)
-            .bind(ttl_ms)
-            .fetch_one(tx.conn())
-            .await?;
+    let ttl_ms = crate::store::ms(store.config().lease_ttl);
+    let (attempted_at, contended): (Option<DateTime<Utc>>, bool) = bind_step_journal(
+        sqlx::query_as(CHECKPOINT_MOVE_SQL),
+        store,
+        (wf.id, step, idx),
+        output,
+        lease,
+    )
+    .bind(next)
+    .bind(&next_job.args)
+    .bind(next_job.max_attempts)
+    .bind(&next_job.unique_key)
+    .bind(ttl_ms)
+    .fetch_one(tx.conn())
+    .await?;
     let Some(attempted_at) = attempted_at else {
         tx.rollback().await?;
         return Err(Error::StaleLease {

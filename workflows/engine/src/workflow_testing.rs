@@ -213,7 +213,7 @@ impl WorkflowHarness {
 
     /// Claims one due workflow step job from any queue.
     async fn claim_one(&self) -> Result<Option<ClaimedJob>> {
-        let ttl = i64::try_from(self.store.config().lease_ttl.as_millis()).unwrap_or(i64::MAX);
+        let ttl = crate::store::ms(self.store.config().lease_ttl);
         let Some(r) = sqlx::query(
             "WITH t AS (SELECT coalesce($2::timestamptz, now()) AS n),
              next AS (
