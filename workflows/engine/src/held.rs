@@ -25,8 +25,9 @@
 //!    batch, as a lock-free step), the batch
 //!    writes every checkpoint in ONE statement (`checkpoint::apply_in`, the group committer's,
 //!    each item fenced and checked), which also looks in `pg_locks` for transactions waiting
-//!    on the batch (an operator's cancel: the successors then queue behind it on the locked
-//!    path), and commits.
+//!    on the batch (an operator's cancel: the batch commits, waits until that transaction
+//!    has finished — Postgres would hand the freed row to whoever asks first — and the
+//!    successors then take the locked path), and commits.
 //!
 //! Deliveries of one workflow within this process are serialized by [`Gates`], so that a
 //! duplicate delivery never slips between a batch's commit and the lock a released step takes
@@ -36,6 +37,7 @@
 use crate::Clock;
 use crate::JobId;
 use crate::checkpoint::{self, Applied, BatchConn, Item};
+use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use sqlx::postgres::PgRow;
 use std::collections::HashMap;
@@ -104,6 +106,38 @@ const LOCK_SQL: &str = concat!(
 /// Where [`LOCK_SQL`]'s rows carry the request's ordinal: after the workflow's
 /// 11 locked columns and the journal's 6.
 const ORD_COLUMN: usize = 17;
+
+/// The backends waiting for the current transaction's locks, and the transaction's start.
+const WAITERS_SQL: &str = "SELECT array_agg(l.pid), statement_timestamp() FROM pg_locks l
+     WHERE l.locktype = 'transactionid' AND NOT l.granted
+       AND l.transactionid = pg_current_xact_id()::text::xid";
+
+/// How long a committed batch waits for the transactions that waited for it (they need
+/// milliseconds; the bound only keeps a stuck one from stalling the batches).
+const WAITERS_WAIT: Duration = Duration::from_secs(2);
+
+/// Waits until none of `pids` is still in a transaction that began before `since`.
+async fn let_waiters_finish(
+    pool: &PgPool,
+    pids: &[i32],
+    since: DateTime<Utc>,
+) -> std::result::Result<(), sqlx::Error> {
+    let deadline = tokio::time::Instant::now() + WAITERS_WAIT;
+    while tokio::time::Instant::now() < deadline {
+        let busy: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1) AND xact_start <= $2",
+        )
+        .bind(pids)
+        .bind(since)
+        .fetch_one(pool)
+        .await?;
+        if busy == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    Ok(())
+}
 
 /// A delivery asking to run its step in a batch.
 struct Request {
@@ -235,7 +269,7 @@ impl LockBatcher {
         let stats = counters.clone();
         tokio::spawn(async move {
             // One batch at a time, on a connection of its own.
-            let mut conn = BatchConn::new(pool);
+            let mut conn = BatchConn::new(pool.clone());
             loop {
                 // Whatever piled up while the previous batch was open (at least one).
                 let mut batch = Vec::with_capacity(MAX_BATCH);
@@ -244,7 +278,7 @@ impl LockBatcher {
                 }
                 Counters::sub(&stats.waiting, batch.len());
                 Counters::add(&stats.open, 1);
-                if !run_batch(&mut conn, clock.as_ref(), ttl_ms, batch, &stats).await {
+                if !run_batch(&mut conn, &pool, clock.as_ref(), ttl_ms, batch, &stats).await {
                     conn.discard();
                 }
                 Counters::sub(&stats.open, 1);
@@ -298,6 +332,7 @@ impl LockBatcher {
 /// connection may be broken).
 async fn run_batch(
     conn: &mut BatchConn,
+    pool: &PgPool,
     clock: &dyn Clock,
     ttl_ms: i64,
     requests: Vec<Request>,
@@ -411,12 +446,29 @@ async fn run_batch(
             items.push((item, reply));
         }
     }
+    let mut waited_on: Option<(Option<Vec<i32>>, DateTime<Utc>)> = None;
     let written = if items.is_empty() {
         tx.commit().await.map(|()| (Vec::new(), false))
     } else {
         let batch: Vec<&Item> = items.iter().map(|(item, _)| item.as_ref()).collect();
         match checkpoint::apply_in(&mut tx, clock.now(), ttl_ms, &batch, true).await {
-            Ok(written) => tx.commit().await.map(|()| written),
+            Ok((applied, false)) => tx.commit().await.map(|()| (applied, false)),
+            Ok((applied, true)) => {
+                // Someone waits for the batch's locks (an operator's cancel): note who,
+                // commit, and let them finish before any successor of this batch runs.
+                // Postgres gives a freed row to whoever asks first, not to the waiter, so
+                // a successor asking at once could overtake it.
+                let waiters = sqlx::query_as::<_, (Option<Vec<i32>>, DateTime<Utc>)>(WAITERS_SQL)
+                    .fetch_one(&mut *tx)
+                    .await;
+                match tx.commit().await {
+                    Ok(()) => {
+                        waited_on = waiters.ok();
+                        Ok((applied, true))
+                    }
+                    Err(e) => Err(e),
+                }
+            }
             Err(e) => {
                 // Ended before anyone is told so: the rows are free once this returns (or
                 // the connection, then discarded, is gone).
@@ -425,6 +477,9 @@ async fn run_batch(
             }
         }
     };
+    if let Some((Some(pids), since)) = waited_on {
+        let _ = let_waiters_finish(pool, &pids, since).await;
+    }
     let ok = written.is_ok();
     let (applied, waiting) = written.unwrap_or_else(|e| {
         tracing::warn!(error = %e, steps = items.len(),
