@@ -877,6 +877,12 @@ async fn kill_9_loop_over_api_and_worker_with_a_postgres_restart_changes_no_outc
     );
     let started = Instant::now();
     let mut rig = Rig::start(seed).await?;
+    eprintln!(
+        "  logs: {} and {}, postgres: {}",
+        rig.api.log.display(),
+        rig.worker.log.display(),
+        rig.pg.log_path().display()
+    );
     let result = run(&mut rig, seed, chaos).await;
     if result.is_err() || std::env::var_os("TEST_LOG").is_some() {
         rig.print_tails();
