@@ -1285,6 +1285,15 @@ async fn consumer_lag_is_on_the_ops_metrics_and_drops_to_zero_once_consumed() ->
         count(&db.pool, "SELECT count(DISTINCT business_id) FROM inbox").await,
         (LIMIT + LATER) as i64
     );
+    // The dead-letter counters are exported next to the lag (none here).
+    let metrics = http_get(ops, "/metrics").await.ok_or("metrics answered")?;
+    for line in [
+        "ledgerflow_dead_letters_recorded_total 0",
+        "ledgerflow_dead_letter_copies_published_total 0",
+        "ledgerflow_dead_letter_copy_failures_total 0",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in {metrics}");
+    }
     eprintln!("consumer lag test took {:?}", t0.elapsed());
     Ok(())
 }
