@@ -6,8 +6,8 @@
 
 use ledgerflow_api::webhooks::{EventIdSource, Provider, WebhookProviders};
 use ledgerflow_api::{ApiConfig, AppState, public_app};
-use ledgerflow_engine::Store;
 use ledgerflow_engine::testing::TestDb;
+use ledgerflow_engine::{ManualClock, Store};
 use ledgerflow_payments::exchange::signature::{
     GITHUB_DELIVERY_HEADER, GITHUB_HEADER, STRIPE_HEADER, Scheme, github_header, stripe_header,
 };
@@ -45,8 +45,16 @@ fn providers() -> WebhookProviders {
 }
 
 async fn fixture_with(config: ApiConfig) -> Fixture {
+    fixture_on(config, None).await
+}
+
+/// A fixture whose store reads `clock` instead of the database's time.
+async fn fixture_on(config: ApiConfig, clock: Option<Arc<ManualClock>>) -> Fixture {
     let db = TestDb::with_pool_size(16).await.unwrap();
-    let store = Store::new(db.pool.clone());
+    let mut store = Store::new(db.pool.clone());
+    if let Some(clock) = clock {
+        store = store.with_clock(clock);
+    }
     let registry = workflows::registry(Deps {
         exchange: Arc::new(SimulatedExchange::default()),
         notifier: Arc::new(SimulatedNotifier::new()),
@@ -206,7 +214,13 @@ async fn ten_concurrent_deliveries_store_one_row_and_one_workflow() {
 
 #[tokio::test]
 async fn bad_signatures_are_401_and_store_nothing() {
-    let f = fixture().await;
+    // The server's time is pinned: a timestamp one second outside the window
+    // must be refused however long the requests take (with the wall clock,
+    // a second boundary crossed between signing and checking let `t + 301`
+    // in as 300).
+    let clock = Arc::new(ManualClock::new(chrono::Utc::now()));
+    let f = fixture_on(ApiConfig::default(), Some(clock.clone())).await;
+    let now = || clock.get().timestamp();
     let body = event_body("evt_bad");
 
     // Missing header.

@@ -1578,7 +1578,16 @@ fn run_all(
     jobs.into_iter()
         .map(|job| {
             let (store, reg) = (env.store.clone(), reg.clone());
-            tokio::spawn(async move { run_steps(&store, &reg, &job, Inline::default()).await })
+            // The default inline budget (250 ms from the delivery's start) is a
+            // time limit: on a loaded machine a delivery that waited for its
+            // batch (or, here, a step held open on purpose) would run out of it
+            // and enqueue its successors instead, which these tests do not
+            // look at. Their deliveries get a budget no wait here can use up.
+            let inline = Inline {
+                budget: Duration::from_secs(120),
+                ..Inline::default()
+            };
+            tokio::spawn(async move { run_steps(&store, &reg, &job, inline).await })
         })
         .collect()
 }
