@@ -138,6 +138,14 @@ impl From<ledgerflow_payments::Error> for Error {
             // A refusal of the caller (a role without the right, an approver
             // approving their own request): 403, never a 500.
             E::Forbidden(msg) => Error::Forbidden(msg),
+            E::FourEyes(msg) => Error::FourEyes(msg),
+            e @ (E::InvalidAmount { .. } | E::ScaleExceeded { .. }) => {
+                Error::Validation(e.to_string())
+            }
+            e @ (E::UnknownAsset(_) | E::UserNotFound(_) | E::AdminNotFound(_)) => {
+                Error::NotFound(e.to_string())
+            }
+            e @ E::AdminNameTaken(_) => Error::Conflict(e.to_string()),
             e if e.is_transient() => {
                 tracing::warn!(error = %e, "transient database error");
                 Error::Unavailable
