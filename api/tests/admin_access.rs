@@ -612,3 +612,14 @@ async fn security_and_approvers_do_not_operate_and_the_docs_agree() {
     assert!(!doc.contains("Operator rights plus approving"));
     assert!(doc.contains("no operator actions (retry, cancel, pause, resolve)"));
 }
+
+/// The dev smoke's schemathesis pass found `GET /v1/dead-letters?topic=%00`
+/// answered 500: Postgres refuses a NUL byte in text. It is the client's input.
+#[tokio::test]
+async fn text_the_database_refuses_is_a_400_not_a_500() {
+    let f = fixture().await;
+    for path in ["/v1/dead-letters?topic=%1C%00O%10", "/v1/jobs?queue=a%00b"] {
+        let r = send(&f, Method::GET, path, &f.viewer, None).await;
+        problem(&r, 400, "validation");
+    }
+}
