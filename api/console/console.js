@@ -772,7 +772,10 @@
         + ((w.approved_by || []).length ? ' (' + w.approved_by.join(', ') + ')' : '')],
       ['filed by', (w) => w.requested_by_name || '—'],
       ['', (w) => [
-        el('button', { type: 'button', needs: 'approve', class: 'primary', onclick: act(w, 'approve') }, 'Approve…'), ' ',
+        // An approver who approved already must leave the next approval to someone else.
+        el('button', { type: 'button', needs: 'approve', class: 'primary', onclick: act(w, 'approve'),
+          disabled: !!me && (w.approved_by || []).includes(me.name),
+          title: !!me && (w.approved_by || []).includes(me.name) ? 'You approved it already' : null }, 'Approve…'), ' ',
         el('button', { type: 'button', needs: 'approve', class: 'danger', onclick: act(w, 'reject') }, 'Reject…')]],
     ];
     view.show(
