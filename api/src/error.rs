@@ -123,7 +123,9 @@ impl From<ledgerflow_engine::Error> for Error {
             // character_not_in_repertoire: text from the request that Postgres
             // cannot store or compare (a NUL byte in a filter): the client's.
             E::Db(sqlx::Error::Database(db)) if db.code().as_deref() == Some("22021") => {
-                Error::Validation("text contains a character the database refuses (e.g. NUL)".into())
+                Error::Validation(
+                    "text contains a character the database refuses (e.g. NUL)".into(),
+                )
             }
             e if e.is_transient() => {
                 tracing::warn!(error = %e, "transient database error");
