@@ -730,6 +730,12 @@
       const items = page.items || [];
       const keys = pickColumns(items, ['id', 'source', 'topic', 'partition', 'offset', 'key', 'error', 'attempts', 'created_at', 'redriven_at']);
       const cols = keys.map((k) => [k, (m) => scalar(m[k]), k === 'error' ? 'err' : undefined]);
+      // The copy to the dead-letter topic is published after the row is
+      // recorded; while the topic refuses it, say why.
+      cols.push(['topic copy', (m) => m.copy_state === 'pending'
+        ? [el('span', { class: 'badge' }, 'pending' + (m.copy_attempts ? ' (' + m.copy_attempts + ' tries)' : '')),
+            m.copy_error ? el('div', { class: 'err' }, m.copy_error) : '']
+        : (m.copy_state || ''), undefined]);
       cols.push(['', (m) => [
         el('button', { type: 'button', onclick: async () => {
           try {
@@ -741,7 +747,11 @@
         } }, 'Inspect'), ' ',
         el('button', { type: 'button', needs: 'operate', onclick: () => mutate('Redrive message', 'Re-published to its topic through the outbox.',
           (reason) => api('POST', '/dead-letters/' + encodeURIComponent(m.id) + '/redrive', { body: { reason } }),
-          () => 'Message ' + m.id + ' redriven', after) }, 'Redrive…')]]);
+          () => 'Message ' + m.id + ' redriven', after) }, 'Redrive…'),
+        m.copy_state === 'pending' ? [' ', el('button', { type: 'button', onclick: () => mutate('Retry topic copy',
+          'The copy to ' + (m.copy_topic || 'the dead-letter topic') + ' is tried again now.',
+          (reason) => api('POST', '/dead-letters/' + encodeURIComponent(m.id) + '/copy-retry', { body: { reason } }),
+          () => 'Copy of message ' + m.id + ' is due now', after) }, 'Retry copy…')] : '']]);
       append(kafkaSection, [items.length ? table('dead-messages-table', cols, items) : el('p', { class: 'muted' }, 'None.')]);
     } catch (e) {
       if (e instanceof ApiError && e.status === 401) throw e;

@@ -4,7 +4,11 @@
 //!   original message (key, payload, headers) to the outbox for its original
 //!   topic, in one transaction with the audit row; the relay then publishes
 //!   it and ingress consumes it again like any new message. A second redrive
-//!   of the same row is a 409, so one request re-publishes it once.
+//!   of the same row is a 409, so one request re-publishes it once. A letter
+//!   whose payload was cut to its limit cannot be redriven (409). Its copy to
+//!   the dead-letter topic is published by the ingress' copier; while the
+//!   topic refuses it the row shows why, and an operator can make the next
+//!   try due at once (`copy-retry`, audited).
 //! - jobs that ran out of attempts or were discarded (`failed`, `discarded`):
 //!   list and redrive (the job runs again with one more attempt).
 use crate::AppState;
@@ -18,7 +22,9 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use chrono::{DateTime, Utc};
 use ledgerflow_engine::admin_query::{DeadLetterFilter, JobFilter, JobSort};
-use ledgerflow_engine::inbox::{DeadLetter, dead_letter_redrive_in};
+use ledgerflow_engine::dead_letter::{
+    DeadLetter, dead_letter_copy_retry_in, dead_letter_redrive_in,
+};
 use ledgerflow_engine::outbox::{NewOutboxEvent, outbox_insert_in};
 use ledgerflow_engine::{Job, JobState};
 use ledgerflow_payments::audit::{self, NewEntry};
@@ -67,6 +73,27 @@ pub struct DeadLetterView {
     pub created_at: DateTime<Utc>,
     /// When an operator redrove it (absent while pending).
     pub redriven_at: Option<DateTime<Utc>>,
+    /// Size in bytes of the whole payload as received.
+    pub payload_size: Option<i32>,
+    /// SHA-256 of the whole payload as received, lower-case hex.
+    pub payload_sha256: Option<String>,
+    /// True when only the payload's first bytes were kept (the message was
+    /// larger than the ingress' dead-letter payload limit); such a letter
+    /// cannot be redriven.
+    pub payload_truncated: bool,
+    /// The dead-letter topic its copy goes to.
+    pub copy_topic: Option<String>,
+    /// `none` (no copy owed), `pending` (not yet accepted by the topic) or
+    /// `published`.
+    pub copy_state: String,
+    /// Publish attempts of the copy so far.
+    pub copy_attempts: i32,
+    /// Why the copy's last publish attempt failed.
+    pub copy_error: Option<String>,
+    /// When the copy's next publish attempt is due.
+    pub copy_next_at: Option<DateTime<Utc>>,
+    /// When the topic accepted the copy.
+    pub copy_published_at: Option<DateTime<Utc>>,
 }
 
 impl From<DeadLetter> for DeadLetterView {
@@ -92,6 +119,17 @@ impl From<DeadLetter> for DeadLetterView {
             attempts: d.attempts,
             created_at: d.created_at,
             redriven_at: d.redriven_at,
+            payload_size: d.payload_size,
+            payload_sha256: d
+                .payload_sha256
+                .map(|h| h.iter().map(|b| format!("{b:02x}")).collect()),
+            payload_truncated: d.payload_truncated,
+            copy_topic: d.copy_topic,
+            copy_state: d.copy_state,
+            copy_attempts: d.copy_attempts,
+            copy_error: d.copy_error,
+            copy_next_at: d.copy_next_at,
+            copy_published_at: d.copy_published_at,
         }
     }
 }
@@ -111,6 +149,13 @@ pub struct DeadLetterRedriveResult {
     pub dead_letter: DeadLetterView,
     /// The outbox row that re-publishes the message to its topic.
     pub outbox_id: Uuid,
+    pub audit_id: Uuid,
+}
+
+/// A dead letter whose topic copy was made due.
+#[derive(Debug, Object)]
+pub struct DeadLetterCopyRetryResult {
+    pub dead_letter: DeadLetterView,
     pub audit_id: Uuid,
 }
 
@@ -280,6 +325,12 @@ impl DeadLettersApi {
                 Some(_) => Error::Conflict(format!("dead letter {id} was redriven already")),
             });
         };
+        if letter.payload_truncated {
+            return Err(Error::Conflict(format!(
+                "dead letter {id} kept only the first bytes of its payload; it cannot be \
+                 re-published (see payload_size and payload_sha256)"
+            )));
+        }
         let topic = letter.topic.clone().ok_or_else(|| {
             Error::Conflict(format!(
                 "dead letter {id} has no topic; there is nothing to re-publish"
@@ -331,6 +382,59 @@ impl DeadLettersApi {
         Ok(Json(DeadLetterRedriveResult {
             dead_letter: letter.into(),
             outbox_id,
+            audit_id,
+        }))
+    }
+
+    /// Makes the dead-letter topic copy of a Kafka dead letter due at once
+    /// (it is retried with backoff on its own). 409 unless a copy is still
+    /// owed.
+    #[oai(
+        path = "/v1/dead-letters/:id/copy-retry",
+        method = "post",
+        operation_id = "retry_dead_letter_copy",
+        tag = "Tag::DeadLetters"
+    )]
+    async fn retry_dead_letter_copy(
+        &self,
+        state: Data<&AppState>,
+        key: AdminKey,
+        id: Path<i64>,
+        body: Json<ActionRequest>,
+    ) -> Result<Json<DeadLetterCopyRetryResult>> {
+        let admin = auth::admin(&state, &key, Permission::Operate).await?;
+        let why = reason(body.reason.as_str())?;
+        let id = id.0;
+        let mut tx = state.pool().begin().await?;
+        if !dead_letter_copy_retry_in(&mut tx, id, state.store.now()).await? {
+            return Err(match state.store.dead_letter_get(id).await? {
+                None => not_found(id),
+                Some(_) => Error::Conflict(format!(
+                    "dead letter {id} owes no topic copy (published, or none was owed)"
+                )),
+            });
+        }
+        let audit_id = audit::record(
+            &mut *tx,
+            &admin,
+            &NewEntry {
+                action: "dead_letter.copy_retry",
+                target_type: "dead_letter",
+                target_id: &id.to_string(),
+                reason: &why,
+                details: serde_json::json!({}),
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        log_action(&admin, "dead_letter.copy_retry", &id.to_string());
+        let letter = state
+            .store
+            .dead_letter_get(id)
+            .await?
+            .ok_or_else(|| not_found(id))?;
+        Ok(Json(DeadLetterCopyRetryResult {
+            dead_letter: letter.into(),
             audit_id,
         }))
     }
@@ -405,5 +509,6 @@ pub(crate) const ROUTES: &[&str] = &[
     "/v1/dead-letters/jobs",
     "/v1/dead-letters/{id}",
     "/v1/dead-letters/{id}/redrive",
+    "/v1/dead-letters/{id}/copy-retry",
     "/v1/dead-letters/jobs/{id}/redrive",
 ];

@@ -13,6 +13,7 @@
 //! | `ledgerflow_outbox_unpublished` | gauge | — | outbox rows the relay has not published yet |
 //! | `ledgerflow_outbox_oldest_unpublished_seconds` | gauge | — | age of the oldest unpublished outbox row (0 when none) |
 //! | `ledgerflow_dead_letters_pending` | gauge | — | Kafka dead letters not redriven |
+//! | `ledgerflow_dead_letter_copies_pending` | gauge | — | dead letters whose copy the dead-letter topic has not accepted yet (each failed try is on the row, shown in the console) |
 //! | `ledgerflow_kafka_consumer_lag` | gauge | group, topic, partition | messages after the consumer group's position, as the ingress measured it within the last minute (recorded in Postgres) |
 //! | `ledgerflow_db_pool_connections` | gauge | state (idle, in_use) | the API's Postgres pool |
 //! | `ledgerflow_metrics_scrape_errors_total` | counter | — | scrapes whose queue query failed |
@@ -46,6 +47,7 @@ pub struct Metrics {
     outbox_unpublished: IntGauge,
     outbox_oldest: Gauge,
     dead_letters: IntGauge,
+    dead_letter_copies: IntGauge,
     consumer_lag: IntGaugeVec,
     pool: IntGaugeVec,
     scrape_errors: IntCounter,
@@ -107,6 +109,10 @@ impl Metrics {
             "ledgerflow_dead_letters_pending",
             "Kafka dead letters not redriven",
         )?;
+        let dead_letter_copies = IntGauge::new(
+            "ledgerflow_dead_letter_copies_pending",
+            "Dead letters whose copy the dead-letter topic has not accepted yet",
+        )?;
         let consumer_lag = IntGaugeVec::new(
             Opts::new(
                 "ledgerflow_kafka_consumer_lag",
@@ -135,6 +141,7 @@ impl Metrics {
         registry.register(Box::new(outbox_unpublished.clone()))?;
         registry.register(Box::new(outbox_oldest.clone()))?;
         registry.register(Box::new(dead_letters.clone()))?;
+        registry.register(Box::new(dead_letter_copies.clone()))?;
         registry.register(Box::new(consumer_lag.clone()))?;
         registry.register(Box::new(pool.clone()))?;
         registry.register(Box::new(scrape_errors.clone()))?;
@@ -149,6 +156,7 @@ impl Metrics {
             outbox_unpublished,
             outbox_oldest,
             dead_letters,
+            dead_letter_copies,
             consumer_lag,
             pool,
             scrape_errors,
@@ -193,6 +201,7 @@ impl Metrics {
                 self.outbox_unpublished.set(b.outbox_unpublished);
                 self.outbox_oldest.set(b.outbox_oldest_age_secs);
                 self.dead_letters.set(b.dead_letters_pending);
+                self.dead_letter_copies.set(b.dead_letter_copies_pending);
             }
             Err(e) => {
                 tracing::warn!(error = %e, "metrics: outbox/dead-letter query failed");

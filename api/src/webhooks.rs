@@ -19,7 +19,9 @@
 //! - signed but without an event id, or not an exchange event → 400 problem,
 //!   nothing stored;
 //! - valid → in ONE transaction the raw body goes to the inbox (source
-//!   `webhook:{provider}`, dedupe key = the provider's event id) and, when the
+//!   `webhook:{provider}`, dedupe key = the payload's own event `id`, so a
+//!   redelivery under a new delivery id is a duplicate; the configured
+//!   `event_id` only where the payload has none) and, when the
 //!   row is new, the `payments.webhook` workflow is started (unique key
 //!   `webhook:{event id}`, inbox row id in its input), which turns the event
 //!   into its signal and marks the inbox row processed in that same
@@ -52,6 +54,9 @@
 //! ```
 //!
 //! `tolerance_s` defaults to 300 and `event_id` to `{"json_field": "id"}`.
+//! Whatever `event_id` says, deliveries are deduplicated by the payload's own
+//! `id` (every exchange event has one): GitHub-style providers redeliver an
+//! event under a fresh `X-GitHub-Delivery`.
 //! Secrets never appear in that JSON: they come from
 //! `LEDGERFLOW_WEBHOOK_SECRETS_<PROVIDER>` (name upper-cased, every
 //! non-alphanumeric character replaced by `_`), comma-separated, one per live
@@ -104,7 +109,8 @@ impl std::fmt::Debug for Secret {
     }
 }
 
-/// Where a provider puts its event id (the inbox's dedupe key).
+/// Where a provider puts its delivery's id: required on every delivery, and
+/// the inbox's dedupe key only when the payload carries no `id` of its own.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum EventIdSource {
@@ -387,11 +393,20 @@ pub async fn receive(
         return Error::Unavailable.into_response();
     };
 
+    // The payload's own id is the event's identity: a provider that
+    // redelivers the same event under a new delivery id (GitHub-style
+    // `X-GitHub-Delivery`) must find it a duplicate. The configured id
+    // stands in only for a payload without one.
+    let dedupe_key = if event.id.trim().is_empty() {
+        id.clone()
+    } else {
+        event.id.trim().to_string()
+    };
     let source = format!("webhook:{name}");
     let kept = kept_headers(headers);
     let entry = InboxEntry {
         source: &source,
-        dedupe_key: &id,
+        dedupe_key: &dedupe_key,
         business_id: Some(&event.id),
         payload: Some(&body),
         headers: Some(&kept),

@@ -265,6 +265,7 @@ async fn dead_letter(f: &Fixture, offset: i64) -> i64 {
             headers: Some(&headers),
             error: "cannot decode",
             attempts: 3,
+            ..NewDeadLetter::default()
         },
     )
     .await

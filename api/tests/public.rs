@@ -896,3 +896,73 @@ async fn a_shared_transaction_with_a_repeated_or_reused_key_answers_each_request
     assert_eq!(count(&f, "SELECT count(*) FROM jobs").await, 11);
     assert_eq!(count(&f, "SELECT count(*) FROM idempotency_keys").await, 11);
 }
+
+#[tokio::test]
+async fn every_way_of_ending_without_success_tells_the_owner_why() {
+    let f = fixture(8).await;
+    let trade = post_trade(&f.app, &f.user_a, "t-why").await;
+    assert_eq!(trade.status, StatusCode::CREATED, "{}", trade.text);
+    let withdrawal = send(
+        &f.app,
+        Method::POST,
+        "/v1/withdrawals",
+        Some(&f.user_a),
+        Some("w-why"),
+        Some(&withdrawal_body()),
+    )
+    .await;
+    assert_eq!(
+        withdrawal.status,
+        StatusCode::CREATED,
+        "{}",
+        withdrawal.text
+    );
+    // An operator cancels the trade's workflow before it ran; the
+    // withdrawal's fails (e.g. its first step exhausted its attempts).
+    let end = |id: &Value, state: &str, why: &str| {
+        sqlx::query(
+            "UPDATE workflows SET state = $2, error = $3, finished_at = now() WHERE id = $1::uuid",
+        )
+        .bind(id.as_str().unwrap().to_string())
+        .bind(state.to_string())
+        .bind(why.to_string())
+        .execute(&f.db.pool)
+    };
+    end(
+        &trade.json["id"],
+        "cancelled",
+        "cancelled by admin ops: duplicate order",
+    )
+    .await
+    .unwrap();
+    end(
+        &withdrawal.json["id"],
+        "failed",
+        "validate: the exchange was unreachable",
+    )
+    .await
+    .unwrap();
+    for (path, id, status, why) in [
+        ("trades", &trade.json["id"], "cancelled", "duplicate order"),
+        (
+            "withdrawals",
+            &withdrawal.json["id"],
+            "rejected",
+            "unreachable",
+        ),
+    ] {
+        let got = send(
+            &f.app,
+            Method::GET,
+            &format!("/v1/{path}/{}", id.as_str().unwrap()),
+            Some(&f.user_a),
+            None,
+            None,
+        )
+        .await;
+        assert_eq!(got.status, StatusCode::OK, "{}", got.text);
+        assert_eq!(got.json["status"], status, "{}", got.text);
+        let error = got.json["error"].as_str().unwrap_or_default();
+        assert!(error.contains(why), "{path}: {}", got.text);
+    }
+}

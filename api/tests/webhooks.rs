@@ -308,23 +308,58 @@ async fn github_style_valid_and_invalid() {
         .unwrap();
     assert_eq!(source, "webhook:gh");
 
-    // Dedupe on a delivery header when so configured.
-    let headers = [
-        (GITHUB_HEADER, good),
-        (GITHUB_DELIVERY_HEADER, "delivery-42".to_string()),
-    ];
-    let resp = post(&f.state, "gh-delivery", &headers, body.clone()).await;
+    // A provider configured with a delivery header: the header is required,
+    // but the payload's own id is the dedupe key, so the same event
+    // redelivered under a fresh delivery id is a duplicate.
+    let delivery = |id: &str| {
+        [
+            (GITHUB_HEADER, good.clone()),
+            (GITHUB_DELIVERY_HEADER, id.to_string()),
+        ]
+    };
+    let resp = post(
+        &f.state,
+        "gh-delivery",
+        &[(GITHUB_HEADER, good.clone())],
+        body.clone(),
+    )
+    .await;
+    assert_problem(&resp, StatusCode::BAD_REQUEST);
+    let resp = post(
+        &f.state,
+        "gh-delivery",
+        &delivery("delivery-42"),
+        body.clone(),
+    )
+    .await;
     assert_eq!(resp.0, StatusCode::OK, "{}", resp.1);
-    let resp = post(&f.state, "gh-delivery", &headers, body).await;
+    let resp = post(
+        &f.state,
+        "gh-delivery",
+        &delivery("delivery-42"),
+        body.clone(),
+    )
+    .await;
     assert_eq!(resp.1["status"], "duplicate");
-    let key: String =
-        sqlx::query_scalar("SELECT dedupe_key FROM inbox WHERE source = 'webhook:gh-delivery'")
-            .fetch_one(&f.db.pool)
-            .await
-            .unwrap();
-    assert_eq!(key, "delivery-42");
-    // Same event id as the `gh` delivery: one processing workflow.
+    let resp = post(&f.state, "gh-delivery", &delivery("delivery-43"), body).await;
+    assert_eq!(resp.0, StatusCode::OK, "{}", resp.1);
+    assert_eq!(resp.1["status"], "duplicate");
+    let rows: Vec<(String, Option<chrono::DateTime<chrono::Utc>>)> = sqlx::query_as(
+        "SELECT dedupe_key, processed_at FROM inbox WHERE source = 'webhook:gh-delivery'",
+    )
+    .fetch_all(&f.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 1, "one inbox row per event: {rows:?}");
+    assert_eq!(rows[0].0, "evt_gh");
+    // Same event as the `gh` delivery: one processing workflow, which owns
+    // the event, so this second provider's row is processed at once rather
+    // than left unprocessed forever.
     assert_eq!(webhook_workflows(&f).await, 1);
+    assert!(
+        rows[0].1.is_some(),
+        "the duplicate event's inbox row is processed"
+    );
 }
 
 #[tokio::test]

@@ -68,26 +68,25 @@
 //! is recorded in Postgres (`kafka_consumer_lag`) for the API's `/metrics`.
 //!
 //! Poison messages — undecodable or invalid ([`HandlerError::Poison`]), or
-//! failing `max-attempts` times ([`HandlerError::Failed`]) — are published to
-//! the dead-letter topic and recorded in `dead_letters`, then their offset is
-//! stored, so the partition keeps moving. The dead-letter producer is rebuilt
-//! after a fatal error or repeated failures (an idempotent producer stays
-//! wedged when a broker restarts without its producer state). Database
-//! outages ([`HandlerError::Transient`]) are retried without limit and never
-//! dead-letter a message.
+//! failing `max-attempts` times ([`HandlerError::Failed`]) — are recorded in
+//! `dead_letters`, then their offset is stored, so the partition keeps
+//! moving whatever the message's size and whatever state the dead-letter
+//! topic is in; their copy to the dead-letter topic is published afterwards
+//! from the row by this process' copier ([`crate::dead_letters`]), retried
+//! until the topic takes it. Database outages ([`HandlerError::Transient`])
+//! are retried without limit and never dead-letter a message.
+use crate::dead_letters::{self, Copier, DeadLetterStats};
 use crate::kafka::{BusinessId, ID_HEADER, IngressConfig, TopicConfig, backoff, headers_to_json};
 use async_trait::async_trait;
 use ledgerflow_engine::inbox::{
-    InboxEntry, InboxInserted, NewDeadLetter, dead_letter_insert_in, inbox_insert_in,
-    inbox_insert_many_in, queue_available_backlog,
+    InboxEntry, InboxInserted, inbox_insert_in, inbox_insert_many_in, queue_available_backlog,
 };
 use ledgerflow_engine::{NewJob, Store, WorkflowRegistry, signal_send_in, workflow_start_in};
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::message::Message;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use sqlx::PgConnection;
 use std::collections::{HashMap, VecDeque};
@@ -395,6 +394,7 @@ pub struct IngressStats {
     applied: AtomicU64,
     duplicates: AtomicU64,
     dead_lettered: AtomicU64,
+    dead_letters: Arc<DeadLetterStats>,
     batches: AtomicU64,
     rewinds: AtomicU64,
     lag: Mutex<Vec<ConsumerLag>>,
@@ -443,6 +443,11 @@ impl IngressStats {
     /// Messages dead-lettered.
     pub fn dead_lettered(&self) -> u64 {
         self.dead_lettered.load(Ordering::SeqCst)
+    }
+
+    /// The dead-letter path's counters (recorded letters, topic copies).
+    pub fn dead_letters(&self) -> &DeadLetterStats {
+        &self.dead_letters
     }
 
     /// Transactions that applied a whole batch.
@@ -712,8 +717,8 @@ struct Shared {
     config: IngressConfig,
     consumer: Arc<IngressConsumer>,
     figures: PartitionFigures,
-    /// The dead-letter producer; rebuilt when it fails (see [`dead_letter`]).
-    producer: Mutex<FutureProducer>,
+    /// Wakes the dead-letter copier when a letter was recorded.
+    copier: Arc<Notify>,
     backlogs: Mutex<HashMap<String, Arc<Backlog>>>,
     parts: Parts,
     stats: Arc<IngressStats>,
@@ -725,26 +730,6 @@ impl Shared {
         let mut map = self.backlogs.lock().unwrap_or_else(|p| p.into_inner());
         map.entry(queue.to_string()).or_default().clone()
     }
-
-    fn producer(&self) -> FutureProducer {
-        self.producer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-}
-
-/// The dead-letter producer: idempotent, and bounded delivery time so a
-/// wedged producer is noticed (and rebuilt) instead of waited on for minutes.
-fn build_producer(config: &IngressConfig) -> anyhow::Result<FutureProducer> {
-    Ok(config
-        .kafka
-        .client_config(&[
-            ("enable.idempotence", "true"),
-            ("acks", "all"),
-            ("message.timeout.ms", "10000"),
-        ])
-        .create()?)
 }
 
 impl Ingress {
@@ -796,19 +781,30 @@ impl Ingress {
             })?;
         let topics: Vec<&str> = by_topic.keys().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
-        let producer = build_producer(&config)?;
+        let wake_copier = Arc::new(Notify::new());
+        let copier = Copier::new(
+            store.clone(),
+            config.clone(),
+            stats.dead_letters.clone(),
+            wake_copier.clone(),
+        )?;
         let shared = Arc::new(Shared {
             store,
             config,
             consumer: Arc::new(consumer),
             figures,
-            producer: Mutex::new(producer),
+            copier: wake_copier,
             backlogs: Mutex::default(),
             parts: parts.clone(),
             stats: stats.clone(),
             cancel: cancel.clone(),
         });
-        let task = tokio::spawn(run(shared, Arc::new(by_topic), parts));
+        let copying = tokio::spawn(copier.run(cancel.clone()));
+        let task = tokio::spawn(async move {
+            let consumed = run(shared, Arc::new(by_topic), parts).await;
+            let _ = copying.await;
+            consumed
+        });
         Ok(IngressHandle {
             cancel,
             stats,
@@ -1573,7 +1569,16 @@ async fn process(
             }
         };
         if let Some(error) = error {
-            if !dead_letter(shared, msg, &error, failures).await {
+            let recorded = dead_letters::record(
+                &shared.store,
+                &shared.config,
+                &shared.stats.dead_letters,
+                &shared.copier,
+                &shared.cancel,
+                (msg, &error, failures),
+            )
+            .await;
+            if !recorded {
                 return false;
             }
             shared.stats.dead_lettered.fetch_add(1, Ordering::SeqCst);
@@ -1665,109 +1670,6 @@ async fn apply_batch(
     }
     tx.commit().await.map_err(BatchError::whole)?;
     Ok(fresh.len() as u64)
-}
-
-/// Publishes to the dead-letter topic and records the letter, retrying both
-/// until they succeed. False when cancelled first.
-///
-/// The producer is idempotent; after a broker restart that lost its producer
-/// state it can fail every send (or hit a fatal error) until it is rebuilt,
-/// so it is rebuilt after a fatal error or every third failure in a row.
-async fn dead_letter(shared: &Shared, msg: &IngressMessage, error: &str, attempts: u32) -> bool {
-    tracing::warn!(topic = %msg.topic, partition = msg.partition, offset = msg.offset, %error, "dead-lettering message");
-    let mut n: u32 = 0;
-    let pause = |n: u32| backoff(shared.config.retry_backoff, n, Duration::from_secs(10));
-    loop {
-        let partition = msg.partition.to_string();
-        let offset = msg.offset.to_string();
-        let mut headers = OwnedHeaders::new();
-        if let Some(map) = msg.headers.as_object() {
-            for (k, v) in map {
-                headers = headers.insert(Header {
-                    key: k.as_str(),
-                    value: v.as_str(),
-                });
-            }
-        }
-        let headers = headers
-            .insert(Header {
-                key: "ledgerflow-error",
-                value: Some(error),
-            })
-            .insert(Header {
-                key: "ledgerflow-source-topic",
-                value: Some(msg.topic.as_str()),
-            })
-            .insert(Header {
-                key: "ledgerflow-source-partition",
-                value: Some(partition.as_str()),
-            })
-            .insert(Header {
-                key: "ledgerflow-source-offset",
-                value: Some(offset.as_str()),
-            });
-        let mut record: FutureRecord<'_, [u8], [u8]> =
-            FutureRecord::to(&shared.config.dead_letter_topic).headers(headers);
-        if let Some(p) = &msg.payload {
-            record = record.payload(p.as_slice());
-        }
-        if let Some(k) = &msg.key {
-            record = record.key(k.as_slice());
-        }
-        let producer = shared.producer();
-        match producer.send(record, Duration::from_secs(5)).await {
-            Ok(_) => break,
-            Err((e, _)) => {
-                n += 1;
-                tracing::warn!(error = %e, "dead-letter topic publish failed; retrying");
-                let fatal = producer.client().fatal_error();
-                if fatal.is_some() || n.is_multiple_of(3) {
-                    tracing::warn!(?fatal, failures = n, "recreating the dead-letter producer");
-                    match build_producer(&shared.config) {
-                        Ok(p) => {
-                            *shared.producer.lock().unwrap_or_else(|p| p.into_inner()) = p;
-                        }
-                        Err(e) => tracing::warn!(error = %e, "recreating the producer failed"),
-                    }
-                }
-            }
-        }
-        tokio::select! {
-            () = shared.cancel.cancelled() => return false,
-            () = tokio::time::sleep(pause(n)) => {}
-        }
-    }
-    let source = msg.source();
-    let attempts = i32::try_from(attempts).unwrap_or(i32::MAX);
-    loop {
-        let letter = NewDeadLetter {
-            source: &source,
-            topic: Some(&msg.topic),
-            partition: Some(msg.partition),
-            offset: Some(msg.offset),
-            key: msg.key.as_deref(),
-            payload: msg.payload.as_deref(),
-            headers: Some(&msg.headers),
-            error,
-            attempts,
-        };
-        let result = async {
-            let mut conn = shared.store.pool().acquire().await?;
-            dead_letter_insert_in(&mut conn, &letter).await
-        }
-        .await;
-        match result {
-            Ok(_) => return true,
-            Err(e) => {
-                n += 1;
-                tracing::warn!(error = %e, "recording dead letter failed; retrying");
-            }
-        }
-        tokio::select! {
-            () = shared.cancel.cancelled() => return false,
-            () = tokio::time::sleep(pause(n)) => {}
-        }
-    }
 }
 
 /// The id header name, re-exported for handlers and tests.

@@ -93,8 +93,13 @@ pub struct IngressConfig {
     pub group_id: String,
     /// The topics and their handlers.
     pub topics: Vec<TopicConfig>,
-    /// Where poison messages are published (also recorded in `dead_letters`).
+    /// Where copies of poison messages are published; the durable record is
+    /// the `dead_letters` row, written first (see [`crate::dead_letters`]).
     pub dead_letter_topic: String,
+    /// Most payload bytes a dead letter keeps (row and topic copy); a larger
+    /// message keeps its first bytes plus its size and SHA-256.
+    #[serde(default = "default_dead_letter_max_payload")]
+    pub dead_letter_max_payload_bytes: usize,
     /// Attempts a failing message gets before it is dead-lettered.
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
@@ -204,6 +209,7 @@ impl IngressConfig {
             group_id: group_id.into(),
             topics,
             dead_letter_topic: dead_letter_topic.into(),
+            dead_letter_max_payload_bytes: default_dead_letter_max_payload(),
             max_attempts: default_max_attempts(),
             retry_backoff: default_retry_backoff(),
             max_backlog: default_max_backlog(),
@@ -214,6 +220,9 @@ impl IngressConfig {
     }
 }
 
+fn default_dead_letter_max_payload() -> usize {
+    1024 * 1024
+}
 fn default_max_attempts() -> u32 {
     5
 }

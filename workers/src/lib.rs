@@ -7,6 +7,7 @@
 //! Kafka ingress consumers, the cron scheduler and the outbox relay join this
 //! crate as their own modules.
 
+pub mod dead_letters;
 pub mod ingress;
 pub mod kafka;
 pub mod ops;

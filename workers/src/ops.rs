@@ -1,7 +1,7 @@
 //! The operations endpoint of non-API roles: `/healthcheck` (liveness),
 //! `/readyz` (PostgreSQL reachable) and `/metrics` (Prometheus text: job
-//! counts per queue and state, and the Kafka consumer lag of this process's
-//! ingress consumers).
+//! counts per queue and state, the Kafka consumer lag of this process's
+//! ingress consumers, and their dead-letter counters).
 //!
 //! A deliberately tiny HTTP/1.1 responder on a tokio listener: probes and
 //! scrapes only need a status line and a short body, and this keeps the
@@ -79,6 +79,7 @@ async fn respond(
         "/metrics" => {
             let mut out = metrics(pool).await;
             consumer_lag(&mut out, ingress);
+            dead_letter_copies(&mut out, ingress);
             ("200 OK", out)
         }
         _ => ("404 Not Found", "not found\n".into()),
@@ -132,6 +133,38 @@ fn consumer_lag(out: &mut String, ingress: &[Arc<IngressStats>]) {
                 l.lag
             );
         }
+    }
+}
+
+/// This process' dead letters and their topic copies (counters since start;
+/// the copies still owed are `ledgerflow_dead_letter_copies_pending` on the
+/// API's `/metrics`, read from Postgres).
+fn dead_letter_copies(out: &mut String, ingress: &[Arc<IngressStats>]) {
+    if ingress.is_empty() {
+        return;
+    }
+    let sum = |f: fn(&IngressStats) -> u64| ingress.iter().map(|s| f(s)).sum::<u64>();
+    for (name, help, value) in [
+        (
+            "ledgerflow_dead_letters_recorded_total",
+            "Poison messages this process recorded in dead_letters.",
+            sum(|s| s.dead_letters().recorded()),
+        ),
+        (
+            "ledgerflow_dead_letter_copies_published_total",
+            "Dead-letter copies this process published to the dead-letter topic.",
+            sum(|s| s.dead_letters().copies_published()),
+        ),
+        (
+            "ledgerflow_dead_letter_copy_failures_total",
+            "Failed publish attempts of dead-letter copies (each is retried).",
+            sum(|s| s.dead_letters().copy_failures()),
+        ),
+    ] {
+        let _ = write!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}\n"
+        );
     }
 }
 

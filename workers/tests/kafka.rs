@@ -5,7 +5,10 @@
 //! Tests that need a process to die re-run this test binary with
 //! `LF_CHILD_ROLE` set, which turns `child_role` into a long-running ingress
 //! or relay that the parent kills with `kill -9`.
+#[path = "common/broker.rs"]
+mod broker;
 mod common;
+use broker::{Broker, Seen, consume_all, produce, unique};
 use common::{count, wait_for};
 use ledgerflow_engine::Store;
 use ledgerflow_engine::outbox::{NewOutboxEvent, outbox_insert_in};
@@ -13,16 +16,14 @@ use ledgerflow_engine::testing::TestDb;
 use ledgerflow_workers::ingress::{
     EnqueueJob, HandlerError, HandlerRegistry, Ingress, IngressMessage, MessageHandler,
 };
-use ledgerflow_workers::kafka::{ID_HEADER, IngressConfig, KafkaConfig, RelayConfig, TopicConfig};
+use ledgerflow_workers::kafka::{ID_HEADER, IngressConfig, RelayConfig, TopicConfig};
 use ledgerflow_workers::relay::Relay;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 use sqlx::{PgConnection, PgPool};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -37,229 +38,6 @@ const CHILD_DB: &str = "LF_CHILD_DB";
 const CHILD_BROKERS: &str = "LF_CHILD_BROKERS";
 const CHILD_TOPIC: &str = "LF_CHILD_TOPIC";
 const CHILD_GROUP: &str = "LF_CHILD_GROUP";
-
-// ------------------------------------------------------------------ broker
-
-/// A tansu broker child process on a fixed port, killed on drop; or the
-/// external `KAFKA_BROKERS`.
-struct Broker {
-    port: u16,
-    child: Option<Child>,
-    external: Option<String>,
-}
-
-impl Broker {
-    fn start() -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
-        if let Ok(b) = std::env::var("KAFKA_BROKERS")
-            && !b.is_empty()
-        {
-            return Ok(Self {
-                port: 0,
-                child: None,
-                external: Some(b),
-            });
-        }
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let mut broker = Self {
-            port,
-            child: None,
-            external: None,
-        };
-        broker.up()?;
-        Ok(broker)
-    }
-
-    fn tansu() -> std::path::PathBuf {
-        let home = std::env::var_os("CARGO_HOME")
-            .map(std::path::PathBuf::from)
-            .or_else(|| {
-                std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cargo"))
-            })
-            .unwrap_or_default();
-        let cargo_bin = home.join("bin").join("tansu");
-        if cargo_bin.is_file() {
-            cargo_bin
-        } else {
-            "tansu".into()
-        }
-    }
-
-    fn up(&mut self) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-        let url = format!("tcp://127.0.0.1:{}", self.port);
-        let child = Command::new(Self::tansu())
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .env("RUST_LOG", "error")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
-        self.child = Some(child);
-        let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            if start.elapsed() > Duration::from_secs(20) {
-                return Err("tansu did not start".into());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(())
-    }
-
-    /// Kills the broker (memory storage: its data is gone).
-    fn down(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn can_restart(&self) -> bool {
-        self.external.is_none()
-    }
-
-    fn servers(&self) -> String {
-        self.external
-            .clone()
-            .unwrap_or_else(|| format!("127.0.0.1:{}", self.port))
-    }
-
-    fn kafka(&self) -> KafkaConfig {
-        let mut k = KafkaConfig::new(self.servers());
-        k.properties
-            .insert("session.timeout.ms".into(), "6000".into());
-        k.properties
-            .insert("heartbeat.interval.ms".into(), "500".into());
-        k.properties
-            .insert("topic.metadata.refresh.interval.ms".into(), "1000".into());
-        k
-    }
-
-    fn client(&self) -> ClientConfig {
-        let mut c = ClientConfig::new();
-        c.set("bootstrap.servers", self.servers());
-        c
-    }
-
-    async fn create_topics(&self, topics: &[&str]) -> TestResult {
-        let admin: AdminClient<DefaultClientContext> = self.client().create()?;
-        let new: Vec<NewTopic<'_>> = topics
-            .iter()
-            .map(|t| NewTopic::new(t, 3, TopicReplication::Fixed(1)))
-            .collect();
-        let start = Instant::now();
-        loop {
-            match admin.create_topics(&new, &AdminOptions::new()).await {
-                Ok(_) => return Ok(()),
-                Err(e) if start.elapsed() < Duration::from_secs(20) => {
-                    eprintln!("create topics: {e}; retrying");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-    }
-
-    fn producer(&self) -> Result<FutureProducer, rdkafka::error::KafkaError> {
-        self.client()
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .create()
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        self.down();
-    }
-}
-
-fn unique(name: &str) -> String {
-    format!("{name}-{}", uuid::Uuid::new_v4().simple())
-}
-
-async fn produce(
-    producer: &FutureProducer,
-    topic: &str,
-    partition: Option<i32>,
-    key: &str,
-    id: Option<&str>,
-    payload: &[u8],
-) -> TestResult {
-    let mut record: FutureRecord<'_, str, [u8]> = FutureRecord::to(topic).key(key).payload(payload);
-    if let Some(id) = id {
-        record = record.headers(OwnedHeaders::new().insert(Header {
-            key: ID_HEADER,
-            value: Some(id),
-        }));
-    }
-    if let Some(p) = partition {
-        record = record.partition(p);
-    }
-    producer
-        .send(record, Duration::from_secs(10))
-        .await
-        .map_err(|(e, _)| e)?;
-    Ok(())
-}
-
-/// A consumed message: its id header, payload and headers.
-#[derive(Debug, Clone)]
-struct Seen {
-    id: Option<String>,
-    payload: Vec<u8>,
-    headers: HashMap<String, String>,
-}
-
-/// Reads `topic` from the beginning with a fresh group until `want` distinct
-/// messages (by id header) arrived or `within` passed.
-async fn consume_all(
-    broker: &Broker,
-    topic: &str,
-    want: usize,
-    within: Duration,
-) -> Result<Vec<Seen>, Box<dyn std::error::Error + Send + Sync>> {
-    let consumer: rdkafka::consumer::StreamConsumer = broker
-        .client()
-        .set("group.id", unique("reader"))
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
-        .create()?;
-    consumer.subscribe(&[topic])?;
-    let mut out = Vec::new();
-    let deadline = Instant::now() + within;
-    let mut distinct = HashSet::new();
-    while distinct.len() < want && Instant::now() < deadline {
-        let Ok(Ok(m)) = tokio::time::timeout(Duration::from_millis(500), consumer.recv()).await
-        else {
-            continue;
-        };
-        let mut headers = HashMap::new();
-        if let Some(h) = m.headers() {
-            for hd in h.iter() {
-                if let Some(v) = hd.value {
-                    headers.insert(hd.key.to_string(), String::from_utf8_lossy(v).into_owned());
-                }
-            }
-        }
-        distinct.insert(
-            headers
-                .get(ID_HEADER)
-                .cloned()
-                .unwrap_or_else(|| format!("#{}", out.len())),
-        );
-        out.push(Seen {
-            id: headers.get(ID_HEADER).cloned(),
-            payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-            headers,
-        });
-    }
-    Ok(out)
-}
 
 // ------------------------------------------------------------------- utils
 
@@ -598,6 +376,14 @@ async fn poison_messages_are_dead_lettered_and_their_partition_keeps_moving() ->
         Duration::from_secs(60),
     )
     .await?;
+    // The copies follow the rows; they are published once the topic takes them.
+    wait_for(
+        &db.pool,
+        "SELECT count(*) FROM dead_letters WHERE copy_state = 'published'",
+        2,
+        Duration::from_secs(60),
+    )
+    .await?;
     handle.shutdown().await?;
 
     assert_eq!(
@@ -782,8 +568,8 @@ async fn broker_down_and_back_delays_ingress_and_relay_but_loses_nothing() -> Te
         )
         .await?;
     }
-    // A poison message, so the dead-letter producer has published (and
-    // holds idempotence state) before the broker goes away.
+    // A poison message, so the dead-letter copier has published (and its
+    // producer holds idempotence state) before the broker goes away.
     produce(
         &producer,
         &topic_in,
@@ -803,7 +589,7 @@ async fn broker_down_and_back_delays_ingress_and_relay_but_loses_nothing() -> Te
     .await?;
     wait_for(
         &db.pool,
-        "SELECT count(*) FROM dead_letters",
+        "SELECT count(*) FROM dead_letters WHERE copy_state = 'published'",
         1,
         Duration::from_secs(60),
     )
@@ -890,10 +676,11 @@ async fn broker_down_and_back_delays_ingress_and_relay_but_loses_nothing() -> Te
         Duration::from_secs(90),
     )
     .await?;
-    // The dead-letter producer works against the restarted broker too.
+    // The dead-letter copier works against the restarted broker too: both
+    // letters recorded, and both copies accepted by a broker.
     wait_for(
         &db.pool,
-        "SELECT count(*) FROM dead_letters",
+        "SELECT count(*) FROM dead_letters WHERE copy_state = 'published'",
         2,
         Duration::from_secs(90),
     )
@@ -1498,6 +1285,15 @@ async fn consumer_lag_is_on_the_ops_metrics_and_drops_to_zero_once_consumed() ->
         count(&db.pool, "SELECT count(DISTINCT business_id) FROM inbox").await,
         (LIMIT + LATER) as i64
     );
+    // The dead-letter counters are exported next to the lag (none here).
+    let metrics = http_get(ops, "/metrics").await.ok_or("metrics answered")?;
+    for line in [
+        "ledgerflow_dead_letters_recorded_total 0",
+        "ledgerflow_dead_letter_copies_published_total 0",
+        "ledgerflow_dead_letter_copy_failures_total 0",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in {metrics}");
+    }
     eprintln!("consumer lag test took {:?}", t0.elapsed());
     Ok(())
 }

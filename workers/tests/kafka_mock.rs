@@ -379,9 +379,10 @@ async fn mock_broker_down_and_up_consumer_relay_and_dead_letters_resume() -> Tes
         Duration::from_secs(90),
     )
     .await?;
+    // Both letters recorded, and both copies published once the broker is back.
     wait_for(
         &db.pool,
-        "SELECT count(*) FROM dead_letters",
+        "SELECT count(*) FROM dead_letters WHERE copy_state = 'published'",
         2,
         Duration::from_secs(90),
     )
@@ -445,5 +446,192 @@ async fn write_outbox(pool: &PgPool, topic: &str, seqs: std::ops::Range<usize>) 
         }
     }
     tx.commit().await?;
+    Ok(())
+}
+
+/// Reads one message of `topic` (from the beginning): its payload and headers.
+async fn read_one(
+    cluster: &Cluster,
+    topic: &str,
+    within: Duration,
+) -> Result<(Vec<u8>, BTreeMap<String, String>), Box<dyn std::error::Error + Send + Sync>> {
+    let consumer: StreamConsumer = client(cluster)
+        .set("group.id", unique("reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    consumer.subscribe(&[topic])?;
+    let m = tokio::time::timeout(within, consumer.recv())
+        .await
+        .map_err(|_| format!("nothing on {topic} within {within:?}"))??;
+    let headers = m
+        .headers()
+        .map(|h| {
+            h.iter()
+                .filter_map(|h| {
+                    Some((
+                        h.key.to_string(),
+                        String::from_utf8_lossy(h.value?).into_owned(),
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok((m.payload().unwrap_or_default().to_vec(), headers))
+}
+
+/// The dead letter of `topic` as `(copy_state, copy_attempts, copy_error)`.
+async fn copy_of(pool: &PgPool, topic: &str) -> Result<(String, i32, Option<String>), sqlx::Error> {
+    sqlx::query_as(
+        "SELECT copy_state, copy_attempts, copy_error FROM dead_letters WHERE topic = $1",
+    )
+    .bind(topic)
+    .fetch_one(pool)
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_topic_refusing_writes_neither_stops_the_partition_nor_loses_the_copy()
+-> TestResult {
+    let db = TestDb::new().await?;
+    let topic = unique("in");
+    let dlq = unique("dlq");
+    let cluster = cluster(&[&topic, &dlq])?;
+    // The poison message and the events behind it, all on one partition.
+    let producer = producer(&cluster)?;
+    let mut batch = vec![(0, "poison".to_string(), "not json".to_string())];
+    batch.extend(
+        messages("after", 0..5)
+            .into_iter()
+            .map(|(_, id, p)| (0, id, p)),
+    );
+    send_all(&producer, &topic, &batch).await?;
+    // From now on the broker refuses every produce request for a while.
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 4],
+    );
+    let mut config = ingress_config(&cluster, &topic, &unique("ingress"), &dlq);
+    config.retry_backoff = Duration::from_millis(50);
+    let ingress = Ingress::start(
+        Store::new(db.pool.clone()),
+        config,
+        enqueue(),
+        CancellationToken::new(),
+    )?;
+    // The partition moves on while the topic refuses the copy.
+    wait_for(
+        &db.pool,
+        "SELECT count(*) FROM jobs WHERE kind = 'ingested'",
+        5,
+        Duration::from_secs(60),
+    )
+    .await?;
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM dead_letters").await,
+        1
+    );
+    // The copy arrives once the topic accepts it, with what was refused
+    // recorded on the way.
+    wait_for(
+        &db.pool,
+        "SELECT count(*) FROM dead_letters WHERE copy_state = 'published'",
+        1,
+        Duration::from_secs(60),
+    )
+    .await?;
+    let (state, attempts, error) = copy_of(&db.pool, &topic).await?;
+    assert_eq!(state, "published");
+    assert!(attempts >= 2, "the refused tries are counted: {attempts}");
+    assert_eq!(error, None, "a published copy carries no error");
+    let (payload, headers) = read_one(&cluster, &dlq, Duration::from_secs(30)).await?;
+    assert_eq!(payload, b"not json");
+    assert_eq!(headers.get(ID_HEADER).map(String::as_str), Some("poison"));
+    assert_eq!(headers.get("ledgerflow-source-topic"), Some(&topic));
+    assert_eq!(
+        headers.get("ledgerflow-source-offset").map(String::as_str),
+        Some("0")
+    );
+    ingress.shutdown().await?;
+    assert_eq!(
+        count(
+            &db.pool,
+            "SELECT count(*) FROM jobs WHERE kind = 'ingested'"
+        )
+        .await,
+        5,
+        "every event behind the poison message applied once"
+    );
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM dead_letters").await,
+        1
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_refused_for_its_size_is_sent_again_as_a_prefix_with_its_size_and_hash() -> TestResult
+{
+    let db = TestDb::new().await?;
+    let topic = unique("in");
+    let dlq = unique("dlq");
+    let cluster = cluster(&[&topic, &dlq])?;
+    let big: String = "x".repeat(200_000);
+    let producer = producer(&cluster)?;
+    send_all(&producer, &topic, &[(1, "big-poison".into(), big.clone())]).await?;
+    send_all(&producer, &topic, &[(1, "ok".into(), "{\"n\":1}".into())]).await?;
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE],
+    );
+    let ingress = Ingress::start(
+        Store::new(db.pool.clone()),
+        ingress_config(&cluster, &topic, &unique("ingress"), &dlq),
+        enqueue(),
+        CancellationToken::new(),
+    )?;
+    wait_for(
+        &db.pool,
+        "SELECT count(*) FROM dead_letters WHERE copy_state = 'published'",
+        1,
+        Duration::from_secs(60),
+    )
+    .await?;
+    wait_for(
+        &db.pool,
+        "SELECT count(*) FROM jobs WHERE kind = 'ingested'",
+        1,
+        Duration::from_secs(60),
+    )
+    .await?;
+    ingress.shutdown().await?;
+    // The row keeps the whole message (it is under the payload limit).
+    let (stored, size): (Vec<u8>, i32) =
+        sqlx::query_as("SELECT payload, payload_size FROM dead_letters WHERE topic = $1")
+            .bind(&topic)
+            .fetch_one(&db.pool)
+            .await?;
+    assert_eq!(stored.len(), big.len());
+    assert_eq!(size, 200_000);
+    // The topic got a prefix, and the headers say what the whole was.
+    let (payload, headers) = read_one(&cluster, &dlq, Duration::from_secs(30)).await?;
+    assert_eq!(payload.len(), 64 * 1024);
+    assert_eq!(&payload[..], &big.as_bytes()[..64 * 1024]);
+    assert_eq!(
+        headers
+            .get("ledgerflow-payload-truncated")
+            .map(String::as_str),
+        Some("true")
+    );
+    assert_eq!(
+        headers.get("ledgerflow-payload-size").map(String::as_str),
+        Some("200000")
+    );
+    let sha: Vec<u8> = sqlx::query_scalar("SELECT sha256($1::bytea)")
+        .bind(big.as_bytes())
+        .fetch_one(&db.pool)
+        .await?;
+    let hex: String = sha.iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(headers.get("ledgerflow-payload-sha256"), Some(&hex));
     Ok(())
 }

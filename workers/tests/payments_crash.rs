@@ -6,8 +6,9 @@
 //!   and between its recorded answer and its checkpoint, a pending reconcile
 //!   of an in-doubt call, and a pending compensation), then a restart →
 //!   exactly one order per trade and one withdrawal per withdrawal at the
-//!   exchange (none for a call never sent), exactly one ledger transfer per
-//!   settlement, every workflow finishes;
+//!   exchange (a call whose intent was recorded but that never reached the
+//!   exchange is sent again under its key: the crash changes no outcome),
+//!   exactly one ledger transfer per settlement, every workflow finishes;
 //! - a seeded randomized run: many concurrent trades and withdrawals over a
 //!   few tightly funded users, random exchange faults and random `kill -9`s
 //!   of the worker → the ledger sums to zero per asset, no balance is ever
@@ -844,8 +845,8 @@ struct Case {
     /// point lies past its wait); otherwise it is held back until then, so
     /// that the workflow really waits at a `waiting:` point.
     events: bool,
-    /// The saga undoes the workflow: its call was never sent (reconciled
-    /// as failed) or was rejected; the hold is released.
+    /// The saga undoes the workflow: its call was rejected; the hold is
+    /// released. (A call never sent is sent again, not undone.)
     compensated: bool,
     /// Set at the exchange for the call's key before the first worker runs.
     fault: Option<Fault>,
@@ -903,7 +904,10 @@ fn cases() -> Vec<Case> {
         case(Trade, "before:validate"),
         case(Trade, "after:validate"),
         case(Trade, "after:hold"),
-        case(Trade, "hang_before:place_order").compensated(),
+        // Killed after the intent, before the call: the exchange never got
+        // it, so it is placed again under the same key — the crash changes
+        // nothing for the user.
+        case(Trade, "hang_before:place_order"),
         case(Trade, "hang_after:place_order"),
         case(Trade, "answered:place_order"),
         case(Trade, "after:place_order"),
@@ -920,7 +924,7 @@ fn cases() -> Vec<Case> {
         case(Big, "after:hold"),
         case(Big, "waiting:await_approval"),
         case(Big, "after:await_approval").approve(),
-        case(Big, "hang_before:submit").approve().compensated(),
+        case(Big, "hang_before:submit").approve(),
         case(Big, "hang_after:submit").approve(),
         case(Big, "answered:submit").approve(),
         case(Big, "after:submit").approve(),
@@ -1261,6 +1265,14 @@ async fn kill_9_at_every_step_boundary_then_restart_moves_money_once() -> TestRe
                     .text("SELECT status FROM trades WHERE id = $1", s.id)
                     .await?;
                 assert_eq!(status, if done { "settled" } else { undone }, "{what}");
+                let error = rig
+                    .text("SELECT coalesce(error, '') FROM trades WHERE id = $1", s.id)
+                    .await?;
+                assert_eq!(
+                    error.is_empty(),
+                    done,
+                    "{what}: the reason it ended: {error:?}"
+                );
                 let (usdt, btc) = if done {
                     (("949.95", "0"), ("0.5", "0"))
                 } else {
@@ -1294,6 +1306,17 @@ async fn kill_9_at_every_step_boundary_then_restart_moves_money_once() -> TestRe
                     .text("SELECT status FROM withdrawals WHERE id = $1", s.id)
                     .await?;
                 assert_eq!(status, if done { "completed" } else { undone }, "{what}");
+                let error = rig
+                    .text(
+                        "SELECT coalesce(error, '') FROM withdrawals WHERE id = $1",
+                        s.id,
+                    )
+                    .await?;
+                assert_eq!(
+                    error.is_empty(),
+                    done,
+                    "{what}: the reason it ended: {error:?}"
+                );
                 let btc = match (s.case.flow, done) {
                     (Flow::BigWithdrawal, true) => "3.5",
                     (Flow::BigWithdrawal, false) => "5",

@@ -8,7 +8,7 @@
 //! ever pushed into a statement is a constant fragment chosen by a `match`
 //! over a closed enum ([`JobSortColumn`]), and the free-text search escapes
 //! `LIKE` wildcards so that `%` and `_` in a search mean themselves.
-use crate::inbox::DeadLetter;
+use crate::dead_letter::{DEAD_LETTER_COLUMNS, DeadLetter};
 use crate::job::JOB_COLUMNS;
 use crate::workflow::{WorkflowId, WorkflowRow, WorkflowState};
 use crate::{Job, JobId, JobState, Result, Store};
@@ -445,9 +445,6 @@ pub struct DeadLetterFilter {
     pub topic: Option<String>,
 }
 
-const DEAD_LETTER_COLUMNS: &str = "id, source, topic, \"partition\", \"offset\", key, payload, \
-    headers, error, attempts, created_at, redriven_at";
-
 /// What Postgres can tell about the Kafka edge: the outbox backlog and the
 /// dead letters waiting for an operator.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -458,6 +455,8 @@ pub struct EdgeBacklog {
     pub outbox_oldest_age_secs: f64,
     /// Dead letters not redriven.
     pub dead_letters_pending: i64,
+    /// Dead letters whose copy to the dead-letter topic is still owed.
+    pub dead_letter_copies_pending: i64,
 }
 
 impl Store {
@@ -578,15 +577,17 @@ impl Store {
         Ok(out)
     }
 
-    /// The outbox backlog and pending dead letters. Both reads are served by
-    /// partial indexes (`outbox_unpublished`, `dead_letters_pending`), so
+    /// The outbox backlog, pending dead letters and owed dead-letter copies.
+    /// Every read is served by a partial index (`outbox_unpublished`,
+    /// `dead_letters_pending`, `dead_letters_copy_due`), so
     /// their cost follows the backlog, not the history.
     pub async fn edge_backlog(&self) -> Result<EdgeBacklog> {
         let row = sqlx::query(
             "SELECT (SELECT count(*) FROM outbox WHERE published_at IS NULL) AS unpublished,
                     (SELECT coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8
                      FROM outbox WHERE published_at IS NULL) AS oldest,
-                    (SELECT count(*) FROM dead_letters WHERE redriven_at IS NULL) AS dead",
+                    (SELECT count(*) FROM dead_letters WHERE redriven_at IS NULL) AS dead,
+                    (SELECT count(*) FROM dead_letters WHERE copy_state = 'pending') AS copies",
         )
         .fetch_one(self.pool())
         .await?;
@@ -594,6 +595,7 @@ impl Store {
             outbox_unpublished: row.try_get("unpublished")?,
             outbox_oldest_age_secs: row.try_get::<f64, _>("oldest")?.max(0.0),
             dead_letters_pending: row.try_get("dead")?,
+            dead_letter_copies_pending: row.try_get("copies")?,
         })
     }
 

@@ -8,8 +8,8 @@
 //! `ON CONFLICT DO NOTHING`, so a duplicate never aborts the caller's
 //! transaction.
 //!
-//! Poison messages go to `dead_letters` with their error; operators list and
-//! redrive them.
+//! Poison messages go to `dead_letters` ([`crate::dead_letter`], re-exported
+//! here) with their error; operators list and redrive them.
 use crate::Result;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -249,99 +249,6 @@ pub async fn queue_available_backlog(pool: &PgPool, queue: &str, cap: i64) -> Re
 
 // ------------------------------------------------------------ dead letters
 
-/// A poison message to record.
-#[derive(Debug, Clone, Default)]
-pub struct NewDeadLetter<'a> {
-    pub source: &'a str,
-    pub topic: Option<&'a str>,
-    pub partition: Option<i32>,
-    pub offset: Option<i64>,
-    pub key: Option<&'a [u8]>,
-    pub payload: Option<&'a [u8]>,
-    pub headers: Option<&'a serde_json::Value>,
-    pub error: &'a str,
-    pub attempts: i32,
-}
-
-/// A stored dead letter.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
-pub struct DeadLetter {
-    pub id: i64,
-    pub source: String,
-    pub topic: Option<String>,
-    pub partition: Option<i32>,
-    pub offset: Option<i64>,
-    pub key: Option<Vec<u8>>,
-    pub payload: Option<Vec<u8>>,
-    pub headers: serde_json::Value,
-    pub error: String,
-    pub attempts: i32,
-    pub created_at: DateTime<Utc>,
-    pub redriven_at: Option<DateTime<Utc>>,
-}
-
-const DEAD_LETTER_COLUMNS: &str = "id, source, topic, \"partition\", \"offset\", key, payload, \
-    headers, error, attempts, created_at, redriven_at";
-
-/// Records a dead letter on the caller's connection. A Kafka message already
-/// recorded (same topic/partition/offset, not redriven) is not recorded
-/// again: returns `None`.
-pub async fn dead_letter_insert_in(
-    conn: &mut PgConnection,
-    letter: &NewDeadLetter<'_>,
-) -> Result<Option<i64>> {
-    let empty = serde_json::Value::Object(serde_json::Map::new());
-    Ok(sqlx::query_scalar(
-        "INSERT INTO dead_letters (source, topic, \"partition\", \"offset\", key, payload, headers,
-                                   error, attempts)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-         ON CONFLICT DO NOTHING
-         RETURNING id",
-    )
-    .bind(letter.source)
-    .bind(letter.topic)
-    .bind(letter.partition)
-    .bind(letter.offset)
-    .bind(letter.key)
-    .bind(letter.payload)
-    .bind(letter.headers.unwrap_or(&empty))
-    .bind(letter.error)
-    .bind(letter.attempts.max(1))
-    .fetch_optional(&mut *conn)
-    .await?)
-}
-
-/// Dead letters newest first; `pending_only` hides redriven ones.
-pub async fn dead_letter_list(
-    pool: &PgPool,
-    pending_only: bool,
-    limit: i64,
-) -> Result<Vec<DeadLetter>> {
-    Ok(sqlx::query_as::<_, DeadLetter>(&format!(
-        "SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters
-         WHERE NOT $1 OR redriven_at IS NULL
-         ORDER BY id DESC LIMIT $2"
-    ))
-    .bind(pending_only)
-    .bind(limit)
-    .fetch_all(pool)
-    .await?)
-}
-
-/// Marks a pending dead letter redriven on the caller's connection and
-/// returns it, so the caller can re-publish or re-apply it in the same
-/// transaction (e.g. with `outbox_insert_in` to its original topic).
-/// `None` when it does not exist or was redriven already.
-pub async fn dead_letter_redrive_in(
-    conn: &mut PgConnection,
-    id: i64,
-) -> Result<Option<DeadLetter>> {
-    Ok(sqlx::query_as::<_, DeadLetter>(&format!(
-        "UPDATE dead_letters SET redriven_at = now()
-         WHERE id = $1 AND redriven_at IS NULL
-         RETURNING {DEAD_LETTER_COLUMNS}"
-    ))
-    .bind(id)
-    .fetch_optional(&mut *conn)
-    .await?)
-}
+pub use crate::dead_letter::{
+    DeadLetter, NewDeadLetter, dead_letter_insert_in, dead_letter_list, dead_letter_redrive_in,
+};

@@ -16,6 +16,10 @@
 //! - [`clock`]    — the injectable clock (database clock by default);
 //! - [`consumer_lag`] — Kafka consumer lag as the ingress measured it, for
 //!   every `/metrics` to export;
+//! - [`inbox`], [`outbox`] — deduplicated intake of external events; the
+//!   transactional outbox and its ordered claims;
+//! - [`dead_letter`] — poison messages recorded in Postgres first, their
+//!   dead-letter topic copies published afterwards from the row;
 //! - `checkpoint` — group commit of the checkpoints of steps that ran without
 //!   touching the database (many workflows' steps, one statement, one commit);
 //! - `start_batch` — group commit of `workflow_start`s (many callers' starts,
@@ -38,6 +42,7 @@ mod checkpoint;
 pub mod clock;
 pub mod consumer_lag;
 pub mod cron;
+pub mod dead_letter;
 pub mod error;
 mod held;
 pub mod inbox;

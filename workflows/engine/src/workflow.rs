@@ -51,6 +51,11 @@
 //! asked what happened, at once and then with backoff (unique keys
 //! `wf:{id}:{step}:q{seq}.{n}`); [`Reconciled::Unknown`] after the last try
 //! leaves it for an admin, who settles it with [`workflow_resolve_in`].
+//! The one rule for every workflow: a crash must not change the business
+//! outcome. When the hook learns authoritatively that the call never arrived
+//! ([`Reconciled::NotReceived`]), the step runs again and sends the call
+//! again under the same idempotency key (at most [`Workflow::max_resends`]
+//! times); only a real refusal ([`Reconciled::Failed`]) fails the step.
 //!
 //! Costs to plan for: a running step holds its fenced transaction — one
 //! pooled connection, its job row and its workflow row — for as long as its
@@ -90,6 +95,9 @@ pub const WORKFLOW_JOB_KIND: &str = "ledgerflow.workflow";
 
 /// Default of [`Workflow::reconcile_attempts`].
 pub const DEFAULT_RECONCILE_ATTEMPTS: i32 = 5;
+
+/// Default of [`Workflow::max_resends`].
+pub const DEFAULT_MAX_RESENDS: i32 = 5;
 
 /// A workflow instance's id (UUID v7).
 pub type WorkflowId = Uuid;
@@ -271,6 +279,13 @@ pub enum Reconciled {
     Succeeded(Value),
     /// The call did not take effect: the step fails (→ compensation).
     Failed(String),
+    /// The other side says, authoritatively, that it never received the
+    /// call (it has no record under the step's idempotency key). Nothing
+    /// happened, so the business outcome must not change: the step runs
+    /// again and sends the call again under the same idempotency key, which
+    /// the other side deduplicates — this is not a blind re-send. At most
+    /// [`Workflow::max_resends`] times; after that the step fails.
+    NotReceived(String),
     /// Still unknown: ask again later, then leave it to an admin.
     Unknown,
 }
@@ -344,6 +359,9 @@ pub struct Workflow {
     /// How many times a step's reconcile hook is asked (at once, then with
     /// the store's backoff) before an in-doubt step is left to an admin.
     pub reconcile_attempts: i32,
+    /// How many times one step's call is sent again after its reconcile hook
+    /// found it [`Reconciled::NotReceived`] before the step fails instead.
+    pub max_resends: i32,
     misplaced: Option<String>,
 }
 
@@ -357,6 +375,7 @@ impl Workflow {
             queue: crate::job::DEFAULT_QUEUE.to_string(),
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             reconcile_attempts: DEFAULT_RECONCILE_ATTEMPTS,
+            max_resends: DEFAULT_MAX_RESENDS,
             misplaced: None,
         }
     }
@@ -405,6 +424,13 @@ impl Workflow {
     /// How many times reconcile hooks are asked (at least 1).
     pub fn reconcile_attempts(mut self, n: i32) -> Self {
         self.reconcile_attempts = n.max(1);
+        self
+    }
+
+    /// How many times a step's call is sent again after a reconcile hook
+    /// found it never received (at least 0).
+    pub fn max_resends(mut self, n: i32) -> Self {
+        self.max_resends = n.max(0);
         self
     }
 
@@ -1211,10 +1237,15 @@ pub async fn workflow_start_for_inbox_in(
     match (inbox_id, workflow_id) {
         (None, _) => Ok((InboxInserted::Duplicate, None)),
         (Some(id), Some(wf)) => Ok((InboxInserted::Inserted(id), Some(wf))),
-        (Some(id), None) => Ok((
-            InboxInserted::Inserted(id),
-            Some(started_with_key(conn, unique_key).await?),
-        )),
+        (Some(id), None) => {
+            // The event was already taken by the workflow an earlier entry
+            // started (same unique key, e.g. a redelivery under another
+            // source): this entry's effect is that workflow's, so it is
+            // processed; left unmarked, nothing would ever mark it.
+            let existing = started_with_key(conn, unique_key).await?;
+            crate::inbox::inbox_mark_processed_in(conn, id).await?;
+            Ok((InboxInserted::Inserted(id), Some(existing)))
+        }
     }
 }
 
@@ -2484,6 +2515,12 @@ async fn run_reconcile(
             tx.complete().await?;
             Ok(Outcome::Complete)
         }
+        Ok(Reconciled::NotReceived(reason)) => {
+            mark_resolved(tx.conn(), wf.id, step, "reconcile").await?;
+            resend_in(tx.conn(), store, wf, def, idx, &reason).await?;
+            tx.complete().await?;
+            Ok(Outcome::Complete)
+        }
         Ok(Reconciled::Unknown) => {
             if n < def.reconcile_attempts {
                 let now = db_now(tx.conn(), store).await?;
@@ -3380,6 +3417,66 @@ async fn checkpoint_in_doubt(
         store.job_insert_in(tx.conn(), &job).await?;
     }
     tracing::warn!(workflow_id = %wf.id, step, reason, "workflow step in doubt");
+    Ok(())
+}
+
+/// Settles in-doubt step `idx` whose call the other side never received:
+/// the step goes back to `failed` with its call `not_sent` (so its re-run
+/// sends the call again under the same idempotency key, as an operator
+/// retry does), the workflow runs again at the step, and a job re-runs it.
+/// After [`Workflow::max_resends`] such sends the step fails instead.
+async fn resend_in(
+    conn: &mut PgConnection,
+    store: &Store,
+    wf: &Locked,
+    def: &Workflow,
+    idx: usize,
+    reason: &str,
+) -> Result<()> {
+    let step = def.steps[idx].name;
+    let resent: Option<i32> = sqlx::query_scalar(
+        "UPDATE workflow_steps
+         SET status = 'failed', error = $3, call_state = 'not_sent', call_error = $3,
+             call_resends = call_resends + 1
+         WHERE workflow_id = $1 AND step = $2 AND status = 'in_doubt' AND call_resends < $4
+         RETURNING call_resends",
+    )
+    .bind(wf.id)
+    .bind(step)
+    .bind(reason)
+    .bind(def.max_resends)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(resent) = resent else {
+        let error = format!(
+            "the call was never received after {} sends: {reason}",
+            def.max_resends + 1
+        );
+        return fail_step_in(conn, store, wf, def, idx, None, &error).await;
+    };
+    let seq: i32 = sqlx::query_scalar(
+        "UPDATE workflows
+         SET state = 'running', wait_reason = NULL, wait_signal_name = NULL,
+             wait_correlation_key = NULL, wait_until = NULL, wait_seq = wait_seq + 1,
+             updated_at = coalesce($2::timestamptz, now())
+         WHERE id = $1
+         RETURNING wait_seq",
+    )
+    .bind(wf.id)
+    .bind(store.now())
+    .fetch_one(&mut *conn)
+    .await?;
+    let job = step_job(
+        wf.id,
+        &wf.queue,
+        step,
+        Wake::Retry { seq },
+        None,
+        Some(def.max_attempts),
+    );
+    store.job_insert_in(conn, &job).await?;
+    tracing::info!(workflow_id = %wf.id, step, resent, reason,
+        "in-doubt call never received: sending it again under the same key");
     Ok(())
 }
 

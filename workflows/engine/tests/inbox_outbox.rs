@@ -1,7 +1,12 @@
 //! Inbox, dead letters and outbox against a real Postgres: duplicates never
 //! abort the caller's transaction, dead letters are recorded once and can be
-//! redriven, and two relays claiming the outbox concurrently never hold the
+//! redriven (a large one keeps its prefix, size and hash; its topic copy is
+//! claimed once, retried after a failure, and published), and two relays claiming the outbox concurrently never hold the
 //! same key (so they can't publish a key out of order).
+use ledgerflow_engine::dead_letter::{
+    CopyState, dead_letter_copies_claim, dead_letter_copy_failed, dead_letter_copy_published,
+    dead_letter_copy_retry_in,
+};
 use ledgerflow_engine::inbox::{
     InboxEntry, InboxInserted, NewDeadLetter, dead_letter_insert_in, dead_letter_list,
     dead_letter_redrive_in, inbox_insert_in, inbox_list, queue_available_backlog,
@@ -12,6 +17,7 @@ use ledgerflow_engine::outbox::{
 use ledgerflow_engine::testing::TestDb;
 use ledgerflow_engine::{NewJob, Store};
 use std::collections::HashSet;
+use std::time::Duration;
 
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
@@ -79,6 +85,7 @@ async fn dead_letters_are_recorded_once_and_redriven_once() -> TestResult {
         headers: None,
         error: "payload is not JSON",
         attempts: 3,
+        ..NewDeadLetter::default()
     };
     let id = dead_letter_insert_in(&mut conn, &letter)
         .await?
@@ -164,5 +171,124 @@ async fn concurrent_claims_never_share_a_key_and_see_earlier_commits() -> TestRe
     );
     tx3.rollback().await?;
     assert_eq!(outbox_pending(&db.pool, 100).await?.len(), 4);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_dead_letter_over_the_limit_keeps_its_prefix_size_and_hash() -> TestResult {
+    let db = TestDb::new().await?;
+    let mut conn = db.pool.acquire().await?;
+    let payload: Vec<u8> = (0..1000u32).map(|i| (i % 251) as u8).collect();
+    for (offset, limit) in [(1, Some(100)), (2, Some(1000)), (3, None)] {
+        let letter = NewDeadLetter {
+            source: "kafka:orders",
+            topic: Some("orders"),
+            partition: Some(0),
+            offset: Some(offset),
+            payload: Some(&payload),
+            error: "too big to parse",
+            attempts: 1,
+            copy_topic: Some("orders.dlq"),
+            max_payload: limit,
+            ..NewDeadLetter::default()
+        };
+        dead_letter_insert_in(&mut conn, &letter)
+            .await?
+            .ok_or("not recorded")?;
+    }
+    let letters = dead_letter_list(&db.pool, false, 10).await?;
+    let by_offset = |o: i64| {
+        letters
+            .iter()
+            .find(|l| l.offset == Some(o))
+            .ok_or("missing")
+    };
+    let sha: Vec<u8> = sqlx::query_scalar("SELECT sha256($1::bytea)")
+        .bind(&payload)
+        .fetch_one(&db.pool)
+        .await?;
+    let cut = by_offset(1)?;
+    assert_eq!(cut.payload.as_deref(), Some(&payload[..100]));
+    assert!(cut.payload_truncated);
+    assert_eq!(cut.payload_size, Some(1000));
+    assert_eq!(cut.payload_sha256.as_deref(), Some(sha.as_slice()));
+    for o in [2, 3] {
+        let whole = by_offset(o)?;
+        assert_eq!(whole.payload.as_deref(), Some(payload.as_slice()));
+        assert!(!whole.payload_truncated);
+        assert_eq!(whole.payload_size, Some(1000));
+        assert_eq!(whole.copy_state()?, CopyState::Pending);
+        assert_eq!(whole.copy_topic.as_deref(), Some("orders.dlq"));
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn dead_letter_copies_are_claimed_once_retried_after_failure_and_published() -> TestResult {
+    let db = TestDb::new().await?;
+    let mut conn = db.pool.acquire().await?;
+    let mut ids = Vec::new();
+    for offset in 0..3 {
+        let letter = NewDeadLetter {
+            source: "kafka:orders",
+            topic: Some("orders"),
+            partition: Some(0),
+            offset: Some(offset),
+            payload: Some(b"x"),
+            error: "bad",
+            attempts: 1,
+            copy_topic: (offset < 2).then_some("orders.dlq"),
+            ..NewDeadLetter::default()
+        };
+        ids.push(
+            dead_letter_insert_in(&mut conn, &letter)
+                .await?
+                .ok_or("not recorded")?,
+        );
+    }
+    // Only the two letters that owe a copy are claimed, and a claim hides
+    // them from a second copier until its lease runs out.
+    let lease = Duration::from_secs(60);
+    let claimed = dead_letter_copies_claim(&db.pool, 10, lease, None).await?;
+    assert_eq!(claimed.iter().map(|l| l.id).collect::<Vec<_>>(), ids[..2]);
+    assert!(
+        dead_letter_copies_claim(&db.pool, 10, lease, None)
+            .await?
+            .is_empty()
+    );
+
+    // A failure keeps the copy owed, with its error, due after the backoff.
+    let tries =
+        dead_letter_copy_failed(&db.pool, ids[0], "topic missing", Duration::ZERO, None).await?;
+    assert_eq!(tries, Some(1));
+    assert!(dead_letter_copy_published(&db.pool, ids[1], None).await?);
+    let again = dead_letter_copies_claim(&db.pool, 10, lease, None).await?;
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].id, ids[0]);
+    assert_eq!(again[0].copy_error.as_deref(), Some("topic missing"));
+    assert_eq!(again[0].copy_attempts, 1);
+
+    // An operator makes a claimed (or waiting) copy due at once.
+    assert!(dead_letter_copy_retry_in(&mut conn, ids[0], None).await?);
+    assert!(!dead_letter_copy_retry_in(&mut conn, ids[1], None).await?);
+    assert!(!dead_letter_copy_retry_in(&mut conn, ids[2], None).await?);
+    assert!(dead_letter_copy_published(&db.pool, ids[0], None).await?);
+    assert!(
+        dead_letter_copies_claim(&db.pool, 10, lease, None)
+            .await?
+            .is_empty()
+    );
+    let letters = dead_letter_list(&db.pool, false, 10).await?;
+    for l in &letters {
+        let want = if l.id == ids[2] {
+            CopyState::None
+        } else {
+            CopyState::Published
+        };
+        assert_eq!(l.copy_state()?, want, "letter {}", l.id);
+        if want == CopyState::Published {
+            assert!(l.copy_published_at.is_some() && l.copy_error.is_none());
+        }
+    }
     Ok(())
 }

@@ -343,6 +343,8 @@ async fn a_failing_first_step_fails_without_compensation() -> TestResult {
 #[derive(Default, Clone)]
 struct Provider {
     calls: Arc<AtomicUsize>,
+    /// Requests lost so far ([`Mode::LostFirst`]).
+    lost: Arc<AtomicUsize>,
     orders: Arc<Mutex<HashMap<String, String>>>,
     reconciles: Arc<AtomicUsize>,
 }
@@ -377,6 +379,9 @@ enum Mode {
     Hangs,
     /// The first request never leaves (connection refused); the second is answered.
     RefusedOnce,
+    /// The first `n` requests are lost on the way (the provider never sees
+    /// them, the caller gets no answer); later ones are answered.
+    LostFirst(usize),
 }
 
 /// What the reconcile hook says.
@@ -388,6 +393,8 @@ enum Verdict {
     Unknown,
     /// The exchange says the order does not exist.
     Failed,
+    /// Looks the order up; absent means the provider never received it.
+    LookupOrNotReceived,
 }
 
 /// hold (compensated by release) → place (external) → settle.
@@ -421,11 +428,18 @@ fn trade(provider: &Provider, log: &Log, mode: Mode, verdict: Verdict) -> Workfl
                         if mode == Mode::RefusedOnce && first_attempt {
                             return Err(CallError::NotSent("connection refused".to_string()));
                         }
+                        if let Mode::LostFirst(n) = mode
+                            && provider.lost.fetch_add(1, Ordering::SeqCst) < n
+                        {
+                            return Err(CallError::Unknown("no answer".to_string()));
+                        }
                         let order = provider.place(&key);
                         match mode {
                             Mode::TimesOut => Err(CallError::Unknown("timed out".to_string())),
                             Mode::Hangs => std::future::pending().await,
-                            Mode::RefusedOnce => Ok(json!({ "order_id": order })),
+                            Mode::RefusedOnce | Mode::LostFirst(_) => {
+                                Ok(json!({ "order_id": order }))
+                            }
                         }
                     })
                     .await?;
@@ -438,6 +452,12 @@ fn trade(provider: &Provider, log: &Log, mode: Mode, verdict: Verdict) -> Workfl
                 Ok(match (provider.lookup(&key), verdict) {
                     (Some(order), Verdict::Lookup) => {
                         Reconciled::Succeeded(json!({ "order_id": order }))
+                    }
+                    (Some(order), Verdict::LookupOrNotReceived) => {
+                        Reconciled::Succeeded(json!({ "order_id": order }))
+                    }
+                    (None, Verdict::LookupOrNotReceived) => {
+                        Reconciled::NotReceived("no order under the key".to_string())
                     }
                     (_, Verdict::Failed) => Reconciled::Failed("no such order".to_string()),
                     _ => Reconciled::Unknown,
@@ -552,6 +572,71 @@ async fn a_crash_between_call_and_checkpoint_goes_in_doubt_without_resending() -
     h.run_until_idle().await?;
     assert_eq!(h.state(id).await?.state, "completed");
     assert_eq!(provider.calls(), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_call_the_provider_never_received_is_sent_again_under_the_same_key() -> TestResult {
+    let env = Env::new().await?;
+    let (provider, log) = (Provider::default(), Log::default());
+    let def = trade(
+        &provider,
+        &log,
+        Mode::LostFirst(1),
+        Verdict::LookupOrNotReceived,
+    );
+    let h = env.harness(def)?;
+    let id = h.start("trade", &json!({})).await?;
+    assert!(h.run_next_step().await?.is_some(), "hold");
+    assert!(h.run_next_step().await?.is_some(), "place");
+    assert_in_doubt(&h, id).await?;
+    assert_eq!(provider.calls(), 0, "the request was lost on the way");
+
+    // The reconcile hook learns the provider has no order: the step runs
+    // again and sends again, under the same key; nothing is compensated.
+    h.run_until_idle().await?;
+    let wf = h.state(id).await?;
+    assert_eq!(wf.state, "completed", "{:?}", wf.error);
+    assert_eq!(wf.output, Some(json!({ "settled": "ord-1" })));
+    assert_eq!(provider.calls(), 1, "placed once");
+    assert_eq!(provider.orders.lock().expect("not poisoned").len(), 1);
+    assert_eq!(log.count("release H-9"), 0, "the hold was not released");
+    assert_eq!(log.get(), ["place", "place", "settle \"ord-1\""]);
+    let place = status_of(&h.journal(id).await?, "place").clone();
+    assert_eq!(place.status, "completed");
+    assert_eq!(place.idempotency_key, format!("{id}:place"));
+    assert_eq!(place.resolved_by.as_deref(), Some("reconcile"));
+    let resends: i32 = sqlx::query_scalar(
+        "SELECT call_resends FROM workflow_steps WHERE workflow_id = $1 AND step = 'place'",
+    )
+    .bind(id)
+    .fetch_one(env.store.pool())
+    .await?;
+    assert_eq!(resends, 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_call_never_received_after_every_resend_fails_the_step_and_compensates() -> TestResult {
+    let env = Env::new().await?;
+    let (provider, log) = (Provider::default(), Log::default());
+    let def = trade(
+        &provider,
+        &log,
+        Mode::LostFirst(usize::MAX),
+        Verdict::LookupOrNotReceived,
+    )
+    .max_resends(2);
+    let h = env.harness(def)?;
+    let id = h.start("trade", &json!({})).await?;
+    h.run_until_idle().await?;
+    let wf = h.state(id).await?;
+    assert_eq!(wf.state, "compensated");
+    let error = wf.error.unwrap_or_default();
+    assert!(error.contains("never received after 3 sends"), "{error}");
+    assert_eq!(log.count("place"), 3, "the first send and two resends");
+    assert_eq!(log.count("release H-9"), 1);
+    assert_eq!(provider.calls(), 0);
     Ok(())
 }
 

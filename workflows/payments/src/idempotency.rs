@@ -218,12 +218,38 @@ pub struct WithdrawalRecord {
 /// request, 8,000–10,500 buffer hits and 7–14 ms per call as the table grew
 /// (`pg_stat_statements`), until autovacuum happened to analyze the table.
 const WORKFLOW_BY_ID: &str = "w AS MATERIALIZED (
-           SELECT id, kind, state, input, created_at FROM workflows WHERE id = $1)";
+           SELECT id, kind, state, input, error, created_at FROM workflows WHERE id = $1)";
 
 /// The status of a workflow that has no domain row yet.
-const PENDING_STATUS: &str = "CASE WHEN w.state = 'cancelled' THEN 'cancelled'
-                                   WHEN w.state IN ('running', 'waiting') THEN 'pending'
-                                   ELSE 'rejected' END";
+macro_rules! pending_status {
+    () => {
+        "CASE WHEN w.state = 'cancelled' THEN 'cancelled'
+              WHEN w.state IN ('running', 'waiting') THEN 'pending'
+              ELSE 'rejected' END"
+    };
+}
+const PENDING_STATUS: &str = pending_status!();
+
+/// Why a resource (domain row `$row`, workflow `w`) in a terminal state
+/// that is not success (`rejected`, `cancelled`) ended there: its own error,
+/// else its workflow's (a compensation or an operator's cancel records the
+/// reason there only).
+macro_rules! failure_reason {
+    ($row:literal) => {
+        concat!(
+            "coalesce(",
+            $row,
+            ".error, CASE WHEN coalesce(",
+            $row,
+            ".status, ",
+            pending_status!(),
+            ") IN ('rejected', 'cancelled') THEN coalesce(w.error, ",
+            "CASE WHEN w.state = 'cancelled' THEN 'cancelled by an operator' END) END)"
+        )
+    };
+}
+const TRADE_ERROR: &str = failure_reason!("t");
+const WITHDRAWAL_ERROR: &str = failure_reason!("d");
 
 type TradeRow = (
     Uuid,
@@ -249,7 +275,7 @@ fn trade_sql() -> String {
                 coalesce(t.base_amount::text, w.input->>'base_amount', '') AS base_amount,
                 coalesce(t.limit_price::text, w.input->>'limit_price', '') AS limit_price,
                 coalesce(t.status, {PENDING_STATUS}) AS status,
-                t.error,
+                {TRADE_ERROR} AS error,
                 w.created_at
          FROM w LEFT JOIN trades t ON t.id = w.id
          WHERE w.kind = $3 AND w.input->>'user_id' = ($2::uuid)::text"
@@ -370,7 +396,7 @@ fn withdrawal_sql() -> String {
                 coalesce(d.amount::text, w.input->>'amount', '') AS amount,
                 coalesce(d.address, w.input->>'address', '') AS address,
                 coalesce(d.status, {PENDING_STATUS}) AS status,
-                d.error,
+                {WITHDRAWAL_ERROR} AS error,
                 w.created_at
          FROM w LEFT JOIN withdrawals d ON d.id = w.id
          WHERE w.kind = $3 AND w.input->>'user_id' = ($2::uuid)::text"

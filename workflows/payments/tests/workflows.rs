@@ -351,6 +351,15 @@ async fn unfilled_order_times_out_cancels_and_releases() -> TestResult {
     env.run().await?;
     assert_eq!(env.state(id).await?, "compensated");
     assert_eq!(env.balance(user, "USDT").await?, (dec("1000"), dec("0")));
+    // Its owner reads why (the read behind `GET /v1/trades/{id}`).
+    let mut conn = env.db.pool.acquire().await?;
+    let seen = ledgerflow_payments::idempotency::trade(&mut conn, user, id)
+        .await?
+        .ok_or("the owner sees the trade")?;
+    assert_eq!(seen.status, "cancelled");
+    let reason = seen.error.ok_or("a cancelled trade says why")?;
+    assert!(reason.contains("fill"), "{reason}");
+    drop(conn);
     let status = env.sim.as_ref().counters_for(&trade::order_key(id));
     assert_eq!(status.orders_created, 1);
     // The exchange's (late) fill never comes: the order is cancelled.

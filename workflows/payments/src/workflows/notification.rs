@@ -15,15 +15,15 @@
 //!    [`reconcile_send`] asks the provider ([`Notifier::delivery_status`]):
 //!    delivered → the row is `sent` with the provider's message id and the
 //!    workflow completes, nothing is sent again; certainly not delivered →
-//!    sent again under the same id; no answer → still in doubt, asked again
-//!    with backoff and, after the last ask, left for an admin.
+//!    [`Reconciled::NotReceived`]: the engine runs `send` again, under the
+//!    same id; no answer → still in doubt, asked again with backoff and,
+//!    after the last ask, left for an admin.
 //!
 //! Why a re-send after "not found" is not the blind re-send rule 3 forbids:
 //! it follows the provider's own answer, and it carries the same id, so even
 //! a first request still in flight somewhere cannot make a second delivery
 //! (the provider dedupes on the id). The rejected alternative, failing the
-//! step on "not found" like the exchange steps do, would drop a notification
-//! that nothing had sent.
+//! step on "not found", would drop a notification that nothing had sent.
 //!
 //! [`Notifier::delivery_status`]: crate::notifier::Notifier::delivery_status
 //! [`StepCtx::external_call`]: ledgerflow_engine::StepCtx::external_call
@@ -256,23 +256,14 @@ async fn reconcile_with(
     let receipt = match notifier.delivery_status(&message.id).await {
         // Delivered: settle on the provider's receipt; nothing is sent.
         Ok(Some(receipt)) => receipt,
-        // Certainly not delivered: send it now, under the same id (see the
-        // module docs for why this is not a blind re-send).
-        Ok(None) => match notifier.send(message).await {
-            Ok(receipt) => receipt,
-            Err(notifier::Error::Rejected(reason)) => {
-                mark_rejected(ctx, &message.id, &reason).await?;
-                return Ok(Reconciled::Failed(format!(
-                    "notification rejected: {reason}"
-                )));
-            }
-            // Not sent, or in doubt again: the next ask looks it up first.
-            Err(e @ (notifier::Error::Unavailable(_) | notifier::Error::Unknown(_))) => {
-                tracing::info!(notification_id = %message.id, error = %e,
-                    "in-doubt notification: re-send had no answer, asking again later");
-                return Ok(Reconciled::Unknown);
-            }
-        },
+        // Certainly not delivered: the engine sends it again, under the same
+        // id (see the module docs for why this is not a blind re-send).
+        Ok(None) => {
+            return Ok(Reconciled::NotReceived(format!(
+                "the provider has no notification {}",
+                message.id
+            )));
+        }
         // The provider can't be reached: still in doubt, ask again later
         // (the engine's backoff, then an admin).
         Err(e) => {

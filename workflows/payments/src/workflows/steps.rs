@@ -146,8 +146,9 @@ pub(super) async fn hold(
     }
 }
 
-/// Compensation of `hold`: release it (idempotent); the row is `cancelled`
-/// unless it already reached its final state.
+/// Compensation of `hold`: release it (idempotent); the row is `cancelled`,
+/// with the reason the workflow failed, unless it already reached its final
+/// state.
 pub(super) async fn release(ctx: &StepCtx, row: Row, output: &Value) -> CompensationResult {
     let reference = str_field(output, "hold_reference")?.to_owned();
     let mut conn = db(ctx).await?;
@@ -158,11 +159,15 @@ pub(super) async fn release(ctx: &StepCtx, row: Row, output: &Value) -> Compensa
     };
     let sql = match row {
         Row::Trade => {
-            "UPDATE trades SET status = 'cancelled', updated_at = coalesce($2::timestamptz, now())
+            "UPDATE trades
+             SET status = 'cancelled', updated_at = coalesce($2::timestamptz, now()),
+                 error = coalesce(error, (SELECT w.error FROM workflows w WHERE w.id = $1))
              WHERE id = $1 AND status NOT IN ('settled', 'rejected')"
         }
         Row::Withdrawal => {
-            "UPDATE withdrawals SET status = 'cancelled', updated_at = coalesce($2::timestamptz, now())
+            "UPDATE withdrawals
+             SET status = 'cancelled', updated_at = coalesce($2::timestamptz, now()),
+                 error = coalesce(error, (SELECT w.error FROM workflows w WHERE w.id = $1))
              WHERE id = $1 AND status NOT IN ('completed', 'rejected')"
         }
     };

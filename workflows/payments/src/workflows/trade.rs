@@ -11,7 +11,8 @@
 //!    order for the key. `Rejected` fails the step (→ compensation);
 //!    `Unavailable` retries; `Unknown` puts the step in doubt and the
 //!    reconcile hook asks `get_order_by_key` (found → continue with it,
-//!    absent → fail and compensate) — never a blind re-send.
+//!    absent → never received: placed again under the same key) — never a
+//!    blind re-send.
 //!    Compensation: `cancel_order` (idempotent by key).
 //! 4. `await_fill`  — waits for signal `order.filled` keyed by the order's
 //!    idempotency key. On timeout it cancels the order at the exchange: a
@@ -319,8 +320,10 @@ pub async fn reconcile_order(deps: Arc<Deps>, ctx: StepCtx, key: String) -> Reco
             )))
         }
         // The simulator (and any venue we integrate) records an order before
-        // answering, so "absent" after an unknown answer means never placed.
-        Ok(None) => Ok(Reconciled::Failed(format!(
+        // answering, so "absent" after an unknown answer means never placed:
+        // the engine places it again under the same key (the exchange
+        // deduplicates by it), so a crash does not cancel the trade.
+        Ok(None) => Ok(Reconciled::NotReceived(format!(
             "the exchange has no order with key {key}"
         ))),
         Err(exchange::Error::Unknown(_)) => Ok(Reconciled::Unknown),

@@ -18,7 +18,8 @@
 //!    transaction). Timeout or an approver's rejection → fail → release.
 //! 4. `submit`             — one external call with key `{id}:submit`:
 //!    `get_withdrawal_by_key` first, `submit_withdrawal` only if absent;
-//!    `Unknown` → in doubt, reconciled with `get_withdrawal_by_key`.
+//!    `Unknown` → in doubt, reconciled with `get_withdrawal_by_key` (absent
+//!    → never received: submitted again under the same key).
 //! 5. `await_confirmation` — waits for `withdrawal.confirmed` keyed by the
 //!    submit key; each timeout re-checks the exchange and waits again (a
 //!    submitted withdrawal is never released: the money may be gone).
@@ -527,7 +528,9 @@ pub async fn reconcile_submit(deps: Arc<Deps>, ctx: StepCtx, key: String) -> Rec
                 "idempotency_key": key.as_str(),
             })))
         }
-        Ok(None) => Ok(Reconciled::Failed(format!(
+        // Never received: the engine submits it again under the same key
+        // (the exchange deduplicates by it), so a crash does not cancel it.
+        Ok(None) => Ok(Reconciled::NotReceived(format!(
             "the exchange has no withdrawal with key {key}"
         ))),
         Err(exchange::Error::Unknown(_)) => Ok(Reconciled::Unknown),
