@@ -9,8 +9,10 @@
 // a visible 401 error; signs in properly; finds the dead jobs of <queue> with the filters (markup
 // in their args/errors must stay text); opens the target job, retries it with <reason> through the
 // reason dialog, and waits until the runner has completed it; finds the retry in the audit log;
-// checks that a credential refused mid-session signs out visibly; finally signs in as a viewer
-// and expects a retry to be refused visibly with 403, the session kept.
+// checks that a credential refused mid-session signs out visibly; finally signs in as a viewer,
+// expects the page to name the viewer and their role, the operator-only buttons disabled and the
+// Access panel left out of the navigation, and a retry forced through the disabled button to be
+// refused visibly by the API with 403, the session kept.
 // It prints `target=<job id>` so the caller can check it picked the right job.
 // CHROMIUM overrides the browser path (default /usr/bin/chromium); E2E_SCREENSHOTS=<dir> saves a
 // screenshot of each main view there (to look at the console without running it by hand).
@@ -93,6 +95,11 @@ try {
   await page.click('#login-submit');
   await page.locator('#nav').waitFor({ state: 'visible' });
   await page.locator('#jobs-table').waitFor();
+  step = 'the page shows who is signed in and what the role may do';
+  const who = await page.textContent('#who');
+  check(/signed in as .+ \(operator\)/.test(who), `who: ${who}`);
+  check(await page.locator('#bulk-retry').isEnabled(), 'an operator\'s bulk retry is disabled');
+  check(await page.locator('#nav a[data-view="access"]').isHidden(), 'an operator is offered the Access panel');
 
   step = 'find the dead jobs with the filters';
   await page.fill('#f-queue', queue);
@@ -188,6 +195,7 @@ try {
     ['cron', 'Cron schedules', null],
     ['dead-letters', 'Dead letters', '#dead-jobs-table'],
     ['approvals', 'Withdrawal approvals', null],
+    ['policy', 'Withdrawal policy', '#policy-table'],
   ];
   for (const [view, title, tableId] of panels) {
     step = `the ${view} panel loads`;
@@ -221,12 +229,28 @@ try {
   await shot(page, 'signed-out');
   check((await page.evaluate(() => sessionStorage.getItem('ledgerflow.admin.token'))) === null, 'the refused credential was kept');
 
-  step = 'a viewer is refused a retry visibly (403) and stays signed in';
+  step = 'a viewer sees their role and the operator buttons disabled';
   await page.fill('#login-token', viewerToken);
   await page.click('#login-submit');
   await page.locator('#nav').waitFor({ state: 'visible' });
+  const viewerWho = await page.textContent('#who');
+  check(/signed in as .+ \(viewer\)/.test(viewerWho), `who: ${viewerWho}`);
+  check(await page.locator('#nav a[data-view="access"]').isHidden(), 'a viewer is offered the Access panel');
   await page.evaluate((id) => { window.location.hash = `#/jobs/${id}`; }, hostile.id);
   await page.locator('#job-state').waitFor();
+  check(await page.locator('#job-retry').isDisabled(), 'a viewer\'s retry button is enabled');
+  const hint = await page.getAttribute('#job-retry', 'title');
+  check(/viewer/.test(hint || ''), `the disabled retry does not say why: ${hint}`);
+  await page.click('#nav a[data-view="policy"]');
+  await page.locator('#policy-table').waitFor();
+  check(await page.locator('#policy-table button[data-needs="administer"]').first().isDisabled(),
+    'a viewer may edit the withdrawal policy');
+
+  step = 'a viewer is refused a retry visibly (403) and stays signed in';
+  // The buttons are hints: force the disabled one, and the API still refuses.
+  await page.evaluate((id) => { window.location.hash = `#/jobs/${id}`; }, hostile.id);
+  await page.locator('#job-state').waitFor();
+  await page.evaluate(() => { document.getElementById('job-retry').disabled = false; });
   await page.click('#job-retry');
   await page.fill('#reason-input', 'a viewer tries');
   await page.click('#reason-confirm');

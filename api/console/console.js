@@ -9,7 +9,12 @@
  *   as the bearer header; a 401 anywhere signs out with a visible message, a 403 is shown as an
  *   error and keeps the session;
  * - the API is the authority: buttons are hints, every action is authorized, validated and audited
- *   server-side, and every mutation asks for the reason the API requires.
+ *   server-side, and every mutation asks for the reason the API requires. The signed-in admin's
+ *   role (`GET /v1/me`) only decides which buttons are enabled (`needs: 'operate'` …) and which
+ *   panels the navigation offers.
+ *
+ * `panels.js` (loaded after this file) adds the Policy and Access panels through the small
+ * `window.ledgerflowConsole` interface this file exposes.
  */
 'use strict';
 
@@ -28,6 +33,14 @@
 
   const $ = (id) => document.getElementById(id);
 
+  /** The signed-in admin (`GET /v1/me`): name, role, permissions. Null until known. */
+  let me = null;
+
+  /** Whether the signed-in admin's role has `permission` (true while unknown: the API decides). */
+  function can(permission) {
+    return !me || (me.permissions || []).includes(permission);
+  }
+
   // ------------------------------------------------------------------ DOM helpers
 
   /** Builds an element. Strings and numbers become text nodes; `on*` attrs become listeners. */
@@ -39,6 +52,13 @@
         node.addEventListener(key.slice(2).toLowerCase(), value);
       } else if (key === 'class') {
         node.className = value;
+      } else if (key === 'needs') {
+        // A right the action needs: disabled (with the reason as its title) when the role lacks it.
+        node.dataset.needs = value;
+        if (!can(value)) {
+          node.disabled = true;
+          node.title = 'Your role (' + (me ? me.role : '?') + ') may not ' + value;
+        }
       } else if (key === 'text') {
         node.textContent = String(value);
       } else if (value === true) {
@@ -235,6 +255,7 @@
 
   function signOut(message) {
     sessionStorage.removeItem(TOKEN_KEY);
+    me = null;
     stopRefresh();
     showLogin(message);
   }
@@ -259,7 +280,9 @@
     $('app-view').hidden = false;
     $('nav').hidden = false;
     $('logout').hidden = false;
-    $('who').textContent = 'signed in';
+    $('who').textContent = me ? 'signed in as ' + me.name + ' (' + me.role + ')' : 'signed in';
+    // Panels for rights the role lacks are left out of the navigation.
+    for (const a of document.querySelectorAll('#nav a[data-needs]')) a.hidden = !can(a.dataset.needs);
   }
 
   async function onLogin(e) {
@@ -270,8 +293,8 @@
     if (!candidate) return;
     $('login-submit').disabled = true;
     try {
-      // Any read proves the credential and its role; queues is the cheapest.
-      await api('GET', '/queues', { token: candidate });
+      // Who this is, and with which rights: proves the credential too.
+      me = await api('GET', '/me', { token: candidate });
       sessionStorage.setItem(TOKEN_KEY, candidate);
       showApp();
       if (!window.location.hash || window.location.hash === '#/' || window.location.hash === '#') {
@@ -330,6 +353,14 @@
     if (!token()) {
       showLogin('');
       return;
+    }
+    if (!me) {
+      // A reload keeps the credential but not who it is.
+      try {
+        me = await api('GET', '/me');
+      } catch (e) {
+        if (e instanceof ApiError && e.status === 401) return; // already signed out
+      }
     }
     showApp();
     stopRefresh();
@@ -482,8 +513,8 @@
       form,
       el('div', { class: 'actions' },
         el('button', { type: 'button', id: 'jobs-refresh', onclick: () => route() }, 'Refresh'),
-        el('button', { type: 'button', id: 'bulk-retry', onclick: bulk('retry') }, 'Bulk retry matching…'),
-        el('button', { type: 'button', id: 'bulk-cancel', class: 'danger', onclick: bulk('cancel') }, 'Bulk cancel matching…')),
+        el('button', { type: 'button', needs: 'operate', id: 'bulk-retry', onclick: bulk('retry') }, 'Bulk retry matching…'),
+        el('button', { type: 'button', needs: 'operate', id: 'bulk-cancel', class: 'danger', onclick: bulk('cancel') }, 'Bulk cancel matching…')),
       tableNode,
       p.node);
   }
@@ -503,9 +534,9 @@
         el('a', { href: '#/audit?target_type=job&target_id=' + encodeURIComponent(job.id) }, 'audit log for this job'),
         job.workflow_id ? [' · ', el('a', { href: '#/workflows/' + encodeURIComponent(job.workflow_id) }, 'its workflow')] : null),
       el('div', { class: 'actions' },
-        el('button', { type: 'button', id: 'job-retry', class: 'primary', disabled: !RETRY_FROM.has(job.state), onclick: act('retry', 'Retry') }, 'Retry…'),
-        el('button', { type: 'button', id: 'job-cancel', disabled: !CANCEL_FROM.has(job.state), onclick: act('cancel', 'Cancel') }, 'Cancel…'),
-        el('button', { type: 'button', id: 'job-discard', class: 'danger', disabled: !DISCARD_FROM.has(job.state), onclick: act('discard', 'Discard') }, 'Discard…'),
+        el('button', { type: 'button', needs: 'operate', id: 'job-retry', class: 'primary', disabled: !RETRY_FROM.has(job.state), onclick: act('retry', 'Retry') }, 'Retry…'),
+        el('button', { type: 'button', needs: 'operate', id: 'job-cancel', disabled: !CANCEL_FROM.has(job.state), onclick: act('cancel', 'Cancel') }, 'Cancel…'),
+        el('button', { type: 'button', needs: 'operate', id: 'job-discard', class: 'danger', disabled: !DISCARD_FROM.has(job.state), onclick: act('discard', 'Discard') }, 'Discard…'),
         el('button', { type: 'button', id: 'job-refresh', onclick: () => route() }, 'Refresh'),
         JOB_ACTIVE.has(job.state) ? el('span', { class: 'muted' }, 'refreshing while the job is active…') : null),
       fields(job, ['args', 'last_error']),
@@ -550,7 +581,7 @@
         ['queue', (q) => el('a', { href: '#/jobs?queue=' + encodeURIComponent(q.name) }, q.name)],
         ['status', (q) => stateBadge(q.paused ? 'paused' : 'active')],
         ...JOB_STATES.map((s) => [s, (q) => String((q.counts || {})[s] || 0)]),
-        ['', (q) => el('button', { type: 'button', onclick: act(q, q.paused ? 'resume' : 'pause') }, q.paused ? 'Resume…' : 'Pause…')],
+        ['', (q) => el('button', { type: 'button', needs: 'operate', onclick: act(q, q.paused ? 'resume' : 'pause') }, q.paused ? 'Resume…' : 'Pause…')],
       ], queues, (q) => ({ 'data-queue': q.name })) : el('p', { class: 'muted' }, 'No queues yet.'));
   }
 
@@ -596,9 +627,9 @@
       el('p', null, el('a', { href: '#/workflows' }, '← all workflows'), ' · ',
         el('a', { href: '#/audit?target_type=workflow&target_id=' + encodeURIComponent(id) }, 'audit log for this workflow')),
       el('div', { class: 'actions' },
-        el('button', { type: 'button', id: 'workflow-retry', class: 'primary', disabled: wf.state !== 'failed', onclick: () => mutate('Retry workflow', 'Runs the failed step again.',
+        el('button', { type: 'button', needs: 'operate', id: 'workflow-retry', class: 'primary', disabled: wf.state !== 'failed', onclick: () => mutate('Retry workflow', 'Runs the failed step again.',
           (reason) => api('POST', base + '/retry', { body: { reason } }), (r) => 'Workflow now ' + ((r.workflow || {}).state || 'retried'), after) }, 'Retry…'),
-        el('button', { type: 'button', id: 'workflow-cancel', disabled: WORKFLOW_DONE.has(wf.state), onclick: () => mutate('Cancel workflow', 'Stops the workflow (compensations run if it defines them).',
+        el('button', { type: 'button', needs: 'operate', id: 'workflow-cancel', disabled: WORKFLOW_DONE.has(wf.state), onclick: () => mutate('Cancel workflow', 'Stops the workflow (compensations run if it defines them).',
           (reason) => api('POST', base + '/cancel', { body: { reason } }), (r) => 'Workflow now ' + ((r.workflow || {}).state || 'cancelled'), after) }, 'Cancel…'),
         el('button', { type: 'button', onclick: after }, 'Refresh'),
         WORKFLOW_ACTIVE.has(wf.state) ? el('span', { class: 'muted' }, 'refreshing while the workflow is active…') : null),
@@ -615,8 +646,8 @@
         ['finished', (s) => time(s.finished_at)],
         ['output', (s) => (s.output === null || s.output === undefined ? '' : el('pre', null, json(s.output)))],
         ['', (s) => (s.in_doubt || s.status === 'in_doubt'
-          ? [el('button', { type: 'button', onclick: resolve(s.step, 'succeeded') }, 'Resolve: succeeded…'), ' ',
-            el('button', { type: 'button', class: 'danger', onclick: resolve(s.step, 'failed') }, 'Resolve: failed…')]
+          ? [el('button', { type: 'button', needs: 'operate', onclick: resolve(s.step, 'succeeded') }, 'Resolve: succeeded…'), ' ',
+            el('button', { type: 'button', needs: 'operate', class: 'danger', onclick: resolve(s.step, 'failed') }, 'Resolve: failed…')]
           : '')],
       ], steps, (s) => ({ 'data-step': s.step, 'data-status': s.status })) : el('p', { class: 'muted' }, 'No steps journaled yet.'));
     // Follow an active workflow until it settles, so a retry is seen to finish.
@@ -651,10 +682,10 @@
         ['last fire', (s) => time(s.last_fire_at)],
         ['last job', (s) => (s.last_job_id ? el('a', { href: '#/jobs/' + encodeURIComponent(s.last_job_id), class: 'mono' }, s.last_job_id) : '')],
         ['', (s) => [
-          el('button', { type: 'button', onclick: act(s, 'trigger', 'Trigger') }, 'Trigger now…'), ' ',
+          el('button', { type: 'button', needs: 'operate', onclick: act(s, 'trigger', 'Trigger') }, 'Trigger now…'), ' ',
           paused(s)
-            ? el('button', { type: 'button', onclick: act(s, 'resume', 'Resume') }, 'Resume…')
-            : el('button', { type: 'button', onclick: act(s, 'pause', 'Pause') }, 'Pause…')]],
+            ? el('button', { type: 'button', needs: 'operate', onclick: act(s, 'resume', 'Resume') }, 'Resume…')
+            : el('button', { type: 'button', needs: 'operate', onclick: act(s, 'pause', 'Pause') }, 'Pause…')]],
       ], schedules) : el('p', { class: 'muted' }, 'No schedules.'));
   }
 
@@ -671,7 +702,7 @@
       ['attempt', (j) => j.attempt + '/' + j.max_attempts],
       ['last error', (j) => j.last_error || '', 'err'],
       ['finished', (j) => time(j.finished_at)],
-      ['', (j) => el('button', { type: 'button', onclick: () => mutate('Redrive job', 'Job ' + j.id + ' runs again.',
+      ['', (j) => el('button', { type: 'button', needs: 'operate', onclick: () => mutate('Redrive job', 'Job ' + j.id + ' runs again.',
         (reason) => api('POST', '/dead-letters/jobs/' + encodeURIComponent(j.id) + '/redrive', { body: { reason } }),
         (r) => 'Job redriven: now ' + ((r.job || {}).state || 'available'), after) }, 'Redrive…')],
     ];
@@ -714,7 +745,7 @@
             showBanner('Could not load dead letter: ' + describe(e));
           }
         } }, 'Inspect'), ' ',
-        el('button', { type: 'button', onclick: () => mutate('Redrive message', 'Re-published to its topic through the outbox.',
+        el('button', { type: 'button', needs: 'operate', onclick: () => mutate('Redrive message', 'Re-published to its topic through the outbox.',
           (reason) => api('POST', '/dead-letters/' + encodeURIComponent(m.id) + '/redrive', { body: { reason } }),
           () => 'Message ' + m.id + ' redriven', after) }, 'Redrive…'),
         m.copy_state === 'pending' ? [' ', el('button', { type: 'button', onclick: () => mutate('Retry topic copy',
@@ -734,21 +765,35 @@
   async function approvalsView(view) {
     const page = await api('GET', '/withdrawals/pending', { query: { limit: 100 } });
     const items = page.items || [];
-    const idOf = (w) => w.id || w.withdrawal_id;
     const act = (w, action) => () => mutate((action === 'approve' ? 'Approve' : 'Reject') + ' withdrawal',
-      'Withdrawal ' + idOf(w) + '. The approver cannot be the requester (four-eyes rule).',
-      (reason) => api('POST', '/withdrawals/' + encodeURIComponent(idOf(w)) + '/' + action, { body: { reason } }),
-      (r) => 'Withdrawal ' + idOf(w) + ': ' + (r.decision || action) + (r.changed === false ? ' (already decided)' : ''), () => route());
-    const keys = pickColumns(items, ['id', 'user_id', 'asset', 'amount', 'address', 'status', 'requested_by', 'requested_at']);
-    const cols = keys.map((k) => [k, (w) => scalar(w[k])]);
-    cols.push(['', (w) => [
-      el('button', { type: 'button', class: 'primary', onclick: act(w, 'approve') }, 'Approve…'), ' ',
-      el('button', { type: 'button', class: 'danger', onclick: act(w, 'reject') }, 'Reject…')]]);
+      'Withdrawal of ' + w.amount + ' ' + w.asset + ' for ' + w.user_email + '. Four-eyes: not the requester, '
+        + 'not an approver linked to this user, and no admin approves twice.',
+      (reason) => api('POST', '/withdrawals/' + encodeURIComponent(w.id) + '/' + action, { body: { reason } }),
+      (r) => 'Withdrawal ' + w.id + ': ' + (r.decision === 'approval_recorded'
+        ? 'approval ' + r.approvals + ' of ' + r.approvals_required + ' recorded; another approver must approve'
+        : (r.decision || action)) + (r.changed === false ? ' (already decided)' : ''), () => route());
+    const cols = [
+      ['requested', (w) => time(w.requested_at)],
+      ['user', (w) => w.user_email],
+      ['amount', (w) => w.amount + ' ' + w.asset],
+      ['address', (w) => el('span', { class: 'mono' }, w.address)],
+      ['status', (w) => w.status],
+      ['approvals', (w) => (w.approved_by || []).length + ' of ' + w.approvals_required
+        + ((w.approved_by || []).length ? ' (' + w.approved_by.join(', ') + ')' : '')],
+      ['filed by', (w) => w.requested_by_name || '—'],
+      ['', (w) => [
+        // An approver who approved already must leave the next approval to someone else.
+        el('button', { type: 'button', needs: 'approve', class: 'primary', onclick: act(w, 'approve'),
+          disabled: !!me && (w.approved_by || []).includes(me.name),
+          title: !!me && (w.approved_by || []).includes(me.name) ? 'You approved it already' : null }, 'Approve…'), ' ',
+        el('button', { type: 'button', needs: 'approve', class: 'danger', onclick: act(w, 'reject') }, 'Reject…')]],
+    ];
     view.show(
       el('h1', null, 'Withdrawal approvals'),
-      el('p', { class: 'muted' }, 'Large withdrawals wait here for a second admin (role approver).'),
+      el('p', { class: 'muted' }, 'Withdrawals above their asset\'s approval threshold wait here for an approver; '
+        + 'above the second threshold, for two different approvers (see Policy).'),
       el('div', { class: 'actions' }, el('button', { type: 'button', onclick: () => route() }, 'Refresh')),
-      items.length ? table('approvals-table', cols, items) : el('p', { class: 'muted' }, 'Nothing waiting.'));
+      items.length ? table('approvals-table', cols, items, (w) => ({ 'data-id': w.id })) : el('p', { class: 'muted' }, 'Nothing waiting.'));
   }
 
   // ------------------------------------------------------------------ audit
@@ -780,6 +825,14 @@
   }
 
   // ------------------------------------------------------------------ start
+
+  // The interface panels.js builds its panels with.
+  window.ledgerflowConsole = {
+    el, api, mutate, table, time, route, can,
+    addView(name, render) {
+      VIEWS[name] = (parts, params, view) => render(parts, params, view);
+    },
+  };
 
   document.addEventListener('DOMContentLoaded', () => {
     $('login-form').addEventListener('submit', onLogin);

@@ -14,8 +14,8 @@ use crate::error::{Error, Result};
 use chrono::{DateTime, Utc};
 use ledgerflow_payments::approvals::{self, PendingWithdrawal};
 use ledgerflow_payments::audit::{self, NewEntry};
-use ledgerflow_payments::users::{Admin, AdminRole};
-use ledgerflow_payments::workflows::withdrawal::approve_in;
+use ledgerflow_payments::users::Admin;
+use ledgerflow_payments::workflows::withdrawal::{Approval, approve_in};
 use poem::web::Data;
 use poem_openapi::param::{Path, Query};
 use poem_openapi::payload::Json;
@@ -47,6 +47,15 @@ pub struct PendingWithdrawalView {
     /// The admin who filed it for the user, if any (may not approve it).
     pub requested_by: Option<Uuid>,
     pub requested_at: DateTime<Utc>,
+    /// The user's email.
+    pub user_email: String,
+    /// The name of the admin who filed it, if any.
+    pub requested_by_name: Option<String>,
+    /// Distinct approvers it needs: 1, or 2 above the asset's
+    /// second-approval threshold.
+    pub approvals_required: i16,
+    /// Names of the approvers who approved it so far.
+    pub approved_by: Vec<String>,
 }
 
 impl From<PendingWithdrawal> for PendingWithdrawalView {
@@ -60,6 +69,10 @@ impl From<PendingWithdrawal> for PendingWithdrawalView {
             status: w.status,
             requested_by: w.requested_by.map(|a| a.0),
             requested_at: w.requested_at,
+            user_email: w.user_email,
+            requested_by_name: w.requested_by_name,
+            approvals_required: w.approvals_required,
+            approved_by: w.approved_by_names,
         }
     }
 }
@@ -77,12 +90,16 @@ pub struct PendingPage {
 #[oai(skip_serializing_if_is_none)]
 pub struct ApprovalResult {
     pub withdrawal_id: Uuid,
-    /// approved or rejected.
+    /// approved, rejected, or `approval_recorded` (one more distinct
+    /// approver is needed).
     pub decision: String,
     /// False when it had been approved already (nothing changed).
     pub changed: bool,
     /// The audit row written with the decision (absent when nothing changed).
     pub audit_id: Option<Uuid>,
+    /// Approvals given so far and needed (approvals only).
+    pub approvals: Option<u8>,
+    pub approvals_required: Option<u8>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -93,14 +110,7 @@ struct CursorWire {
 
 /// The approver, or 401/403.
 async fn approver(state: &AppState, key: &AdminKey) -> Result<Admin> {
-    let admin = auth::admin(state, key, Permission::Read).await?;
-    if admin.role != AdminRole::Approver {
-        return Err(Error::Forbidden(format!(
-            "role {} may not approve or reject withdrawals",
-            admin.role.as_str()
-        )));
-    }
-    Ok(admin)
+    auth::admin(state, key, Permission::Approve).await
 }
 
 /// The approval operations of the admin API.
@@ -146,8 +156,12 @@ impl ApprovalsApi {
         }))
     }
 
-    /// Approves a withdrawal (role `approver`; never the requester: 403
-    /// `four-eyes`). Approving one approved already changes nothing.
+    /// Approves a withdrawal (role `approver`; 403 `four-eyes` for the
+    /// requester, an approver linked to the withdrawal's user, or one who
+    /// approved it already). Above the asset's second-approval threshold a
+    /// second, distinct approver must approve too (the first answer's
+    /// decision is `approval_recorded`). Approving one approved already
+    /// changes nothing.
     #[oai(
         path = "/v1/withdrawals/:id/approve",
         method = "post",
@@ -178,7 +192,13 @@ impl ApprovalsApi {
         let sent = approve_in(&mut tx, &state.store, &admin, id, &why)
             .await
             .map_err(state_conflict)?;
-        let changed = !matches!(sent, ledgerflow_engine::SignalSent::Duplicate);
+        let changed = sent.is_new();
+        let (decision, approvals, approvals_required) = match sent {
+            Approval::Recorded { given, required } => {
+                ("approval_recorded", Some(given), Some(required))
+            }
+            Approval::Approved(_) => ("approved", None, None),
+        };
         let audit_id = if changed {
             // approve_in wrote it on this transaction; read its id back.
             let filter = audit::Filter {
@@ -199,9 +219,11 @@ impl ApprovalsApi {
         log_action(&admin, "withdrawal.approve", &id.to_string());
         Ok(Json(ApprovalResult {
             withdrawal_id: id,
-            decision: "approved".into(),
+            decision: decision.into(),
             changed,
             audit_id,
+            approvals,
+            approvals_required,
         }))
     }
 
@@ -249,6 +271,8 @@ impl ApprovalsApi {
             decision: "rejected".into(),
             changed: true,
             audit_id: Some(audit_id),
+            approvals: None,
+            approvals_required: None,
         }))
     }
 }

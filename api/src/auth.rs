@@ -43,17 +43,44 @@ pub enum Permission {
     Read,
     /// Retry, cancel, discard jobs; pause and resume queues.
     Operate,
+    /// Approve or reject withdrawals that need approval.
+    Approve,
+    /// Manage admins and users' API keys; change the withdrawal policy.
+    Administer,
 }
 
-/// Whether `role` has `perm`. Viewer < operator for operations; approver is a
-/// separate role (approvals) that may read but not operate. Deny by default.
+impl Permission {
+    /// Every permission, for `/v1/me`.
+    pub const ALL: [Permission; 4] = [
+        Permission::Read,
+        Permission::Operate,
+        Permission::Approve,
+        Permission::Administer,
+    ];
+
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Permission::Read => "read",
+            Permission::Operate => "operate",
+            Permission::Approve => "approve",
+            Permission::Administer => "administer",
+        }
+    }
+}
+
+/// Whether `role` has `perm`. Every role reads; each other right belongs to
+/// one role: operator operates, approver approves (and does not operate:
+/// separation of duties), security administers. Deny by default.
 pub fn allows(role: AdminRole, perm: Permission) -> bool {
     matches!(
         (role, perm),
         (
-            AdminRole::Viewer | AdminRole::Operator | AdminRole::Approver,
+            AdminRole::Viewer | AdminRole::Operator | AdminRole::Approver | AdminRole::Security,
             Permission::Read
         ) | (AdminRole::Operator, Permission::Operate)
+            | (AdminRole::Approver, Permission::Approve)
+            | (AdminRole::Security, Permission::Administer)
     )
 }
 
@@ -160,6 +187,13 @@ mod tests {
         assert!(allows(Operator, Operate));
         assert!(!allows(Viewer, Operate));
         assert!(!allows(Approver, Operate));
+        assert!(allows(Security, Read));
+        assert!(allows(Approver, Approve) && allows(Security, Administer));
+        for role in [Viewer, Operator, Approver, Security] {
+            assert_eq!(allows(role, Operate), role == Operator, "{role:?}");
+            assert_eq!(allows(role, Approve), role == Approver, "{role:?}");
+            assert_eq!(allows(role, Administer), role == Security, "{role:?}");
+        }
     }
 
     #[test]

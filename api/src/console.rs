@@ -22,6 +22,7 @@ use poem::{Endpoint, EndpointExt, IntoResponse, Response, Route, get, handler};
 
 const INDEX_HTML: &str = include_str!("../console/index.html");
 const CONSOLE_JS: &str = include_str!("../console/console.js");
+const PANELS_JS: &str = include_str!("../console/panels.js");
 const CONSOLE_CSS: &str = include_str!("../console/console.css");
 
 /// The policy every console response is served with.
@@ -78,6 +79,7 @@ fn index() -> Response {
 fn asset(Path(name): Path<String>) -> poem::Result<Response> {
     match name.as_str() {
         "console.js" => Ok(served(CONSOLE_JS, "text/javascript; charset=utf-8")),
+        "panels.js" => Ok(served(PANELS_JS, "text/javascript; charset=utf-8")),
         "console.css" => Ok(served(CONSOLE_CSS, "text/css; charset=utf-8")),
         _ => Err(Error::NotFound("no such console asset".into()).into()),
     }
@@ -118,8 +120,12 @@ mod tests {
     #[test]
     fn page_fits_its_policy() {
         assert!(INDEX_HTML.contains(r#"<script src="console.js" defer></script>"#));
+        assert!(INDEX_HTML.contains(r#"<script src="panels.js" defer></script>"#));
         assert!(INDEX_HTML.contains(r#"href="console.css""#));
-        assert_eq!(INDEX_HTML.matches("<script").count(), 1);
+        // Exactly these two scripts, both from this origin, in this order
+        // (panels.js uses what console.js defines).
+        assert_eq!(INDEX_HTML.matches("<script").count(), 2);
+        assert!(INDEX_HTML.find("console.js") < INDEX_HTML.find("panels.js"));
         let handler_attribute = INDEX_HTML
             .split(|c: char| c.is_whitespace() || c == '<')
             .find(|w| w.starts_with("on") && w.contains('='));
@@ -145,6 +151,7 @@ mod tests {
         for (path, ty) in [
             ("/console/", "text/html; charset=utf-8"),
             ("/console/console.js", "text/javascript; charset=utf-8"),
+            ("/console/panels.js", "text/javascript; charset=utf-8"),
             ("/console/console.css", "text/css; charset=utf-8"),
         ] {
             let resp = client.get(path).send().await;
@@ -161,18 +168,20 @@ mod tests {
         client.get("/v1/jobs").send().await.assert_text("api").await;
     }
 
-    /// The script never parses server data as markup.
+    /// The scripts never parse server data as markup.
     #[test]
     fn script_never_uses_markup_sinks() {
-        for sink in [
-            "innerHTML",
-            "outerHTML",
-            "insertAdjacentHTML",
-            "document.write",
-            "eval(",
-            "new Function",
-        ] {
-            assert!(!CONSOLE_JS.contains(sink), "console.js uses {sink}");
+        for (name, script) in [("console.js", CONSOLE_JS), ("panels.js", PANELS_JS)] {
+            for sink in [
+                "innerHTML",
+                "outerHTML",
+                "insertAdjacentHTML",
+                "document.write",
+                "eval(",
+                "new Function",
+            ] {
+                assert!(!script.contains(sink), "{name} uses {sink}");
+            }
         }
     }
 }

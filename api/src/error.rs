@@ -120,6 +120,13 @@ impl From<ledgerflow_engine::Error> for Error {
                 action,
             } => Error::Conflict(format!("job {job_id} is {state}; cannot {action} it")),
             E::Invalid(msg) => Error::Validation(msg),
+            // character_not_in_repertoire: text from the request that Postgres
+            // cannot store or compare (a NUL byte in a filter): the client's.
+            E::Db(sqlx::Error::Database(db)) if db.code().as_deref() == Some("22021") => {
+                Error::Validation(
+                    "text contains a character the database refuses (e.g. NUL)".into(),
+                )
+            }
             e if e.is_transient() => {
                 tracing::warn!(error = %e, "transient database error");
                 Error::Unavailable
@@ -138,6 +145,14 @@ impl From<ledgerflow_payments::Error> for Error {
             // A refusal of the caller (a role without the right, an approver
             // approving their own request): 403, never a 500.
             E::Forbidden(msg) => Error::Forbidden(msg),
+            E::FourEyes(msg) => Error::FourEyes(msg),
+            e @ (E::InvalidAmount { .. } | E::ScaleExceeded { .. }) => {
+                Error::Validation(e.to_string())
+            }
+            e @ (E::UnknownAsset(_) | E::UserNotFound(_) | E::AdminNotFound(_)) => {
+                Error::NotFound(e.to_string())
+            }
+            e @ E::AdminNameTaken(_) => Error::Conflict(e.to_string()),
             e if e.is_transient() => {
                 tracing::warn!(error = %e, "transient database error");
                 Error::Unavailable

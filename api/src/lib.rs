@@ -14,8 +14,10 @@
 //!   many concurrent ones);
 //! - [`admin`]      — the admin API (bearer admin credential, roles, audit):
 //!   jobs, queues, audit log; [`admin_workflows`], [`admin_cron`],
-//!   [`admin_dead_letters`] and [`admin_approvals`] add workflows, cron
-//!   schedules, dead letters and withdrawal approvals;
+//!   [`admin_dead_letters`], [`admin_approvals`], [`admin_policy`] and
+//!   [`admin_access`] add workflows, cron schedules, dead letters,
+//!   withdrawal approvals, the withdrawal policy, and `/v1/me` with admin
+//!   and API-key management;
 //! - [`console`]    — the admin web console (embedded static page over the admin API);
 //! - [`auth`]       — credentials and the role/permission allow-list;
 //! - [`ops`]        — `/healthcheck`, `/readyz` (a list of checks), `/metrics`;
@@ -28,9 +30,11 @@
 //! `ledgerflow_engine::admin_query`, audit rows in `ledgerflow_payments::audit`.
 
 pub mod admin;
+pub mod admin_access;
 pub mod admin_approvals;
 pub mod admin_cron;
 pub mod admin_dead_letters;
+pub mod admin_policy;
 pub mod admin_workflows;
 pub mod auth;
 pub mod batch;
@@ -85,6 +89,9 @@ pub struct ApiConfig {
     pub post_batch: usize,
     /// Most transactions of public POSTs running at once (default 4).
     pub post_transactions: usize,
+    /// The configured withdrawal policy (what the admin API shows for an
+    /// asset without an admin's override; the workers apply the same).
+    pub withdrawal_policy: ledgerflow_payments::policy::Policy,
 }
 
 impl Default for ApiConfig {
@@ -97,6 +104,7 @@ impl Default for ApiConfig {
             api_key_cache_ttl: Duration::from_secs(1),
             post_batch: 8,
             post_transactions: 4,
+            withdrawal_policy: ledgerflow_payments::policy::Policy::new(),
         }
     }
 }
@@ -218,6 +226,8 @@ type AdminApis = (
     admin_cron::CronApi,
     admin_dead_letters::DeadLettersApi,
     admin_approvals::ApprovalsApi,
+    admin_policy::PolicyApi,
+    admin_access::AccessApi,
 );
 
 fn admin_service() -> OpenApiService<AdminApis, ()> {
@@ -228,13 +238,15 @@ fn admin_service() -> OpenApiService<AdminApis, ()> {
             admin_cron::CronApi,
             admin_dead_letters::DeadLettersApi,
             admin_approvals::ApprovalsApi,
+            admin_policy::PolicyApi,
+            admin_access::AccessApi,
         ),
         "Ledgerflow admin API",
         VERSION,
     )
     .description(
-        "Jobs, queues, workflows, cron schedules, dead letters, withdrawal approvals and \
-         the audit log. Every mutation requires a reason and is audited in the same \
+        "Jobs, queues, workflows, cron schedules, dead letters, withdrawal approvals, the \
+         withdrawal policy, admins and API keys, and the audit log. Every mutation requires a reason and is audited in the same \
          transaction. Errors are RFC 7807 problems.",
     )
 }
@@ -296,6 +308,8 @@ pub fn admin_app(state: AppState) -> impl Endpoint<Output = poem::Response> {
                 admin_cron::ROUTES,
                 admin_dead_letters::ROUTES,
                 admin_approvals::ROUTES,
+                admin_policy::ROUTES,
+                admin_access::ROUTES,
                 console::ROUTES,
             ]
             .concat(),

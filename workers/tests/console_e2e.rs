@@ -4,7 +4,9 @@
 //!
 //! The browser signs in (a wrong credential first), finds the dead jobs with
 //! the filters, retries one with a reason and watches the runner complete it
-//! (and, signed in as a viewer, sees a retry refused with 403), then does the
+//! (and, signed in as a viewer, sees their name and role, the operator
+//! buttons disabled, and a retry forced through anyway refused with 403),
+//! sees who is signed in as the operator, then does the
 //! same for a failed workflow, whose step journal it shows;
 //! this test then checks the final database state — the job completed on its
 //! second attempt, the workflow completed, one `job.retry` and one

@@ -46,6 +46,7 @@ use ledgerflow_payments::exchange::{
     WithdrawalAck, WithdrawalRequest, WithdrawalState, WithdrawalStatus,
 };
 use ledgerflow_payments::notifier::SimulatedNotifier;
+use ledgerflow_payments::policy::AssetPolicy;
 use ledgerflow_payments::users::{self, Admin, AdminRole};
 use ledgerflow_payments::workflows::{self, Deps, WorkflowsConfig, trade, webhook, withdrawal};
 use ledgerflow_payments::{Amount, UserId, ledger};
@@ -103,8 +104,14 @@ fn workflows_config() -> TestResult<WorkflowsConfig> {
     };
     Ok(WorkflowsConfig {
         fill_timeout: Duration::from_millis(fill),
-        withdrawal_approval_threshold: BTreeMap::from([("BTC".to_string(), "1".parse()?)]),
-        withdrawal_daily_limit: BTreeMap::from([("BTC".to_string(), "10".parse()?)]),
+        withdrawal_policy: BTreeMap::from([(
+            "BTC".to_string(),
+            AssetPolicy {
+                approval_threshold: Some("1".parse()?),
+                second_approval_threshold: None,
+                daily_limit: Some("10".parse()?),
+            },
+        )]),
         approval_timeout: Duration::from_secs(600),
         confirmation_poll: Duration::from_millis(poll),
         ..WorkflowsConfig::default()

@@ -4,7 +4,8 @@
 //! see `pg.rs`); a Kafka-protocol broker (`KAFKA_BROKERS`, else a local tansu,
 //! installed once and cached, see `kafka.rs`); builds `ledgerflow` and
 //! `exchange-sim`; applies the migrations; seeds demo data (`ledgerflow
-//! seed`: a funded user with an API key, an operator and an approver admin);
+//! seed`: a funded user with an API key, an operator, two approvers and a
+//! security admin); runs with the withdrawal policy [`DEV_WITHDRAWAL_POLICY`];
 //! starts the exchange simulator, whose signed webhooks go to the API's
 //! `/v1/webhooks/exchange` with a secret generated for this run and handed to
 //! both sides through the environment; starts every role (api, admin,
@@ -20,9 +21,11 @@
 //!
 //! `--smoke` does all that on a database of its own (so it never
 //! disturbs a running `cargo xtask dev`), then pushes one trade and one
-//! withdrawal end to end through the public API, the simulator and its
-//! webhooks, checks the final states and the exact balance changes, stops
-//! everything and exits 0. It fails with a message naming the step on any
+//! small withdrawal end to end through the public API, the simulator and its
+//! webhooks, then a large withdrawal through two distinct approvers on the
+//! admin API (the same approver's second approval is refused) and one
+//! through an approver's rejection (its hold released), checks the final
+//! states and the exact balance changes, stops everything and exits 0. It fails with a message naming the step on any
 //! error, or when the run after the build takes longer than 90 s.
 use crate::{cmd, http};
 use anyhow::{Context, Result, anyhow, bail};
@@ -55,10 +58,22 @@ const SMOKE_DATABASE: &str = "ledgerflow_dev_smoke";
 const TRADE_BASE_AMOUNT: &str = "0.001";
 const TRADE_LIMIT_PRICE: &str = "30000.00";
 const TRADE_USD_COST: &str = "30.03";
-/// The smoke withdrawal: 0.001 BTC. No approval threshold is configured for
-/// the payments workflows the binary runs, so it needs no approval; if one
-/// is configured later, the smoke approves it as the seeded approver.
+/// The smoke withdrawal: 0.001 BTC, below the approval threshold of
+/// [`DEV_WITHDRAWAL_POLICY`], so it needs no approval.
 const WITHDRAWAL_AMOUNT: &str = "0.001";
+/// The smoke's large withdrawal: above BTC's second-approval threshold, so
+/// demo-approver and demo-approver-2 must both approve it.
+const LARGE_WITHDRAWAL_AMOUNT: &str = "1.2";
+/// The smoke's rejected withdrawal: above the approval threshold; the
+/// approver rejects it and its hold is released.
+const REJECTED_WITHDRAWAL_AMOUNT: &str = "0.6";
+
+/// The withdrawal policy `cargo xtask dev` runs with (LEDGERFLOW_WITHDRAWAL_POLICY):
+/// BTC above 0.5 needs an approver, above 1 two distinct ones, at most 1.9
+/// per user and day; USD likewise at 10,000 / 50,000 / 100,000. The seeded
+/// user holds 2 BTC, so a large withdrawal of the demo data waits in the
+/// console's Approvals panel.
+const DEV_WITHDRAWAL_POLICY: &str = r#"{"BTC": {"approval-threshold": "0.5", "second-approval-threshold": "1", "daily-limit": "1.9"}, "USD": {"approval-threshold": "10000", "second-approval-threshold": "50000", "daily-limit": "100000"}}"#;
 const WITHDRAWAL_ADDRESS: &str = "tb1qledgerflowdevsmoke0000000000000000000";
 
 #[derive(clap::Args)]
@@ -68,7 +83,8 @@ const WITHDRAWAL_ADDRESS: &str = "tb1qledgerflowdevsmoke0000000000000000000";
     trade. Logs go to target/dev/*.log."
 )]
 pub struct Args {
-    /// Push one trade and one withdrawal end to end, then stop everything and exit.
+    /// Push one trade and three withdrawals (small; large, approved by two
+    /// approvers; rejected) end to end, then stop everything and exit.
     #[arg(long)]
     smoke: bool,
     /// Address for /healthcheck, /readyz and /metrics of every role
@@ -169,8 +185,9 @@ pub fn run(args: Args) -> Result<()> {
     let mut progress = Progress {
         done: 0,
         // postgres, kafka, build, migrate, seed, simulator, roles, (trade,
-        // withdrawal,) stop
-        total: if args.smoke { 11 } else { 8 },
+        // withdrawal, approved withdrawal, rejected withdrawal, schemathesis,)
+        // stop
+        total: if args.smoke { 13 } else { 8 },
         started: Instant::now(),
     };
     let logs =
@@ -323,6 +340,7 @@ fn run_services(args: &Args, progress: &mut Progress, services: &mut Services) -
         .env("LEDGERFLOW_API_ADDR", &addrs.api)
         .env("LEDGERFLOW_ADMIN_ADDR", &addrs.admin)
         .env("LEDGERFLOW_SHUTDOWN_GRACE_SECS", GRACE_SECS.to_string())
+        .env("LEDGERFLOW_WITHDRAWAL_POLICY", DEV_WITHDRAWAL_POLICY)
         .env("LEDGERFLOW_EXCHANGE_URL", format!("http://{sim_addr}/"))
         // The simulator is the email/push provider too.
         .env("LEDGERFLOW_NOTIFIER_URL", format!("http://{sim_addr}/"))
@@ -413,7 +431,7 @@ fn interrupted() -> Result<()> {
 fn seed(bin: &Path, url: &str) -> Result<Value> {
     let out = cmd::capture(
         Command::new(bin)
-            .arg("seed")
+            .args(["seed", "--rotate-admin-credentials"])
             .env("DATABASE_URL", url)
             .env("RUST_LOG", "warn"),
     )?;
@@ -439,7 +457,14 @@ fn seed_json(stdout: &str) -> Result<Value> {
     };
     let value: Value = serde_json::from_str(&lines[start..=end].join("\n"))
         .context("`ledgerflow seed` printed malformed JSON")?;
-    for field in ["user_id", "api_key", "admin_token", "approver_token"] {
+    for field in [
+        "user_id",
+        "api_key",
+        "admin_token",
+        "approver_token",
+        "approver2_token",
+        "security_token",
+    ] {
         if value[field].as_str().is_none_or(str::is_empty) {
             bail!("`ledgerflow seed` printed no {field:?}");
         }
@@ -820,7 +845,13 @@ Demo data (new credentials on every run; `ledgerflow seed` made them):
   user {email} (id {user}), available: {balances}
   API key                  {key}
   admin demo-operator      {operator}   (role operator: retry, cancel, pause)
-  admin demo-approver      {approver}   (role approver: approves large withdrawals)
+  admin demo-approver      {approver}   (role approver: approves or rejects withdrawals)
+  admin demo-approver-2    {approver2}   (role approver: the second approver above the second threshold)
+  admin demo-security      {security}   (role security: admins, API keys, withdrawal policy)
+
+Withdrawal policy (LEDGERFLOW_WITHDRAWAL_POLICY; the console's Policy panel changes it):
+  BTC: approval above 0.5, two approvers above 1, 1.9 per user and day
+  USD: approval above 10000, two approvers above 50000, 100000 per user and day
 
 Start a trade (buy {TRADE_BASE_AMOUNT} BTC at {TRADE_LIMIT_PRICE} USD) and follow it
 (pending -> validated -> held -> placed -> filled -> settled):
@@ -841,6 +872,8 @@ Start a trade (buy {TRADE_BASE_AMOUNT} BTC at {TRADE_LIMIT_PRICE} USD) and follo
         key = text(&s["api_key"]),
         operator = text(&s["admin_token"]),
         approver = text(&s["approver_token"]),
+        approver2 = text(&s["approver2_token"]),
+        security = text(&s["security_token"]),
     )
 }
 
@@ -911,30 +944,17 @@ fn smoke(
         .context("the withdrawal has no id")?
         .to_string();
     println!("      withdrawal {withdrawal_id} of {WITHDRAWAL_AMOUNT} BTC accepted");
-    let mut approved = false;
     let withdrawal = follow(
         services,
         deadline,
         "withdrawal",
-        || {
-            let w = get_json(api, &auth, &format!("/v1/withdrawals/{withdrawal_id}"))?;
-            if w["status"] == "awaiting_approval" && !approved {
-                approve(ready, &withdrawal_id)?;
-                approved = true;
-            }
-            Ok(w)
-        },
+        || get_json(api, &auth, &format!("/v1/withdrawals/{withdrawal_id}")),
         &["completed"],
-        &["rejected", "cancelled"],
+        &["rejected", "cancelled", "awaiting_approval"],
     )?;
     println!(
-        "      withdrawal {withdrawal_id} {} ({})",
-        withdrawal["status"],
-        if approved {
-            "approved by demo-approver through the admin API"
-        } else {
-            "below any approval threshold: no approval needed"
-        }
+        "      withdrawal {withdrawal_id} {} (below the approval threshold: no approval needed)",
+        withdrawal["status"]
     );
     let after = balances(api, &auth)?;
     expect_change(
@@ -953,6 +973,123 @@ fn smoke(
         }
     }
     println!("      balances: BTC -{WITHDRAWAL_AMOUNT}, nothing left held: as expected");
+
+    progress
+        .step("smoke: a large withdrawal through two distinct approvers (four-eyes) to completed");
+    let id = post_withdrawal(
+        api,
+        &auth,
+        LARGE_WITHDRAWAL_AMOUNT,
+        &format!("smoke-large-{run_id}"),
+    )?;
+    wait_awaiting_approval(services, deadline, api, &auth, &id)?;
+    let pending = admin_get(ready, "approver_token", "/v1/withdrawals/pending")?;
+    let listed = pending["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|w| w["id"] == id.as_str())
+        .with_context(|| format!("withdrawal {id} is not in the Approvals list: {pending}"))?;
+    if listed["approvals_required"] != 2 || listed["user_email"] != ready.seeded["email"] {
+        bail!("the Approvals list shows withdrawal {id} as {listed}");
+    }
+    let first = decide(ready, "approver_token", &id, "approve")?;
+    if first.status != 200 || first.json()?["decision"] != "approval_recorded" {
+        bail!(
+            "the first approval of {id} answered {}: {}",
+            first.status,
+            first.body
+        );
+    }
+    let twice = decide(ready, "approver_token", &id, "approve")?;
+    if twice.status != 403 || !twice.body.contains("four-eyes") {
+        bail!(
+            "demo-approver approving {id} a second time answered {}: {}",
+            twice.status,
+            twice.body
+        );
+    }
+    println!("      demo-approver approved; approving again was refused (403 four-eyes)");
+    let second = decide(ready, "approver2_token", &id, "approve")?;
+    if second.status != 200 || second.json()?["decision"] != "approved" {
+        bail!(
+            "the second approval of {id} answered {}: {}",
+            second.status,
+            second.body
+        );
+    }
+    println!("      demo-approver-2 approved: two distinct approvers");
+    let done = follow(
+        services,
+        deadline,
+        "large withdrawal",
+        || get_json(api, &auth, &format!("/v1/withdrawals/{id}")),
+        &["completed"],
+        &["rejected", "cancelled"],
+    )?;
+    println!(
+        "      withdrawal {id} of {LARGE_WITHDRAWAL_AMOUNT} BTC {}",
+        done["status"]
+    );
+    let after_large = balances(api, &auth)?;
+    expect_change(
+        &after,
+        &after_large,
+        "BTC",
+        &format!("-{LARGE_WITHDRAWAL_AMOUNT}"),
+    )?;
+
+    progress.step("smoke: a withdrawal rejected by an approver (cancelled, hold released)");
+    let id = post_withdrawal(
+        api,
+        &auth,
+        REJECTED_WITHDRAWAL_AMOUNT,
+        &format!("smoke-rejected-{run_id}"),
+    )?;
+    wait_awaiting_approval(services, deadline, api, &auth, &id)?;
+    let held = balances(api, &auth)?;
+    let held_btc = held.get("BTC").map(|b| units(&b.held)).transpose()?;
+    if held_btc != Some(units(REJECTED_WITHDRAWAL_AMOUNT)?) {
+        bail!("withdrawal {id} awaits approval without holding {REJECTED_WITHDRAWAL_AMOUNT} BTC");
+    }
+    // The wait may not be armed for a moment after the status shows (409): retry.
+    let mut rejected = decide(ready, "approver_token", &id, "reject")?;
+    while rejected.status == 409 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        rejected = decide(ready, "approver_token", &id, "reject")?;
+    }
+    if rejected.status != 200 {
+        bail!(
+            "rejecting {id} answered {}: {}",
+            rejected.status,
+            rejected.body
+        );
+    }
+    let done = follow(
+        services,
+        deadline,
+        "rejected withdrawal",
+        || get_json(api, &auth, &format!("/v1/withdrawals/{id}")),
+        &["rejected"],
+        &["completed", "cancelled"],
+    )?;
+    println!("      withdrawal {id} {} by demo-approver", done["status"]);
+    // The saga releases the hold after the status changes: wait for it.
+    let released = loop {
+        let now = balances(api, &auth)?;
+        if now
+            .get("BTC")
+            .is_some_and(|b| units(&b.held).ok() == Some(0))
+        {
+            break now;
+        }
+        if Instant::now() > deadline {
+            bail!("the hold of rejected withdrawal {id} was not released in time");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    expect_change(&after_large, &released, "BTC", "0")?;
+    println!("      hold released: BTC balance unchanged, nothing held");
 
     // Last, because it sends arbitrary (spec-valid and spec-invalid) requests to every
     // operation, including bulk operator actions, with the seeded credentials.
@@ -1028,39 +1165,77 @@ fn post_trade(api: &str, auth: &str, idem: &str) -> Result<String> {
         .to_string())
 }
 
-/// Approves a withdrawal as the seeded approver through the admin API.
-///
-/// Not exercised today: the binary configures no approval threshold, so
-/// the smoke withdrawal never waits for one. The admin approval endpoint
-/// (issue 5) was not there when this was written; its path here is the
-/// admin API's naming pattern (`/v1/jobs/{id}/retry`), and a different one
-/// makes the smoke fail with the admin API's answer, not hang.
-fn approve(ready: &Ready, id: &str) -> Result<()> {
-    let token = ready.seeded["approver_token"]
+/// POSTs a BTC withdrawal of `amount`; returns its id.
+fn post_withdrawal(api: &str, auth: &str, amount: &str, idem: &str) -> Result<String> {
+    let body = json!({"asset": "BTC", "amount": amount, "address": WITHDRAWAL_ADDRESS});
+    let r = http::request(
+        api,
+        "POST",
+        "/v1/withdrawals",
+        &[
+            ("authorization", auth),
+            ("content-type", "application/json"),
+            ("idempotency-key", idem),
+        ],
+        Some(&body.to_string()),
+    )?;
+    if r.status != 201 {
+        bail!("POST /v1/withdrawals answered {}: {}", r.status, r.body);
+    }
+    let id = r.json()?["id"]
         .as_str()
-        .context("seed JSON: approver_token")?;
+        .context("the withdrawal has no id")?
+        .to_string();
+    println!("      withdrawal {id} of {amount} BTC accepted");
+    Ok(id)
+}
+
+/// Waits until withdrawal `id` awaits approval.
+fn wait_awaiting_approval(
+    services: &mut Services,
+    deadline: Instant,
+    api: &str,
+    auth: &str,
+    id: &str,
+) -> Result<()> {
+    follow(
+        services,
+        deadline,
+        "withdrawal",
+        || get_json(api, auth, &format!("/v1/withdrawals/{id}")),
+        &["awaiting_approval"],
+        &["completed", "rejected", "cancelled", "submitted"],
+    )?;
+    println!("      withdrawal {id} awaits approval");
+    Ok(())
+}
+
+/// GETs `path` on the admin API as the seeded admin whose token is `token_field`.
+fn admin_get(ready: &Ready, token_field: &str, path: &str) -> Result<Value> {
+    let token = ready.seeded[token_field]
+        .as_str()
+        .with_context(|| format!("seed JSON: {token_field}"))?;
+    get_json(&ready.addrs.admin, &format!("Bearer {token}"), path)
+}
+
+/// POSTs `/v1/withdrawals/{id}/{action}` (approve, reject) on the admin API
+/// as the seeded admin whose token is `token_field`.
+fn decide(ready: &Ready, token_field: &str, id: &str, action: &str) -> Result<http::Response> {
+    let token = ready.seeded[token_field]
+        .as_str()
+        .with_context(|| format!("seed JSON: {token_field}"))?;
     let auth = format!("Bearer {token}");
     let body = json!({"reason": "cargo xtask dev --smoke"}).to_string();
-    let r = http::request(
+    http::request(
         &ready.addrs.admin,
         "POST",
-        &format!("/v1/withdrawals/{id}/approve"),
+        &format!("/v1/withdrawals/{id}/{action}"),
         &[
             ("authorization", &auth),
             ("content-type", "application/json"),
         ],
         Some(&body),
-    )?;
-    if !(200..300).contains(&r.status) {
-        bail!(
-            "withdrawal {id} awaits approval, and POST /v1/withdrawals/{id}/approve on the admin \
-             API answered {}: {}",
-            r.status,
-            r.body
-        );
-    }
-    println!("      withdrawal {id} approved by demo-approver");
-    Ok(())
+    )
 }
 
 fn get_json(addr: &str, auth: &str, path: &str) -> Result<Value> {
@@ -1225,9 +1400,12 @@ mod tests {
     #[test]
     fn seed_json_is_found_among_log_lines() {
         let out = "2026-01-01 INFO starting\n{\n  \"user_id\": \"u\",\n  \"api_key\": \"lf_x\",\n  \
-                   \"admin_token\": \"lfa_a\",\n  \"approver_token\": \"lfa_b\"\n}\nINFO bye\n";
+                   \"admin_token\": \"lfa_a\",\n  \"approver_token\": \"lfa_b\",\n  \
+                   \"approver2_token\": \"lfa_c\",\n  \"security_token\": \"lfa_d\"\n}\nINFO bye\n";
         let v = seed_json(out).unwrap();
         assert_eq!(v["api_key"], "lf_x");
+        // The smoke's second approver is required too.
+        assert!(seed_json(&out.replace("approver2_token", "other")).is_err());
         assert!(seed_json("no json here").is_err());
         assert!(
             seed_json("{\n  \"user_id\": \"u\"\n}\n").is_err(),

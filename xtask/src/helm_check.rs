@@ -98,7 +98,7 @@ struct Guard {
     expect: &'static str,
 }
 
-const GUARDS: [Guard; 7] = [
+const GUARDS: [Guard; 8] = [
     Guard {
         what: "an empty database.existingSecret",
         set: &[],
@@ -140,6 +140,11 @@ const GUARDS: [Guard; 7] = [
         what: "a notifier key Secret without a provider URL",
         set: &[SECRET_NAMES, "notifier.existingSecret=ledgerflow-notifier"],
         expect: "notifier.existingSecret is set but notifier.url is empty",
+    },
+    Guard {
+        what: "a withdrawal-policy amount as a number, not a decimal string",
+        set: &[SECRET_NAMES, "withdrawalPolicy.BTC.approvalThreshold=1"],
+        expect: "withdrawalPolicy/BTC/approvalThreshold",
     },
 ];
 

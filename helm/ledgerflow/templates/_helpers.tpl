@@ -124,9 +124,30 @@ LEDGERFLOW_EXCHANGE_URL: {{ . | quote }}
 {{- with .Values.notifier.url }}
 LEDGERFLOW_NOTIFIER_URL: {{ . | quote }}
 {{- end }}
+{{- with .Values.withdrawalPolicy }}
+LEDGERFLOW_WITHDRAWAL_POLICY: {{ include "ledgerflow.withdrawalPolicyJson" . | quote }}
+{{- end }}
 {{- range $key, $value := .Values.config.extraEnv }}
 {{ $key }}: {{ $value | toString | quote }}
 {{- end }}
+{{- end }}
+
+{{/*
+withdrawalPolicy as the binary's JSON (kebab-case keys, amounts as strings;
+an asset set to null is left out).
+*/}}
+{{- define "ledgerflow.withdrawalPolicyJson" -}}
+{{- $out := dict }}
+{{- range $asset, $p := . }}
+{{- if $p }}
+{{- $a := dict }}
+{{- with $p.approvalThreshold }}{{ $_ := set $a "approval-threshold" . }}{{ end }}
+{{- with $p.secondApprovalThreshold }}{{ $_ := set $a "second-approval-threshold" . }}{{ end }}
+{{- with $p.dailyLimit }}{{ $_ := set $a "daily-limit" . }}{{ end }}
+{{- $_ := set $out $asset $a }}
+{{- end }}
+{{- end }}
+{{- toJson $out }}
 {{- end }}
 
 {{/*
@@ -152,7 +173,7 @@ the value to set.
 {{- if eq $key "LEDGERFLOW_NOTIFIER_API_KEY" }}
 {{- fail "config.extraEnv.LEDGERFLOW_NOTIFIER_API_KEY would put a secret in values (and in a ConfigMap): name a Secret in notifier.existingSecret instead" }}
 {{- end }}
-{{- if has $key (list "DATABASE_URL" "KAFKA_BROKERS" "LEDGERFLOW_API_ADDR" "LEDGERFLOW_ADMIN_ADDR" "LEDGERFLOW_OPS_ADDR" "LEDGERFLOW_SHUTDOWN_GRACE_SECS" "RUST_LOG" "LEDGERFLOW_LOG_FORMAT" "LEDGERFLOW_EXCHANGE_URL" "LEDGERFLOW_NOTIFIER_URL") }}
+{{- if has $key (list "DATABASE_URL" "KAFKA_BROKERS" "LEDGERFLOW_API_ADDR" "LEDGERFLOW_ADMIN_ADDR" "LEDGERFLOW_OPS_ADDR" "LEDGERFLOW_SHUTDOWN_GRACE_SECS" "RUST_LOG" "LEDGERFLOW_LOG_FORMAT" "LEDGERFLOW_EXCHANGE_URL" "LEDGERFLOW_NOTIFIER_URL" "LEDGERFLOW_WITHDRAWAL_POLICY") }}
 {{- fail (printf "config.extraEnv.%s is set by the chart from another value; set that value instead (see README)" $key) }}
 {{- end }}
 {{- end }}

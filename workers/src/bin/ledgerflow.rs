@@ -3,7 +3,14 @@
 //! `ledgerflow migrate` applies the schema (the Helm migration Job runs it);
 //! `ledgerflow run --roles worker,...` runs the selected roles in one process
 //! until SIGTERM/Ctrl-C, then drains gracefully; `ledgerflow seed` creates
-//! demo data for a local system (see `ledgerflow/seed.rs`).
+//! demo data for a local system (see `ledgerflow/seed.rs`); `ledgerflow
+//! admin …` and `ledgerflow api-key …` manage credentials, audited
+//! (`ledgerflow/access.rs`); `ledgerflow withdrawal-policy` shows the
+//! withdrawal policy `run` applies (`ledgerflow/policy.rs`).
+#[path = "ledgerflow/access.rs"]
+mod access;
+#[path = "ledgerflow/policy.rs"]
+mod policy;
 #[path = "ledgerflow/seed.rs"]
 mod seed;
 
@@ -57,6 +64,15 @@ enum Command {
     /// Create (or find) demo data and print it as JSON: a funded user with a
     /// new API key, an operator and an approver admin with new credentials.
     Seed(seed::SeedArgs),
+    /// Manage admins: list, create, disable, rotate a credential (audited).
+    #[command(subcommand)]
+    Admin(access::AdminCommand),
+    /// Manage users' API keys: list, revoke (audited).
+    #[command(subcommand)]
+    ApiKey(access::ApiKeyCommand),
+    /// Print the effective withdrawal policy of every asset (this
+    /// configuration plus admins' overrides) as JSON.
+    WithdrawalPolicy(policy::PolicyArgs),
 }
 
 #[derive(Parser, Debug)]
@@ -117,6 +133,9 @@ struct RunArgs {
     /// Don't LISTEN/NOTIFY (for poolers in transaction mode); poll only.
     #[arg(long, env = "LEDGERFLOW_NO_NOTIFY")]
     no_notify: bool,
+
+    #[command(flatten)]
+    policy: policy::PolicyArgs,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -174,7 +193,31 @@ async fn main() -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&seeded)?);
             Ok(())
         }
+        Command::Admin(command) => {
+            let mut conn = connect(&url).await?;
+            let out = access::admin(&mut conn, command).await?;
+            println!("{}", serde_json::to_string_pretty(&out)?);
+            Ok(())
+        }
+        Command::ApiKey(command) => {
+            let mut conn = connect(&url).await?;
+            let out = access::api_key(&mut conn, command).await?;
+            println!("{}", serde_json::to_string_pretty(&out)?);
+            Ok(())
+        }
+        Command::WithdrawalPolicy(args) => {
+            let mut conn = connect(&url).await?;
+            let out = policy::show(&mut conn, &args).await?;
+            println!("{}", serde_json::to_string_pretty(&out)?);
+            Ok(())
+        }
     }
+}
+
+async fn connect(url: &str) -> Result<sqlx::PgConnection> {
+    sqlx::PgConnection::connect(url)
+        .await
+        .context("connecting to PostgreSQL")
 }
 
 async fn enqueue(url: &str, args: EnqueueArgs) -> Result<()> {
@@ -243,7 +286,8 @@ async fn run(url: &str, args: RunArgs) -> Result<()> {
     );
     let stop = CancellationToken::new();
     let mut background = Vec::new();
-    let workflows = payments_workflows()?;
+    let withdrawal_policy = args.policy.load()?;
+    let workflows = payments_workflows(&withdrawal_policy)?;
 
     let runner = if roles.contains(&Role::Worker) {
         let config = RunnerConfig {
@@ -281,6 +325,7 @@ async fn run(url: &str, args: RunArgs) -> Result<()> {
             store.clone(),
             ledgerflow_api::ApiConfig {
                 webhooks,
+                withdrawal_policy: withdrawal_policy.clone(),
                 ..ledgerflow_api::ApiConfig::default()
             },
         )?;
@@ -455,7 +500,9 @@ fn ingress_handlers(config: &IngressConfig) -> Result<HandlerRegistry> {
 /// The payments workflows, when an exchange is configured
 /// (`LEDGERFLOW_EXCHANGE_URL`): the worker role runs their steps, the api
 /// role starts them (trades, withdrawals, webhook processing).
-fn payments_workflows() -> Result<Option<Arc<WorkflowRegistry>>> {
+fn payments_workflows(
+    withdrawal_policy: &ledgerflow_payments::policy::Policy,
+) -> Result<Option<Arc<WorkflowRegistry>>> {
     let Ok(url) = std::env::var("LEDGERFLOW_EXCHANGE_URL") else {
         tracing::info!("LEDGERFLOW_EXCHANGE_URL is not set: payments workflows are off");
         return Ok(None);
@@ -485,7 +532,10 @@ fn payments_workflows() -> Result<Option<Arc<WorkflowRegistry>>> {
     Ok(Some(Arc::new(payments_registry(Deps {
         exchange: Arc::new(exchange),
         notifier,
-        config: WorkflowsConfig::default(),
+        config: WorkflowsConfig {
+            withdrawal_policy: withdrawal_policy.clone(),
+            ..WorkflowsConfig::default()
+        },
     })?)))
 }
 

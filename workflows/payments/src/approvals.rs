@@ -31,6 +31,14 @@ pub struct PendingWithdrawal {
     /// The admin who filed it for the user, if any (may not approve it).
     pub requested_by: Option<AdminId>,
     pub requested_at: DateTime<Utc>,
+    /// The user's email, for humans.
+    pub user_email: String,
+    /// The name of `requested_by`.
+    pub requested_by_name: Option<String>,
+    /// Distinct approvers it needs (1 or 2).
+    pub approvals_required: i16,
+    /// The names of the approvers who approved it so far, in order.
+    pub approved_by_names: Vec<String>,
 }
 
 /// Who asked for a withdrawal: its user and, if an admin filed it, that admin.
@@ -60,11 +68,17 @@ pub async fn pending_list(
     }
     let (after_t, after_id) = after.unzip();
     Ok(sqlx::query_as::<_, PendingWithdrawal>(
-        "SELECT id, user_id, asset, amount, address, status, requested_by, requested_at
-         FROM withdrawals
-         WHERE requires_approval AND approved_by IS NULL AND status = ANY($1)
-           AND ($2::timestamptz IS NULL OR (requested_at, id) > ($2, $3))
-         ORDER BY requested_at, id
+        "SELECT w.id, w.user_id, w.asset, w.amount, w.address, w.status, w.requested_by,
+                w.requested_at, u.email AS user_email, r.name AS requested_by_name,
+                w.approvals_required,
+                ARRAY(SELECT a.name FROM withdrawal_approvals wa JOIN admins a ON a.id = wa.admin_id
+                      WHERE wa.withdrawal_id = w.id ORDER BY wa.approved_at) AS approved_by_names
+         FROM withdrawals w
+         JOIN users u ON u.id = w.user_id
+         LEFT JOIN admins r ON r.id = w.requested_by
+         WHERE w.requires_approval AND w.approved_by IS NULL AND w.status = ANY($1)
+           AND ($2::timestamptz IS NULL OR (w.requested_at, w.id) > ($2, $3))
+         ORDER BY w.requested_at, w.id
          LIMIT $4",
     )
     .bind(PENDING)

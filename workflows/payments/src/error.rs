@@ -102,6 +102,15 @@ pub enum Error {
     #[error("forbidden: {0}")]
     Forbidden(String),
 
+    /// The four-eyes rule refuses this admin for this decision (they
+    /// approved it already, or the withdrawal's user is linked to them).
+    #[error("four-eyes: {0}")]
+    FourEyes(String),
+
+    /// No admin has this id (or it is the built-in CLI actor).
+    #[error("admin {0} not found")]
+    AdminNotFound(crate::ids::AdminId),
+
     /// The workflow engine failed (starting a workflow, sending a signal).
     #[error("engine: {0}")]
     Engine(#[from] ledgerflow_engine::Error),

@@ -6,11 +6,14 @@
 //!   all on a caller-supplied connection so they join the caller's (fenced)
 //!   transaction;
 //! - [`users`]  — users, API keys, admins and their credentials;
+//! - [`access`] — audited management of admins and API keys (admin API, CLI);
 //! - [`ids`]    — typed row ids;
 //! - [`idempotency`] — the public API's idempotency records and resource read models;
 //! - [`error`]  — the crate's one [`Error`] type;
 //! - [`workflows`] — the trade, withdrawal, notification and webhook workflows;
 //! - [`approvals`] — pending withdrawal approvals and rejection, for the admin API;
+//! - [`policy`] — the withdrawal policy per asset (approval thresholds, daily
+//!   limit) from configuration and admin overrides;
 //! - [`exchange`], [`notifier`] — the exchange and email/push provider
 //!   adapters: trait, simulator with fault modes, HTTP client, conformance
 //!   suite.
@@ -20,6 +23,7 @@
 //! `migrations/20261126001000_payments.sql`; this crate adds precise errors
 //! and idempotency on top.
 
+pub mod access;
 pub mod approvals;
 pub mod audit;
 pub mod error;
@@ -29,6 +33,7 @@ pub mod ids;
 pub mod ledger;
 pub mod money;
 pub mod notifier;
+pub mod policy;
 pub mod users;
 pub mod workflows;
 

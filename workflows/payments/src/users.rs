@@ -268,8 +268,13 @@ pub enum AdminRole {
     Viewer,
     /// Retry, cancel, pause, resolve.
     Operator,
-    /// Operator rights plus approving large withdrawals.
+    /// Read everything, approve or reject withdrawals that need approval;
+    /// no operator actions (retry, cancel, pause, resolve): whoever releases
+    /// money does not also steer the workflows that move it.
     Approver,
+    /// Read everything; manage admins, users' API keys and the withdrawal
+    /// policy. No operator actions, no approvals.
+    Security,
 }
 
 impl AdminRole {
@@ -279,14 +284,17 @@ impl AdminRole {
             AdminRole::Viewer => "viewer",
             AdminRole::Operator => "operator",
             AdminRole::Approver => "approver",
+            AdminRole::Security => "security",
         }
     }
 
-    fn parse(s: &str) -> Result<AdminRole> {
+    /// The role called `s` (an `admins.role` value).
+    pub fn parse(s: &str) -> Result<AdminRole> {
         match s {
             "viewer" => Ok(AdminRole::Viewer),
             "operator" => Ok(AdminRole::Operator),
             "approver" => Ok(AdminRole::Approver),
+            "security" => Ok(AdminRole::Security),
             other => Err(Error::Invalid(format!("unknown admin role {other:?}"))),
         }
     }

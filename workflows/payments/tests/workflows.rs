@@ -15,6 +15,7 @@ use ledgerflow_payments::exchange::sim::{Fault, SimConfig, SimulatedExchange};
 use ledgerflow_payments::exchange::{Event, IdempotencyKey};
 use ledgerflow_payments::ledger;
 use ledgerflow_payments::notifier::SimulatedNotifier;
+use ledgerflow_payments::policy::AssetPolicy;
 use ledgerflow_payments::users::{self, Admin, AdminRole};
 use ledgerflow_payments::workflows::{self, Deps, WorkflowsConfig, trade, webhook, withdrawal};
 use ledgerflow_payments::{Amount, UserId};
@@ -53,8 +54,14 @@ impl Env {
     fn default_config() -> WorkflowsConfig {
         WorkflowsConfig {
             fill_timeout: Duration::from_secs(600),
-            withdrawal_approval_threshold: BTreeMap::from([("BTC".to_string(), dec("1"))]),
-            withdrawal_daily_limit: BTreeMap::from([("BTC".to_string(), dec("10"))]),
+            withdrawal_policy: BTreeMap::from([(
+                "BTC".to_string(),
+                AssetPolicy {
+                    approval_threshold: Some(dec("1")),
+                    second_approval_threshold: None,
+                    daily_limit: Some(dec("10")),
+                },
+            )]),
             ..WorkflowsConfig::default()
         }
     }
@@ -533,8 +540,10 @@ async fn a_rejected_large_withdrawal_releases_its_hold_and_keeps_the_reason() ->
 async fn daily_limit_refuses_the_excess() -> TestResult {
     let mut config = Env::default_config();
     config
-        .withdrawal_daily_limit
-        .insert("BTC".to_string(), dec("1"));
+        .withdrawal_policy
+        .entry("BTC".to_string())
+        .or_default()
+        .daily_limit = Some(dec("1"));
     let env = Env::with_config(config).await?;
     let user = env.user_with("BTC", "5").await?;
     let first = env.start_withdrawal(user, "0.6", None).await?;

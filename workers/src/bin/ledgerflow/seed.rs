@@ -3,18 +3,21 @@
 //! Creates, or finds when they already exist:
 //! - a demo user (`demo@ledgerflow.local`) with funded `user_available`
 //!   accounts (by default 100,000 USD and 2 BTC);
-//! - two admins: `demo-operator` (role `operator`: retry, cancel, pause…)
-//!   and `demo-approver` (role `approver`: approves large withdrawals). A
-//!   withdrawal's four-eyes rule is "the approver is not the requester"; the
-//!   requester is the user, so one approver is enough.
+//! - the demo admins: `demo-operator` (role `operator`: retry, cancel,
+//!   pause…), `demo-approver` and `demo-approver-2` (role `approver`:
+//!   approve or reject withdrawals; two, because a withdrawal above the
+//!   second-approval threshold needs two distinct approvers) and
+//!   `demo-security` (role `security`: admins, API keys, withdrawal policy).
 //!
 //! Idempotent: running it again never creates a second user, admin or
-//! deposit. Credentials are generated at random on every run (nothing secret
-//! is committed to the repository), and only their hashes are stored, so a
-//! re-run cannot show the earlier plain text again. Instead it mints a new
-//! API key for the user (earlier keys stay valid: a curl pasted from an
-//! earlier run keeps working) and rotates each admin's credential (an admin
-//! has exactly one). The JSON printed says which of these happened.
+//! deposit. Credentials are generated at random (nothing secret is
+//! committed to the repository), and only their hashes are stored, so a
+//! re-run cannot show the earlier plain text again. It mints a new API key
+//! for the user (earlier keys stay valid: a curl pasted from an earlier run
+//! keeps working). Existing admins keep their credentials unless
+//! `--rotate-admin-credentials` is given (`cargo xtask dev` gives it, so it
+//! can print working ones): seeding another user never locks the demo
+//! admins out. The JSON printed says which of these happened.
 //!
 //! Funding is a deposit from the asset's `external` account with reference
 //! `seed:{user id}:{asset}`, so each asset is funded once per user: a re-run
@@ -45,6 +48,16 @@ pub struct SeedArgs {
     /// Name of the admin with the `approver` role.
     #[arg(long, default_value = "demo-approver")]
     pub approver: String,
+    /// Name of the second admin with the `approver` role.
+    #[arg(long, default_value = "demo-approver-2")]
+    pub approver2: String,
+    /// Name of the admin with the `security` role.
+    #[arg(long, default_value = "demo-security")]
+    pub security: String,
+    /// Replace the credentials of admins that exist already (the old ones
+    /// stop working) so that this run can print working ones.
+    #[arg(long)]
+    pub rotate_admin_credentials: bool,
 }
 
 /// What `ledgerflow seed` prints (JSON on stdout).
@@ -56,10 +69,15 @@ pub struct Seeded {
     pub user_created: bool,
     /// A new API key (`lf_…`), valid until revoked.
     pub api_key: String,
-    /// The operator admin's credential (`lfa_…`).
-    pub admin_token: String,
-    /// The approver admin's credential (`lfa_…`).
-    pub approver_token: String,
+    /// The operator admin's credential (`lfa_…`); absent when it existed
+    /// and was not rotated.
+    pub admin_token: Option<String>,
+    /// The approver admin's credential (`lfa_…`), likewise.
+    pub approver_token: Option<String>,
+    /// The second approver's credential, likewise.
+    pub approver2_token: Option<String>,
+    /// The security admin's credential, likewise.
+    pub security_token: Option<String>,
     pub admins: Vec<SeededAdmin>,
     /// The demo user's balances after seeding.
     pub balances: Vec<SeededBalance>,
@@ -73,8 +91,10 @@ pub struct SeededAdmin {
     pub id: String,
     pub name: String,
     pub role: &'static str,
-    /// Whether this run created the admin (false: its credential was rotated).
+    /// Whether this run created the admin.
     pub created: bool,
+    /// Whether this run replaced its credential.
+    pub rotated: bool,
 }
 
 /// One of the demo user's accounts.
@@ -120,6 +140,8 @@ pub async fn seed(conn: &mut PgConnection, args: &SeedArgs) -> Result<Seeded> {
     for (name, role) in [
         (&args.operator, AdminRole::Operator),
         (&args.approver, AdminRole::Approver),
+        (&args.approver2, AdminRole::Approver),
+        (&args.security, AdminRole::Security),
     ] {
         let (admin, token, created) = match users::admin_by_name(&mut tx, name).await? {
             Some(admin) if admin.role != role => bail!(
@@ -127,21 +149,28 @@ pub async fn seed(conn: &mut PgConnection, args: &SeedArgs) -> Result<Seeded> {
                 admin.role.as_str(),
                 role.as_str()
             ),
-            Some(admin) => {
+            Some(admin) if args.rotate_admin_credentials => {
                 let token = users::rotate_admin_credential(&mut tx, admin.id)
                     .await?
                     .with_context(|| format!("admin {name:?} vanished while seeding"))?;
                 notes.push(format!(
                     "admin {name} existed: rotated its credential (the old one no longer works)"
                 ));
-                (admin.id, token, false)
+                (admin.id, Some(token), false)
+            }
+            Some(admin) => {
+                notes.push(format!(
+                    "admin {name} existed: kept its credential (--rotate-admin-credentials \
+                     replaces it)"
+                ));
+                (admin.id, None, false)
             }
             None => {
                 let (id, token) = users::create_admin(&mut tx, name, role)
                     .await
                     .with_context(|| format!("creating admin {name:?}"))?;
                 notes.push(format!("created admin {name} ({})", role.as_str()));
-                (id, token, true)
+                (id, Some(token), true)
             }
         };
         admins.push(SeededAdmin {
@@ -149,8 +178,9 @@ pub async fn seed(conn: &mut PgConnection, args: &SeedArgs) -> Result<Seeded> {
             name: name.trim().to_string(),
             role: role.as_str(),
             created,
+            rotated: token.is_some() && !created,
         });
-        tokens.push(token.expose_secret().to_string());
+        tokens.push(token.map(|t| t.expose_secret().to_string()));
     }
 
     for (code, amount) in &funds {
@@ -196,8 +226,10 @@ pub async fn seed(conn: &mut PgConnection, args: &SeedArgs) -> Result<Seeded> {
         email: args.email.trim().to_string(),
         user_created,
         api_key: key.expose_secret().to_string(),
-        admin_token: tokens.next().unwrap_or_default(),
-        approver_token: tokens.next().unwrap_or_default(),
+        admin_token: tokens.next().flatten(),
+        approver_token: tokens.next().flatten(),
+        approver2_token: tokens.next().flatten(),
+        security_token: tokens.next().flatten(),
         admins,
         balances,
         notes,
@@ -231,6 +263,9 @@ mod tests {
             fund: vec!["USD=100000".into(), "BTC=2".into()],
             operator: "demo-operator".into(),
             approver: "demo-approver".into(),
+            approver2: "demo-approver-2".into(),
+            security: "demo-security".into(),
+            rotate_admin_credentials: true,
         }
     }
 
@@ -263,15 +298,16 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(user.map(|u| u.to_string()), Some(first.user_id.clone()));
-        let operator = users::authenticate_admin(&mut *conn, &first.admin_token)
+        let operator = users::authenticate_admin(&mut *conn, first.admin_token.as_ref().unwrap())
             .await
             .unwrap()
             .unwrap();
         assert_eq!(operator.role, AdminRole::Operator);
-        let approver = users::authenticate_admin(&mut *conn, &first.approver_token)
-            .await
-            .unwrap()
-            .unwrap();
+        let approver =
+            users::authenticate_admin(&mut *conn, first.approver_token.as_ref().unwrap())
+                .await
+                .unwrap()
+                .unwrap();
         assert_eq!(approver.role, AdminRole::Approver);
 
         let second = seed(&mut conn, &args()).await.unwrap();
@@ -293,6 +329,7 @@ mod tests {
         }
         // Admin credentials were rotated: only the new ones work.
         for old in [&first.admin_token, &first.approver_token] {
+            let old = old.as_ref().unwrap();
             let admin = users::authenticate_admin(&mut *conn, old).await.unwrap();
             assert!(admin.is_none(), "an old admin credential still works");
         }
@@ -300,7 +337,37 @@ mod tests {
             (&second.admin_token, AdminRole::Operator),
             (&second.approver_token, AdminRole::Approver),
         ] {
+            let new = new.as_ref().unwrap();
             let admin = users::authenticate_admin(&mut *conn, new).await.unwrap();
+            assert_eq!(admin.map(|a| a.role), Some(role));
+        }
+    }
+
+    #[tokio::test]
+    async fn seeding_another_user_keeps_the_demo_admins_credentials() {
+        let db = TestDb::new().await.unwrap();
+        let mut conn = db.pool.acquire().await.unwrap();
+        let first = seed(&mut conn, &args()).await.unwrap();
+        let other = SeedArgs {
+            email: "someone-else@ledgerflow.local".into(),
+            rotate_admin_credentials: false,
+            ..args()
+        };
+        let second = seed(&mut conn, &other).await.unwrap();
+        assert!(second.user_created);
+        assert_ne!(second.user_id, first.user_id);
+        assert!(second.admins.iter().all(|a| !a.created && !a.rotated));
+        assert!(second.admin_token.is_none() && second.approver_token.is_none());
+        // Every demo admin's credential from the first run still works.
+        for (token, role) in [
+            (&first.admin_token, AdminRole::Operator),
+            (&first.approver_token, AdminRole::Approver),
+            (&first.approver2_token, AdminRole::Approver),
+            (&first.security_token, AdminRole::Security),
+        ] {
+            let admin = users::authenticate_admin(&mut *conn, token.as_ref().unwrap())
+                .await
+                .unwrap();
             assert_eq!(admin.map(|a| a.role), Some(role));
         }
     }

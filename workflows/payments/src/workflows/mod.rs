@@ -28,11 +28,11 @@ pub mod withdrawal;
 
 use crate::exchange::Exchange;
 use crate::notifier::Notifier;
+use crate::policy::Policy;
 use ledgerflow_engine::workflow::{CompensationResult, ReconcileResult, StepResult};
 use ledgerflow_engine::{StepCtx, StepOutcome, WorkflowRegistry};
 use rust_decimal::Decimal;
 use serde_json::Value;
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,12 +48,11 @@ pub struct WorkflowsConfig {
     /// The highest fee rate an exchange may charge (on the quote notional):
     /// a buy holds `notional × (1 + max_fee_rate)` of the quote asset.
     pub max_fee_rate: Decimal,
-    /// Per-asset daily withdrawal limit per user (asset code → amount);
-    /// an asset missing here has no limit.
-    pub withdrawal_daily_limit: BTreeMap<String, Decimal>,
-    /// Per-asset amount above which a withdrawal needs an approver's
-    /// signal; an asset missing here never needs one.
-    pub withdrawal_approval_threshold: BTreeMap<String, Decimal>,
+    /// The configured withdrawal policy per asset (approval thresholds,
+    /// daily limit per user): what applies to an asset unless an admin set
+    /// an override ([`crate::policy`]). An asset missing from both has no
+    /// approval and no limit.
+    pub withdrawal_policy: Policy,
     /// How long a withdrawal waits for its approval before it is cancelled.
     pub approval_timeout: Duration,
     /// How often a submitted withdrawal re-checks the exchange while it
@@ -68,8 +67,7 @@ impl Default for WorkflowsConfig {
         WorkflowsConfig {
             fill_timeout: Duration::from_secs(15 * 60),
             max_fee_rate: Decimal::new(1, 3),
-            withdrawal_daily_limit: BTreeMap::new(),
-            withdrawal_approval_threshold: BTreeMap::new(),
+            withdrawal_policy: Policy::new(),
             approval_timeout: Duration::from_secs(48 * 3600),
             confirmation_poll: Duration::from_secs(3600),
             notification_attempts: 10,

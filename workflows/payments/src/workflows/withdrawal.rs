@@ -1,17 +1,21 @@
 //! The withdrawal workflow (`payments.withdrawal`).
 //!
 //! Steps (each one lease-fenced checkpoint; domain writes through `ctx.db()`):
-//! 1. `validate`           — exact amount, asset, address, user; the per-user
-//!    daily limit, summed in SQL under a per-user advisory lock held until
-//!    the step commits (so concurrent requests are counted one after the
-//!    other); inserts the `withdrawals` row.
+//! 1. `validate`           — exact amount, asset, address, user; the asset's
+//!    effective withdrawal policy ([`crate::policy`]: an admin's override,
+//!    else the configuration) decides how many distinct approvers it needs
+//!    (0, 1 above the approval threshold, 2 above the second one) and the
+//!    per-user daily limit, summed in SQL under a per-user advisory lock
+//!    held until the step commits (so concurrent requests are counted one
+//!    after the other); inserts the `withdrawals` row.
 //! 2. `hold`               — `place_hold` reference `withdrawal:{id}:hold`.
 //!    Compensation: `release_hold`, withdrawal `cancelled`.
-//! 3. `await_approval`     — above the asset's threshold, waits for signal
-//!    `withdrawal.approved` keyed by the withdrawal id (sent by
-//!    [`approve_in`], which refuses an approver who is the requester and
-//!    audits the approval in the same transaction). Timeout → fail →
-//!    release.
+//! 3. `await_approval`     — when approval is needed, waits for signal
+//!    `withdrawal.approved` keyed by the withdrawal id, sent by
+//!    [`approve_in`] once the needed number of distinct approvers approved
+//!    (four-eyes: never the requester, never an approver linked to the
+//!    user, never the same admin twice; each approval audited in its
+//!    transaction). Timeout or an approver's rejection → fail → release.
 //! 4. `submit`             — one external call with key `{id}:submit`:
 //!    `get_withdrawal_by_key` first, `submit_withdrawal` only if absent;
 //!    `Unknown` → in doubt, reconciled with `get_withdrawal_by_key` (absent
@@ -79,6 +83,10 @@ struct Validated {
     amount: Decimal,
     account: AccountId,
     requires_approval: bool,
+    /// Distinct approvers needed (journals older than this field: one when
+    /// `requires_approval`).
+    #[serde(default)]
+    approvals_required: u8,
 }
 
 /// The hold's ledger reference.
@@ -147,18 +155,20 @@ async fn validate_in(
         .map(|(_, id)| *id)
         .ok_or_else(|| Error::Invalid("no account".into()))?;
     let id = ctx.workflow_id();
-    let requires_approval = deps
-        .config
-        .withdrawal_approval_threshold
-        .get(&asset.code)
-        .is_some_and(|t| amount > *t);
+    // The policy of this moment (an admin's override, else the
+    // configuration) decides, and is journaled with the step's output.
+    let policy = crate::policy::effective_in(conn, &deps.config.withdrawal_policy, &asset.code)
+        .await?
+        .policy;
+    let approvals_required = policy.approvals_required(amount);
+    let requires_approval = approvals_required > 0;
     // Serialize this user's withdrawal requests until this step commits.
     sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
         .bind(format!("payments.withdrawal.daily:{}", input.user_id))
         .execute(&mut *conn)
         .await?;
     let mut refusal = None;
-    if let Some(limit) = deps.config.withdrawal_daily_limit.get(&asset.code) {
+    if let Some(limit) = policy.daily_limit {
         let today: Decimal = sqlx::query_scalar(
             "SELECT coalesce(sum(amount), 0) FROM withdrawals
              WHERE user_id = $1 AND asset = $2 AND id <> $3
@@ -171,7 +181,7 @@ async fn validate_in(
         .bind(now_param(ctx))
         .fetch_one(&mut *conn)
         .await?;
-        if today + amount > *limit {
+        if today + amount > limit {
             refusal = Some(format!(
                 "daily withdrawal limit of {limit} {} exceeded ({today} already today)",
                 asset.code
@@ -186,8 +196,8 @@ async fn validate_in(
     sqlx::query(
         "INSERT INTO withdrawals (id, user_id, asset, amount, address, status,
                                   requires_approval, error, requested_by, requested_at,
-                                  updated_at)
-         SELECT $1, $2, $3, $4, $5, $6, $7, $8, $10, n, n
+                                  updated_at, approvals_required)
+         SELECT $1, $2, $3, $4, $5, $6, $7, $8, $10, n, n, $11
          FROM (SELECT coalesce($9::timestamptz, now()) AS n) t
          ON CONFLICT (id) DO NOTHING",
     )
@@ -201,6 +211,7 @@ async fn validate_in(
     .bind(&refusal)
     .bind(now_param(ctx))
     .bind(input.requested_by)
+    .bind(i16::from(approvals_required.max(1)))
     .execute(&mut *conn)
     .await?;
     if let Some(reason) = refusal {
@@ -212,6 +223,7 @@ async fn validate_in(
         amount,
         account,
         requires_approval,
+        approvals_required,
     })
 }
 
@@ -271,12 +283,39 @@ async fn await_approval(deps: Arc<Deps>, ctx: StepCtx) -> StepResult {
     ))
 }
 
-/// `(user_id, requires_approval, status, approved_by, requested_by)`.
-type ApprovalRow = (Uuid, bool, String, Option<AdminId>, Option<AdminId>);
+/// `(user_id, requires_approval, status, approved_by, requested_by,
+/// approvals_required)`.
+type ApprovalRow = (Uuid, bool, String, Option<AdminId>, Option<AdminId>, i16);
+
+/// What an approval did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Approval {
+    /// Recorded, and more distinct approvers are needed (`given` of
+    /// `required` so far); the workflow keeps waiting.
+    Recorded { given: u8, required: u8 },
+    /// The last approval needed: the withdrawal is `approved` and its
+    /// workflow's signal was sent (or it had been approved already:
+    /// [`SignalSent::Duplicate`], nothing written).
+    Approved(SignalSent),
+}
+
+impl Approval {
+    /// True when this call wrote something (an approval, and perhaps the signal).
+    pub fn is_new(&self) -> bool {
+        match self {
+            Approval::Recorded { .. } => true,
+            Approval::Approved(sent) => sent.is_new(),
+        }
+    }
+}
 
 /// Approves withdrawal `id` as `admin` (admin API, on the caller's
-/// transaction): checks the role and that the approver is not the
-/// requester, records the approval and its audit row, and sends the
+/// transaction). Four-eyes: the approver must have the `approver` role, not
+/// be the requester, not be linked to the withdrawal's user
+/// (`admins.user_id`), and not have approved it already; a withdrawal above
+/// the second-approval threshold needs two distinct approvers. Each approval
+/// writes its `withdrawal_approvals` row and its audit row; the last one
+/// needed also marks the withdrawal approved and sends the
 /// `withdrawal.approved` signal — all in the caller's transaction.
 pub async fn approve_in(
     conn: &mut PgConnection,
@@ -284,7 +323,7 @@ pub async fn approve_in(
     admin: &Admin,
     id: Uuid,
     reason: &str,
-) -> crate::Result<SignalSent> {
+) -> crate::Result<Approval> {
     use crate::Error;
     if admin.role != AdminRole::Approver {
         return Err(Error::Forbidden(format!(
@@ -293,19 +332,19 @@ pub async fn approve_in(
         )));
     }
     let row: Option<ApprovalRow> = sqlx::query_as(
-        "SELECT user_id, requires_approval, status, approved_by, requested_by
+        "SELECT user_id, requires_approval, status, approved_by, requested_by, approvals_required
          FROM withdrawals WHERE id = $1 FOR UPDATE",
     )
     .bind(id)
     .fetch_optional(&mut *conn)
     .await?;
-    let (user_id, requires, status, approved_by, requester) =
+    let (user_id, requires, status, approved_by, requester, required) =
         row.ok_or_else(|| Error::Invalid(format!("no withdrawal {id}")))?;
     if !requires {
         return Err(Error::Invalid(format!("withdrawal {id} needs no approval")));
     }
     if approved_by.is_some() {
-        return Ok(SignalSent::Duplicate);
+        return Ok(Approval::Approved(SignalSent::Duplicate));
     }
     if !matches!(status.as_str(), "validated" | "held" | "awaiting_approval") {
         return Err(Error::Invalid(format!(
@@ -317,7 +356,35 @@ pub async fn approve_in(
             "the requester of a withdrawal cannot approve it".into(),
         ));
     }
-    crate::audit::record(
+    let linked: Option<Uuid> =
+        sqlx::query_scalar::<_, Option<Uuid>>("SELECT user_id FROM admins WHERE id = $1")
+            .bind(admin.id)
+            .fetch_optional(&mut *conn)
+            .await?
+            .flatten();
+    if linked == Some(user_id) {
+        return Err(Error::FourEyes(format!(
+            "admin {} is linked to the withdrawal's user; another approver must decide",
+            admin.name
+        )));
+    }
+    let mut approvers: Vec<AdminId> = sqlx::query_scalar(
+        "SELECT admin_id FROM withdrawal_approvals WHERE withdrawal_id = $1 ORDER BY approved_at",
+    )
+    .bind(id)
+    .fetch_all(&mut *conn)
+    .await?;
+    if approvers.contains(&admin.id) {
+        return Err(Error::FourEyes(format!(
+            "admin {} approved withdrawal {id} already; a different approver must give the next \
+             approval",
+            admin.name
+        )));
+    }
+    let required = u8::try_from(required.clamp(1, 2)).unwrap_or(1);
+    approvers.push(admin.id);
+    let given = u8::try_from(approvers.len()).unwrap_or(u8::MAX);
+    let audit_id = crate::audit::record(
         &mut *conn,
         admin,
         &crate::audit::NewEntry {
@@ -325,10 +392,23 @@ pub async fn approve_in(
             target_type: "withdrawal",
             target_id: &id.to_string(),
             reason,
-            details: json!({ "user_id": user_id }),
+            details: json!({ "user_id": user_id, "approval": given, "required": required }),
         },
     )
     .await?;
+    sqlx::query(
+        "INSERT INTO withdrawal_approvals (withdrawal_id, admin_id, audit_id, approved_at)
+         VALUES ($1, $2, $3, coalesce($4::timestamptz, now()))",
+    )
+    .bind(id)
+    .bind(admin.id)
+    .bind(audit_id)
+    .bind(store.now())
+    .execute(&mut *conn)
+    .await?;
+    if given < required {
+        return Ok(Approval::Recorded { given, required });
+    }
     sqlx::query(
         "UPDATE withdrawals SET approved_by = $2, approved_at = coalesce($3::timestamptz, now()),
                 status = 'approved'
@@ -339,15 +419,17 @@ pub async fn approve_in(
     .bind(store.now())
     .execute(&mut *conn)
     .await?;
-    Ok(signal_send_in(
-        conn,
-        store,
-        APPROVED_SIGNAL,
-        &id.to_string(),
-        &json!({ "approved_by": admin.id, "requester": user_id }),
-        &format!("withdrawal:{id}:approved"),
-    )
-    .await?)
+    Ok(Approval::Approved(
+        signal_send_in(
+            conn,
+            store,
+            APPROVED_SIGNAL,
+            &id.to_string(),
+            &json!({ "approved_by": admin.id, "approvers": approvers, "requester": user_id }),
+            &format!("withdrawal:{id}:approved"),
+        )
+        .await?,
+    ))
 }
 
 /// Step 4.
@@ -368,6 +450,22 @@ async fn submit(deps: Arc<Deps>, ctx: StepCtx) -> StepResult {
             return Ok(StepOutcome::Fail(
                 "the requester cannot approve their own withdrawal".into(),
             ));
+        }
+        // Two distinct approvers above the second threshold (approvals sent
+        // before the `approvers` field existed name one approver).
+        let mut approvers: Vec<AdminId> = approval
+            .get("approvers")
+            .cloned()
+            .and_then(|a| serde_json::from_value(a).ok())
+            .unwrap_or_else(|| vec![approver]);
+        approvers.sort();
+        approvers.dedup();
+        if approvers.len() < usize::from(v.approvals_required) {
+            return Ok(StepOutcome::Fail(format!(
+                "{} distinct approvals needed, {} given",
+                v.approvals_required,
+                approvers.len()
+            )));
         }
     }
     let key = IdempotencyKey::new(ctx.idempotency_key());
