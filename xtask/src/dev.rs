@@ -59,7 +59,7 @@ const TRADE_USD_COST: &str = "30.03";
 /// the payments workflows the binary runs, so it needs no approval; if one
 /// is configured later, the smoke approves it as the seeded approver.
 const WITHDRAWAL_AMOUNT: &str = "0.001";
-const WITHDRAWAL_ADDRESS: &str = "tb1qledgerflowdevsmoke0000000000000000000";
+const WITHDRAWAL_ADDRESS: &str = "tb1qz90pueq0k755tzthyrfjcr9m4gpny46jfr07ls";
 
 #[derive(clap::Args)]
 #[command(

@@ -6,6 +6,7 @@
 //!   all on a caller-supplied connection so they join the caller's (fenced)
 //!   transaction;
 //! - [`users`]  — users, API keys, admins and their credentials;
+//! - [`address`] — withdrawal destinations per asset (alphabet, checksum);
 //! - [`ids`]    — typed row ids;
 //! - [`idempotency`] — the public API's idempotency records and resource read models;
 //! - [`error`]  — the crate's one [`Error`] type;
@@ -20,6 +21,7 @@
 //! `migrations/20261126001000_payments.sql`; this crate adds precise errors
 //! and idempotency on top.
 
+pub mod address;
 pub mod approvals;
 pub mod audit;
 pub mod error;
