@@ -14,6 +14,7 @@
 use crate::AppState;
 use crate::auth::{self, AdminKey, Permission};
 use crate::error::{Error, Result};
+use crate::input::{TextKind, check_text};
 use crate::types::Text;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -367,14 +368,16 @@ struct AuditCursorWire {
 
 // ------------------------------------------------------------------ parsing
 
+/// A text filter: absent when empty, otherwise one line of at most
+/// [`FILTER_TEXT_MAX`] visible characters (see [`crate::input`]).
 pub(crate) fn text_filter(name: &str, value: Option<String>) -> Result<Option<String>> {
     match value {
         None => Ok(None),
         Some(v) if v.is_empty() => Ok(None),
-        Some(v) if v.chars().count() > FILTER_TEXT_MAX => Err(Error::Validation(format!(
-            "{name} must be at most {FILTER_TEXT_MAX} characters"
-        ))),
-        Some(v) => Ok(Some(v)),
+        Some(v) => {
+            check_text(name, &v, FILTER_TEXT_MAX, TextKind::Line)?;
+            Ok(Some(v))
+        }
     }
 }
 
@@ -439,7 +442,10 @@ pub(crate) fn next_page<T>(
     rows.last().map(cursor_of).transpose()
 }
 
+/// A mutation's reason: prose (line breaks allowed, no other control,
+/// bidi character), not blank, at most [`audit::MAX_REASON_CHARS`] characters.
 pub(crate) fn reason(text: &str) -> Result<String> {
+    check_text("reason", text, audit::MAX_REASON_CHARS, TextKind::Prose)?;
     audit::check_reason(text)
         .map(str::to_string)
         .map_err(Error::from)
@@ -902,10 +908,16 @@ async fn queue_action(
 ) -> Result<Json<QueueActionResult>> {
     let admin = auth::admin(state, key, Permission::Operate).await?;
     let why = reason(reason_text)?;
+    check_text("queue name", name, 128, TextKind::Line)?;
     if name.is_empty() || name.len() > 128 {
         return Err(Error::Validation("queue name must be 1..=128 bytes".into()));
     }
     let mut tx = state.pool().begin().await?;
+    // Only a queue that has jobs or a control row: a typo must not create
+    // (and audit) a paused queue nobody serves.
+    if !state.store.queue_exists_in(&mut tx, name).await? {
+        return Err(Error::NotFound(format!("queue {name:?} not found")));
+    }
     if pause {
         state.store.queue_pause_in(&mut tx, name).await?;
     } else {

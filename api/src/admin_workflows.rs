@@ -254,6 +254,7 @@ fn parse_states(text: &str) -> Result<Vec<WorkflowState>> {
 }
 
 fn check_step(step: &str) -> Result<()> {
+    crate::input::check_text("step", step, STEP_MAX, crate::input::TextKind::Line)?;
     if step.is_empty() || step.len() > STEP_MAX {
         return Err(Error::Validation(format!(
             "step must be 1..={STEP_MAX} bytes"

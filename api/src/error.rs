@@ -120,6 +120,7 @@ impl From<ledgerflow_engine::Error> for Error {
                 action,
             } => Error::Conflict(format!("job {job_id} is {state}; cannot {action} it")),
             E::Invalid(msg) => Error::Validation(msg),
+            E::Db(ref db) if is_data_exception(db) => refused_by_database(&e),
             e if e.is_transient() => {
                 tracing::warn!(error = %e, "transient database error");
                 Error::Unavailable
@@ -127,6 +128,21 @@ impl From<ledgerflow_engine::Error> for Error {
             other => Error::Internal(other.to_string()),
         }
     }
+}
+
+/// Whether Postgres refused a value itself (SQLSTATE class 22, "data
+/// exception": text it cannot store, a number or time out of its range).
+/// Input validation should have refused such a value first; this is the
+/// backstop that keeps one from becoming a 500.
+pub fn is_data_exception(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("22")))
+}
+
+/// The 400 for a value the database refused: logged in full (inside the
+/// request's span, so with its id), answered without the database's text.
+fn refused_by_database(e: &dyn std::fmt::Display) -> Error {
+    tracing::warn!(error = %e, "the database refused a request's value");
+    Error::Validation("a value is outside what can be stored (range or characters)".into())
 }
 
 /// Payments errors: input refusals are the client's; the rest is internal.
@@ -138,6 +154,7 @@ impl From<ledgerflow_payments::Error> for Error {
             // A refusal of the caller (a role without the right, an approver
             // approving their own request): 403, never a 500.
             E::Forbidden(msg) => Error::Forbidden(msg),
+            E::Db(ref db) if is_data_exception(db) => refused_by_database(&e),
             e if e.is_transient() => {
                 tracing::warn!(error = %e, "transient database error");
                 Error::Unavailable

@@ -19,7 +19,10 @@
 //! - [`console`]    — the admin web console (embedded static page over the admin API);
 //! - [`auth`]       — credentials and the role/permission allow-list;
 //! - [`ops`]        — `/healthcheck`, `/readyz` (a list of checks), `/metrics`;
-//! - [`middleware`] — body limit, timeout, problem+json for every error, metrics;
+//! - [`middleware`] — request ids, body limit, URI and JSON checks, timeout,
+//!   problem+json for every error, metrics;
+//! - [`input`]      — edge validation of text (control, bidi and invisible
+//!   characters, lengths, duplicate JSON keys);
 //! - [`metrics`]    — the Prometheus registry and its catalogue;
 //! - [`error`]      — the crate's one error type and RFC 7807 problems;
 //! - [`types`]      — strict wire types for request bodies.
@@ -37,6 +40,7 @@ pub mod batch;
 pub mod console;
 pub mod error;
 pub mod idempotency;
+pub mod input;
 pub mod metrics;
 pub mod middleware;
 pub mod ops;
@@ -51,6 +55,7 @@ pub use ops::ReadinessCheck;
 use crate::metrics::Metrics;
 use crate::middleware::{Limits, Routes};
 use ledgerflow_engine::Store;
+use poem::http::Method;
 use poem::listener::TcpAcceptor;
 use poem::{Endpoint, EndpointExt, Route, Server, get, post};
 use poem_openapi::OpenApiService;
@@ -202,6 +207,7 @@ impl AppState {
         Limits {
             body_bytes: self.config.body_limit,
             request_timeout: self.config.request_timeout,
+            raw_bodies: &[],
         }
     }
 }
@@ -262,11 +268,19 @@ pub fn public_app(state: AppState) -> impl Endpoint<Output = poem::Response> {
         .nest("/docs", service.swagger_ui())
         .nest("/", service)
         .data(state.clone());
+    let routes = Routes::new(&[public::ROUTES, webhooks::ROUTES].concat())
+        .allow_spec(&public_spec())
+        .allow("/v1/webhooks/{provider}", Method::POST);
     middleware::wrap(
         route,
         "public",
-        Routes::new(&[public::ROUTES, webhooks::ROUTES].concat()),
-        state.limits(),
+        plain_routes(routes),
+        Limits {
+            // The webhook handler checks the signature over the raw bytes
+            // first, then judges the JSON itself.
+            raw_bodies: &["/v1/webhooks/"],
+            ..state.limits()
+        },
         state.metrics.clone(),
     )
 }
@@ -286,23 +300,41 @@ pub fn admin_app(state: AppState) -> impl Endpoint<Output = poem::Response> {
     let route = console::routes(route)
         .nest("/", service)
         .data(state.clone());
+    let routes = Routes::new(
+        &[
+            admin::ROUTES,
+            admin_workflows::ROUTES,
+            admin_cron::ROUTES,
+            admin_dead_letters::ROUTES,
+            admin_approvals::ROUTES,
+            console::ROUTES,
+        ]
+        .concat(),
+    )
+    .allow_spec(&admin_spec());
+    let routes = console::ROUTES
+        .iter()
+        .fold(routes, |r, t| r.allow(t, Method::GET));
     middleware::wrap(
         console::with_root_redirect(route),
         "admin",
-        Routes::new(
-            &[
-                admin::ROUTES,
-                admin_workflows::ROUTES,
-                admin_cron::ROUTES,
-                admin_dead_letters::ROUTES,
-                admin_approvals::ROUTES,
-                console::ROUTES,
-            ]
-            .concat(),
-        ),
+        plain_routes(routes),
         state.limits(),
         state.metrics.clone(),
     )
+}
+
+/// The methods of the routes both listeners serve outside the spec.
+fn plain_routes(routes: Routes) -> Routes {
+    [
+        "/healthcheck",
+        "/readyz",
+        "/metrics",
+        "/openapi.json",
+        "/docs",
+    ]
+    .iter()
+    .fold(routes, |r, t| r.allow(t, Method::GET))
 }
 
 /// Binds both addresses and serves the public and admin apps until

@@ -31,6 +31,7 @@ use crate::auth::{self, UserKey};
 use crate::batch::{Creation, Resource};
 use crate::error::Error;
 use crate::idempotency::{self, Settled};
+use crate::input::{TextKind, check_text};
 use crate::types::Text;
 use ledgerflow_payments::exchange::Side;
 use ledgerflow_payments::idempotency::{self as records, TradeRecord, WithdrawalRecord};
@@ -46,6 +47,11 @@ use poem_openapi::{ApiResponse, Enum, Object, OpenApi, Tags};
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::sync::RwLock;
+
+/// Longest asset code (2–16 of `A–Z 0–9`, as `ledger::create_asset` requires).
+const ASSET_CODE_MAX: usize = 16;
+/// Longest withdrawal address.
+const ADDRESS_MAX: usize = 128;
 
 #[derive(Tags)]
 enum Tag {
@@ -139,7 +145,10 @@ pub struct NewWithdrawal {
     pub asset: Text,
     /// How much: a decimal STRING within the asset's scale (`"0.01"`).
     pub amount: Text,
-    /// The destination address (1–200 characters).
+    /// The destination address, in the asset's format with its checksum:
+    /// BTC bech32/bech32m (`bc1…`) or base58check (`1…`, `3…`); ETH and
+    /// USDT `0x` + 40 hex digits; USD and EUR an IBAN. Visible ASCII only,
+    /// 1–128 characters.
     pub address: Text,
 }
 
@@ -251,7 +260,12 @@ impl AssetCache {
 
 /// A registered asset, or a 400 problem.
 async fn asset(state: &AppState, field: &str, code: &str) -> Result<Asset, Error> {
-    if code.is_empty() || code.len() > 32 {
+    check_text(field, code, ASSET_CODE_MAX, TextKind::Line)?;
+    if !(2..=ASSET_CODE_MAX).contains(&code.len())
+        || !code
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+    {
         return Err(Error::Validation(format!("{field}: unknown asset")));
     }
     if let Some(known) = state.assets.get(code) {
@@ -435,13 +449,17 @@ impl PublicApi {
         require_registry(&state)?;
         let req = body.0;
         let address = req.address.as_str();
-        if address.trim().is_empty() || address.trim() != address || address.chars().count() > 200 {
+        check_text("address", address, ADDRESS_MAX, TextKind::Line)?;
+        if address.trim().is_empty() || address.trim() != address {
             return Err(Error::Validation(
-                "address: 1 to 200 characters without surrounding whitespace".into(),
+                "address: 1 to 128 characters without surrounding whitespace".into(),
             ));
         }
         let code = req.asset.as_str();
         let asset = asset(&state, "asset", code).await?;
+        // What an approver reads must be what is paid: the asset's format
+        // and checksum (ledgerflow_payments::address).
+        ledgerflow_payments::address::check(code, address)?;
         let amount_str = amount("amount", req.amount.as_str(), &asset)?.0;
         let canonical = json!({
             "asset": code,

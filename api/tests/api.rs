@@ -674,7 +674,8 @@ async fn a_mutation_writes_exactly_one_audit_row_and_a_refused_one_none() {
     assert_eq!(r.json["items"].as_array().unwrap().len(), 1);
     assert!(r.json["next_cursor"].is_null());
 
-    // Queue pause/resume, audited too.
+    // Queue pause/resume, audited too (a queue exists once it has a job).
+    insert(&f.store, "mail", "email.send", json!({})).await;
     let r = send(
         &f.admin,
         Method::POST,
@@ -704,6 +705,32 @@ async fn a_mutation_writes_exactly_one_audit_row_and_a_refused_one_none() {
     .await;
     assert_eq!(r.status, StatusCode::OK);
     assert!(!f.store.queue_is_paused("mail").await.unwrap());
+    assert_eq!(audit_rows(&f).await, 4);
+
+    // Issue 12 (5): a queue that does not exist is a 404, and neither
+    // created, paused nor audited.
+    for action in ["pause", "resume"] {
+        let r = send(
+            &f.admin,
+            Method::POST,
+            &format!("/v1/queues/no-such-queue/{action}"),
+            op,
+            reason(),
+        )
+        .await;
+        assert_problem(&r, 404, "not-found");
+    }
+    assert!(!f.store.queue_is_paused("no-such-queue").await.unwrap());
+    let r = send(&f.admin, Method::GET, "/v1/queues", op, None).await;
+    assert!(
+        !r.json["queues"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|q| q["name"] == "no-such-queue"),
+        "{}",
+        r.text
+    );
     assert_eq!(audit_rows(&f).await, 4);
 
     // The log is append-only.
@@ -1006,6 +1033,9 @@ async fn injection_strings_are_refused_or_literal_and_change_nothing() {
     for i in 0..3 {
         insert(&f.store, "q", "k", json!({"i": i})).await;
     }
+    // A queue whose name is an injection string (pausing it below must
+    // treat the name literally; an unknown queue would be a 404).
+    insert(&f.store, "q'; DROP TABLE queues; --", "k", json!({})).await;
     let before = job_count(&f).await;
 
     let enc = |s: &str| {
@@ -1218,4 +1248,212 @@ async fn bad_bodies_get_problems() {
 
 fn bytes_of(n: usize) -> Vec<u8> {
     vec![b' '; n]
+}
+
+/// `POST` of a raw JSON text as the bearer of `token`.
+async fn post_raw(app: &App, path: &str, token: &str, body: &str) -> Reply {
+    let resp = app
+        .post(path)
+        .header(header::AUTHORIZATION, format!("Bearer {token}"))
+        .content_type("application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .0;
+    into_reply(resp).await
+}
+
+/// Issue 12 (2): U+0000 and other control characters in any admin text —
+/// list filters, reasons, queue names, bulk filters — are 400 problems,
+/// never 500s, and change nothing; prose reasons keep their line breaks.
+#[tokio::test]
+async fn control_characters_in_admin_text_are_400_and_change_nothing() {
+    let f = fixture().await;
+    let v = Some(f.keys.viewer.as_str());
+    let op = Some(f.keys.operator.as_str());
+    let id = insert(&f.store, "q", "k", json!({})).await;
+    for path in [
+        "/v1/jobs?q=%00",
+        "/v1/jobs?q=a%07b",
+        "/v1/jobs?queue=%00",
+        "/v1/jobs?kind=k%00",
+        "/v1/jobs?q=%C2%85",
+        "/v1/audit?action=%00",
+        "/v1/audit?target_id=%1B%5B31m",
+        "/v1/workflows?kind=%00",
+        "/v1/dead-letters/jobs?queue=%00",
+    ] {
+        let r = send(&f.admin, Method::GET, path, v, None).await;
+        assert_problem(&r, 400, "validation");
+    }
+    // Bidi controls in a filter arrive percent-encoded as UTF-8: refused by
+    // the field's check, not the URI's.
+    let r = send(&f.admin, Method::GET, "/v1/jobs?queue=q%E2%80%AE", v, None).await;
+    assert_problem(&r, 400, "validation");
+
+    let cancel = format!("/v1/jobs/{id}/cancel");
+    for why in ["a\u{0}b", "bell\u{7}", "esc\u{1b}[2J", "rlo\u{202e}txt"] {
+        let r = send(
+            &f.admin,
+            Method::POST,
+            &cancel,
+            op,
+            Some(json!({ "reason": why })),
+        )
+        .await;
+        assert_problem(&r, 400, "validation");
+    }
+    for path in ["/v1/queues/a%00b/pause", "/v1/queues/q%E2%80%AE/pause"] {
+        let r = send(&f.admin, Method::POST, path, op, reason()).await;
+        assert_problem(&r, 400, "validation");
+    }
+    for filter in [
+        json!({"queue": "q\u{0}"}),
+        json!({"q": "a\u{1}"}),
+        json!({"kind": "k\u{200b}"}),
+    ] {
+        let r = send(
+            &f.admin,
+            Method::POST,
+            "/v1/jobs/bulk-cancel",
+            op,
+            Some(json!({ "filter": filter, "reason": "x" })),
+        )
+        .await;
+        assert_problem(&r, 400, "validation");
+    }
+    // Duplicate keys: which reason would the audit log keep?
+    let r = post_raw(
+        &f.admin,
+        &cancel,
+        &f.keys.operator,
+        r#"{"reason":"shown to the approver","reason":"kept"}"#,
+    )
+    .await;
+    assert_problem(&r, 400, "validation");
+    assert_eq!(state_of(&f.store, id).await, JobState::Available);
+    assert_eq!(audit_rows(&f).await, 0);
+
+    // Prose may span lines.
+    let r = send(
+        &f.admin,
+        Method::POST,
+        &cancel,
+        op,
+        Some(json!({ "reason": "line one\nline two" })),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(audit_rows(&f).await, 1);
+}
+
+/// A value Postgres itself refuses (SQLSTATE class 22) is a 400 without
+/// the database's text, not a 500 — the backstop behind input validation.
+#[tokio::test]
+async fn values_the_database_refuses_are_400_without_internals() {
+    let f = fixture().await;
+    let e = sqlx::query("SELECT $1::text")
+        .bind("a\u{0}b")
+        .execute(&f.db.pool)
+        .await
+        .unwrap_err();
+    let p = ledgerflow_api::Error::from(e).problem();
+    assert_eq!(p.status, 400);
+    assert!(
+        !p.detail.contains("0x00") && !p.detail.contains("UTF8"),
+        "{}",
+        p.detail
+    );
+    let e = sqlx::query("SELECT $1::int2")
+        .bind(100_000_i32)
+        .execute(&f.db.pool)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        ledgerflow_api::Error::from(e).status(),
+        StatusCode::BAD_REQUEST
+    );
+}
+
+/// Issue 12 (5): the documented largest audit page works (the handler
+/// fetches one row past it), one more is refused.
+#[tokio::test]
+async fn the_largest_audit_page_is_accepted() {
+    let f = fixture().await;
+    let v = Some(f.keys.viewer.as_str());
+    let r = send(&f.admin, Method::GET, "/v1/audit?limit=500", v, None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let r = send(&f.admin, Method::GET, "/v1/audit?limit=501", v, None).await;
+    assert_problem(&r, 400, "validation");
+}
+
+/// Issue 12 (5): a 405 names the methods the resource answers (RFC 9110
+/// §15.5.6), on both listeners; every answer carries a request id, and a
+/// client's sane one is kept.
+#[tokio::test]
+async fn method_not_allowed_carries_allow_and_answers_carry_request_ids() {
+    let f = fixture().await;
+    let cases: [(&App, Method, &str, &str); 5] = [
+        (
+            &f.public,
+            Method::DELETE,
+            "/v1/accounts/me/balances",
+            "GET, HEAD",
+        ),
+        (&f.public, Method::PUT, "/v1/trades", "POST"),
+        (&f.admin, Method::POST, "/v1/jobs", "GET, HEAD"),
+        (&f.admin, Method::GET, "/v1/jobs/0190/retry", "POST"),
+        (&f.admin, Method::DELETE, "/healthcheck", "GET, HEAD"),
+    ];
+    for (app, method, path, allow) in cases {
+        let resp = app.request(method.clone(), path).send().await.0;
+        assert_eq!(
+            resp.status(),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "{method} {path}"
+        );
+        let got = resp
+            .headers()
+            .get(header::ALLOW)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        assert_eq!(got.as_deref(), Some(allow), "{method} {path}");
+    }
+    let resp = f.admin.get("/healthcheck").send().await.0;
+    let id = resp
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok());
+    assert!(
+        id.is_some_and(|id| uuid::Uuid::parse_str(id).is_ok()),
+        "{id:?}"
+    );
+    let resp = f
+        .public
+        .get("/healthcheck")
+        .header("x-request-id", "trace-42")
+        .send()
+        .await
+        .0;
+    assert_eq!(
+        resp.headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok()),
+        Some("trace-42")
+    );
+    let resp = f
+        .public
+        .get("/healthcheck")
+        .header("x-request-id", "bad id\twith tab")
+        .send()
+        .await
+        .0;
+    let id = resp
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok());
+    assert!(
+        id.is_some_and(|id| uuid::Uuid::parse_str(id).is_ok()),
+        "{id:?}"
+    );
 }
