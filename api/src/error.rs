@@ -58,6 +58,10 @@ pub enum Error {
     /// A dependency (the database) is unreachable.
     #[error("service unavailable")]
     Unavailable,
+    /// Too many failed authentications from this client or against this
+    /// credential; answered with `Retry-After`.
+    #[error("too many failed authentication attempts; retry in {retry_after_secs} s")]
+    TooManyRequests { retry_after_secs: u64 },
     /// A bug or an infrastructure failure; logged, never shown.
     #[error("internal error: {0}")]
     Internal(String),
@@ -78,6 +82,7 @@ impl Error {
             Error::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Error::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::Timeout { .. } | Error::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Error::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::Internal(_) | Error::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -276,13 +281,26 @@ impl poem::error::ResponseError for Error {
     }
 
     fn as_response(&self) -> Response {
-        self.problem().into_response()
+        self.response()
     }
 }
 
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
-        self.problem().into_response()
+        self.response()
+    }
+}
+
+impl Error {
+    /// The problem response, with `Retry-After` on a 429.
+    fn response(&self) -> Response {
+        let mut resp = self.problem().into_response();
+        if let Error::TooManyRequests { retry_after_secs } = self
+            && let Ok(v) = HeaderValue::from_str(&retry_after_secs.to_string())
+        {
+            resp.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        resp
     }
 }
 
@@ -312,6 +330,10 @@ impl ApiResponse for Error {
                     415,
                 ),
                 problem("Not acceptable (e.g. a reused Idempotency-Key)", 422),
+                problem(
+                    "Too many failed authentication attempts (see Retry-After)",
+                    429,
+                ),
                 problem("Internal error (details are logged, never returned)", 500),
                 problem("A dependency is unavailable or the request timed out", 503),
             ],

@@ -18,7 +18,9 @@
 //!   schedules, dead letters and withdrawal approvals;
 //! - [`console`]    — the admin web console (embedded static page over the admin API);
 //! - [`auth`]       — credentials and the role/permission allow-list;
-//! - [`ops`]        — `/healthcheck`, `/readyz` (a list of checks), `/metrics`;
+//! - [`throttle`]   — 429 after repeated failed authentication;
+//! - [`ops`]        — `/healthcheck`, `/readyz` (a list of checks), `/metrics`
+//!   (admin listener only);
 //! - [`middleware`] — request ids, body limit, URI and JSON checks, timeout,
 //!   problem+json for every error, metrics;
 //! - [`input`]      — edge validation of text (control, bidi and invisible
@@ -45,6 +47,7 @@ pub mod metrics;
 pub mod middleware;
 pub mod ops;
 pub mod public;
+pub mod throttle;
 pub mod types;
 pub mod wakeup;
 pub mod webhooks;
@@ -90,6 +93,8 @@ pub struct ApiConfig {
     pub post_batch: usize,
     /// Most transactions of public POSTs running at once (default 4).
     pub post_transactions: usize,
+    /// When failed authentication is answered 429 (see [`throttle`]).
+    pub auth_throttle: throttle::Limits,
 }
 
 impl Default for ApiConfig {
@@ -102,6 +107,7 @@ impl Default for ApiConfig {
             api_key_cache_ttl: Duration::from_secs(1),
             post_batch: 8,
             post_transactions: 4,
+            auth_throttle: throttle::Limits::default(),
         }
     }
 }
@@ -115,7 +121,8 @@ pub struct AppState {
     pub store: Store,
     /// Settings.
     pub config: Arc<ApiConfig>,
-    /// Metrics (exported by the public listener's `/metrics`).
+    /// Metrics (exported by the admin listener's `/metrics` and, in the
+    /// binary, the ops port's; never by the public listener).
     pub metrics: Arc<Metrics>,
     /// The webhook intake (providers, workflow registry, rejection counter).
     pub webhooks: Arc<webhooks::Intake>,
@@ -130,6 +137,8 @@ pub struct AppState {
     pub keys: Arc<auth::KeyCache>,
     /// The public POSTs' transaction runners.
     pub batcher: Arc<batch::Batcher>,
+    /// Failed authentication counters.
+    pub throttle: Arc<throttle::AuthThrottle>,
     checks: Arc<Vec<Arc<dyn ReadinessCheck>>>,
 }
 
@@ -174,6 +183,7 @@ impl AppState {
             assets: Arc::new(public::AssetCache::default()),
             keys: Arc::new(auth::KeyCache::new(config.api_key_cache_ttl)),
             batcher: Arc::new(batcher),
+            throttle: Arc::new(throttle::AuthThrottle::new(config.auth_throttle.clone())),
             checks: Arc::new(vec![Arc::new(ops::Postgres(pool.clone()))]),
             pool,
             store,
@@ -256,13 +266,15 @@ pub fn admin_spec() -> String {
 }
 
 /// The public listener's app: `/v1/…`, `/healthcheck`, `/readyz`,
-/// `/metrics`, `/openapi.json`, `/docs`.
+/// `/openapi.json`, `/docs`. No `/metrics`: queue names, states and volumes
+/// are not for the internet (the chart's public Ingress routes `/` here);
+/// they are scraped on the ops port (`ledgerflow_workers::ops`, fed by
+/// [`AppState::metrics`]) and on the admin listener.
 pub fn public_app(state: AppState) -> impl Endpoint<Output = poem::Response> {
     let service = public_service();
     let route = Route::new()
         .at("/healthcheck", get(ops::healthcheck))
         .at("/readyz", get(ops::readyz))
-        .at("/metrics", get(ops::metrics))
         .at("/v1/webhooks/:provider", post(webhooks::receive))
         .at("/openapi.json", service.spec_endpoint())
         .nest("/docs", service.swagger_ui())

@@ -14,7 +14,8 @@
 //!    [`crate::input::check_json_body`]), except on the routes whose
 //!    handlers verify raw bytes first ([`Limits::raw_bodies`]: webhooks,
 //!    whose signature decides before anything else);
-//! 6. runs the request under a deadline (503 `timeout` problem past it);
+//! 6. runs the request under a deadline (503 `timeout` problem past it),
+//!    with its client address at hand for [`crate::throttle`];
 //! 7. turns any error poem or poem-openapi raised (unknown route, bad JSON,
 //!    missing credentials …) into an RFC 7807 problem (see [`crate::error`]),
 //!    adding the `Allow` header to a 405 (RFC 9110 §15.5.6);
@@ -154,7 +155,12 @@ pub fn wrap<E: Endpoint + 'static>(
             let span = tracing::info_span!("request", request_id = %id, listener, %method, route);
             let gauge = metrics.in_flight.with_label_values(&[listener]);
             gauge.inc();
-            let mut resp = handle(&ep, req, &limits).instrument(span).await;
+            let client = match req.remote_addr().0 {
+                poem::Addr::SocketAddr(a) => Some(a.ip()),
+                _ => None,
+            };
+            let work = handle(&ep, req, &limits).instrument(span);
+            let mut resp = crate::throttle::CLIENT.scope(client, work).await;
             gauge.dec();
             if resp.status() == StatusCode::METHOD_NOT_ALLOWED
                 && let Some(allow) = routes.allow_header(&path)

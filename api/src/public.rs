@@ -521,7 +521,6 @@ pub(crate) const ROUTES: &[&str] = &[
     "/v1/withdrawals/{id}",
     "/healthcheck",
     "/readyz",
-    "/metrics",
     "/openapi.json",
     "/docs",
 ];

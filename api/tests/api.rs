@@ -258,7 +258,13 @@ async fn ops_endpoints_work() {
     // Some traffic, then the scrape shows it, by route template.
     let path = format!("/v1/jobs/{}", uuid::Uuid::now_v7());
     send(&f.admin, Method::GET, &path, Some(&f.keys.viewer), None).await;
+    // Issue 12 (5): queue names, states and volumes are not for the
+    // internet: the public listener serves no metrics; the admin one does
+    // (and the binary's ops port).
     let r = send(&f.public, Method::GET, "/metrics", None, None).await;
+    assert_problem(&r, 404, "not-found");
+    assert!(!r.text.contains("ledgerflow_queue_jobs"));
+    let r = send(&f.admin, Method::GET, "/metrics", None, None).await;
     assert_eq!(r.status, StatusCode::OK);
     assert!(r.content_type.starts_with("text/plain"));
     assert!(
@@ -1456,4 +1462,113 @@ async fn method_not_allowed_carries_allow_and_answers_carry_request_ids() {
         id.is_some_and(|id| uuid::Uuid::parse_str(id).is_ok()),
         "{id:?}"
     );
+}
+
+/// One raw HTTP/1.1 request on a real socket (the throttle needs the
+/// client's address, which only a real connection has): status line and
+/// `Retry-After`.
+async fn raw_get(addr: std::net::SocketAddr, path: &str, token: &str) -> (u16, Option<String>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let retry = out.lines().find_map(|l| {
+        l.to_ascii_lowercase()
+            .strip_prefix("retry-after:")
+            .map(|v| v.trim().to_string())
+    });
+    (status, retry)
+}
+
+/// Issue 12 (5): repeated failed authentication from one address, or
+/// against one key prefix, is answered 429 with Retry-After; a key that
+/// authenticated before keeps working.
+#[tokio::test]
+async fn failed_authentication_is_throttled_without_locking_out_a_good_key() {
+    let f = fixture_with(ApiConfig {
+        auth_throttle: ledgerflow_api::throttle::Limits {
+            window: Duration::from_secs(60),
+            per_address: 5,
+            per_prefix: 3,
+        },
+        ..ApiConfig::default()
+    })
+    .await;
+    let public = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (pa, aa) = (public.local_addr().unwrap(), admin.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(ledgerflow_api::serve_listeners(
+        public,
+        admin,
+        f.state.clone(),
+        async {
+            let _ = rx.await;
+        },
+    ));
+    let balances = "/v1/accounts/me/balances";
+    // user_b's key authenticates first: it is trusted from then on.
+    assert_eq!(raw_get(pa, balances, &f.keys.user_b).await.0, 200);
+    let bogus = |i: usize| format!("lf_{i:012x}_{}", "0".repeat(64));
+    for i in 0..5 {
+        assert_eq!(raw_get(pa, balances, &bogus(i)).await.0, 401, "attempt {i}");
+    }
+    let (status, retry) = raw_get(pa, balances, &bogus(9)).await;
+    assert_eq!(status, 429);
+    let retry: u64 = retry.unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+    // The same address with a key that never authenticated: throttled too,
+    // without a lookup; the trusted key still works.
+    assert_eq!(raw_get(pa, balances, &f.keys.user_a).await.0, 429);
+    assert_eq!(raw_get(pa, balances, &f.keys.user_b).await.0, 200);
+    // The admin listener shares the counters (same process, same address).
+    assert_eq!(raw_get(aa, "/v1/jobs", &f.keys.viewer).await.0, 429);
+    tx.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+
+    // Against one prefix (here from an unknown address, as in-process):
+    // after 3 failures, more attempts on that prefix get 429; another
+    // prefix is still checked (401), and a trusted key still works.
+    let prefix = f.keys.operator.rsplit_once('_').unwrap().0.to_string();
+    let wrong = format!("{prefix}_{}", "f".repeat(64));
+    let op = send(
+        &f.admin,
+        Method::GET,
+        "/v1/jobs",
+        Some(&f.keys.operator),
+        None,
+    )
+    .await;
+    assert_eq!(op.status, StatusCode::OK);
+    for _ in 0..3 {
+        let r = send(&f.admin, Method::GET, "/v1/jobs", Some(&wrong), None).await;
+        assert_problem(&r, 401, "unauthorized");
+    }
+    let r = send(&f.admin, Method::GET, "/v1/jobs", Some(&wrong), None).await;
+    assert_problem(&r, 429, "too-many-requests");
+    let r = send(
+        &f.admin,
+        Method::GET,
+        "/v1/jobs",
+        Some(&f.keys.operator),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let other = format!("lfa_{}_{}", "e".repeat(12), "f".repeat(64));
+    let r = send(&f.admin, Method::GET, "/v1/jobs", Some(&other), None).await;
+    assert_problem(&r, 401, "unauthorized");
 }

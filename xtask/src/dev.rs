@@ -810,7 +810,7 @@ Ledgerflow is up.
   Swagger UI (public API)  http://{api}/docs
   admin console            http://{admin}/
   admin API (Swagger UI)   http://{admin}/docs
-  metrics                  http://{ops}/metrics   (public API: http://{api}/metrics)
+  metrics                  http://{ops}/metrics   (API metrics too; the public API serves none)
   health, readiness        http://{ops}/healthcheck   http://{ops}/readyz
   exchange simulator       http://{sim}/   (signed webhooks to http://{api}/v1/webhooks/{PROVIDER})
   database, broker         {db}   {brokers}
