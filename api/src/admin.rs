@@ -15,7 +15,7 @@ use crate::AppState;
 use crate::auth::{self, AdminKey, Permission};
 use crate::error::{Error, Result};
 use crate::input::{TextKind, check_text};
-use crate::types::Text;
+use crate::types::{FilterText, Reason, Text};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
@@ -174,7 +174,7 @@ pub struct JobDetail {
 #[oai(skip_serializing_if_is_none)]
 pub struct ActionRequest {
     /// Why (required, not blank, at most 1000 characters); kept in the audit log.
-    pub reason: Text,
+    pub reason: Reason,
 }
 
 /// A job after an operator action.
@@ -190,8 +190,8 @@ pub struct JobActionResult {
 #[derive(Debug, Clone, Default, Object, Serialize)]
 #[oai(skip_serializing_if_is_none)]
 pub struct JobFilterBody {
-    pub queue: Option<Text>,
-    pub kind: Option<Text>,
+    pub queue: Option<FilterText>,
+    pub kind: Option<FilterText>,
     /// Job states; narrowed to those the action applies to.
     pub states: Option<Vec<Text>>,
     /// `created_at >= created_after`.
@@ -199,7 +199,7 @@ pub struct JobFilterBody {
     /// `created_at < created_before`.
     pub created_before: Option<DateTime<Utc>>,
     /// Case-insensitive substring of the args' JSON text (matched literally).
-    pub q: Option<Text>,
+    pub q: Option<FilterText>,
 }
 
 /// A bulk retry or cancel.
@@ -211,8 +211,9 @@ pub struct BulkRequest {
     #[oai(default)]
     pub dry_run: bool,
     /// Why (required unless `dry_run`).
-    pub reason: Option<Text>,
+    pub reason: Option<Reason>,
     /// At most this many jobs (1..=1000, default 1000); repeat for more.
+    #[oai(validator(minimum(value = "1"), maximum(value = "1000")))]
     pub limit: Option<u32>,
 }
 
@@ -471,8 +472,16 @@ impl AdminApi {
         state: Data<&AppState>,
         key: AdminKey,
         /// Exact queue name.
+        #[oai(validator(
+            max_length = 200,
+            pattern = r"^[^\x00-\x1F\x7F-\x9F\u00AD\u034F\u061C\u115F\u1160\u17B4\u17B5\u180B-\u180F\u200B-\u200F\u202A-\u202E\u2060-\u2064\u2066-\u206F\u3164\uFE00-\uFE0F\uFEFF\uFFA0\uFFF0-\uFFF8]*$"
+        ))]
         queue: Query<Option<String>>,
         /// Exact job kind.
+        #[oai(validator(
+            max_length = 200,
+            pattern = r"^[^\x00-\x1F\x7F-\x9F\u00AD\u034F\u061C\u115F\u1160\u17B4\u17B5\u180B-\u180F\u200B-\u200F\u202A-\u202E\u2060-\u2064\u2066-\u206F\u3164\uFE00-\uFE0F\uFEFF\uFFA0\uFFF0-\uFFF8]*$"
+        ))]
         kind: Query<Option<String>>,
         /// Comma-separated job states, e.g. `failed,discarded`.
         #[oai(name = "state")]
@@ -482,6 +491,10 @@ impl AdminApi {
         /// `created_at < created_before` (RFC 3339).
         created_before: Query<Option<DateTime<Utc>>>,
         /// Case-insensitive substring of the args' JSON text (matched literally).
+        #[oai(validator(
+            max_length = 200,
+            pattern = r"^[^\x00-\x1F\x7F-\x9F\u00AD\u034F\u061C\u115F\u1160\u17B4\u17B5\u180B-\u180F\u200B-\u200F\u202A-\u202E\u2060-\u2064\u2066-\u206F\u3164\uFE00-\uFE0F\uFEFF\uFFA0\uFFF0-\uFFF8]*$"
+        ))]
         q: Query<Option<String>>,
         /// created_at (default), run_at, priority or id.
         sort: Query<Option<String>>,
@@ -490,6 +503,7 @@ impl AdminApi {
         /// `next_cursor` of the previous page.
         cursor: Query<Option<String>>,
         /// Page size, 1..=200 (default 50).
+        #[oai(validator(minimum(value = "1"), maximum(value = "200")))]
         limit: Query<Option<u32>>,
     ) -> Result<Json<JobPage>> {
         auth::admin(&state, &key, Permission::Read).await?;
@@ -715,14 +729,27 @@ impl AdminApi {
         /// Only this admin's actions.
         admin_id: Query<Option<Uuid>>,
         /// Exact action, e.g. `job.retry`.
+        #[oai(validator(
+            max_length = 200,
+            pattern = r"^[^\x00-\x1F\x7F-\x9F\u00AD\u034F\u061C\u115F\u1160\u17B4\u17B5\u180B-\u180F\u200B-\u200F\u202A-\u202E\u2060-\u2064\u2066-\u206F\u3164\uFE00-\uFE0F\uFEFF\uFFA0\uFFF0-\uFFF8]*$"
+        ))]
         action: Query<Option<String>>,
         /// Exact target type, e.g. `job`.
+        #[oai(validator(
+            max_length = 200,
+            pattern = r"^[^\x00-\x1F\x7F-\x9F\u00AD\u034F\u061C\u115F\u1160\u17B4\u17B5\u180B-\u180F\u200B-\u200F\u202A-\u202E\u2060-\u2064\u2066-\u206F\u3164\uFE00-\uFE0F\uFEFF\uFFA0\uFFF0-\uFFF8]*$"
+        ))]
         target_type: Query<Option<String>>,
         /// Exact target id, e.g. a job id.
+        #[oai(validator(
+            max_length = 200,
+            pattern = r"^[^\x00-\x1F\x7F-\x9F\u00AD\u034F\u061C\u115F\u1160\u17B4\u17B5\u180B-\u180F\u200B-\u200F\u202A-\u202E\u2060-\u2064\u2066-\u206F\u3164\uFE00-\uFE0F\uFEFF\uFFA0\uFFF0-\uFFF8]*$"
+        ))]
         target_id: Query<Option<String>>,
         /// `next_cursor` of the previous page.
         cursor: Query<Option<String>>,
         /// Page size, 1..=500 (default 50).
+        #[oai(validator(minimum(value = "1"), maximum(value = "500")))]
         limit: Query<Option<u32>>,
     ) -> Result<Json<AuditPage>> {
         auth::admin(&state, &key, Permission::Read).await?;
@@ -846,7 +873,7 @@ async fn bulk_action(
             audit_id: None,
         }));
     }
-    let why = reason(body.reason.as_ref().map_or("", Text::as_str))?;
+    let why = reason(body.reason.as_ref().map_or("", Reason::as_str))?;
     let mut tx = state.pool().begin().await?;
     let ids = state
         .store

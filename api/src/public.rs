@@ -32,7 +32,7 @@ use crate::batch::{Creation, Resource};
 use crate::error::Error;
 use crate::idempotency::{self, Settled};
 use crate::input::{TextKind, check_text};
-use crate::types::Text;
+use crate::types::{AddressText, AmountText, AssetCode};
 use ledgerflow_payments::exchange::Side;
 use ledgerflow_payments::idempotency::{self as records, TradeRecord, WithdrawalRecord};
 use ledgerflow_payments::ledger;
@@ -104,14 +104,14 @@ pub struct NewTrade {
     /// `buy` or `sell` the base asset.
     pub side: TradeSide,
     /// The base asset's code, e.g. `BTC`.
-    pub base_asset: Text,
+    pub base_asset: AssetCode,
     /// The quote asset's code, e.g. `USD`.
-    pub quote_asset: Text,
+    pub quote_asset: AssetCode,
     /// How much of the base asset: a decimal STRING within the asset's scale (`"0.5"`).
-    pub base_amount: Text,
+    pub base_amount: AmountText,
     /// The worst acceptable price (quote per base): a decimal STRING within
     /// the quote asset's scale (`"30000.00"`).
-    pub limit_price: Text,
+    pub limit_price: AmountText,
 }
 
 /// A trade as its owner sees it.
@@ -142,14 +142,14 @@ pub struct TradeView {
 #[oai(deny_unknown_fields, skip_serializing_if_is_none)]
 pub struct NewWithdrawal {
     /// The asset's code, e.g. `BTC`.
-    pub asset: Text,
+    pub asset: AssetCode,
     /// How much: a decimal STRING within the asset's scale (`"0.01"`).
-    pub amount: Text,
+    pub amount: AmountText,
     /// The destination address, in the asset's format with its checksum:
     /// BTC bech32/bech32m (`bc1…`) or base58check (`1…`, `3…`); ETH and
     /// USDT `0x` + 40 hex digits; USD and EUR an IBAN. Visible ASCII only,
     /// 1–128 characters.
-    pub address: Text,
+    pub address: AddressText,
 }
 
 /// A withdrawal as its owner sees it.
@@ -350,12 +350,12 @@ impl PublicApi {
         state: Data<&AppState>,
         key: UserKey,
         /// A client-chosen key (1–255 visible ASCII characters), unique per request.
-        #[oai(name = "Idempotency-Key")]
-        idempotency_key: Header<Option<String>>,
+        #[oai(name = "Idempotency-Key", validator(pattern = r"^[\x21-\x7E]{1,255}$"))]
+        idempotency_key: Header<String>,
         body: Json<NewTrade>,
     ) -> Result<TradeCreated, Error> {
         let user = auth::user(&state, &key).await?;
-        let idem = idempotency::require_key(idempotency_key.0.as_deref())?;
+        let idem = idempotency::require_key(Some(&idempotency_key.0))?;
         require_registry(&state)?;
         let req = body.0;
         let (base_code, quote_code) = (req.base_asset.as_str(), req.quote_asset.as_str());
@@ -440,12 +440,12 @@ impl PublicApi {
         state: Data<&AppState>,
         key: UserKey,
         /// A client-chosen key (1–255 visible ASCII characters), unique per request.
-        #[oai(name = "Idempotency-Key")]
-        idempotency_key: Header<Option<String>>,
+        #[oai(name = "Idempotency-Key", validator(pattern = r"^[\x21-\x7E]{1,255}$"))]
+        idempotency_key: Header<String>,
         body: Json<NewWithdrawal>,
     ) -> Result<WithdrawalCreated, Error> {
         let user = auth::user(&state, &key).await?;
-        let idem = idempotency::require_key(idempotency_key.0.as_deref())?;
+        let idem = idempotency::require_key(Some(&idempotency_key.0))?;
         require_registry(&state)?;
         let req = body.0;
         let address = req.address.as_str();
