@@ -27,7 +27,8 @@
 //!   characters, lengths, duplicate JSON keys);
 //! - [`metrics`]    — the Prometheus registry and its catalogue;
 //! - [`error`]      — the crate's one error type and RFC 7807 problems;
-//! - [`types`]      — strict wire types for request bodies.
+//! - [`types`]      — strict wire types for request bodies;
+//! - [`spec`]       — the OpenAPI documents as committed and served.
 //!
 //! Architecture Invariant: no SQL here. Job queries live in
 //! `ledgerflow_engine::admin_query`, audit rows in `ledgerflow_payments::audit`.
@@ -47,6 +48,7 @@ pub mod metrics;
 pub mod middleware;
 pub mod ops;
 pub mod public;
+pub mod spec;
 pub mod throttle;
 pub mod types;
 pub mod wakeup;
@@ -257,12 +259,26 @@ fn admin_service() -> OpenApiService<AdminApis, ()> {
 
 /// The public API's OpenAPI document (JSON), as committed in `api/openapi/public.json`.
 pub fn public_spec() -> String {
-    public_service().spec()
+    spec::with_nullable_optionals(&public_service().spec())
 }
 
 /// The admin API's OpenAPI document (JSON), as committed in `api/openapi/admin.json`.
 pub fn admin_spec() -> String {
-    admin_service().spec()
+    spec::with_nullable_optionals(&admin_service().spec())
+}
+
+/// `/openapi.json` of the public listener (built once).
+#[poem::handler]
+fn public_spec_json() -> poem::Response {
+    static DOC: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    spec::serve(DOC.get_or_init(public_spec))
+}
+
+/// `/openapi.json` of the admin listener (built once).
+#[poem::handler]
+fn admin_spec_json() -> poem::Response {
+    static DOC: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    spec::serve(DOC.get_or_init(admin_spec))
 }
 
 /// The public listener's app: `/v1/…`, `/healthcheck`, `/readyz`,
@@ -276,7 +292,7 @@ pub fn public_app(state: AppState) -> impl Endpoint<Output = poem::Response> {
         .at("/healthcheck", get(ops::healthcheck))
         .at("/readyz", get(ops::readyz))
         .at("/v1/webhooks/:provider", post(webhooks::receive))
-        .at("/openapi.json", service.spec_endpoint())
+        .at("/openapi.json", get(public_spec_json))
         .nest("/docs", service.swagger_ui())
         .nest("/", service)
         .data(state.clone());
@@ -306,7 +322,7 @@ pub fn admin_app(state: AppState) -> impl Endpoint<Output = poem::Response> {
         .at("/healthcheck", get(ops::healthcheck))
         .at("/readyz", get(ops::readyz))
         .at("/metrics", get(ops::metrics))
-        .at("/openapi.json", service.spec_endpoint())
+        .at("/openapi.json", get(admin_spec_json))
         .nest("/docs", service.swagger_ui());
     // The web console (`/`, `/console/…`), a static client of this API.
     let route = console::routes(route)

@@ -73,6 +73,14 @@ fn specs_carry_the_servers_input_rules() {
     let bulk = &admin["components"]["schemas"]["BulkRequest"]["properties"];
     assert_eq!(bulk["limit"]["maximum"], 1000.0);
     assert!(admin["paths"]["/v1/jobs"]["get"]["responses"]["429"].is_object());
+    // The server reads an optional field sent as null as absent; the spec says so.
+    let filter = &admin["components"]["schemas"]["JobFilterBody"]["properties"];
+    assert_eq!(filter["created_after"]["nullable"], true);
+    assert_eq!(
+        reason.get("nullable"),
+        None,
+        "a required field stays non-null"
+    );
 
     let public: serde_json::Value = serde_json::from_str(&ledgerflow_api::public_spec()).unwrap();
     let create = &public["paths"]["/v1/trades"]["post"];

@@ -965,7 +965,7 @@ fn smoke(
         admin: format!("http://{}", ready.addrs.admin),
         api_key: key.clone(),
         admin_token: admin_token.to_string(),
-        max_examples: 25,
+        max_examples: 100,
     })?;
     Ok(())
 }
