@@ -147,7 +147,8 @@ pub struct NewWithdrawal {
     pub amount: AmountText,
     /// The destination address, in the asset's format with its checksum:
     /// BTC bech32/bech32m (`bc1…`) or base58check (`1…`, `3…`); ETH and
-    /// USDT `0x` + 40 hex digits; USD and EUR an IBAN. Visible ASCII only,
+    /// USDT `0x` + 40 hex digits (EIP-55 checksum when in mixed case); USD
+    /// and EUR an IBAN. Visible ASCII only,
     /// 1–128 characters.
     pub address: AddressText,
 }

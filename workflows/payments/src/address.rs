@@ -9,12 +9,13 @@
 //! | asset | accepted |
 //! |---|---|
 //! | `BTC` | segwit addresses (BIP 173 bech32 for version 0, BIP 350 bech32m for 1–16) on `bc` (mainnet), `tb` (testnet) or `bcrt` (regtest); legacy base58check P2PKH/P2SH (`1…`, `3…`, testnet `m…`, `n…`, `2…`) |
-//! | `ETH`, `USDT` (ERC-20) | `0x` and 40 hexadecimal digits. The EIP-55 mixed-case checksum needs Keccak-256, which this crate does not carry: not verified yet |
+//! | `ETH`, `USDT` (ERC-20) | `0x` and 40 hexadecimal digits; in mixed case the EIP-55 checksum must hold (all lower or all upper case carries none) |
 //! | `USD`, `EUR` | an IBAN (ISO 13616: country, check digits, mod-97), spaces allowed between groups |
 //! | any other asset | 1–128 characters of `A–Z a–z 0–9 - _ . :` |
 //!
-//! The checksum arithmetic is written here from the BIPs' and ISO's
-//! definitions; it is small and has no dependency.
+//! The checksum arithmetic is written here from the BIPs', EIP-55's, the
+//! Keccak reference's and ISO's definitions; it is small and has no
+//! dependency but `sha2`.
 use crate::error::{Error, Result};
 use sha2::{Digest, Sha256};
 
@@ -61,10 +62,12 @@ pub fn check(asset: &str, address: &str) -> Result<()> {
         }
         "ETH" | "USDT" => {
             let hex = address.strip_prefix("0x").unwrap_or("");
-            if hex.len() == 40 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-                Ok(())
-            } else {
+            if hex.len() != 40 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
                 refuse("0x and 40 hexadecimal digits")
+            } else if !eip55(hex) {
+                refuse("the mixed-case (EIP-55) checksum does not match")
+            } else {
+                Ok(())
             }
         }
         "USD" | "EUR" => {
@@ -211,6 +214,112 @@ fn base58check(text: &str) -> Option<Vec<u8>> {
     (digest[..4] == *checksum).then(|| payload.to_vec())
 }
 
+/// Whether 40 hex digits pass EIP-55: all lower or all upper case (no
+/// checksum), or each letter upper case exactly when the matching nibble
+/// of Keccak-256(lower-case hex) is 8 or more.
+fn eip55(hex: &str) -> bool {
+    let has_lower = hex.bytes().any(|b| b.is_ascii_lowercase());
+    let has_upper = hex.bytes().any(|b| b.is_ascii_uppercase());
+    if !(has_lower && has_upper) {
+        return true;
+    }
+    let lower = hex.to_ascii_lowercase();
+    let hash = keccak256(lower.as_bytes());
+    hex.bytes().enumerate().all(|(i, c)| {
+        let nibble = (hash[i / 2] >> (if i % 2 == 0 { 4 } else { 0 })) & 0x0f;
+        !c.is_ascii_alphabetic() || c.is_ascii_uppercase() == (nibble >= 8)
+    })
+}
+
+/// Keccak-256 as Ethereum uses it (the original padding, not SHA3-256's).
+fn keccak256(data: &[u8]) -> [u8; 32] {
+    const RATE: usize = 136;
+    let mut state = [0u64; 25];
+    let mut padded = data.to_vec();
+    padded.push(0x01);
+    while !padded.len().is_multiple_of(RATE) {
+        padded.push(0);
+    }
+    if let Some(last) = padded.last_mut() {
+        *last |= 0x80;
+    }
+    for block in padded.chunks(RATE) {
+        for (lane, bytes) in state.iter_mut().zip(block.chunks(8)) {
+            let mut le = [0u8; 8];
+            le.copy_from_slice(bytes);
+            *lane ^= u64::from_le_bytes(le);
+        }
+        keccak_f(&mut state);
+    }
+    let mut out = [0u8; 32];
+    for (chunk, lane) in out.chunks_mut(8).zip(state.iter()) {
+        chunk.copy_from_slice(&lane.to_le_bytes());
+    }
+    out
+}
+
+/// The Keccak-f[1600] permutation; lane (x, y) is `a[x + 5 * y]`.
+fn keccak_f(a: &mut [u64; 25]) {
+    const RC: [u64; 24] = [
+        0x0000_0000_0000_0001,
+        0x0000_0000_0000_8082,
+        0x8000_0000_0000_808A,
+        0x8000_0000_8000_8000,
+        0x0000_0000_0000_808B,
+        0x0000_0000_8000_0001,
+        0x8000_0000_8000_8081,
+        0x8000_0000_0000_8009,
+        0x0000_0000_0000_008A,
+        0x0000_0000_0000_0088,
+        0x0000_0000_8000_8009,
+        0x0000_0000_8000_000A,
+        0x0000_0000_8000_808B,
+        0x8000_0000_0000_008B,
+        0x8000_0000_0000_8089,
+        0x8000_0000_0000_8003,
+        0x8000_0000_0000_8002,
+        0x8000_0000_0000_0080,
+        0x0000_0000_0000_800A,
+        0x8000_0000_8000_000A,
+        0x8000_0000_8000_8081,
+        0x8000_0000_0000_8080,
+        0x0000_0000_8000_0001,
+        0x8000_0000_8000_8008,
+    ];
+    // Rotation of lane (x, y), as ROT[x][y].
+    const ROT: [[u32; 5]; 5] = [
+        [0, 36, 3, 41, 18],
+        [1, 44, 10, 45, 2],
+        [62, 6, 43, 15, 61],
+        [28, 55, 25, 21, 56],
+        [27, 20, 39, 8, 14],
+    ];
+    for rc in RC {
+        let mut c = [0u64; 5];
+        for (x, cx) in c.iter_mut().enumerate() {
+            *cx = a[x] ^ a[x + 5] ^ a[x + 10] ^ a[x + 15] ^ a[x + 20];
+        }
+        for x in 0..5 {
+            let d = c[(x + 4) % 5] ^ c[(x + 1) % 5].rotate_left(1);
+            for y in 0..5 {
+                a[x + 5 * y] ^= d;
+            }
+        }
+        let mut b = [0u64; 25];
+        for x in 0..5 {
+            for y in 0..5 {
+                b[y + 5 * ((2 * x + 3 * y) % 5)] = a[x + 5 * y].rotate_left(ROT[x][y]);
+            }
+        }
+        for x in 0..5 {
+            for y in 0..5 {
+                a[x + 5 * y] = b[x + 5 * y] ^ (!b[(x + 1) % 5 + 5 * y] & b[(x + 2) % 5 + 5 * y]);
+            }
+        }
+        a[0] ^= rc;
+    }
+}
+
 /// Whether `text` is an IBAN: two letters, two check digits, 11–30
 /// alphanumerics, and the ISO 7064 mod-97 remainder 1.
 fn iban(text: &str) -> bool {
@@ -308,6 +417,28 @@ mod tests {
         ] {
             assert!(check("BTC", bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn keccak_and_eip55() {
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        assert_eq!(
+            hex(&keccak256(b"")),
+            "c5d2460186f7233c927e7db2dcc703c0e500b653ca82273b7bfad8045d85a470"
+        );
+        // 200 bytes: more than one block.
+        assert_eq!(keccak256(&[0x61; 200]).len(), 32);
+        // EIP-55's examples.
+        for ok in [
+            "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed",
+            "0xfB6916095ca1df60bB79Ce92cE3Ea74c37c5d359",
+            "0xdbF03B407c01E7cD3CBea99509d93f8DDDC8C6FB",
+            "0xD1220A0cf47c7B9Be7A2E6BA89F429762e7b9aDb",
+        ] {
+            assert!(check("ETH", ok).is_ok(), "{ok}");
+        }
+        // One letter's case flipped: the checksum fails.
+        assert!(check("ETH", "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAeD").is_err());
     }
 
     #[test]
