@@ -8,7 +8,8 @@
 //! transaction back, so it leaves no audit row either.
 //!
 //! Listings use keyset pagination with an opaque cursor: base64url of the
-//! sort column, direction, the last row's sort key and id. Filters and sort
+//! sort column, direction, the last row's sort key and id
+//! ([`crate::admin_params`], with the other parameter parsing). Filters and sort
 //! columns are parsed into the engine's typed [`JobFilter`]/[`JobSort`]
 //! (a closed set of columns), whose SQL binds every value.
 use crate::AppState;
@@ -16,10 +17,8 @@ use crate::auth::{self, AdminKey, Permission};
 use crate::error::{Error, Result};
 use crate::input::{TextKind, check_text};
 use crate::types::{FilterText, Reason, Text};
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
-use ledgerflow_engine::admin_query::{JobCursor, JobFilter, JobSort, JobSortColumn, SortKey};
+use ledgerflow_engine::admin_query::{JobFilter, JobSort, JobSortColumn};
 use ledgerflow_engine::job::Attempt;
 use ledgerflow_engine::{Job, JobState};
 use ledgerflow_payments::audit::{self, NewEntry};
@@ -28,7 +27,7 @@ use poem::web::Data;
 use poem_openapi::param::{Path, Query};
 use poem_openapi::payload::Json;
 use poem_openapi::{Object, OpenApi, Tags};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use std::collections::BTreeMap;
 use uuid::Uuid;
 
@@ -40,8 +39,6 @@ const AUDIT_PAGE: u32 = 50;
 const AUDIT_PAGE_MAX: u32 = 500;
 /// Most jobs one bulk action touches (run it again for the rest).
 const BULK_MAX: u32 = 1000;
-/// Longest accepted search string, queue or kind filter.
-const FILTER_TEXT_MAX: usize = 200;
 
 /// States a bulk retry applies to (retrying an `available` job is a no-op).
 const BULK_RETRY_FROM: &[JobState] = &[
@@ -298,159 +295,12 @@ pub struct AuditPage {
     pub next_cursor: Option<String>,
 }
 
-// ------------------------------------------------------------------ cursors
-
-/// What a job listing's cursor encodes.
-#[derive(Debug, Serialize, Deserialize)]
-struct JobCursorWire {
-    /// Sort column.
-    s: String,
-    /// Descending.
-    d: bool,
-    /// Sort key: RFC 3339 time, an integer, or absent for `id`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    t: Option<DateTime<Utc>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    n: Option<i64>,
-    id: Uuid,
-}
-
-pub(crate) fn encode_cursor<T: Serialize>(wire: &T) -> Result<String> {
-    let json = serde_json::to_vec(wire).map_err(|e| Error::Internal(e.to_string()))?;
-    Ok(URL_SAFE_NO_PAD.encode(json))
-}
-
-pub(crate) fn decode_cursor<T: for<'de> Deserialize<'de>>(cursor: &str) -> Result<T> {
-    let bad = || Error::Validation("cursor is malformed; use next_cursor as given".into());
-    if cursor.len() > 512 {
-        return Err(bad());
-    }
-    let bytes = URL_SAFE_NO_PAD.decode(cursor).map_err(|_| bad())?;
-    serde_json::from_slice(&bytes).map_err(|_| bad())
-}
-
-pub(crate) fn job_cursor(sort: JobSort, job: &Job) -> Result<String> {
-    let c = JobCursor::after(job, sort.column);
-    let (t, n) = match c.key {
-        SortKey::Time(t) => (Some(t), None),
-        SortKey::Int(n) => (None, Some(n)),
-        SortKey::None => (None, None),
-    };
-    encode_cursor(&JobCursorWire {
-        s: sort.column.as_str().to_string(),
-        d: sort.descending,
-        t,
-        n,
-        id: c.id,
-    })
-}
-
-pub(crate) fn parse_job_cursor(sort: JobSort, cursor: &str) -> Result<JobCursor> {
-    let w: JobCursorWire = decode_cursor(cursor)?;
-    if w.s != sort.column.as_str() || w.d != sort.descending {
-        return Err(Error::Validation(
-            "cursor belongs to a different sort order".into(),
-        ));
-    }
-    let key = match (sort.column, w.t, w.n) {
-        (JobSortColumn::Id, None, None) => SortKey::None,
-        (JobSortColumn::CreatedAt | JobSortColumn::RunAt, Some(t), None) => SortKey::Time(t),
-        (JobSortColumn::Priority, None, Some(n)) => SortKey::Int(n),
-        _ => return Err(Error::Validation("cursor is malformed".into())),
-    };
-    Ok(JobCursor { key, id: w.id })
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct AuditCursorWire {
-    t: DateTime<Utc>,
-    id: Uuid,
-}
-
-// ------------------------------------------------------------------ parsing
-
-/// A text filter: absent when empty, otherwise one line of at most
-/// [`FILTER_TEXT_MAX`] visible characters (see [`crate::input`]).
-pub(crate) fn text_filter(name: &str, value: Option<String>) -> Result<Option<String>> {
-    match value {
-        None => Ok(None),
-        Some(v) if v.is_empty() => Ok(None),
-        Some(v) => {
-            check_text(name, &v, FILTER_TEXT_MAX, TextKind::Line)?;
-            Ok(Some(v))
-        }
-    }
-}
-
-fn parse_states<'a>(states: impl IntoIterator<Item = &'a str>) -> Result<Vec<JobState>> {
-    let mut out = Vec::new();
-    for s in states {
-        let s = s.trim();
-        if s.is_empty() {
-            continue;
-        }
-        let state: JobState = s.parse().map_err(Error::from)?;
-        if !out.contains(&state) {
-            out.push(state);
-        }
-    }
-    Ok(out)
-}
-
-fn filter_from(body: &JobFilterBody) -> Result<JobFilter> {
-    let filter = JobFilter {
-        queue: text_filter("queue", body.queue.clone().map(|t| t.0))?,
-        kind: text_filter("kind", body.kind.clone().map(|t| t.0))?,
-        states: parse_states(body.states.iter().flatten().map(Text::as_str))?,
-        created_from: body.created_after,
-        created_to: body.created_before,
-        search: text_filter("q", body.q.clone().map(|t| t.0))?,
-    };
-    check_range(&filter)?;
-    Ok(filter)
-}
-
-fn check_range(filter: &JobFilter) -> Result<()> {
-    if let (Some(from), Some(to)) = (filter.created_from, filter.created_to)
-        && from > to
-    {
-        return Err(Error::Validation(
-            "created_after is later than created_before".into(),
-        ));
-    }
-    Ok(())
-}
-
-pub(crate) fn page_limit(limit: Option<u32>, default: u32, max: u32) -> Result<u32> {
-    match limit.unwrap_or(default) {
-        n if (1..=max).contains(&n) => Ok(n),
-        _ => Err(Error::Validation(format!("limit must be 1..={max}"))),
-    }
-}
-
-/// Cuts a page fetched with `limit + 1` rows down to `limit` and returns the cursor of its last
-/// row when the extra row showed that more follow (`None` on the last page).
-pub(crate) fn next_page<T>(
-    rows: &mut Vec<T>,
-    limit: u32,
-    cursor_of: impl FnOnce(&T) -> Result<String>,
-) -> Result<Option<String>> {
-    let limit = limit as usize;
-    if rows.len() <= limit {
-        return Ok(None);
-    }
-    rows.truncate(limit);
-    rows.last().map(cursor_of).transpose()
-}
-
-/// A mutation's reason: prose (line breaks allowed, no other control,
-/// bidi character), not blank, at most [`audit::MAX_REASON_CHARS`] characters.
-pub(crate) fn reason(text: &str) -> Result<String> {
-    check_text("reason", text, audit::MAX_REASON_CHARS, TextKind::Prose)?;
-    audit::check_reason(text)
-        .map(str::to_string)
-        .map_err(Error::from)
-}
+// Cursors, filters, page limits and reasons: `admin_params` (shared by
+// every admin module; re-exported here for them).
+pub(crate) use crate::admin_params::{
+    AuditCursorWire, check_range, decode_cursor, encode_cursor, filter_from, job_cursor, next_page,
+    page_limit, parse_job_cursor, parse_states, reason, text_filter,
+};
 
 // ---------------------------------------------------------------- endpoints
 
@@ -995,38 +845,3 @@ pub(crate) const ROUTES: &[&str] = &[
     "/openapi.json",
     "/docs",
 ];
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cursors_round_trip_and_reject_junk() {
-        let sort = JobSort::default();
-        let wire = JobCursorWire {
-            s: "created_at".into(),
-            d: true,
-            t: Some(Utc::now()),
-            n: None,
-            id: Uuid::now_v7(),
-        };
-        let text = encode_cursor(&wire).unwrap_or_default();
-        assert!(parse_job_cursor(sort, &text).is_ok());
-        let other = JobSort {
-            column: JobSortColumn::RunAt,
-            descending: true,
-        };
-        assert!(parse_job_cursor(other, &text).is_err());
-        assert!(parse_job_cursor(sort, "'; DROP TABLE jobs; --").is_err());
-        assert!(parse_job_cursor(sort, "e30").is_err()); // "{}"
-    }
-
-    #[test]
-    fn states_parse_strictly() {
-        assert_eq!(
-            parse_states("failed, discarded,failed".split(',')).ok(),
-            Some(vec![JobState::Failed, JobState::Discarded])
-        );
-        assert!(parse_states(["running' OR '1'='1"]).is_err());
-    }
-}

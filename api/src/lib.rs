@@ -12,7 +12,8 @@
 //! - [`idempotency`] — the `Idempotency-Key` protocol of the public POSTs;
 //! - [`batch`]      — group commit of the public POSTs (one transaction for
 //!   many concurrent ones);
-//! - [`admin`]      — the admin API (bearer admin credential, roles, audit):
+//! - [`admin`]      — the admin API (bearer admin credential, roles, audit;
+//!   parameters parsed in [`admin_params`]):
 //!   jobs, queues, audit log; [`admin_workflows`], [`admin_cron`],
 //!   [`admin_dead_letters`] and [`admin_approvals`] add workflows, cron
 //!   schedules, dead letters and withdrawal approvals;
@@ -37,6 +38,7 @@ pub mod admin;
 pub mod admin_approvals;
 pub mod admin_cron;
 pub mod admin_dead_letters;
+pub mod admin_params;
 pub mod admin_workflows;
 pub mod auth;
 pub mod batch;
