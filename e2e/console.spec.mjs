@@ -118,6 +118,8 @@ try {
   check(hostile, 'the hostile error text is not shown literally');
   check((await page.locator('#app-view img, #app-view script').count()) === 0, 'server data became markup');
   check((await page.evaluate(() => window.__lf_xss)) === undefined, 'injected script ran');
+  check(hostile.text.includes('bc1q\\u202Elacol-kcatta'), `the bidi override is not shown as an escape: ${JSON.stringify(hostile.text)}`);
+  check(!hostile.text.includes('\u202e'), 'a raw bidi override reached the page');
 
   step = 'narrow to the target by searching its args';
   await page.fill('#f-q', 'e2e-target');

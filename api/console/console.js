@@ -5,6 +5,9 @@
  * binary). Rules this file keeps:
  * - server data only ever reaches the page as text (`textContent`, text nodes, attribute values
  *   set through the DOM), never as markup — job args and error texts are attacker-influenced;
+ * - that text shows what it holds: hidden characters (controls, bidi overrides, zero-width
+ *   characters) become visible `\uXXXX` escapes (`visible`), and every cell is a bidi
+ *   isolate (console.css), so no value can reorder what is shown around it;
  * - the admin credential lives in sessionStorage (this tab only, gone when it closes) and is sent
  *   as the bearer header; a 401 anywhere signs out with a visible message, a 403 is shown as an
  *   error and keeps the session;
@@ -41,6 +44,16 @@
     return !me || (me.permissions || []).includes(permission);
   }
 
+  // Characters that hide themselves or change how the text around them reads: C0/C1 controls
+  // (but tab and line feed), bidi embeddings/overrides/isolates/marks, zero-width and other
+  // invisible format characters. `bc1q\u202Elacol-kcatta` would read as `bc1qattack-local`.
+  const HIDDEN = /[\u0000-\u0008\u000B-\u001F\u007F-\u009F\u00AD\u034F\u061C\u115F\u1160\u17B4\u17B5\u180B-\u180F\u200B-\u200F\u202A-\u202E\u2060-\u2064\u2066-\u206F\u3164\uFE00-\uFE0F\uFEFF\uFFA0\uFFF0-\uFFF8\u{E0000}-\u{E0FFF}]/gu;
+
+  /** Text with every hidden character written as a visible `\uXXXX` escape. */
+  function visible(text) {
+    return String(text).replace(HIDDEN, (c) => '\\u' + c.codePointAt(0).toString(16).toUpperCase().padStart(4, '0'));
+  }
+
   // ------------------------------------------------------------------ DOM helpers
 
   /** Builds an element. Strings and numbers become text nodes; `on*` attrs become listeners. */
@@ -60,7 +73,7 @@
           node.title = 'Your role (' + (me ? me.role : '?') + ') may not ' + value;
         }
       } else if (key === 'text') {
-        node.textContent = String(value);
+        node.textContent = visible(value);
       } else if (value === true) {
         node.setAttribute(key, '');
       } else {
@@ -76,7 +89,7 @@
       if (child === undefined || child === null || child === false) continue;
       if (Array.isArray(child)) append(node, child);
       else if (child instanceof Node) node.appendChild(child);
-      else node.appendChild(document.createTextNode(String(child)));
+      else node.appendChild(document.createTextNode(visible(child)));
     }
   }
 
@@ -132,7 +145,7 @@
 
   function showBanner(message, ok) {
     const b = $('banner');
-    b.textContent = message;
+    b.textContent = visible(message);
     b.className = ok ? 'banner ok' : 'banner';
     b.hidden = false;
   }
@@ -205,8 +218,8 @@
   function askReason(title, detail) {
     const dialog = $('reason-dialog');
     const input = $('reason-input');
-    $('reason-title').textContent = title;
-    $('reason-detail').textContent = detail || '';
+    $('reason-title').textContent = visible(title);
+    $('reason-detail').textContent = visible(detail || '');
     input.value = '';
     return new Promise((resolve) => {
       const done = (value) => {
@@ -269,7 +282,7 @@
     clearBanner();
     $('login-view').hidden = false;
     const err = $('login-error');
-    err.textContent = message || '';
+    err.textContent = visible(message || '');
     err.hidden = !message;
     $('login-token').value = '';
     $('login-token').focus();
@@ -307,7 +320,7 @@
       if (ex instanceof ApiError && ex.status === 401) message = 'Sign-in failed: the credential was refused (' + ex.message + ').';
       else if (ex instanceof ApiError && ex.status === 403) message = 'Sign-in failed: this credential may not read the admin API (' + ex.message + ').';
       else message = 'Sign-in failed: ' + describe(ex);
-      err.textContent = message;
+      err.textContent = visible(message);
       err.hidden = false;
     } finally {
       $('login-submit').disabled = false;
@@ -401,7 +414,7 @@
         button.hidden = !cursor;
         status.textContent = shown + (cursor ? ' shown, more available' : ' shown');
       } catch (e) {
-        status.textContent = 'Could not load more: ' + describe(e);
+        status.textContent = visible('Could not load more: ' + describe(e));
       } finally {
         button.disabled = false;
       }

@@ -8,17 +8,17 @@
 //! transaction back, so it leaves no audit row either.
 //!
 //! Listings use keyset pagination with an opaque cursor: base64url of the
-//! sort column, direction, the last row's sort key and id. Filters and sort
+//! sort column, direction, the last row's sort key and id
+//! ([`crate::admin_params`], with the other parameter parsing). Filters and sort
 //! columns are parsed into the engine's typed [`JobFilter`]/[`JobSort`]
 //! (a closed set of columns), whose SQL binds every value.
 use crate::AppState;
 use crate::auth::{self, AdminKey, Permission};
 use crate::error::{Error, Result};
-use crate::types::Text;
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use crate::input::{TextKind, check_text};
+use crate::types::{FilterText, Reason, Text};
 use chrono::{DateTime, Utc};
-use ledgerflow_engine::admin_query::{JobCursor, JobFilter, JobSort, JobSortColumn, SortKey};
+use ledgerflow_engine::admin_query::{JobFilter, JobSort, JobSortColumn};
 use ledgerflow_engine::job::Attempt;
 use ledgerflow_engine::{Job, JobState};
 use ledgerflow_payments::audit::{self, NewEntry};
@@ -27,7 +27,7 @@ use poem::web::Data;
 use poem_openapi::param::{Path, Query};
 use poem_openapi::payload::Json;
 use poem_openapi::{Object, OpenApi, Tags};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use std::collections::BTreeMap;
 use uuid::Uuid;
 
@@ -39,8 +39,6 @@ const AUDIT_PAGE: u32 = 50;
 const AUDIT_PAGE_MAX: u32 = 500;
 /// Most jobs one bulk action touches (run it again for the rest).
 const BULK_MAX: u32 = 1000;
-/// Longest accepted search string, queue or kind filter.
-const FILTER_TEXT_MAX: usize = 200;
 
 /// States a bulk retry applies to (retrying an `available` job is a no-op).
 const BULK_RETRY_FROM: &[JobState] = &[
@@ -173,7 +171,7 @@ pub struct JobDetail {
 #[oai(skip_serializing_if_is_none)]
 pub struct ActionRequest {
     /// Why (required, not blank, at most 1000 characters); kept in the audit log.
-    pub reason: Text,
+    pub reason: Reason,
 }
 
 /// A job after an operator action.
@@ -189,8 +187,8 @@ pub struct JobActionResult {
 #[derive(Debug, Clone, Default, Object, Serialize)]
 #[oai(skip_serializing_if_is_none)]
 pub struct JobFilterBody {
-    pub queue: Option<Text>,
-    pub kind: Option<Text>,
+    pub queue: Option<FilterText>,
+    pub kind: Option<FilterText>,
     /// Job states; narrowed to those the action applies to.
     pub states: Option<Vec<Text>>,
     /// `created_at >= created_after`.
@@ -198,7 +196,7 @@ pub struct JobFilterBody {
     /// `created_at < created_before`.
     pub created_before: Option<DateTime<Utc>>,
     /// Case-insensitive substring of the args' JSON text (matched literally).
-    pub q: Option<Text>,
+    pub q: Option<FilterText>,
 }
 
 /// A bulk retry or cancel.
@@ -210,8 +208,9 @@ pub struct BulkRequest {
     #[oai(default)]
     pub dry_run: bool,
     /// Why (required unless `dry_run`).
-    pub reason: Option<Text>,
+    pub reason: Option<Reason>,
     /// At most this many jobs (1..=1000, default 1000); repeat for more.
+    #[oai(validator(minimum(value = "1"), maximum(value = "1000")))]
     pub limit: Option<u32>,
 }
 
@@ -296,154 +295,12 @@ pub struct AuditPage {
     pub next_cursor: Option<String>,
 }
 
-// ------------------------------------------------------------------ cursors
-
-/// What a job listing's cursor encodes.
-#[derive(Debug, Serialize, Deserialize)]
-struct JobCursorWire {
-    /// Sort column.
-    s: String,
-    /// Descending.
-    d: bool,
-    /// Sort key: RFC 3339 time, an integer, or absent for `id`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    t: Option<DateTime<Utc>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    n: Option<i64>,
-    id: Uuid,
-}
-
-pub(crate) fn encode_cursor<T: Serialize>(wire: &T) -> Result<String> {
-    let json = serde_json::to_vec(wire).map_err(|e| Error::Internal(e.to_string()))?;
-    Ok(URL_SAFE_NO_PAD.encode(json))
-}
-
-pub(crate) fn decode_cursor<T: for<'de> Deserialize<'de>>(cursor: &str) -> Result<T> {
-    let bad = || Error::Validation("cursor is malformed; use next_cursor as given".into());
-    if cursor.len() > 512 {
-        return Err(bad());
-    }
-    let bytes = URL_SAFE_NO_PAD.decode(cursor).map_err(|_| bad())?;
-    serde_json::from_slice(&bytes).map_err(|_| bad())
-}
-
-pub(crate) fn job_cursor(sort: JobSort, job: &Job) -> Result<String> {
-    let c = JobCursor::after(job, sort.column);
-    let (t, n) = match c.key {
-        SortKey::Time(t) => (Some(t), None),
-        SortKey::Int(n) => (None, Some(n)),
-        SortKey::None => (None, None),
-    };
-    encode_cursor(&JobCursorWire {
-        s: sort.column.as_str().to_string(),
-        d: sort.descending,
-        t,
-        n,
-        id: c.id,
-    })
-}
-
-pub(crate) fn parse_job_cursor(sort: JobSort, cursor: &str) -> Result<JobCursor> {
-    let w: JobCursorWire = decode_cursor(cursor)?;
-    if w.s != sort.column.as_str() || w.d != sort.descending {
-        return Err(Error::Validation(
-            "cursor belongs to a different sort order".into(),
-        ));
-    }
-    let key = match (sort.column, w.t, w.n) {
-        (JobSortColumn::Id, None, None) => SortKey::None,
-        (JobSortColumn::CreatedAt | JobSortColumn::RunAt, Some(t), None) => SortKey::Time(t),
-        (JobSortColumn::Priority, None, Some(n)) => SortKey::Int(n),
-        _ => return Err(Error::Validation("cursor is malformed".into())),
-    };
-    Ok(JobCursor { key, id: w.id })
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct AuditCursorWire {
-    t: DateTime<Utc>,
-    id: Uuid,
-}
-
-// ------------------------------------------------------------------ parsing
-
-pub(crate) fn text_filter(name: &str, value: Option<String>) -> Result<Option<String>> {
-    match value {
-        None => Ok(None),
-        Some(v) if v.is_empty() => Ok(None),
-        Some(v) if v.chars().count() > FILTER_TEXT_MAX => Err(Error::Validation(format!(
-            "{name} must be at most {FILTER_TEXT_MAX} characters"
-        ))),
-        Some(v) => Ok(Some(v)),
-    }
-}
-
-fn parse_states<'a>(states: impl IntoIterator<Item = &'a str>) -> Result<Vec<JobState>> {
-    let mut out = Vec::new();
-    for s in states {
-        let s = s.trim();
-        if s.is_empty() {
-            continue;
-        }
-        let state: JobState = s.parse().map_err(Error::from)?;
-        if !out.contains(&state) {
-            out.push(state);
-        }
-    }
-    Ok(out)
-}
-
-fn filter_from(body: &JobFilterBody) -> Result<JobFilter> {
-    let filter = JobFilter {
-        queue: text_filter("queue", body.queue.clone().map(|t| t.0))?,
-        kind: text_filter("kind", body.kind.clone().map(|t| t.0))?,
-        states: parse_states(body.states.iter().flatten().map(Text::as_str))?,
-        created_from: body.created_after,
-        created_to: body.created_before,
-        search: text_filter("q", body.q.clone().map(|t| t.0))?,
-    };
-    check_range(&filter)?;
-    Ok(filter)
-}
-
-fn check_range(filter: &JobFilter) -> Result<()> {
-    if let (Some(from), Some(to)) = (filter.created_from, filter.created_to)
-        && from > to
-    {
-        return Err(Error::Validation(
-            "created_after is later than created_before".into(),
-        ));
-    }
-    Ok(())
-}
-
-pub(crate) fn page_limit(limit: Option<u32>, default: u32, max: u32) -> Result<u32> {
-    match limit.unwrap_or(default) {
-        n if (1..=max).contains(&n) => Ok(n),
-        _ => Err(Error::Validation(format!("limit must be 1..={max}"))),
-    }
-}
-
-/// Cuts a page fetched with `limit + 1` rows down to `limit` and returns the cursor of its last
-/// row when the extra row showed that more follow (`None` on the last page).
-pub(crate) fn next_page<T>(
-    rows: &mut Vec<T>,
-    limit: u32,
-    cursor_of: impl FnOnce(&T) -> Result<String>,
-) -> Result<Option<String>> {
-    let limit = limit as usize;
-    if rows.len() <= limit {
-        return Ok(None);
-    }
-    rows.truncate(limit);
-    rows.last().map(cursor_of).transpose()
-}
-
-pub(crate) fn reason(text: &str) -> Result<String> {
-    audit::check_reason(text)
-        .map(str::to_string)
-        .map_err(Error::from)
-}
+// Cursors, filters, page limits and reasons: `admin_params` (shared by
+// every admin module; re-exported here for them).
+pub(crate) use crate::admin_params::{
+    AuditCursorWire, check_range, decode_cursor, encode_cursor, filter_from, job_cursor, next_page,
+    page_limit, parse_job_cursor, parse_states, reason, text_filter,
+};
 
 // ---------------------------------------------------------------- endpoints
 
@@ -465,8 +322,16 @@ impl AdminApi {
         state: Data<&AppState>,
         key: AdminKey,
         /// Exact queue name.
+        #[oai(validator(
+            max_length = 200,
+            pattern = r"^[^\x00-\x1F\x7F-\x9F\u00AD\u034F\u061C\u115F\u1160\u17B4\u17B5\u180B-\u180F\u200B-\u200F\u202A-\u202E\u2060-\u2064\u2066-\u206F\u3164\uFE00-\uFE0F\uFEFF\uFFA0\uFFF0-\uFFF8]*$"
+        ))]
         queue: Query<Option<String>>,
         /// Exact job kind.
+        #[oai(validator(
+            max_length = 200,
+            pattern = r"^[^\x00-\x1F\x7F-\x9F\u00AD\u034F\u061C\u115F\u1160\u17B4\u17B5\u180B-\u180F\u200B-\u200F\u202A-\u202E\u2060-\u2064\u2066-\u206F\u3164\uFE00-\uFE0F\uFEFF\uFFA0\uFFF0-\uFFF8]*$"
+        ))]
         kind: Query<Option<String>>,
         /// Comma-separated job states, e.g. `failed,discarded`.
         #[oai(name = "state")]
@@ -476,6 +341,10 @@ impl AdminApi {
         /// `created_at < created_before` (RFC 3339).
         created_before: Query<Option<DateTime<Utc>>>,
         /// Case-insensitive substring of the args' JSON text (matched literally).
+        #[oai(validator(
+            max_length = 200,
+            pattern = r"^[^\x00-\x1F\x7F-\x9F\u00AD\u034F\u061C\u115F\u1160\u17B4\u17B5\u180B-\u180F\u200B-\u200F\u202A-\u202E\u2060-\u2064\u2066-\u206F\u3164\uFE00-\uFE0F\uFEFF\uFFA0\uFFF0-\uFFF8]*$"
+        ))]
         q: Query<Option<String>>,
         /// created_at (default), run_at, priority or id.
         sort: Query<Option<String>>,
@@ -484,6 +353,7 @@ impl AdminApi {
         /// `next_cursor` of the previous page.
         cursor: Query<Option<String>>,
         /// Page size, 1..=200 (default 50).
+        #[oai(validator(minimum(value = "1"), maximum(value = "200")))]
         limit: Query<Option<u32>>,
     ) -> Result<Json<JobPage>> {
         auth::admin(&state, &key, Permission::Read).await?;
@@ -709,14 +579,27 @@ impl AdminApi {
         /// Only this admin's actions.
         admin_id: Query<Option<Uuid>>,
         /// Exact action, e.g. `job.retry`.
+        #[oai(validator(
+            max_length = 200,
+            pattern = r"^[^\x00-\x1F\x7F-\x9F\u00AD\u034F\u061C\u115F\u1160\u17B4\u17B5\u180B-\u180F\u200B-\u200F\u202A-\u202E\u2060-\u2064\u2066-\u206F\u3164\uFE00-\uFE0F\uFEFF\uFFA0\uFFF0-\uFFF8]*$"
+        ))]
         action: Query<Option<String>>,
         /// Exact target type, e.g. `job`.
+        #[oai(validator(
+            max_length = 200,
+            pattern = r"^[^\x00-\x1F\x7F-\x9F\u00AD\u034F\u061C\u115F\u1160\u17B4\u17B5\u180B-\u180F\u200B-\u200F\u202A-\u202E\u2060-\u2064\u2066-\u206F\u3164\uFE00-\uFE0F\uFEFF\uFFA0\uFFF0-\uFFF8]*$"
+        ))]
         target_type: Query<Option<String>>,
         /// Exact target id, e.g. a job id.
+        #[oai(validator(
+            max_length = 200,
+            pattern = r"^[^\x00-\x1F\x7F-\x9F\u00AD\u034F\u061C\u115F\u1160\u17B4\u17B5\u180B-\u180F\u200B-\u200F\u202A-\u202E\u2060-\u2064\u2066-\u206F\u3164\uFE00-\uFE0F\uFEFF\uFFA0\uFFF0-\uFFF8]*$"
+        ))]
         target_id: Query<Option<String>>,
         /// `next_cursor` of the previous page.
         cursor: Query<Option<String>>,
         /// Page size, 1..=500 (default 50).
+        #[oai(validator(minimum(value = "1"), maximum(value = "500")))]
         limit: Query<Option<u32>>,
     ) -> Result<Json<AuditPage>> {
         auth::admin(&state, &key, Permission::Read).await?;
@@ -840,7 +723,7 @@ async fn bulk_action(
             audit_id: None,
         }));
     }
-    let why = reason(body.reason.as_ref().map_or("", Text::as_str))?;
+    let why = reason(body.reason.as_ref().map_or("", Reason::as_str))?;
     let mut tx = state.pool().begin().await?;
     let ids = state
         .store
@@ -902,10 +785,16 @@ async fn queue_action(
 ) -> Result<Json<QueueActionResult>> {
     let admin = auth::admin(state, key, Permission::Operate).await?;
     let why = reason(reason_text)?;
+    check_text("queue name", name, 128, TextKind::Line)?;
     if name.is_empty() || name.len() > 128 {
         return Err(Error::Validation("queue name must be 1..=128 bytes".into()));
     }
     let mut tx = state.pool().begin().await?;
+    // Only a queue that has jobs or a control row: a typo must not create
+    // (and audit) a paused queue nobody serves.
+    if !state.store.queue_exists_in(&mut tx, name).await? {
+        return Err(Error::NotFound(format!("queue {name:?} not found")));
+    }
     if pause {
         state.store.queue_pause_in(&mut tx, name).await?;
     } else {
@@ -956,38 +845,3 @@ pub(crate) const ROUTES: &[&str] = &[
     "/openapi.json",
     "/docs",
 ];
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cursors_round_trip_and_reject_junk() {
-        let sort = JobSort::default();
-        let wire = JobCursorWire {
-            s: "created_at".into(),
-            d: true,
-            t: Some(Utc::now()),
-            n: None,
-            id: Uuid::now_v7(),
-        };
-        let text = encode_cursor(&wire).unwrap_or_default();
-        assert!(parse_job_cursor(sort, &text).is_ok());
-        let other = JobSort {
-            column: JobSortColumn::RunAt,
-            descending: true,
-        };
-        assert!(parse_job_cursor(other, &text).is_err());
-        assert!(parse_job_cursor(sort, "'; DROP TABLE jobs; --").is_err());
-        assert!(parse_job_cursor(sort, "e30").is_err()); // "{}"
-    }
-
-    #[test]
-    fn states_parse_strictly() {
-        assert_eq!(
-            parse_states("failed, discarded,failed".split(',')).ok(),
-            Some(vec![JobState::Failed, JobState::Discarded])
-        );
-        assert!(parse_states(["running' OR '1'='1"]).is_err());
-    }
-}

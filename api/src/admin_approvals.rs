@@ -132,6 +132,7 @@ impl ApprovalsApi {
         /// `next_cursor` of the previous page.
         cursor: Query<Option<String>>,
         /// Page size, 1..=200 (default 50).
+        #[oai(validator(minimum(value = "1"), maximum(value = "200")))]
         limit: Query<Option<u32>>,
     ) -> Result<Json<PendingPage>> {
         auth::admin(&state, &key, Permission::Read).await?;

@@ -103,6 +103,12 @@ pub struct CronActionResult {
 }
 
 fn check_name(name: &str) -> Result<()> {
+    crate::input::check_text(
+        "schedule name",
+        name,
+        NAME_MAX,
+        crate::input::TextKind::Line,
+    )?;
     if name.is_empty() || name.len() > NAME_MAX {
         return Err(Error::Validation(format!(
             "schedule name must be 1..={NAME_MAX} bytes"

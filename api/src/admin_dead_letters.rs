@@ -200,10 +200,15 @@ impl DeadLettersApi {
         /// Only the ones not redriven yet (default true).
         pending: Query<Option<bool>>,
         /// Exact topic.
+        #[oai(validator(
+            max_length = 200,
+            pattern = r"^[^\x00-\x1F\x7F-\x9F\u00AD\u034F\u061C\u115F\u1160\u17B4\u17B5\u180B-\u180F\u200B-\u200F\u202A-\u202E\u2060-\u2064\u2066-\u206F\u3164\uFE00-\uFE0F\uFEFF\uFFA0\uFFF0-\uFFF8]*$"
+        ))]
         topic: Query<Option<String>>,
         /// `next_cursor` of the previous page.
         cursor: Query<Option<String>>,
         /// Page size, 1..=200 (default 50).
+        #[oai(validator(minimum(value = "1"), maximum(value = "200")))]
         limit: Query<Option<u32>>,
     ) -> Result<Json<DeadLetterPage>> {
         auth::admin(&state, &key, Permission::Read).await?;
@@ -244,12 +249,21 @@ impl DeadLettersApi {
         state: Data<&AppState>,
         key: AdminKey,
         /// Exact queue name.
+        #[oai(validator(
+            max_length = 200,
+            pattern = r"^[^\x00-\x1F\x7F-\x9F\u00AD\u034F\u061C\u115F\u1160\u17B4\u17B5\u180B-\u180F\u200B-\u200F\u202A-\u202E\u2060-\u2064\u2066-\u206F\u3164\uFE00-\uFE0F\uFEFF\uFFA0\uFFF0-\uFFF8]*$"
+        ))]
         queue: Query<Option<String>>,
         /// Exact job kind.
+        #[oai(validator(
+            max_length = 200,
+            pattern = r"^[^\x00-\x1F\x7F-\x9F\u00AD\u034F\u061C\u115F\u1160\u17B4\u17B5\u180B-\u180F\u200B-\u200F\u202A-\u202E\u2060-\u2064\u2066-\u206F\u3164\uFE00-\uFE0F\uFEFF\uFFA0\uFFF0-\uFFF8]*$"
+        ))]
         kind: Query<Option<String>>,
         /// `next_cursor` of the previous page.
         cursor: Query<Option<String>>,
         /// Page size, 1..=200 (default 50).
+        #[oai(validator(minimum(value = "1"), maximum(value = "200")))]
         limit: Query<Option<u32>>,
     ) -> Result<Json<DeadJobPage>> {
         auth::admin(&state, &key, Permission::Read).await?;

@@ -177,7 +177,7 @@ pub struct WorkflowActionResult {
 #[oai(skip_serializing_if_is_none)]
 pub struct RetryWorkflowRequest {
     /// Why (required, not blank, at most 1000 characters); kept in the audit log.
-    pub reason: Text,
+    pub reason: crate::types::Reason,
     /// The step to run again; if given it must be the step the workflow
     /// failed at (completed steps are never re-run: their effects happened).
     pub step: Option<Text>,
@@ -188,7 +188,7 @@ pub struct RetryWorkflowRequest {
 #[oai(skip_serializing_if_is_none)]
 pub struct ResolveStepRequest {
     /// Why (required); kept in the audit log.
-    pub reason: Text,
+    pub reason: crate::types::Reason,
     /// `succeeded` (the call took effect) or `failed` (it did not: the
     /// workflow compensates its completed steps).
     pub outcome: Text,
@@ -254,6 +254,7 @@ fn parse_states(text: &str) -> Result<Vec<WorkflowState>> {
 }
 
 fn check_step(step: &str) -> Result<()> {
+    crate::input::check_text("step", step, STEP_MAX, crate::input::TextKind::Line)?;
     if step.is_empty() || step.len() > STEP_MAX {
         return Err(Error::Validation(format!(
             "step must be 1..={STEP_MAX} bytes"
@@ -280,6 +281,10 @@ impl WorkflowsApi {
         state: Data<&AppState>,
         key: AdminKey,
         /// Exact workflow kind (name), e.g. `payments.withdrawal`.
+        #[oai(validator(
+            max_length = 200,
+            pattern = r"^[^\x00-\x1F\x7F-\x9F\u00AD\u034F\u061C\u115F\u1160\u17B4\u17B5\u180B-\u180F\u200B-\u200F\u202A-\u202E\u2060-\u2064\u2066-\u206F\u3164\uFE00-\uFE0F\uFEFF\uFFA0\uFFF0-\uFFF8]*$"
+        ))]
         kind: Query<Option<String>>,
         /// Comma-separated states, e.g. `failed,waiting`.
         #[oai(name = "state")]
@@ -295,6 +300,7 @@ impl WorkflowsApi {
         /// `next_cursor` of the previous page.
         cursor: Query<Option<String>>,
         /// Page size, 1..=200 (default 50).
+        #[oai(validator(minimum(value = "1"), maximum(value = "200")))]
         limit: Query<Option<u32>>,
     ) -> Result<Json<WorkflowPage>> {
         auth::admin(&state, &key, Permission::Read).await?;

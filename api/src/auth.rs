@@ -16,6 +16,10 @@
 //! request), and a key is never served from the cache past its expiry.
 //! Refusals are never cached: a new key works at once. Admin credentials
 //! are looked up on every request (the admin API is not a hot path).
+//!
+//! Failed lookups are counted per client address and credential prefix;
+//! past the limits, attempts get 429 without a lookup ([`crate::throttle`],
+//! which also explains why a legitimate key is not locked out).
 use crate::AppState;
 use crate::error::{Error, Result};
 use ledgerflow_payments::UserId;
@@ -138,34 +142,84 @@ impl KeyCache {
 pub async fn user(state: &AppState, key: &UserKey) -> Result<UserId> {
     let token = &key.0.token;
     let cache = &state.keys;
-    if cache.ttl.is_zero() {
-        return users::authenticate_api_key(state.pool(), token)
-            .await?
-            .ok_or(Error::Unauthorized);
-    }
     let digest = users::credential_digest(token);
     // Taken before the lookup: the entry ends no later than the key does,
     // however long the answer takes to arrive.
     let asked = Instant::now();
-    if let Some(user) = cache.get(&digest, asked) {
+    if !cache.ttl.is_zero()
+        && let Some(user) = cache.get(&digest, asked)
+    {
         return Ok(user);
     }
-    let live = users::authenticate_api_key_live(state.pool(), token)
-        .await?
-        .ok_or(Error::Unauthorized)?;
+    let gate = Gate::new(state, token, digest, asked)?;
+    if cache.ttl.is_zero() {
+        let user = users::authenticate_api_key(state.pool(), token).await?;
+        return gate.settle(user);
+    }
+    let Some(live) = users::authenticate_api_key_live(state.pool(), token).await? else {
+        return gate.settle(None);
+    };
     let trust = live
         .expires_in
         .map_or(cache.ttl, |left| left.min(cache.ttl));
     cache.put(digest, live.user, asked + trust);
-    Ok(live.user)
+    gate.settle(Some(live.user))
+}
+
+/// One credential check under the [`crate::throttle`]: refused with 429
+/// before the lookup when its address or prefix failed too often; the
+/// lookup's outcome is counted.
+struct Gate<'a> {
+    state: &'a AppState,
+    client: Option<std::net::IpAddr>,
+    prefix: &'a str,
+    digest: [u8; 32],
+    now: Instant,
+}
+
+impl<'a> Gate<'a> {
+    fn new(state: &'a AppState, token: &'a str, digest: [u8; 32], now: Instant) -> Result<Self> {
+        let client = crate::throttle::client();
+        let prefix = crate::throttle::prefix_of(token);
+        if let Err(wait) = state.throttle.admit(client, prefix, &digest, now) {
+            tracing::warn!(?client, prefix, "authentication throttled");
+            return Err(Error::TooManyRequests {
+                retry_after_secs: wait.as_secs().max(1),
+            });
+        }
+        Ok(Gate {
+            state,
+            client,
+            prefix,
+            digest,
+            now,
+        })
+    }
+
+    fn settle<T>(self, found: Option<T>) -> Result<T> {
+        match found {
+            Some(v) => {
+                self.state.throttle.succeeded(self.digest, self.now);
+                Ok(v)
+            }
+            None => {
+                self.state
+                    .throttle
+                    .failed(self.client, self.prefix, self.now);
+                Err(Error::Unauthorized)
+            }
+        }
+    }
 }
 
 /// The admin whose credential this is (401 otherwise), if its role has
 /// `perm` (403 otherwise).
 pub async fn admin(state: &AppState, key: &AdminKey, perm: Permission) -> Result<Admin> {
-    let admin = users::authenticate_admin(state.pool(), &key.0.token)
-        .await?
-        .ok_or(Error::Unauthorized)?;
+    let token = &key.0.token;
+    let digest = users::credential_digest(token);
+    let gate = Gate::new(state, token, digest, Instant::now())?;
+    let found = users::authenticate_admin(state.pool(), token).await?;
+    let admin = gate.settle(found)?;
     if !allows(admin.role, perm) {
         return Err(Error::Forbidden(format!(
             "role {} may not do this",

@@ -24,6 +24,8 @@ const INDEX_HTML: &str = include_str!("../console/index.html");
 const CONSOLE_JS: &str = include_str!("../console/console.js");
 const PANELS_JS: &str = include_str!("../console/panels.js");
 const CONSOLE_CSS: &str = include_str!("../console/console.css");
+const FAVICON_SVG: &str = include_str!("../console/favicon.svg");
+const SVG: &str = "image/svg+xml";
 
 /// The policy every console response is served with.
 pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; \
@@ -31,15 +33,29 @@ pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'
      base-uri 'none'; frame-ancestors 'none'";
 
 /// The console's route templates, for metrics labels.
-pub(crate) const ROUTES: &[&str] = &["/", "/console", "/console/", "/console/{asset}"];
+pub(crate) const ROUTES: &[&str] = &[
+    "/",
+    "/console",
+    "/console/",
+    "/console/{asset}",
+    "/favicon.ico",
+];
 
 /// The routes to mount on the admin listener: `/console` redirects to
-/// `/console/`, which serves the page; `/console/{asset}` its script and style.
+/// `/console/`, which serves the page; `/console/{asset}` its script, style
+/// and icon. `/favicon.ico` serves the icon too: browsers ask for it on
+/// their own, and its 404 was a console error on every load.
 pub fn routes(route: Route) -> Route {
     route
         .at("/console", get(to_console))
         .at("/console/", get(index))
         .at("/console/:asset", get(asset))
+        .at("/favicon.ico", get(favicon))
+}
+
+#[handler]
+fn favicon() -> Response {
+    served(FAVICON_SVG, SVG)
 }
 
 /// Wraps the admin app so that `GET /` redirects to the console. (A `Route`
@@ -81,6 +97,7 @@ fn asset(Path(name): Path<String>) -> poem::Result<Response> {
         "console.js" => Ok(served(CONSOLE_JS, "text/javascript; charset=utf-8")),
         "panels.js" => Ok(served(PANELS_JS, "text/javascript; charset=utf-8")),
         "console.css" => Ok(served(CONSOLE_CSS, "text/css; charset=utf-8")),
+        "favicon.svg" => Ok(served(FAVICON_SVG, SVG)),
         _ => Err(Error::NotFound("no such console asset".into()).into()),
     }
 }
@@ -126,6 +143,7 @@ mod tests {
         // (panels.js uses what console.js defines).
         assert_eq!(INDEX_HTML.matches("<script").count(), 2);
         assert!(INDEX_HTML.find("console.js") < INDEX_HTML.find("panels.js"));
+        assert!(INDEX_HTML.contains(r#"<link rel="icon" href="favicon.svg""#));
         let handler_attribute = INDEX_HTML
             .split(|c: char| c.is_whitespace() || c == '<')
             .find(|w| w.starts_with("on") && w.contains('='));
@@ -153,6 +171,8 @@ mod tests {
             ("/console/console.js", "text/javascript; charset=utf-8"),
             ("/console/panels.js", "text/javascript; charset=utf-8"),
             ("/console/console.css", "text/css; charset=utf-8"),
+            ("/console/favicon.svg", "image/svg+xml"),
+            ("/favicon.ico", "image/svg+xml"),
         ] {
             let resp = client.get(path).send().await;
             resp.assert_status_is_ok();
@@ -166,6 +186,24 @@ mod tests {
         let resp = client.get("/console/index.html.bak").send().await;
         resp.assert_status(StatusCode::NOT_FOUND);
         client.get("/v1/jobs").send().await.assert_text("api").await;
+    }
+
+    /// Server text reaches the page through `visible`, which shows hidden
+    /// characters (bidi overrides, zero-width, controls) as escapes, and
+    /// cells are bidi isolates.
+    #[test]
+    fn script_shows_hidden_characters() {
+        assert!(CONSOLE_JS.contains("createTextNode(visible(child))"));
+        assert!(CONSOLE_JS.contains("node.textContent = visible(value)"));
+        for range in [
+            "\\u202A-\\u202E",
+            "\\u2066-\\u206F",
+            "\\u200B-\\u200F",
+            "\\u0000-\\u0008",
+        ] {
+            assert!(CONSOLE_JS.contains(range), "HIDDEN lacks {range}");
+        }
+        assert!(CONSOLE_CSS.contains("unicode-bidi: isolate"));
     }
 
     /// The scripts never parse server data as markup.

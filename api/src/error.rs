@@ -58,6 +58,10 @@ pub enum Error {
     /// A dependency (the database) is unreachable.
     #[error("service unavailable")]
     Unavailable,
+    /// Too many failed authentications from this client or against this
+    /// credential; answered with `Retry-After`.
+    #[error("too many failed authentication attempts; retry in {retry_after_secs} s")]
+    TooManyRequests { retry_after_secs: u64 },
     /// A bug or an infrastructure failure; logged, never shown.
     #[error("internal error: {0}")]
     Internal(String),
@@ -78,6 +82,7 @@ impl Error {
             Error::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Error::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::Timeout { .. } | Error::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Error::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::Internal(_) | Error::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -120,13 +125,7 @@ impl From<ledgerflow_engine::Error> for Error {
                 action,
             } => Error::Conflict(format!("job {job_id} is {state}; cannot {action} it")),
             E::Invalid(msg) => Error::Validation(msg),
-            // character_not_in_repertoire: text from the request that Postgres
-            // cannot store or compare (a NUL byte in a filter): the client's.
-            E::Db(sqlx::Error::Database(db)) if db.code().as_deref() == Some("22021") => {
-                Error::Validation(
-                    "text contains a character the database refuses (e.g. NUL)".into(),
-                )
-            }
+            E::Db(ref db) if is_data_exception(db) => refused_by_database(&e),
             e if e.is_transient() => {
                 tracing::warn!(error = %e, "transient database error");
                 Error::Unavailable
@@ -134,6 +133,21 @@ impl From<ledgerflow_engine::Error> for Error {
             other => Error::Internal(other.to_string()),
         }
     }
+}
+
+/// Whether Postgres refused a value itself (SQLSTATE class 22, "data
+/// exception": text it cannot store, a number or time out of its range).
+/// Input validation should have refused such a value first; this is the
+/// backstop that keeps one from becoming a 500.
+pub fn is_data_exception(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("22")))
+}
+
+/// The 400 for a value the database refused: logged in full (inside the
+/// request's span, so with its id), answered without the database's text.
+fn refused_by_database(e: &dyn std::fmt::Display) -> Error {
+    tracing::warn!(error = %e, "the database refused a request's value");
+    Error::Validation("a value is outside what can be stored (range or characters)".into())
 }
 
 /// Payments errors: input refusals are the client's; the rest is internal.
@@ -153,6 +167,7 @@ impl From<ledgerflow_payments::Error> for Error {
                 Error::NotFound(e.to_string())
             }
             e @ E::AdminNameTaken(_) => Error::Conflict(e.to_string()),
+            E::Db(ref db) if is_data_exception(db) => refused_by_database(&e),
             e if e.is_transient() => {
                 tracing::warn!(error = %e, "transient database error");
                 Error::Unavailable
@@ -274,13 +289,26 @@ impl poem::error::ResponseError for Error {
     }
 
     fn as_response(&self) -> Response {
-        self.problem().into_response()
+        self.response()
     }
 }
 
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
-        self.problem().into_response()
+        self.response()
+    }
+}
+
+impl Error {
+    /// The problem response, with `Retry-After` on a 429.
+    fn response(&self) -> Response {
+        let mut resp = self.problem().into_response();
+        if let Error::TooManyRequests { retry_after_secs } = self
+            && let Ok(v) = HeaderValue::from_str(&retry_after_secs.to_string())
+        {
+            resp.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        resp
     }
 }
 
@@ -310,6 +338,10 @@ impl ApiResponse for Error {
                     415,
                 ),
                 problem("Not acceptable (e.g. a reused Idempotency-Key)", 422),
+                problem(
+                    "Too many failed authentication attempts (see Retry-After)",
+                    429,
+                ),
                 problem("Internal error (details are logged, never returned)", 500),
                 problem("A dependency is unavailable or the request timed out", 503),
             ],

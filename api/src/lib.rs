@@ -12,7 +12,8 @@
 //! - [`idempotency`] — the `Idempotency-Key` protocol of the public POSTs;
 //! - [`batch`]      — group commit of the public POSTs (one transaction for
 //!   many concurrent ones);
-//! - [`admin`]      — the admin API (bearer admin credential, roles, audit):
+//! - [`admin`]      — the admin API (bearer admin credential, roles, audit;
+//!   parameters parsed in [`admin_params`]):
 //!   jobs, queues, audit log; [`admin_workflows`], [`admin_cron`],
 //!   [`admin_dead_letters`], [`admin_approvals`], [`admin_policy`] and
 //!   [`admin_access`] add workflows, cron schedules, dead letters,
@@ -20,11 +21,17 @@
 //!   and API-key management;
 //! - [`console`]    — the admin web console (embedded static page over the admin API);
 //! - [`auth`]       — credentials and the role/permission allow-list;
-//! - [`ops`]        — `/healthcheck`, `/readyz` (a list of checks), `/metrics`;
-//! - [`middleware`] — body limit, timeout, problem+json for every error, metrics;
+//! - [`throttle`]   — 429 after repeated failed authentication;
+//! - [`ops`]        — `/healthcheck`, `/readyz` (a list of checks), `/metrics`
+//!   (admin listener only);
+//! - [`middleware`] — request ids, body limit, URI and JSON checks, timeout,
+//!   problem+json for every error, metrics;
+//! - [`input`]      — edge validation of text (control, bidi and invisible
+//!   characters, lengths, duplicate JSON keys);
 //! - [`metrics`]    — the Prometheus registry and its catalogue;
 //! - [`error`]      — the crate's one error type and RFC 7807 problems;
-//! - [`types`]      — strict wire types for request bodies.
+//! - [`types`]      — strict wire types for request bodies;
+//! - [`spec`]       — the OpenAPI documents as committed and served.
 //!
 //! Architecture Invariant: no SQL here. Job queries live in
 //! `ledgerflow_engine::admin_query`, audit rows in `ledgerflow_payments::audit`.
@@ -34,6 +41,7 @@ pub mod admin_access;
 pub mod admin_approvals;
 pub mod admin_cron;
 pub mod admin_dead_letters;
+pub mod admin_params;
 pub mod admin_policy;
 pub mod admin_workflows;
 pub mod auth;
@@ -41,10 +49,13 @@ pub mod batch;
 pub mod console;
 pub mod error;
 pub mod idempotency;
+pub mod input;
 pub mod metrics;
 pub mod middleware;
 pub mod ops;
 pub mod public;
+pub mod spec;
+pub mod throttle;
 pub mod types;
 pub mod wakeup;
 pub mod webhooks;
@@ -55,6 +66,7 @@ pub use ops::ReadinessCheck;
 use crate::metrics::Metrics;
 use crate::middleware::{Limits, Routes};
 use ledgerflow_engine::Store;
+use poem::http::Method;
 use poem::listener::TcpAcceptor;
 use poem::{Endpoint, EndpointExt, Route, Server, get, post};
 use poem_openapi::OpenApiService;
@@ -92,6 +104,8 @@ pub struct ApiConfig {
     /// The configured withdrawal policy (what the admin API shows for an
     /// asset without an admin's override; the workers apply the same).
     pub withdrawal_policy: ledgerflow_payments::policy::Policy,
+    /// When failed authentication is answered 429 (see [`throttle`]).
+    pub auth_throttle: throttle::Limits,
 }
 
 impl Default for ApiConfig {
@@ -105,6 +119,7 @@ impl Default for ApiConfig {
             post_batch: 8,
             post_transactions: 4,
             withdrawal_policy: ledgerflow_payments::policy::Policy::new(),
+            auth_throttle: throttle::Limits::default(),
         }
     }
 }
@@ -118,7 +133,8 @@ pub struct AppState {
     pub store: Store,
     /// Settings.
     pub config: Arc<ApiConfig>,
-    /// Metrics (exported by the public listener's `/metrics`).
+    /// Metrics (exported by the admin listener's `/metrics` and, in the
+    /// binary, the ops port's; never by the public listener).
     pub metrics: Arc<Metrics>,
     /// The webhook intake (providers, workflow registry, rejection counter).
     pub webhooks: Arc<webhooks::Intake>,
@@ -133,6 +149,8 @@ pub struct AppState {
     pub keys: Arc<auth::KeyCache>,
     /// The public POSTs' transaction runners.
     pub batcher: Arc<batch::Batcher>,
+    /// Failed authentication counters.
+    pub throttle: Arc<throttle::AuthThrottle>,
     checks: Arc<Vec<Arc<dyn ReadinessCheck>>>,
 }
 
@@ -177,6 +195,7 @@ impl AppState {
             assets: Arc::new(public::AssetCache::default()),
             keys: Arc::new(auth::KeyCache::new(config.api_key_cache_ttl)),
             batcher: Arc::new(batcher),
+            throttle: Arc::new(throttle::AuthThrottle::new(config.auth_throttle.clone())),
             checks: Arc::new(vec![Arc::new(ops::Postgres(pool.clone()))]),
             pool,
             store,
@@ -210,6 +229,7 @@ impl AppState {
         Limits {
             body_bytes: self.config.body_limit,
             request_timeout: self.config.request_timeout,
+            raw_bodies: &[],
         }
     }
 }
@@ -253,32 +273,56 @@ fn admin_service() -> OpenApiService<AdminApis, ()> {
 
 /// The public API's OpenAPI document (JSON), as committed in `api/openapi/public.json`.
 pub fn public_spec() -> String {
-    public_service().spec()
+    spec::with_nullable_optionals(&public_service().spec())
 }
 
 /// The admin API's OpenAPI document (JSON), as committed in `api/openapi/admin.json`.
 pub fn admin_spec() -> String {
-    admin_service().spec()
+    spec::with_nullable_optionals(&admin_service().spec())
+}
+
+/// `/openapi.json` of the public listener (built once).
+#[poem::handler]
+fn public_spec_json() -> poem::Response {
+    static DOC: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    spec::serve(DOC.get_or_init(public_spec))
+}
+
+/// `/openapi.json` of the admin listener (built once).
+#[poem::handler]
+fn admin_spec_json() -> poem::Response {
+    static DOC: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    spec::serve(DOC.get_or_init(admin_spec))
 }
 
 /// The public listener's app: `/v1/…`, `/healthcheck`, `/readyz`,
-/// `/metrics`, `/openapi.json`, `/docs`.
+/// `/openapi.json`, `/docs`. No `/metrics`: queue names, states and volumes
+/// are not for the internet (the chart's public Ingress routes `/` here);
+/// they are scraped on the ops port (`ledgerflow_workers::ops`, fed by
+/// [`AppState::metrics`]) and on the admin listener.
 pub fn public_app(state: AppState) -> impl Endpoint<Output = poem::Response> {
     let service = public_service();
     let route = Route::new()
         .at("/healthcheck", get(ops::healthcheck))
         .at("/readyz", get(ops::readyz))
-        .at("/metrics", get(ops::metrics))
         .at("/v1/webhooks/:provider", post(webhooks::receive))
-        .at("/openapi.json", service.spec_endpoint())
+        .at("/openapi.json", get(public_spec_json))
         .nest("/docs", service.swagger_ui())
         .nest("/", service)
         .data(state.clone());
+    let routes = Routes::new(&[public::ROUTES, webhooks::ROUTES].concat())
+        .allow_spec(&public_spec())
+        .allow("/v1/webhooks/{provider}", Method::POST);
     middleware::wrap(
         route,
         "public",
-        Routes::new(&[public::ROUTES, webhooks::ROUTES].concat()),
-        state.limits(),
+        plain_routes(routes),
+        Limits {
+            // The webhook handler checks the signature over the raw bytes
+            // first, then judges the JSON itself.
+            raw_bodies: &["/v1/webhooks/"],
+            ..state.limits()
+        },
         state.metrics.clone(),
     )
 }
@@ -292,31 +336,49 @@ pub fn admin_app(state: AppState) -> impl Endpoint<Output = poem::Response> {
         .at("/healthcheck", get(ops::healthcheck))
         .at("/readyz", get(ops::readyz))
         .at("/metrics", get(ops::metrics))
-        .at("/openapi.json", service.spec_endpoint())
+        .at("/openapi.json", get(admin_spec_json))
         .nest("/docs", service.swagger_ui());
     // The web console (`/`, `/console/…`), a static client of this API.
     let route = console::routes(route)
         .nest("/", service)
         .data(state.clone());
+    let routes = Routes::new(
+        &[
+            admin::ROUTES,
+            admin_workflows::ROUTES,
+            admin_cron::ROUTES,
+            admin_dead_letters::ROUTES,
+            admin_approvals::ROUTES,
+            admin_policy::ROUTES,
+            admin_access::ROUTES,
+            console::ROUTES,
+        ]
+        .concat(),
+    )
+    .allow_spec(&admin_spec());
+    let routes = console::ROUTES
+        .iter()
+        .fold(routes, |r, t| r.allow(t, Method::GET));
     middleware::wrap(
         console::with_root_redirect(route),
         "admin",
-        Routes::new(
-            &[
-                admin::ROUTES,
-                admin_workflows::ROUTES,
-                admin_cron::ROUTES,
-                admin_dead_letters::ROUTES,
-                admin_approvals::ROUTES,
-                admin_policy::ROUTES,
-                admin_access::ROUTES,
-                console::ROUTES,
-            ]
-            .concat(),
-        ),
+        plain_routes(routes),
         state.limits(),
         state.metrics.clone(),
     )
+}
+
+/// The methods of the routes both listeners serve outside the spec.
+fn plain_routes(routes: Routes) -> Routes {
+    [
+        "/healthcheck",
+        "/readyz",
+        "/metrics",
+        "/openapi.json",
+        "/docs",
+    ]
+    .iter()
+    .fold(routes, |r, t| r.allow(t, Method::GET))
 }
 
 /// Binds both addresses and serves the public and admin apps until

@@ -31,7 +31,8 @@ use crate::auth::{self, UserKey};
 use crate::batch::{Creation, Resource};
 use crate::error::Error;
 use crate::idempotency::{self, Settled};
-use crate::types::Text;
+use crate::input::{TextKind, check_text};
+use crate::types::{AddressText, AmountText, AssetCode};
 use ledgerflow_payments::exchange::Side;
 use ledgerflow_payments::idempotency::{self as records, TradeRecord, WithdrawalRecord};
 use ledgerflow_payments::ledger;
@@ -46,6 +47,11 @@ use poem_openapi::{ApiResponse, Enum, Object, OpenApi, Tags};
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::sync::RwLock;
+
+/// Longest asset code (2–16 of `A–Z 0–9`, as `ledger::create_asset` requires).
+const ASSET_CODE_MAX: usize = 16;
+/// Longest withdrawal address.
+const ADDRESS_MAX: usize = 128;
 
 #[derive(Tags)]
 enum Tag {
@@ -98,14 +104,14 @@ pub struct NewTrade {
     /// `buy` or `sell` the base asset.
     pub side: TradeSide,
     /// The base asset's code, e.g. `BTC`.
-    pub base_asset: Text,
+    pub base_asset: AssetCode,
     /// The quote asset's code, e.g. `USD`.
-    pub quote_asset: Text,
+    pub quote_asset: AssetCode,
     /// How much of the base asset: a decimal STRING within the asset's scale (`"0.5"`).
-    pub base_amount: Text,
+    pub base_amount: AmountText,
     /// The worst acceptable price (quote per base): a decimal STRING within
     /// the quote asset's scale (`"30000.00"`).
-    pub limit_price: Text,
+    pub limit_price: AmountText,
 }
 
 /// A trade as its owner sees it.
@@ -136,11 +142,15 @@ pub struct TradeView {
 #[oai(deny_unknown_fields, skip_serializing_if_is_none)]
 pub struct NewWithdrawal {
     /// The asset's code, e.g. `BTC`.
-    pub asset: Text,
+    pub asset: AssetCode,
     /// How much: a decimal STRING within the asset's scale (`"0.01"`).
-    pub amount: Text,
-    /// The destination address (1–200 characters).
-    pub address: Text,
+    pub amount: AmountText,
+    /// The destination address, in the asset's format with its checksum:
+    /// BTC bech32/bech32m (`bc1…`) or base58check (`1…`, `3…`); ETH and
+    /// USDT `0x` + 40 hex digits (EIP-55 checksum when in mixed case); USD
+    /// and EUR an IBAN. Visible ASCII only,
+    /// 1–128 characters.
+    pub address: AddressText,
 }
 
 /// A withdrawal as its owner sees it.
@@ -251,7 +261,12 @@ impl AssetCache {
 
 /// A registered asset, or a 400 problem.
 async fn asset(state: &AppState, field: &str, code: &str) -> Result<Asset, Error> {
-    if code.is_empty() || code.len() > 32 {
+    check_text(field, code, ASSET_CODE_MAX, TextKind::Line)?;
+    if !(2..=ASSET_CODE_MAX).contains(&code.len())
+        || !code
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+    {
         return Err(Error::Validation(format!("{field}: unknown asset")));
     }
     if let Some(known) = state.assets.get(code) {
@@ -336,12 +351,12 @@ impl PublicApi {
         state: Data<&AppState>,
         key: UserKey,
         /// A client-chosen key (1–255 visible ASCII characters), unique per request.
-        #[oai(name = "Idempotency-Key")]
-        idempotency_key: Header<Option<String>>,
+        #[oai(name = "Idempotency-Key", validator(pattern = r"^[\x21-\x7E]{1,255}$"))]
+        idempotency_key: Header<String>,
         body: Json<NewTrade>,
     ) -> Result<TradeCreated, Error> {
         let user = auth::user(&state, &key).await?;
-        let idem = idempotency::require_key(idempotency_key.0.as_deref())?;
+        let idem = idempotency::require_key(Some(&idempotency_key.0))?;
         require_registry(&state)?;
         let req = body.0;
         let (base_code, quote_code) = (req.base_asset.as_str(), req.quote_asset.as_str());
@@ -426,22 +441,26 @@ impl PublicApi {
         state: Data<&AppState>,
         key: UserKey,
         /// A client-chosen key (1–255 visible ASCII characters), unique per request.
-        #[oai(name = "Idempotency-Key")]
-        idempotency_key: Header<Option<String>>,
+        #[oai(name = "Idempotency-Key", validator(pattern = r"^[\x21-\x7E]{1,255}$"))]
+        idempotency_key: Header<String>,
         body: Json<NewWithdrawal>,
     ) -> Result<WithdrawalCreated, Error> {
         let user = auth::user(&state, &key).await?;
-        let idem = idempotency::require_key(idempotency_key.0.as_deref())?;
+        let idem = idempotency::require_key(Some(&idempotency_key.0))?;
         require_registry(&state)?;
         let req = body.0;
         let address = req.address.as_str();
-        if address.trim().is_empty() || address.trim() != address || address.chars().count() > 200 {
+        check_text("address", address, ADDRESS_MAX, TextKind::Line)?;
+        if address.trim().is_empty() || address.trim() != address {
             return Err(Error::Validation(
-                "address: 1 to 200 characters without surrounding whitespace".into(),
+                "address: 1 to 128 characters without surrounding whitespace".into(),
             ));
         }
         let code = req.asset.as_str();
         let asset = asset(&state, "asset", code).await?;
+        // What an approver reads must be what is paid: the asset's format
+        // and checksum (ledgerflow_payments::address).
+        ledgerflow_payments::address::check(code, address)?;
         let amount_str = amount("amount", req.amount.as_str(), &asset)?.0;
         let canonical = json!({
             "asset": code,
@@ -503,7 +522,6 @@ pub(crate) const ROUTES: &[&str] = &[
     "/v1/withdrawals/{id}",
     "/healthcheck",
     "/readyz",
-    "/metrics",
     "/openapi.json",
     "/docs",
 ];

@@ -370,7 +370,13 @@ pub async fn receive(
         tracing::warn!(provider = %name, reason, "webhook refused");
         return Error::Unauthorized.into_response();
     }
-    let json: Value = match serde_json::from_slice(&body) {
+    // Signed, but still judged like every other JSON body: no duplicate
+    // key (which of two ids would the provider have meant?), no U+0000.
+    let checked = crate::input::check_json_body(&body).and_then(|()| {
+        serde_json::from_slice::<Value>(&body)
+            .map_err(|_| Error::Validation("the body is not JSON".into()))
+    });
+    let json: Value = match checked {
         Ok(v) => v,
         Err(_) => {
             intake.reject(&name, "invalid_body");

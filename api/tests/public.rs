@@ -6,7 +6,7 @@
 //! requests), strict amounts and the field allow-list.
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
-use ledgerflow_api::{AppState, public_app};
+use ledgerflow_api::{AppState, admin_app, public_app};
 use ledgerflow_engine::Store;
 use ledgerflow_engine::testing::TestDb;
 use ledgerflow_payments::exchange::sim::{SimConfig, SimulatedExchange};
@@ -26,6 +26,9 @@ type App = TestClient<BoxEndpoint<'static, Response>>;
 struct Fixture {
     db: TestDb,
     app: App,
+    /// The admin listener on the same state: where metrics are scraped
+    /// (the public listener serves none).
+    admin: App,
     user_a: String,
     user_b: String,
     expired: String,
@@ -59,7 +62,8 @@ async fn fixture(pool_size: u32) -> Fixture {
     drop(conn);
     tokio::time::sleep(Duration::from_millis(5)).await; // the expired key expires
     Fixture {
-        app: TestClient::new(public_app(state).boxed()),
+        app: TestClient::new(public_app(state.clone()).boxed()),
+        admin: TestClient::new(admin_app(state).boxed()),
         user_a: key(user_a),
         user_b: key(user_b),
         expired: key(expired),
@@ -155,7 +159,7 @@ fn trade_body() -> Value {
 }
 
 fn withdrawal_body() -> Value {
-    json!({ "asset": "BTC", "amount": "0.01", "address": "bc1qexampleaddress" })
+    json!({ "asset": "BTC", "amount": "0.01", "address": "bc1q2rv93cyctmx87czp32hse3dttpl59sjhs3fd6g" })
 }
 
 async fn count(f: &Fixture, sql: &str) -> i64 {
@@ -617,6 +621,166 @@ async fn bad_input_is_a_problem_and_changes_nothing() {
     assert_nothing_written(&f).await;
 }
 
+/// `POST` of a raw JSON text (a `Value` cannot hold a duplicate key).
+async fn send_raw(app: &App, path: &str, token: &str, key: &str, body: &str) -> Reply {
+    let resp = app
+        .post(path)
+        .header(header::AUTHORIZATION, format!("Bearer {token}"))
+        .header("Idempotency-Key", key)
+        .content_type("application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .0;
+    let status = resp.status();
+    let content_type = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let text = resp.into_body().into_string().await.unwrap();
+    let json = serde_json::from_str(&text).unwrap_or(Value::Null);
+    Reply {
+        status,
+        content_type,
+        text,
+        json,
+    }
+}
+
+/// Issue 12 (2, 3): U+0000 and other control characters in asset codes
+/// and addresses, duplicate keys, and addresses that read differently from
+/// what they are (bidi, invisible characters) or fail their checksum are
+/// 400 problems — never a 500 — and write nothing.
+#[tokio::test]
+async fn control_characters_duplicate_keys_and_bad_addresses_are_refused() {
+    let f = fixture(8).await;
+    let with = |field: &str, value: &str| {
+        let mut b = trade_body();
+        b[field] = json!(value);
+        b
+    };
+    let wd = |value: &str| {
+        let mut b = withdrawal_body();
+        b["address"] = json!(value);
+        b
+    };
+    let cases: Vec<(&str, &str, Value)> = vec![
+        (
+            "nul base asset",
+            "/v1/trades",
+            with("base_asset", "BT\u{0}C"),
+        ),
+        (
+            "nul quote asset",
+            "/v1/trades",
+            with("quote_asset", "USD\0"),
+        ),
+        ("bell asset", "/v1/trades", with("base_asset", "BTC\u{7}")),
+        ("lowercase asset", "/v1/trades", with("base_asset", "btc")),
+        ("nul amount", "/v1/trades", with("base_amount", "0.5\0")),
+        ("nul address", "/v1/withdrawals", wd("bc1q\0")),
+        (
+            "bell address",
+            "/v1/withdrawals",
+            wd("bc1q2rv93cyctmx87czp32hse3dttpl59sjhs3fd6g\u{7}"),
+        ),
+        (
+            "rlo address",
+            "/v1/withdrawals",
+            wd("bc1q\u{202e}lacol-kcatta"),
+        ),
+        (
+            "zero-width address",
+            "/v1/withdrawals",
+            wd("bc1q2rv93cyctmx87czp32\u{200b}hse3dttpl59sjhs3fd6g"),
+        ),
+        (
+            "bad checksum",
+            "/v1/withdrawals",
+            wd("bc1q2rv93cyctmx87czp32hse3dttpl59sjhs3fd6h"),
+        ),
+        ("not bech32", "/v1/withdrawals", wd("bc1qexampleaddress")),
+        (
+            "mixed case",
+            "/v1/withdrawals",
+            wd("bc1Q2rv93cyctmx87czp32hse3dttpl59sjhs3fd6g"),
+        ),
+        (
+            "ETH address for BTC",
+            "/v1/withdrawals",
+            wd("0x52908400098527886E0F7030069857D2E4169EE7"),
+        ),
+    ];
+    for (name, path, body) in &cases {
+        let r = send(
+            &f.app,
+            Method::POST,
+            path,
+            Some(&f.user_a),
+            Some(&key_of(name)),
+            Some(body),
+        )
+        .await;
+        assert_problem(&r, 400, "validation");
+        assert!(!r.text.contains('\0'), "{name}: the problem echoes no NUL");
+    }
+    // A NUL in the Idempotency-Key cannot even be sent (not a header value).
+    // Duplicate keys, even with the same value: a reader taking the first
+    // would see another amount than the server.
+    let raw = [
+        r#"{"side":"buy","base_asset":"BTC","quote_asset":"USD","base_amount":"0.001","limit_price":"30000.00","base_amount":"1.9"}"#,
+        r#"{"side":"buy","side":"buy","base_asset":"BTC","quote_asset":"USD","base_amount":"0.5","limit_price":"30000.00"}"#,
+    ];
+    for (i, body) in raw.iter().enumerate() {
+        let r = send_raw(&f.app, "/v1/trades", &f.user_a, &format!("dup-{i}"), body).await;
+        assert_problem(&r, 400, "validation");
+        assert!(r.text.contains("duplicate key"), "{}", r.text);
+    }
+    let r = send_raw(
+        &f.app,
+        "/v1/withdrawals",
+        &f.user_a,
+        "dup-wd",
+        r#"{"asset":"BTC","amount":"0.01","address":"bc1q2rv93cyctmx87czp32hse3dttpl59sjhs3fd6g","address":"bc1qu6p0py2tgnljt5xyrrfltkjzs865x45m5te026"}"#,
+    )
+    .await;
+    assert_problem(&r, 400, "validation");
+    // An escaped NUL in raw JSON too.
+    let r = send_raw(
+        &f.app,
+        "/v1/trades",
+        &f.user_a,
+        "nul-raw",
+        r#"{"side":"buy","base_asset":"BTC\u0000","quote_asset":"USD","base_amount":"0.5","limit_price":"30000.00"}"#,
+    )
+    .await;
+    assert_problem(&r, 400, "validation");
+    assert_nothing_written(&f).await;
+
+    // The same bodies without the defect are accepted.
+    for (key, address) in [
+        ("ok-segwit", "bc1q2rv93cyctmx87czp32hse3dttpl59sjhs3fd6g"),
+        (
+            "ok-taproot",
+            "bc1p0xlxvlhemja6c4dqv22uapctqupfhlxm9h8z3k2e72q4k9hcz7vqzk5jj0",
+        ),
+        ("ok-legacy", "1BvBMSEYstWetqTFn5Au4m4GFg7xJaNVN2"),
+    ] {
+        let r = send(
+            &f.app,
+            Method::POST,
+            "/v1/withdrawals",
+            Some(&f.user_a),
+            Some(key),
+            Some(&wd(address)),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{address}: {}", r.text);
+    }
+}
+
 // ------------------------------------------------------ API key cache
 
 /// An app on `f`'s database with `config` (the fixture's app uses the
@@ -783,8 +947,9 @@ async fn a_post_does_not_lock_its_users_row() {
 
 // ------------------------------------------------------- group commit
 
-/// `ledgerflow_api_post_batch_size`'s (count, sum) from `/metrics`: POSTs'
-/// transactions and the POSTs they committed.
+/// `ledgerflow_api_post_batch_size`'s (count, sum) from `/metrics` (of the
+/// admin listener: the public one has none): POSTs' transactions and the
+/// POSTs they committed.
 async fn batch_sizes(app: &App) -> (f64, f64) {
     let r = send(app, Method::GET, "/metrics", None, None, None).await;
     assert_eq!(r.status, StatusCode::OK);
@@ -838,7 +1003,7 @@ async fn concurrent_posts_share_transactions_and_each_gets_its_own_answer() {
     assert_eq!(count(&f, "SELECT count(*) FROM jobs").await, 41);
     assert_eq!(count(&f, "SELECT count(*) FROM idempotency_keys").await, 41);
     // Fewer transactions than POSTs: some were committed together.
-    let (transactions, posts) = batch_sizes(&f.app).await;
+    let (transactions, posts) = batch_sizes(&f.admin).await;
     assert_eq!(posts, 41.0);
     assert!(transactions < posts, "{transactions} transactions");
 }

@@ -412,6 +412,23 @@ async fn signed_but_not_an_event_is_400_and_stores_nothing() {
     assert_nothing_stored(&f).await;
 }
 
+/// Issue 12 (3): a signed body with a duplicate key (which event id did
+/// the provider mean?) or a U+0000 is refused with 400 after the signature
+/// check; an unsigned one is still a 401 first.
+#[tokio::test]
+async fn signed_duplicate_keys_and_nul_are_400_and_store_nothing() {
+    let f = fixture().await;
+    let dup = event_body("evt_a").replacen('{', r#"{ "id": "evt_b","#, 1);
+    let resp = post_stripe(&f.state, SECRET, now(), &dup).await;
+    assert_problem(&resp, StatusCode::BAD_REQUEST);
+    let nul = event_body("evt_\\u0000");
+    let resp = post_stripe(&f.state, SECRET, now(), &nul).await;
+    assert_problem(&resp, StatusCode::BAD_REQUEST);
+    let resp = post_stripe(&f.state, "not-the-secret", now(), &dup).await;
+    assert_problem(&resp, StatusCode::UNAUTHORIZED);
+    assert_nothing_stored(&f).await;
+}
+
 #[tokio::test]
 async fn database_down_is_503_never_2xx() {
     let f = fixture().await;

@@ -1,12 +1,16 @@
-//! The operations endpoint of non-API roles: `/healthcheck` (liveness),
+//! The operations endpoint of every process: `/healthcheck` (liveness),
 //! `/readyz` (PostgreSQL reachable) and `/metrics` (Prometheus text: job
 //! counts per queue and state, the Kafka consumer lag of this process's
-//! ingress consumers, and their dead-letter counters).
+//! ingress consumers and their dead-letter counters, and — in a process
+//! with the api or admin role — the API's whole registry: HTTP requests,
+//! queue depth and wait, workflow states, backlogs). The public API listener
+//! serves no metrics: queue names, states and volumes are not for the internet.
 //!
 //! A deliberately tiny HTTP/1.1 responder on a tokio listener: probes and
 //! scrapes only need a status line and a short body, and this keeps the
 //! worker image free of a web framework.
 use crate::ingress::IngressStats;
+use futures::future::BoxFuture;
 use sqlx::PgPool;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -16,17 +20,25 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+/// More Prometheus text for `/metrics`: the API's registry, rendered on
+/// each scrape (`ledgerflow_api::AppState::metrics`).
+pub type MetricsSource = Arc<dyn Fn() -> BoxFuture<'static, String> + Send + Sync>;
+
 /// Binds `addr` and serves until the returned task is aborted.
 pub async fn serve(addr: SocketAddr, pool: PgPool) -> std::io::Result<JoinHandle<()>> {
-    serve_with(addr, pool, Vec::new()).await
+    serve_with(addr, pool, Vec::new(), None).await
 }
 
 /// Like [`serve`]; `/metrics` also exports the consumer lag that each of
-/// `ingress` measures (`ledgerflow_kafka_consumer_lag{group,topic,partition}`).
+/// `ingress` measures (`ledgerflow_kafka_consumer_lag{group,topic,partition}`),
+/// and `api`'s text when given. The API's text carries its own
+/// `ledgerflow_kafka_consumer_lag` (the copy in Postgres), so with `api`
+/// the live one is left out: one family of a name per scrape.
 pub async fn serve_with(
     addr: SocketAddr,
     pool: PgPool,
     ingress: Vec<Arc<IngressStats>>,
+    api: Option<MetricsSource>,
 ) -> std::io::Result<JoinHandle<()>> {
     let listener = TcpListener::bind(addr).await?;
     tracing::info!(addr = %listener.local_addr()?, "ops endpoint listening");
@@ -38,6 +50,7 @@ pub async fn serve_with(
             };
             let pool = pool.clone();
             let ingress = ingress.clone();
+            let api = api.clone();
             tokio::spawn(async move {
                 let mut buf = [0u8; 1024];
                 let n =
@@ -47,7 +60,7 @@ pub async fn serve_with(
                     };
                 let head = String::from_utf8_lossy(&buf[..n]);
                 let path = head.split_whitespace().nth(1).unwrap_or("/");
-                let (status, body) = respond(path, &pool, &ingress).await;
+                let (status, body) = respond(path, &pool, &ingress, api.as_ref()).await;
                 let reply = format!(
                     "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
                     body.len()
@@ -62,6 +75,7 @@ async fn respond(
     path: &str,
     pool: &PgPool,
     ingress: &[Arc<IngressStats>],
+    api: Option<&MetricsSource>,
 ) -> (&'static str, String) {
     match path {
         "/healthcheck" => ("200 OK", "ok\n".into()),
@@ -78,7 +92,10 @@ async fn respond(
         }
         "/metrics" => {
             let mut out = metrics(pool).await;
-            consumer_lag(&mut out, ingress);
+            match api {
+                Some(api) => out.push_str(&api().await),
+                None => consumer_lag(&mut out, ingress),
+            }
             dead_letter_copies(&mut out, ingress);
             ("200 OK", out)
         }

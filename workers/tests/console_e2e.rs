@@ -220,7 +220,9 @@ async fn console_signs_in_finds_a_dead_job_retries_it_and_sees_it_complete() {
     let hostile = insert(
         json!({
             "order": "<script>window.__lf_xss=1</script>",
-            "error": "<img src=x onerror=window.__lf_xss=1> exchange unavailable"
+            // Markup, and a right-to-left override that would make the
+            // rest read `bc1qattack-local` if it were shown as it is.
+            "error": "<img src=x onerror=window.__lf_xss=1> exchange unavailable bc1q\u{202e}lacol-kcatta"
         }),
         1,
     )

@@ -631,7 +631,7 @@ impl Rig {
 
     async fn start_withdrawal(&self, user: UserId, amount: &str) -> TestResult<Uuid> {
         let input = json!({ "user_id": user, "asset": "BTC", "amount": amount,
-                            "address": "bc1qcrashtestaddress" });
+                            "address": "bc1q5l69k094s5qgfay7jpzf5dds375aalx7gdt6p4" });
         Ok(workflow_start(&self.store, &self.registry, withdrawal::KIND, &input, None).await?)
     }
 
@@ -1462,7 +1462,7 @@ async fn start_random(
     } else {
         let amount = *rng.pick(&["0.2", "0.7", "1.2", "2"]);
         let input = json!({ "user_id": user, "asset": "BTC", "amount": amount,
-                            "address": "bc1qcrashtestaddress" });
+                            "address": "bc1q5l69k094s5qgfay7jpzf5dds375aalx7gdt6p4" });
         (Kind::Withdrawal, input)
     };
     let fault = match rng.below(100) {

@@ -74,7 +74,7 @@ const REJECTED_WITHDRAWAL_AMOUNT: &str = "0.6";
 /// user holds 2 BTC, so a large withdrawal of the demo data waits in the
 /// console's Approvals panel.
 const DEV_WITHDRAWAL_POLICY: &str = r#"{"BTC": {"approval-threshold": "0.5", "second-approval-threshold": "1", "daily-limit": "1.9"}, "USD": {"approval-threshold": "10000", "second-approval-threshold": "50000", "daily-limit": "100000"}}"#;
-const WITHDRAWAL_ADDRESS: &str = "tb1qledgerflowdevsmoke0000000000000000000";
+const WITHDRAWAL_ADDRESS: &str = "tb1qz90pueq0k755tzthyrfjcr9m4gpny46jfr07ls";
 
 #[derive(clap::Args)]
 #[command(
@@ -835,7 +835,7 @@ Ledgerflow is up.
   Swagger UI (public API)  http://{api}/docs
   admin console            http://{admin}/
   admin API (Swagger UI)   http://{admin}/docs
-  metrics                  http://{ops}/metrics   (public API: http://{api}/metrics)
+  metrics                  http://{ops}/metrics   (API metrics too; the public API serves none)
   health, readiness        http://{ops}/healthcheck   http://{ops}/readyz
   exchange simulator       http://{sim}/   (signed webhooks to http://{api}/v1/webhooks/{PROVIDER})
   database, broker         {db}   {brokers}
@@ -1102,7 +1102,7 @@ fn smoke(
         admin: format!("http://{}", ready.addrs.admin),
         api_key: key.clone(),
         admin_token: admin_token.to_string(),
-        max_examples: 25,
+        max_examples: 100,
     })?;
     Ok(())
 }

@@ -18,9 +18,11 @@ const SCHEMATHESIS_VERSION: &str = "4.32.5";
 
 /// Checks every response must pass. `not_a_server_error` is the point (no 5xx for any input);
 /// the conformance checks hold the server to its committed spec. Negative-data checks are
-/// included: a request the spec forbids must be refused with a 4xx.
+/// included: a request the spec forbids must be refused with a 4xx — as must one without a
+/// required header, and a method the spec does not list (405 with a correct `Allow`).
 const CHECKS: &str = "not_a_server_error,status_code_conformance,content_type_conformance,\
-response_schema_conformance,response_headers_conformance,negative_data_rejection";
+response_schema_conformance,response_headers_conformance,negative_data_rejection,\
+missing_required_header,unsupported_method,allow_header_conformance";
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
@@ -37,7 +39,7 @@ pub struct Args {
     #[arg(long, env = "LEDGERFLOW_DEMO_ADMIN_TOKEN")]
     pub admin_token: String,
     /// Generated cases per operation.
-    #[arg(long, default_value_t = 25)]
+    #[arg(long, default_value_t = 100)]
     pub max_examples: u32,
 }
 

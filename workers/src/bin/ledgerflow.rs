@@ -318,6 +318,7 @@ async fn run(url: &str, args: RunArgs) -> Result<()> {
                 .map_err(anyhow::Error::from)
         }));
     }
+    let mut api_metrics: Option<ops::MetricsSource> = None;
     if roles.contains(&Role::Api) || roles.contains(&Role::Admin) {
         let webhooks =
             ledgerflow_api::webhooks::WebhookProviders::from_env().map_err(anyhow::Error::msg)?;
@@ -336,6 +337,12 @@ async fn run(url: &str, args: RunArgs) -> Result<()> {
             // `/readyz` also needs the brokers when the process talks to Kafka.
             state = state.with_check(Arc::new(KafkaReady::new(&brokers)?));
         }
+        // The API's metrics are scraped on the ops port, never the public one.
+        let scraped = state.clone();
+        api_metrics = Some(Arc::new(move || {
+            let state = scraped.clone();
+            Box::pin(async move { state.metrics.render(&state.store).await })
+        }));
         if roles.contains(&Role::Api) {
             let (state, stop) = (state.clone(), stop.clone());
             let addr = args.api_addr;
@@ -384,7 +391,7 @@ async fn run(url: &str, args: RunArgs) -> Result<()> {
         ingress_metrics.push(ingress.stats());
         kafka_roles.push(KafkaRole::Ingress(ingress));
     }
-    let ops = ops::serve_with(args.ops_addr, pool.clone(), ingress_metrics).await?;
+    let ops = ops::serve_with(args.ops_addr, pool.clone(), ingress_metrics, api_metrics).await?;
 
     shutdown_signal().await;
     tracing::info!(grace_secs = args.grace_secs, "shutting down");

@@ -81,6 +81,20 @@ impl Store {
         Ok(())
     }
 
+    /// True when `queue` has a control row or any job (the queues
+    /// [`Store::queue_list`] shows). For a queue that has neither this
+    /// reads the whole `jobs` table, as `queue_list` does; it serves the
+    /// admin API's pause/resume, not a hot path.
+    pub async fn queue_exists_in(&self, conn: &mut PgConnection, queue: &str) -> Result<bool> {
+        Ok(sqlx::query_scalar::<_, bool>(
+            "SELECT EXISTS (SELECT 1 FROM queues WHERE name = $1)
+                 OR EXISTS (SELECT 1 FROM jobs WHERE queue = $1)",
+        )
+        .bind(queue)
+        .fetch_one(&mut *conn)
+        .await?)
+    }
+
     /// True when `queue` is paused.
     pub async fn queue_is_paused(&self, queue: &str) -> Result<bool> {
         Ok(

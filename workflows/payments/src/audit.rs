@@ -102,14 +102,19 @@ pub struct Filter {
     pub before: Option<(DateTime<Utc>, Uuid)>,
 }
 
-/// Audit rows matching `filter`, newest first, at most `limit` (1..=[`MAX_PAGE`]).
+/// Audit rows matching `filter`, newest first, at most `limit`: 1 to
+/// [`MAX_PAGE`] + 1, so that a caller serving pages of up to [`MAX_PAGE`]
+/// rows can fetch one more to learn whether another page follows.
 pub async fn list<'e, E: PgExecutor<'e>>(
     executor: E,
     filter: &Filter,
     limit: u32,
 ) -> Result<Vec<Entry>> {
-    if limit == 0 || limit > MAX_PAGE {
-        return Err(Error::Invalid(format!("limit must be 1..={MAX_PAGE}")));
+    if limit == 0 || limit > MAX_PAGE + 1 {
+        return Err(Error::Invalid(format!(
+            "limit must be 1..={}",
+            MAX_PAGE + 1
+        )));
     }
     let mut q = QueryBuilder::<Postgres>::new(
         "SELECT id, admin_id, admin_name, admin_role, action, target_type, target_id, reason,

@@ -7,6 +7,7 @@
 //!   transaction;
 //! - [`users`]  — users, API keys, admins and their credentials;
 //! - [`access`] — audited management of admins and API keys (admin API, CLI);
+//! - [`address`] — withdrawal destinations per asset (alphabet, checksum);
 //! - [`ids`]    — typed row ids;
 //! - [`idempotency`] — the public API's idempotency records and resource read models;
 //! - [`error`]  — the crate's one [`Error`] type;
@@ -24,6 +25,7 @@
 //! and idempotency on top.
 
 pub mod access;
+pub mod address;
 pub mod approvals;
 pub mod audit;
 pub mod error;

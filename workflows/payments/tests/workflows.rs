@@ -208,7 +208,7 @@ impl Env {
             .start(
                 withdrawal::KIND,
                 &json!({ "user_id": user, "asset": "BTC", "amount": amount,
-                         "address": "bc1qexampleaddress", "requested_by": requested_by }),
+                         "address": "bc1q2rv93cyctmx87czp32hse3dttpl59sjhs3fd6g", "requested_by": requested_by }),
             )
             .await?)
     }

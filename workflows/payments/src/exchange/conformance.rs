@@ -78,7 +78,7 @@ pub fn sample_withdrawal(key: &str) -> WithdrawalRequest {
         idempotency_key: IdempotencyKey::new(key),
         asset: btc(),
         amount: amount("0.25", 8),
-        address: "bc1qsimulatedaddress0000000000000000000000".into(),
+        address: "bc1qmt4npcrde7q9vkkfxhk23mp7s73v6uv5h06myw".into(),
     }
 }
 
@@ -313,7 +313,7 @@ async fn withdrawals(ex: &dyn Exchange, c: &dyn SimControls) {
 
     let case = "withdrawal key reuse";
     let mut other = sample_withdrawal("conf:wd");
-    other.address = "bc1qsomeoneelse".into();
+    other.address = "bc1qu6p0py2tgnljt5xyrrfltkjzs865x45m5te026".into();
     expect_rejected(ex.submit_withdrawal(&other).await, case);
 
     let case = "withdrawal reject";

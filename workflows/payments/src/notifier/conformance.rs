@@ -403,7 +403,7 @@ async fn renders_templates(n: &dyn Notifier, c: &dyn NotifierControls) {
             "withdrawal_id": "wd_42",
             "amount": "0.00000001",
             "asset": "BTC",
-            "address": "bc1qsimulatedaddress0000000000000000000000",
+            "address": "bc1qmt4npcrde7q9vkkfxhk23mp7s73v6uv5h06myw",
             "tx_hash": "ab12cd34",
         }),
     );
@@ -423,7 +423,7 @@ async fn renders_templates(n: &dyn Notifier, c: &dyn NotifierControls) {
     );
     assert_eq!(
         d.notification.body,
-        "Withdrawal wd_42 of 0.00000001 BTC to bc1qsimulatedaddress0000000000000000000000 \
+        "Withdrawal wd_42 of 0.00000001 BTC to bc1qmt4npcrde7q9vkkfxhk23mp7s73v6uv5h06myw \
          is confirmed (tx ab12cd34).",
         "[{case}]"
     );
