@@ -491,7 +491,7 @@ impl Request {
             Request::Withdrawal { amount } => json!({
                 "asset": "BTC",
                 "amount": decimal(amount, BTC_SCALE),
-                "address": "bc1qkillloopwithdrawaladdress000000000",
+                "address": "bc1qmt4npcrde7q9vkkfxhk23mp7s73v6uv5h06myw",
             }),
         }
     }
