@@ -160,6 +160,11 @@ try {
     return s && s.textContent === 'completed';
   }, null, { timeout: 30_000 });
   await shot(page, 'job-completed');
+  step = 'an error left from before the retry is marked as history';
+  if (await page.locator('#job-last-error').count()) {
+    const note = await page.locator('#job-last-error-note').textContent();
+    check(/earlier attempt/.test(note || '') && /completed/.test(note || ''), `last-error note: ${note}`);
+  }
 
   step = 'the retry is in the audit log';
   await page.click(`a[href="#/audit?target_type=job&target_id=${target}"]`);

@@ -554,6 +554,11 @@
         JOB_ACTIVE.has(job.state) ? el('span', { class: 'muted' }, 'refreshing while the job is active…') : null),
       fields(job, ['args', 'last_error']),
       el('h2', null, 'Last error'),
+      // The job keeps its last error after a retry (the attempts below keep every one): once it
+      // has moved on, say that the error is history rather than its present state.
+      job.last_error && !['retryable', 'failed', 'discarded'].includes(job.state)
+        ? el('p', { class: 'muted', id: 'job-last-error-note' }, 'From an earlier attempt; the job is ' + job.state + ' now.')
+        : null,
       job.last_error ? el('pre', { id: 'job-last-error' }, job.last_error) : el('p', { class: 'muted' }, 'none'),
       el('h2', null, 'Args'),
       el('pre', { id: 'job-args' }, json(job.args)),
