@@ -8,7 +8,7 @@
 #[path = "common/broker.rs"]
 mod broker;
 mod common;
-use broker::{Broker, Seen, consume_all, produce, unique};
+use broker::{Broker, Seen, consume_all, enqueue, ingress_config, produce, unique};
 use common::{count, wait_for};
 use ledgerflow_engine::Store;
 use ledgerflow_engine::outbox::{NewOutboxEvent, outbox_insert_in};
@@ -16,7 +16,7 @@ use ledgerflow_engine::testing::TestDb;
 use ledgerflow_workers::ingress::{
     EnqueueJob, HandlerError, HandlerRegistry, Ingress, IngressMessage, MessageHandler,
 };
-use ledgerflow_workers::kafka::{ID_HEADER, IngressConfig, RelayConfig, TopicConfig};
+use ledgerflow_workers::kafka::{ID_HEADER, RelayConfig};
 use ledgerflow_workers::relay::Relay;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -40,33 +40,6 @@ const CHILD_TOPIC: &str = "LF_CHILD_TOPIC";
 const CHILD_GROUP: &str = "LF_CHILD_GROUP";
 
 // ------------------------------------------------------------------- utils
-
-fn ingress_config(broker: &Broker, topic: &str, group: &str, dlq: &str) -> IngressConfig {
-    let mut c = IngressConfig::new(
-        broker.kafka(),
-        group,
-        vec![TopicConfig {
-            name: topic.to_string(),
-            handler: "enqueue".to_string(),
-            business_id: Default::default(),
-            queue: Some("q".to_string()),
-        }],
-        dlq,
-    );
-    c.retry_backoff = Duration::from_millis(20);
-    c.commit_interval = Duration::from_millis(200);
-    c
-}
-
-fn enqueue() -> HandlerRegistry {
-    HandlerRegistry::new().register(
-        "enqueue",
-        EnqueueJob {
-            queue: "q".into(),
-            kind: "ingested".into(),
-        },
-    )
-}
 
 fn relay_config(broker: &Broker, batch: i64) -> RelayConfig {
     let mut c = RelayConfig::new(broker.kafka());

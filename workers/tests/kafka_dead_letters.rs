@@ -9,12 +9,12 @@
 #[path = "common/broker.rs"]
 mod broker;
 mod common;
-use broker::{Broker, consume_all, unique};
+use broker::{Broker, consume_all, enqueue, ingress_config, unique};
 use common::{count, wait_for};
 use ledgerflow_engine::Store;
 use ledgerflow_engine::testing::TestDb;
-use ledgerflow_workers::ingress::{EnqueueJob, HandlerRegistry, Ingress};
-use ledgerflow_workers::kafka::{ID_HEADER, IngressConfig, TopicConfig};
+use ledgerflow_workers::ingress::Ingress;
+use ledgerflow_workers::kafka::ID_HEADER;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use std::collections::HashSet;
@@ -26,33 +26,6 @@ type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 /// librdkafka's default `message.max.bytes`, which the dead-letter copy of a
 /// large message used to exceed.
 const PRODUCER_DEFAULT_MAX: usize = 1_000_000;
-
-fn ingress_config(broker: &Broker, topic: &str, dlq: &str) -> IngressConfig {
-    let mut c = IngressConfig::new(
-        broker.kafka(),
-        unique("ingress"),
-        vec![TopicConfig {
-            name: topic.to_string(),
-            handler: "enqueue".to_string(),
-            business_id: Default::default(),
-            queue: Some("q".to_string()),
-        }],
-        dlq,
-    );
-    c.retry_backoff = Duration::from_millis(20);
-    c.commit_interval = Duration::from_millis(200);
-    c
-}
-
-fn enqueue() -> HandlerRegistry {
-    HandlerRegistry::new().register(
-        "enqueue",
-        EnqueueJob {
-            queue: "q".into(),
-            kind: "ingested".into(),
-        },
-    )
-}
 
 /// A producer that sends messages up to `max` bytes (not idempotent: the
 /// probe's refused sends must not wedge it).
@@ -134,7 +107,7 @@ async fn poison_messages_as_large_as_the_broker_takes_are_dead_lettered_once() -
 
     let ingress = Ingress::start(
         Store::new(db.pool.clone()),
-        ingress_config(&broker, &topic, &dlq),
+        ingress_config(&broker, &topic, &unique("ingress"), &dlq),
         enqueue(),
         CancellationToken::new(),
     )?;
@@ -225,7 +198,7 @@ async fn a_missing_dead_letter_topic_does_not_stop_the_partition_and_the_copy_fo
     }
     let ingress = Ingress::start(
         Store::new(db.pool.clone()),
-        ingress_config(&broker, &topic, &dlq),
+        ingress_config(&broker, &topic, &unique("ingress"), &dlq),
         enqueue(),
         CancellationToken::new(),
     )?;

@@ -4,7 +4,8 @@
 //! Included with `#[path]` by the test files that need a broker only.
 // Each test binary that includes this uses a different part of it.
 #![allow(dead_code)]
-use ledgerflow_workers::kafka::{ID_HEADER, KafkaConfig};
+use ledgerflow_workers::ingress::{EnqueueJob, HandlerRegistry};
+use ledgerflow_workers::kafka::{ID_HEADER, IngressConfig, KafkaConfig, TopicConfig};
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -237,4 +238,34 @@ pub async fn consume_all(
         });
     }
     Ok(out)
+}
+
+/// An ingress of `topic` into queue `q` (handler `enqueue`), with short
+/// retry and commit intervals for tests.
+pub fn ingress_config(broker: &Broker, topic: &str, group: &str, dlq: &str) -> IngressConfig {
+    let mut c = IngressConfig::new(
+        broker.kafka(),
+        group,
+        vec![TopicConfig {
+            name: topic.to_string(),
+            handler: "enqueue".to_string(),
+            business_id: Default::default(),
+            queue: Some("q".to_string()),
+        }],
+        dlq,
+    );
+    c.retry_backoff = Duration::from_millis(20);
+    c.commit_interval = Duration::from_millis(200);
+    c
+}
+
+/// The `enqueue` handler: every message becomes an `ingested` job in `q`.
+pub fn enqueue() -> HandlerRegistry {
+    HandlerRegistry::new().register(
+        "enqueue",
+        EnqueueJob {
+            queue: "q".into(),
+            kind: "ingested".into(),
+        },
+    )
 }
