@@ -774,8 +774,12 @@ impl StepCtx {
         if self.info.lazy.is_some() {
             // The call is made under the workflow's lock, as on the locked
             // path: an operator's cancel waits for the step's checkpoint.
-            let mut slot = self.tx.lock().await;
-            if slot.is_none()
+            // While a step body runs, only its own `db()` guard can hold the
+            // slot, and `db()` opens the transaction before handing one out:
+            // a held slot means it is open already (waiting for it would
+            // wait for the caller itself).
+            if let Ok(mut slot) = self.tx.try_lock()
+                && slot.is_none()
                 && let Err(e) = self.open_lazily(&mut slot).await
             {
                 return Err(ExternalError::NotMade(format!(

@@ -1690,3 +1690,51 @@ async fn a_slow_first_step_does_not_hold_back_the_deliveries_after_it() -> TestR
     assert_eq!((stats.held, stats.stragglers), (8, 1), "{stats:?}");
     Ok(())
 }
+
+/// A step that keeps its `db()` connection while it makes its external call
+/// behaves the same on every path: on the lazy ones (a delivery's first step
+/// under a locked batch, an inlined successor) the call used to wait for the
+/// step's own `db()` guard, forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_step_holding_its_db_connection_can_make_its_external_call_on_every_path() -> TestResult {
+    let env = Env::new().await?;
+    let step = |ctx: StepCtx| async move {
+        let mut db = ctx.db().await.map_err(|e| e.to_string())?;
+        sqlx::query("SELECT 1")
+            .execute(&mut *db)
+            .await
+            .map_err(|e| e.to_string())?;
+        let answer = ctx
+            .external_call(|key| async move { Ok(json!({ "key": key })) })
+            .await
+            .map_err(|e| e.to_string())?;
+        drop(db);
+        Ok(StepOutcome::Continue(answer))
+    };
+    let wf = Workflow::new("held", 1)
+        .step("first", step)
+        .step("second", step)
+        .step("done", |_ctx: StepCtx| async {
+            Ok(StepOutcome::Continue(json!("done")))
+        });
+    let reg = Arc::new(registry(wf)?);
+    let id = workflow_start(&env.store, &reg, "held", &json!({}), None).await?;
+    let tasks = run_all(&env, &reg, env.claim("worker", 1).await?);
+    for task in tasks {
+        let ran = tokio::time::timeout(Duration::from_secs(20), task)
+            .await
+            .map_err(|_| "the step waited on its own db() guard")??;
+        assert_eq!((ran.outcome, ran.steps), (Outcome::Complete, 3));
+    }
+    let journal = env.journal(id).await?;
+    assert_eq!(journal.len(), 3);
+    for row in journal.iter().filter(|r| r.step != "done") {
+        assert_eq!(row.status, "completed", "{row:?}");
+        assert_eq!(row.call_state.as_deref(), Some("answered"), "{row:?}");
+        assert_eq!(
+            row.output,
+            Some(json!({ "key": format!("{id}:{}", row.step) }))
+        );
+    }
+    Ok(())
+}
