@@ -202,6 +202,9 @@ impl<'de> Visitor<'de> for Strict {
     fn visit_u64<E>(self, _: u64) -> std::result::Result<(), E> {
         Ok(())
     }
+    // Only walks the JSON for duplicate keys and NUL: the number is dropped
+    // unread (amounts are decimal strings, parsed by the typed body later;
+    // a JSON number for an amount is refused there).
     fn visit_f64<E>(self, _: f64) -> std::result::Result<(), E> {
         Ok(())
     }
