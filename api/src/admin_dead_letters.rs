@@ -120,9 +120,7 @@ impl From<DeadLetter> for DeadLetterView {
             created_at: d.created_at,
             redriven_at: d.redriven_at,
             payload_size: d.payload_size,
-            payload_sha256: d
-                .payload_sha256
-                .map(|h| h.iter().map(|b| format!("{b:02x}")).collect()),
+            payload_sha256: d.payload_sha256.map(hex::encode),
             payload_truncated: d.payload_truncated,
             copy_topic: d.copy_topic,
             copy_state: d.copy_state,

@@ -352,7 +352,7 @@ fn copy_headers(letter: &DeadLetter, truncated: bool) -> OwnedHeaders {
     let sha = letter
         .payload_sha256
         .as_deref()
-        .map(hex)
+        .map(hex::encode)
         .unwrap_or_default();
     let mut pairs: Vec<(&str, &str)> = vec![
         ("ledgerflow-error", error),
@@ -390,30 +390,14 @@ fn cut_to(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
-/// Lower-case hex of `bytes`.
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
-}
-
 #[cfg(test)]
 mod tests {
-    use super::{cut_to, hex};
+    use super::cut_to;
 
     #[test]
     fn error_headers_are_cut_on_char_boundaries() {
         assert_eq!(cut_to("abc", 10), "abc");
         assert_eq!(cut_to("aé", 2), "a");
         assert_eq!(cut_to("aéb", 3), "aé");
-    }
-
-    #[test]
-    fn hashes_are_lower_case_hex() {
-        assert_eq!(hex(&[0x00, 0xab, 0x0f]), "00ab0f");
     }
 }

@@ -221,7 +221,7 @@ pub async fn dead_letter_copies_claim(
          FROM due, t
          WHERE d.id = due.id
          RETURNING {}",
-        prefixed("d.")
+        *D_COLUMNS
     ))
     .bind(limit.max(1))
     .bind(lease.as_secs_f64())
@@ -229,6 +229,9 @@ pub async fn dead_letter_copies_claim(
     .fetch_all(pool)
     .await?)
 }
+
+/// [`DEAD_LETTER_COLUMNS`] of the table aliased `d`, built once.
+static D_COLUMNS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| prefixed("d."));
 
 /// [`DEAD_LETTER_COLUMNS`], each with `prefix`.
 fn prefixed(prefix: &str) -> String {
