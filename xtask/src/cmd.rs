@@ -118,6 +118,12 @@ fn is_executable(path: &Path) -> bool {
         .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
+/// Cargo's target directory: `$CARGO_TARGET_DIR` (relative to `root` when
+/// relative) or `root/target`.
+pub fn target_dir(root: &std::path::Path) -> std::path::PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), |dir| root.join(dir))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

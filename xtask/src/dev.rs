@@ -274,7 +274,7 @@ fn run_services(args: &Args, progress: &mut Progress, services: &mut Services) -
         "--bin",
         "exchange-sim",
     ]))?;
-    let target = cmd::workspace_root().join("target/debug");
+    let target = cmd::target_dir(cmd::workspace_root()).join("debug");
     let bin = target.join("ledgerflow");
     let sim_bin = target.join("exchange-sim");
     interrupted()?;

@@ -176,10 +176,7 @@ pub fn run(root: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Cargo's target directory: `$CARGO_TARGET_DIR` (relative to the root) or `target/`.
-fn target_dir(root: &Path) -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), |dir| root.join(dir))
-}
+use crate::cmd::target_dir;
 
 /// Runs every check, with `binary` standing for the image's `ledgerflow`.
 pub fn run_with_binary(root: &Path, binary: &Path) -> Result<()> {
