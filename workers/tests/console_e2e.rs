@@ -18,19 +18,17 @@
 //! it (`cargo xtask e2e --setup`), rather than passing without a browser.
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
-use futures::future::BoxFuture;
 use ledgerflow_api::AppState;
 use ledgerflow_engine::testing::TestDb;
 use ledgerflow_engine::{
-    JobState, NewJob, Outcome, StepCtx, StepOutcome, Store, WORKFLOW_JOB_KIND, Workflow,
-    WorkflowRegistry, run_step, workflow_start,
+    JobState, NewJob, Outcome, StepCtx, StepOutcome, Store, Workflow, WorkflowRegistry,
+    WorkflowRuntime,
 };
 use ledgerflow_payments::users::{self, AdminRole};
 use ledgerflow_workers::runner::{JobContext, QueueConfig, Registry, Runner, RunnerConfig};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -169,15 +167,13 @@ async fn console_signs_in_finds_a_dead_job_retries_it_and_sees_it_complete() {
     drop(conn);
 
     // A real runner works both queues for the whole test.
-    let workflows = Arc::new(WorkflowRegistry::new().register(checkout()).unwrap());
-    let steps = workflows.clone();
-    let registry = Registry::new().register(KIND, flaky).register(
-        WORKFLOW_JOB_KIND,
-        move |ctx: JobContext| -> BoxFuture<'static, Outcome> {
-            let steps = steps.clone();
-            Box::pin(async move { run_step(ctx.store(), &steps, ctx.job()).await })
-        },
+    let runtime = WorkflowRuntime::new(
+        store.clone(),
+        WorkflowRegistry::new().register(checkout()).unwrap(),
     );
+    let registry = Registry::new()
+        .register(KIND, flaky)
+        .workflows(runtime.handler());
     let runner = Runner::start(
         store.clone(),
         registry,
@@ -232,7 +228,8 @@ async fn console_signs_in_finds_a_dead_job_retries_it_and_sees_it_complete() {
     let done = insert(json!({"order": "e2e-done"}), 1).await;
     wait_state(&store, done, JobState::Completed).await;
     // And a workflow fails at its second step.
-    let workflow = workflow_start(&store, &workflows, "console.checkout", &json!({}), None)
+    let workflow = runtime
+        .start("console.checkout", &json!({}), None)
         .await
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -251,7 +248,7 @@ async fn console_signs_in_finds_a_dead_job_retries_it_and_sees_it_complete() {
         admin,
         AppState::new(store.clone())
             .unwrap()
-            .with_workflows(workflows.clone()),
+            .with_workflows(runtime.registry().clone()),
         async {
             let _ = stopped.await;
         },

@@ -35,8 +35,8 @@
 use async_trait::async_trait;
 use ledgerflow_engine::testing::TestDb;
 use ledgerflow_engine::{
-    RetryPolicy, Store, StoreConfig, WORKFLOW_JOB_KIND, WorkflowRegistry, run_step, workflow_start,
-    workflow_start_in,
+    ExecConfig, Inline, RetryPolicy, StepHandler, Store, StoreConfig, WorkflowRegistry,
+    WorkflowRuntime, workflow_start_in,
 };
 use ledgerflow_payments::exchange::http::{HttpConfig, HttpExchange};
 use ledgerflow_payments::exchange::server::{HttpSimControls, RunningSimulator, SimServerConfig};
@@ -392,16 +392,16 @@ impl Exchange for CrashExchange {
 
 /// The worker's handler for workflow step jobs, honouring the plan: a job
 /// of a planned workflow that is at (or past) its point blocks unrun.
-fn handlers(workflows: Arc<WorkflowRegistry>, plan: Plan) -> Registry {
-    Registry::new().register(WORKFLOW_JOB_KIND, move |ctx: JobContext| {
-        let (workflows, plan) = (workflows.clone(), plan.clone());
+fn handlers(steps: StepHandler, plan: Plan) -> Registry {
+    Registry::new().register(StepHandler::KIND, move |ctx: JobContext| {
+        let (steps, plan) = (steps.clone(), plan.clone());
         async move {
             let job = ctx.job();
             let point = job
                 .workflow_id
                 .and_then(|id| Some((id, plan.points.get(&id)?)));
             let Some((id, point)) = point else {
-                return run_step(ctx.store(), &workflows, job).await;
+                return steps.run(job).await.outcome;
             };
             let this_step = |step: &String| job.workflow_step.as_deref() == Some(step.as_str());
             let wake = job.args.get("wake").and_then(|w| w.as_str());
@@ -418,7 +418,7 @@ fn handlers(workflows: Arc<WorkflowRegistry>, plan: Plan) -> Registry {
                 }
                 _ => {}
             }
-            let outcome = run_step(ctx.store(), &workflows, job).await;
+            let outcome = steps.run(job).await.outcome;
             if plan.reached(id, point).await {
                 // The checkpoint is committed (with this job's completion);
                 // the workflow's next job will block.
@@ -457,9 +457,12 @@ async fn payments_crash_child() -> TestResult {
         notifier: Arc::new(SimulatedNotifier::new()),
         config: workflows_config()?,
     })?;
+    // One step per delivery: the plan pauses a workflow at a step's job.
+    let config = ExecConfig::default().inline(Inline::OFF);
+    let runtime = WorkflowRuntime::with_config(store(&pool), registry, config);
     let _runner = Runner::start(
         store(&pool),
-        handlers(Arc::new(registry), plan),
+        handlers(runtime.handler(), plan),
         RunnerConfig {
             worker_id: worker,
             // Paused workflows each keep one slot busy (a blocked job) but no
@@ -617,6 +620,16 @@ impl Rig {
         Ok(user)
     }
 
+    /// Starts a workflow of `kind` in its own statement.
+    async fn start(
+        &self,
+        kind: &str,
+        input: &serde_json::Value,
+    ) -> ledgerflow_engine::Result<Uuid> {
+        let mut conn = self.store.pool().acquire().await?;
+        workflow_start_in(&mut conn, &self.store, &self.registry, kind, input, None).await
+    }
+
     async fn start_trade(
         &self,
         user: UserId,
@@ -626,13 +639,13 @@ impl Rig {
     ) -> TestResult<Uuid> {
         let input = json!({ "user_id": user, "side": side, "base": "BTC", "quote": "USDT",
                             "base_amount": amount, "limit_price": price });
-        Ok(workflow_start(&self.store, &self.registry, trade::KIND, &input, None).await?)
+        Ok(self.start(trade::KIND, &input).await?)
     }
 
     async fn start_withdrawal(&self, user: UserId, amount: &str) -> TestResult<Uuid> {
         let input = json!({ "user_id": user, "asset": "BTC", "amount": amount,
                             "address": "bc1q5l69k094s5qgfay7jpzf5dds375aalx7gdt6p4" });
-        Ok(workflow_start(&self.store, &self.registry, withdrawal::KIND, &input, None).await?)
+        Ok(self.start(withdrawal::KIND, &input).await?)
     }
 
     /// Hands `event` to the webhook-processing workflow, as the intake does.

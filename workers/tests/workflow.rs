@@ -6,17 +6,15 @@
 mod common;
 use chrono::Utc;
 use common::{count, wait_for};
-use futures::future::BoxFuture;
 use ledgerflow_engine::testing::TestDb;
 use ledgerflow_engine::{
-    Outcome, RetryPolicy, StepCtx, StepOutcome, Store, StoreConfig, WORKFLOW_JOB_KIND, Workflow,
-    WorkflowRegistry, run_step, signal_send, workflow_start,
+    ExecConfig, Inline, RetryPolicy, StepCtx, StepOutcome, Store, StoreConfig, Workflow,
+    WorkflowRegistry, WorkflowRuntime, signal_send, workflow_start_in,
 };
-use ledgerflow_workers::runner::{JobContext, QueueConfig, Registry, Runner, RunnerConfig};
+use ledgerflow_workers::runner::{QueueConfig, Registry, Runner, RunnerConfig};
 use serde_json::json;
 use sqlx::PgPool;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::Duration;
 
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
@@ -56,15 +54,21 @@ async fn test_db() -> Result<TestDb, Box<dyn std::error::Error + Send + Sync>> {
 }
 
 /// The runner's handler for workflow step jobs.
-fn handlers(workflows: WorkflowRegistry) -> Registry {
-    let workflows = Arc::new(workflows);
-    Registry::new().register(
-        WORKFLOW_JOB_KIND,
-        move |ctx: JobContext| -> BoxFuture<'static, Outcome> {
-            let workflows = workflows.clone();
-            Box::pin(async move { run_step(ctx.store(), &workflows, ctx.job()).await })
-        },
-    )
+/// One step per delivery, as these tests count deliveries.
+fn handlers(s: &Store, workflows: WorkflowRegistry) -> Registry {
+    let config = ExecConfig::default().inline(Inline::OFF);
+    Registry::new().workflows(WorkflowRuntime::with_config(s.clone(), workflows, config).handler())
+}
+
+/// Starts a workflow of `kind` in its own statement.
+async fn start(
+    s: &Store,
+    workflows: &WorkflowRegistry,
+    kind: &str,
+    input: &serde_json::Value,
+) -> ledgerflow_engine::Result<ledgerflow_engine::WorkflowId> {
+    let mut conn = s.pool().acquire().await?;
+    workflow_start_in(&mut conn, s, workflows, kind, input, None).await
 }
 
 async fn create_tables(pool: &PgPool) -> TestResult {
@@ -140,7 +144,7 @@ async fn wf_child_worker() -> TestResult {
     let workflows = WorkflowRegistry::new().register(abc(60_000))?;
     let _runner = Runner::start(
         store(&pool, Duration::from_secs(2)),
-        handlers(workflows),
+        handlers(&store(&pool, Duration::from_secs(2)), workflows),
         fast_config("wf-child"),
     )
     .await?;
@@ -169,9 +173,14 @@ async fn workflows_run_to_completion_on_a_runner() -> TestResult {
     create_tables(&db.pool).await?;
     let s = store(&db.pool, Duration::from_secs(10));
     let workflows = WorkflowRegistry::new().register(abc(5))?;
-    let runner = Runner::start(s.clone(), handlers(workflows.clone()), fast_config("w1")).await?;
+    let runner = Runner::start(
+        s.clone(),
+        handlers(&s, workflows.clone()),
+        fast_config("w1"),
+    )
+    .await?;
     for i in 0..20 {
-        workflow_start(&s, &workflows, "abc", &json!({ "i": i }), None).await?;
+        start(&s, &workflows, "abc", &json!({ "i": i })).await?;
     }
     let done = "SELECT count(*) FROM workflows WHERE state = 'completed'";
     let result = wait_for(&db.pool, done, 20, Duration::from_secs(30)).await;
@@ -209,8 +218,13 @@ async fn a_signal_wakes_a_workflow_on_a_runner() -> TestResult {
                 ))
             }),
     )?;
-    let runner = Runner::start(s.clone(), handlers(workflows.clone()), fast_config("w1")).await?;
-    let id = workflow_start(&s, &workflows, "await", &json!({}), None).await?;
+    let runner = Runner::start(
+        s.clone(),
+        handlers(&s, workflows.clone()),
+        fast_config("w1"),
+    )
+    .await?;
+    let id = start(&s, &workflows, "await", &json!({})).await?;
     let waiting = "SELECT count(*) FROM workflows WHERE state = 'waiting'";
     let r1 = wait_for(&db.pool, waiting, 1, Duration::from_secs(10)).await;
     let sent = signal_send(&s, "fill", "ORDER7", &json!({ "px": "101.5" }), "evt-1").await;
@@ -243,8 +257,13 @@ async fn a_timer_step_survives_a_runner_restart() -> TestResult {
                 Ok(StepOutcome::Continue(json!({ "woke_at": Utc::now() })))
             }),
     )?;
-    let first = Runner::start(s.clone(), handlers(workflows.clone()), fast_config("w1")).await?;
-    let id = workflow_start(&s, &workflows, "cooldown", &json!({}), None).await?;
+    let first = Runner::start(
+        s.clone(),
+        handlers(&s, workflows.clone()),
+        fast_config("w1"),
+    )
+    .await?;
+    let id = start(&s, &workflows, "cooldown", &json!({})).await?;
     let sleeping =
         "SELECT count(*) FROM workflows WHERE state = 'waiting' AND wait_reason = 'timer'";
     let r = wait_for(&db.pool, sleeping, 1, Duration::from_secs(10)).await;
@@ -260,7 +279,7 @@ async fn a_timer_step_survives_a_runner_restart() -> TestResult {
         .await,
         0
     );
-    let second = Runner::start(s.clone(), handlers(workflows), fast_config("w2")).await?;
+    let second = Runner::start(s.clone(), handlers(&s, workflows), fast_config("w2")).await?;
     let done = "SELECT count(*) FROM workflows WHERE state = 'completed'";
     let r = wait_for(&db.pool, done, 1, Duration::from_secs(10)).await;
     second.shutdown(Duration::from_secs(5)).await;
@@ -288,7 +307,7 @@ async fn kill_9_mid_workflow_resumes_at_the_next_step_and_no_step_applies_twice(
     let workflows = WorkflowRegistry::new().register(abc(60_000))?;
     let mut ids = Vec::new();
     for i in 0..5 {
-        ids.push(workflow_start(&s, &workflows, "abc", &json!({ "i": i }), None).await?);
+        ids.push(start(&s, &workflows, "abc", &json!({ "i": i })).await?);
     }
     let mut child = spawn_child(&db)?;
     let b_started = "SELECT count(*) FROM executions WHERE step = 'b'";
@@ -319,8 +338,12 @@ async fn kill_9_mid_workflow_resumes_at_the_next_step_and_no_step_applies_twice(
     );
 
     let survivor_flows = WorkflowRegistry::new().register(abc(10))?;
-    let survivor =
-        Runner::start(s.clone(), handlers(survivor_flows), fast_config("survivor")).await?;
+    let survivor = Runner::start(
+        s.clone(),
+        handlers(&s, survivor_flows),
+        fast_config("survivor"),
+    )
+    .await?;
     let done = "SELECT count(*) FROM workflows WHERE state = 'completed'";
     let r = wait_for(&db.pool, done, 5, Duration::from_secs(60)).await;
     survivor.shutdown(Duration::from_secs(5)).await;

@@ -11,6 +11,7 @@ mod dev;
 mod helm_check;
 mod http;
 mod kafka;
+mod layers;
 mod openapi;
 mod pg;
 mod schemathesis;
@@ -41,6 +42,8 @@ enum Command {
     Bench(bench::Args),
     /// Lint, render and validate the Helm chart offline; check its container args against the binary.
     HelmCheck,
+    /// Check the engine's import rules: layer order in the workflow runtime, no file cycles.
+    Layers,
     /// Write the OpenAPI specs to api/openapi/.
     Openapi(openapi::Args),
     /// Property-based tests generated from the OpenAPI specs against a running system.
@@ -55,6 +58,7 @@ fn main() -> ExitCode {
         Command::Dev(args) => dev::run(args),
         Command::Bench(args) => bench::run(args),
         Command::HelmCheck => helm_check::run(cmd::workspace_root()),
+        Command::Layers => layers::run(cmd::workspace_root()),
         Command::Openapi(args) => openapi::run(args),
         Command::Schemathesis(args) => schemathesis::run(args),
         Command::E2e(args) => browser::run(args),

@@ -77,6 +77,11 @@ fn steps(args: &Args) -> Vec<Step> {
             run: clippy,
             skip: lint,
         },
+        Step {
+            name: "layers",
+            run: layers,
+            skip: lint,
+        },
         // Before the tests: the console's browser test (workers/tests/console_e2e.rs) runs
         // among them and fails without Chromium and playwright-core.
         Step {
@@ -178,6 +183,10 @@ fn kafka(ctx: &mut Ctx) -> Result<()> {
 
 fn fmt(ctx: &mut Ctx) -> Result<()> {
     cmd::run(ctx.cargo().args(["fmt", "--all", "--", "--check"]))
+}
+
+fn layers(_: &mut Ctx) -> Result<()> {
+    crate::layers::run(cmd::workspace_root())
 }
 
 fn clippy(ctx: &mut Ctx) -> Result<()> {

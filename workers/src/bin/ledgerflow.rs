@@ -17,8 +17,7 @@ mod seed;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use ledgerflow_engine::{
-    Inline, JobState, NewJob, Outcome, Store, StoreConfig, WORKFLOW_JOB_KIND, WorkflowRegistry,
-    run_steps,
+    JobState, NewJob, Outcome, Store, StoreConfig, WorkflowRegistry, WorkflowRuntime,
 };
 use ledgerflow_payments::exchange::http::{HttpConfig, HttpExchange};
 use ledgerflow_payments::notifier::http::{HttpConfig as NotifierHttpConfig, HttpNotifier};
@@ -297,10 +296,13 @@ async fn run(url: &str, args: RunArgs) -> Result<()> {
             heartbeat_interval: Duration::from_secs(args.lease_ttl_secs.max(1)) / 3,
             ..RunnerConfig::default()
         };
+        let runtime = workflows
+            .clone()
+            .map(|registry| WorkflowRuntime::new(store.clone(), registry));
         let runner =
-            Runner::start(store.clone(), worker_handlers(workflows.clone()), config).await?;
+            Runner::start(store.clone(), worker_handlers(runtime.as_ref()), config).await?;
         tracing::info!(worker = runner.worker_id(), "worker role running");
-        Some(runner)
+        Some((runner, runtime))
     } else {
         None
     };
@@ -396,8 +398,12 @@ async fn run(url: &str, args: RunArgs) -> Result<()> {
     shutdown_signal().await;
     tracing::info!(grace_secs = args.grace_secs, "shutting down");
     stop.cancel();
-    if let Some(runner) = runner {
+    if let Some((runner, runtime)) = runner {
         let report = runner.shutdown(Duration::from_secs(args.grace_secs)).await;
+        if let Some(runtime) = runtime {
+            // Its batching tasks send what they hold, then end.
+            runtime.shutdown().await;
+        }
         tracing::info!(
             aborted = report.aborted,
             released = report.released,
@@ -546,23 +552,14 @@ fn payments_workflows(
     })?)))
 }
 
-/// The worker role's handlers: the built-in no-op, and the workflow step
-/// runner when payments workflows are configured.
-fn worker_handlers(workflows: Option<Arc<WorkflowRegistry>>) -> Registry {
+/// The worker role's handlers: the built-in no-op, and the workflow runtime's step handler
+/// when payments workflows are configured.
+fn worker_handlers(workflows: Option<&WorkflowRuntime>) -> Registry {
     let registry = Registry::new().register("ledgerflow.noop", |_: JobContext| async {
         Outcome::Complete
     });
     match workflows {
-        Some(workflows) => registry.register(WORKFLOW_JOB_KIND, move |ctx: JobContext| {
-            let workflows = workflows.clone();
-            // Inline continuation: a step whose successor is due now runs it in
-            // the same delivery (each step still checkpoints on its own).
-            async move {
-                run_steps(ctx.store(), &workflows, ctx.job(), Inline::default())
-                    .await
-                    .outcome
-            }
-        }),
+        Some(runtime) => registry.workflows(runtime.handler()),
         None => registry,
     }
 }

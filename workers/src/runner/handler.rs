@@ -96,6 +96,18 @@ impl Registry {
         self
     }
 
+    /// Registers a workflow runtime's step handler for its job kind
+    /// ([`ledgerflow_engine::WORKFLOW_JOB_KIND`]): the one way workflows are wired.
+    pub fn workflows(self, handler: ledgerflow_engine::StepHandler) -> Self {
+        self.register(
+            ledgerflow_engine::StepHandler::KIND,
+            move |ctx: JobContext| {
+                let handler = handler.clone();
+                async move { handler.run(ctx.job()).await.outcome }
+            },
+        )
+    }
+
     /// The handler for `kind`.
     pub fn get(&self, kind: &str) -> Option<Arc<dyn Handler>> {
         self.handlers.get(kind).cloned()

@@ -20,31 +20,31 @@
 //!   transactional outbox and its ordered claims;
 //! - [`dead_letter`] — poison messages recorded in Postgres first, their
 //!   dead-letter topic copies published afterwards from the row;
-//! - `checkpoint` — group commit of the checkpoints of steps that ran without
-//!   touching the database (many workflows' steps, one statement, one commit);
-//! - `start_batch` — group commit of `workflow_start`s (many callers' starts,
-//!   one statement, one commit);
-//! - [`workflow`] — workflow definitions, the step journal, durable timers,
-//!   signal waits, and `run_step`/`run_steps` (one lease-fenced checkpoint per
-//!   step; `run_steps` runs a due successor in the same delivery);
+//! - [`workflow`] — durable workflows: definitions, the step journal, durable
+//!   timers, signal waits, sagas and in-doubt calls, run by a
+//!   [`WorkflowRuntime`] (its own layered module tree: states and wire format,
+//!   SQL, batching tasks, step context, definitions, runtime, execution paths,
+//!   entry points);
 //! - [`signal`]   — signals that waiting workflows consume (deduplicated, kept
 //!   until consumed);
 //! - [`testing`]  — (feature `testing`) per-test databases and helpers;
+//! - [`admin_query`] — operators' filtered, paginated reads of jobs and workflows;
+//! - [`cron`] — durable cron schedules and their catch-up;
+//! - [`error`] — the engine's error type;
 //! - `workflow_testing` — (feature `testing`) `WorkflowHarness`, which runs
-//!   workflow step jobs in-process and asserts on jobs, signals and journals.
+//!   workflow step jobs in-process with a runtime's production handler and
+//!   asserts on jobs, signals and journals.
 //!
 //! The schema is in the workspace's `migrations/` folder and is applied with
 //! [`MIGRATOR`], the one migrator that binaries, tests and the Helm migration
 //! Job all use.
 
 pub mod admin_query;
-mod checkpoint;
 pub mod clock;
 pub mod consumer_lag;
 pub mod cron;
 pub mod dead_letter;
 pub mod error;
-mod held;
 pub mod inbox;
 pub mod job;
 pub mod lease;
@@ -54,7 +54,6 @@ pub mod outcome;
 pub mod queue;
 pub mod retry;
 pub mod signal;
-mod start_batch;
 pub mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -64,7 +63,6 @@ pub mod workflow_testing;
 
 pub use clock::{Clock, DbClock, ManualClock};
 pub use error::{Error, Result};
-pub use held::LockBatchStats;
 pub use job::{Inserted, Job, JobId, JobState, NewJob};
 pub use lease::{FencedTx, Lease};
 pub use outcome::Outcome;
@@ -72,12 +70,10 @@ pub use retry::RetryPolicy;
 pub use signal::{SignalSent, signal_send, signal_send_in};
 pub use store::{Store, StoreConfig};
 pub use workflow::{
-    CallError, ExternalError, ExternalResult, Reconciled, Resolution, workflow_resolve_in,
-};
-pub use workflow::{
-    Inline, StepCtx, StepDef, StepOutcome, StepsRun, WORKFLOW_JOB_KIND, Workflow, WorkflowId,
-    WorkflowRegistry, WorkflowState, run_step, run_steps, workflow_cancel_in, workflow_retry_in,
-    workflow_start, workflow_start_for_inbox_in, workflow_start_in,
+    CallError, ExecConfig, ExternalError, ExternalResult, Inline, LockBatchStats, Reconciled,
+    Resolution, StepCtx, StepDef, StepHandler, StepOutcome, StepsRun, WORKFLOW_JOB_KIND, Workflow,
+    WorkflowId, WorkflowRegistry, WorkflowRuntime, WorkflowState, workflow_cancel_in,
+    workflow_resolve_in, workflow_retry_in, workflow_start_for_inbox_in, workflow_start_in,
 };
 
 /// The workspace's migrations, embedded at compile time.

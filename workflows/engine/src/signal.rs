@@ -14,7 +14,7 @@
 //! `waiting` and enqueues its wake-up job. (A row lock on the workflow is not
 //! enough on the sender's side: a workflow that is not yet `waiting` in the
 //! sender's snapshot is never locked.)
-use crate::workflow::{Wake, WorkflowId, step_job};
+use crate::workflow::wire::{Wake, WorkflowId, step_job};
 use crate::{Result, Store};
 use sqlx::{PgConnection, Row};
 

@@ -9,19 +9,16 @@
 //! Every statement takes "now" as a parameter from the injected [`Clock`] and
 //! falls back to the database's `now()` when the clock has no opinion (the
 //! production default), so all workers share the database's timeline.
-use crate::checkpoint::Checkpointer;
-use crate::held::{Gates, LockBatchStats, LockBatcher};
 use crate::job::{Attempt, JOB_COLUMNS};
 use crate::lease::Lease;
 use crate::notify::JOBS_CHANNEL;
-use crate::start_batch::StartBatcher;
 use crate::{
     Clock, DbClock, Error, Inserted, Job, JobId, JobState, NewJob, Outcome, Result, RetryPolicy,
 };
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool, Row};
 use std::collections::HashMap;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 use uuid::Uuid;
 
@@ -52,18 +49,6 @@ pub struct Store {
     pool: PgPool,
     clock: Arc<dyn Clock>,
     config: Arc<StoreConfig>,
-    /// The group committer of workflow checkpoints, started on first use
-    /// (clones share it, as do stores made by `with_notify`; a store with
-    /// another clock gets its own).
-    checkpointer: Arc<OnceLock<Checkpointer>>,
-    /// The locked batches of workflow deliveries' first steps, started on
-    /// first use and shared like the checkpointer.
-    lock_batcher: Arc<OnceLock<LockBatcher>>,
-    /// In-process turns of one workflow's deliveries (`crate::held`).
-    gates: Arc<Gates>,
-    /// The group committer of workflow starts, started on first use (shared
-    /// like the checkpointer; its items carry their store's NOTIFY setting).
-    start_batcher: Arc<OnceLock<StartBatcher>>,
 }
 
 /// A job claimed under a lease, ready for its handler.
@@ -100,19 +85,12 @@ impl Store {
             pool,
             clock: Arc::new(DbClock),
             config: Arc::new(config),
-            checkpointer: Arc::default(),
-            lock_batcher: Arc::default(),
-            gates: Arc::default(),
-            start_batcher: Arc::default(),
         }
     }
 
     /// Replaces the clock (tests use a [`crate::ManualClock`]).
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = clock;
-        self.checkpointer = Arc::default();
-        self.lock_batcher = Arc::default();
-        self.start_batcher = Arc::default();
         self
     }
 
@@ -125,7 +103,6 @@ impl Store {
             let mut config = (*self.config).clone();
             config.notify = notify;
             self.config = Arc::new(config);
-            // The checkpointer is kept: checkpoints send no NOTIFY.
         }
         self
     }
@@ -140,41 +117,9 @@ impl Store {
         &self.config
     }
 
-    /// The group committer of workflow checkpoints, started on the current
-    /// runtime the first time it is needed.
-    pub(crate) fn checkpointer(&self) -> &Checkpointer {
-        self.checkpointer.get_or_init(|| {
-            Checkpointer::start(self.pool.clone(), self.clock.clone(), self.config.lease_ttl)
-        })
-    }
-
-    /// The locked batches of workflow deliveries' first steps, started on
-    /// the current runtime the first time they are needed.
-    pub(crate) fn lock_batcher(&self) -> &LockBatcher {
-        self.lock_batcher.get_or_init(|| {
-            LockBatcher::start(self.pool.clone(), self.clock.clone(), self.config.lease_ttl)
-        })
-    }
-
-    /// What the locked batches of workflow deliveries' first steps have
-    /// done so far (all zero until the first is needed).
-    pub fn lock_batch_stats(&self) -> LockBatchStats {
-        self.lock_batcher
-            .get()
-            .map(LockBatcher::stats)
-            .unwrap_or_default()
-    }
-
-    /// The in-process turns of workflow deliveries.
-    pub(crate) fn gates(&self) -> &Arc<Gates> {
-        &self.gates
-    }
-
-    /// The group committer of workflow starts, started on the current
-    /// runtime the first time it is needed.
-    pub(crate) fn start_batcher(&self) -> &StartBatcher {
-        self.start_batcher
-            .get_or_init(|| StartBatcher::start(self.pool.clone(), self.clock.clone()))
+    /// The clock.
+    pub(crate) fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
     }
 
     /// The clock's reading (`None`: the database's `now()`).

@@ -10,6 +10,12 @@
 //! h.assert_enqueued("notify", &json!({ "workflow_id": id })).await?;
 //! ```
 //!
+//! The harness runs each claimed job with the runtime's production handler
+//! ([`crate::workflow::WorkflowRuntime::handler`]) under the [`ExecConfig`] it was made with:
+//! [`WorkflowHarness::new`] takes production's with inline continuation off, so that
+//! [`WorkflowHarness::run_next_step`] runs exactly one step; [`WorkflowHarness::with_config`]
+//! takes any (the engine's conformance suite runs every behaviour under each).
+//!
 //! The harness claims only [`WORKFLOW_JOB_KIND`] jobs that are due by the
 //! store's clock (with a [`crate::ManualClock`], advance it to fire timers,
 //! timeouts and backoffs), from any queue, and records their outcomes the way
@@ -20,8 +26,8 @@ use crate::lease::Lease;
 use crate::signal::Signal;
 use crate::store::ClaimedJob;
 use crate::workflow::{
-    StepRow, WORKFLOW_JOB_KIND, WorkflowId, WorkflowRegistry, WorkflowRow, run_step,
-    workflow_get_in, workflow_start, workflow_steps_in,
+    ExecConfig, StepHandler, StepRow, WORKFLOW_JOB_KIND, WorkflowId, WorkflowRegistry, WorkflowRow,
+    WorkflowRuntime, workflow_get_in, workflow_steps_in,
 };
 use crate::{Error, Job, Outcome, Result, Store};
 use serde_json::Value;
@@ -52,18 +58,34 @@ pub struct RanStep {
 #[derive(Debug, Clone)]
 pub struct WorkflowHarness {
     store: Store,
-    registry: Arc<WorkflowRegistry>,
+    runtime: WorkflowRuntime,
+    handler: StepHandler,
     owner: Arc<str>,
 }
 
 impl WorkflowHarness {
-    /// A harness on `store` running the definitions of `registry`.
+    /// A harness on `store` running the definitions of `registry` the production way, one
+    /// step per job (inline continuation off).
     pub fn new(store: Store, registry: WorkflowRegistry) -> Self {
+        let config = ExecConfig::default().inline(crate::workflow::Inline::OFF);
+        Self::with_config(store, registry, config)
+    }
+
+    /// A harness running the definitions of `registry` with the execution mechanisms of
+    /// `config`.
+    pub fn with_config(store: Store, registry: WorkflowRegistry, config: ExecConfig) -> Self {
+        let runtime = WorkflowRuntime::with_config(store.clone(), registry, config);
         Self {
             store,
-            registry: Arc::new(registry),
+            handler: runtime.handler(),
+            runtime,
             owner: Arc::from("workflow-harness"),
         }
+    }
+
+    /// The runtime the harness runs steps with.
+    pub fn runtime(&self) -> &WorkflowRuntime {
+        &self.runtime
     }
 
     /// The store.
@@ -73,22 +95,22 @@ impl WorkflowHarness {
 
     /// The registry.
     pub fn registry(&self) -> &WorkflowRegistry {
-        &self.registry
+        self.runtime.registry()
     }
 
     /// Starts a workflow of `kind` (newest version) with `input`.
     pub async fn start(&self, kind: &str, input: &Value) -> Result<WorkflowId> {
-        workflow_start(&self.store, &self.registry, kind, input, None).await
+        self.runtime.start(kind, input, None).await
     }
 
     /// Claims the next due workflow step job (oldest `run_at` first) and runs
-    /// it; `None` when no step job is due.
+    /// it (and, inline, its due successors); `None` when no step job is due.
     pub async fn run_next_step(&self) -> Result<Option<RanStep>> {
         self.store.job_promote_due(1000).await?;
         let Some(job) = self.claim_one().await? else {
             return Ok(None);
         };
-        let outcome = run_step(&self.store, &self.registry, &job).await;
+        let outcome = self.handler.run(&job).await.outcome;
         if !job.lease.is_finished() {
             match self.store.job_finish(&job.lease, &outcome).await {
                 Ok(()) | Err(Error::StaleLease { .. }) => {}

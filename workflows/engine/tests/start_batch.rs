@@ -13,8 +13,8 @@ use futures::FutureExt;
 use ledgerflow_engine::notify::JOBS_CHANNEL;
 use ledgerflow_engine::testing::TestDb;
 use ledgerflow_engine::{
-    Error, ManualClock, Outcome, Result, RetryPolicy, StepCtx, StepOutcome, Store, StoreConfig,
-    Workflow, WorkflowId, WorkflowRegistry, run_step, workflow_start, workflow_start_in,
+    Error, ExecConfig, Inline, ManualClock, Outcome, Result, RetryPolicy, StepCtx, StepOutcome,
+    Store, StoreConfig, Workflow, WorkflowId, WorkflowRegistry, WorkflowRuntime, workflow_start_in,
 };
 use serde_json::{Value, json};
 use sqlx::PgPool;
@@ -87,7 +87,11 @@ impl Env {
                 return Ok(ran);
             }
             for job in &jobs {
-                let outcome = run_step(&self.store, registry, job).await;
+                // One step per job, so that `ran` counts steps.
+                let config = ExecConfig::default().inline(Inline::OFF);
+                let runtime =
+                    WorkflowRuntime::with_config(self.store.clone(), registry.clone(), config);
+                let outcome = runtime.handler().run(job).await.outcome;
                 if !job.lease.is_finished() {
                     self.store.job_finish(&job.lease, &outcome).await?;
                 }
@@ -135,23 +139,19 @@ async fn together(mut starts: Vec<Start<'_>>) -> Vec<Result<WorkflowId>> {
 async fn many_concurrent_starts_give_one_workflow_and_one_job_per_key() -> TestResult {
     let env = Arc::new(Env::new(false).await?);
     let reg = Arc::new(registry()?);
+    let rt = WorkflowRuntime::new(env.store.clone(), reg.clone());
     let (total, tasks) = (200_usize, 32_usize);
     // Every third start has a key shared with about six others.
     let key = |i: usize| i.is_multiple_of(3).then(|| format!("key-{}", i % 10));
     let mut handles = Vec::new();
     for t in 0..tasks {
-        let (env, reg) = (env.clone(), reg.clone());
+        let (env, rt) = (env.clone(), rt.clone());
         handles.push(tokio::spawn(async move {
             let mut started = Vec::new();
             for i in (t..total).step_by(tasks) {
-                let id = workflow_start(
-                    &env.store,
-                    &reg,
-                    "order",
-                    &json!({ "n": i }),
-                    key(i).as_deref(),
-                )
-                .await?;
+                let id = rt
+                    .start("order", &json!({ "n": i }), key(i).as_deref())
+                    .await?;
                 // Committed when it returns: another connection sees the
                 // instance and its one job at once.
                 let (unique_key, jobs): (Option<String>, i64) = sqlx::query_as(
@@ -230,38 +230,14 @@ async fn one_key_twice_in_one_batch_gives_one_workflow_and_a_taken_key_enqueues_
 -> TestResult {
     let env = Env::new(false).await?;
     let reg = registry()?;
-    let store = &env.store;
-    let old = workflow_start(store, &reg, "order", &json!({ "n": 0 }), Some("old")).await?;
+    let rt = WorkflowRuntime::new(env.store.clone(), reg.clone());
+    let old = rt.start("order", &json!({ "n": 0 }), Some("old")).await?;
 
     let started = together(vec![
-        Box::pin(workflow_start(
-            store,
-            &reg,
-            "order",
-            &json!({ "n": 1 }),
-            Some("k"),
-        )),
-        Box::pin(workflow_start(
-            store,
-            &reg,
-            "order",
-            &json!({ "n": 2 }),
-            None,
-        )),
-        Box::pin(workflow_start(
-            store,
-            &reg,
-            "order",
-            &json!({ "n": 3 }),
-            Some("k"),
-        )),
-        Box::pin(workflow_start(
-            store,
-            &reg,
-            "order",
-            &json!({ "n": 4 }),
-            Some("old"),
-        )),
+        Box::pin(rt.start("order", &json!({ "n": 1 }), Some("k"))),
+        Box::pin(rt.start("order", &json!({ "n": 2 }), None)),
+        Box::pin(rt.start("order", &json!({ "n": 3 }), Some("k"))),
+        Box::pin(rt.start("order", &json!({ "n": 4 }), Some("old"))),
     ])
     .await;
     let [k1, free, k2, again] = <[Result<WorkflowId>; 4]>::try_from(started)
@@ -289,7 +265,7 @@ async fn one_key_twice_in_one_batch_gives_one_workflow_and_a_taken_key_enqueues_
 
     // An unknown kind fails before anything is written.
     assert!(matches!(
-        workflow_start(store, &reg, "nope", &json!({}), None).await,
+        rt.start("nope", &json!({}), None).await,
         Err(Error::Invalid(_))
     ));
     assert_eq!(env.count("SELECT count(*) FROM workflows").await?, 3);
@@ -303,6 +279,7 @@ async fn one_key_twice_in_one_batch_gives_one_workflow_and_a_taken_key_enqueues_
 async fn a_key_held_by_an_open_transaction(commit: bool) -> TestResult {
     let env = Env::new(false).await?;
     let reg = registry()?;
+    let rt = WorkflowRuntime::new(env.store.clone(), reg.clone());
     let mut tx = env.db.pool.begin().await?;
     let held = workflow_start_in(
         &mut tx,
@@ -313,11 +290,10 @@ async fn a_key_held_by_an_open_transaction(commit: bool) -> TestResult {
         Some("held"),
     )
     .await?;
-    let store = &env.store;
     let (one, two) = (json!({ "n": 1 }), json!({ "n": 2 }));
     let mut starts: Vec<Start<'_>> = vec![
-        Box::pin(workflow_start(store, &reg, "order", &one, Some("held"))),
-        Box::pin(workflow_start(store, &reg, "order", &two, None)),
+        Box::pin(rt.start("order", &one, Some("held"))),
+        Box::pin(rt.start("order", &two, None)),
     ];
     for start in &mut starts {
         assert!(start.as_mut().now_or_never().is_none());
@@ -374,33 +350,15 @@ async fn a_key_another_transaction_rolls_back_meanwhile_is_started_by_the_batch(
 async fn a_start_postgres_refuses_fails_alone_and_the_rest_of_its_batch_starts() -> TestResult {
     let env = Env::new(false).await?;
     let reg = registry()?;
-    let store = &env.store;
+    let rt = WorkflowRuntime::new(env.store.clone(), reg.clone());
     // jsonb has no NUL character: Postgres refuses this input (the whole
     // batch statement with it).
     let bad = json!({ "n": "nul \u{0} inside" });
     let started = together(vec![
-        Box::pin(workflow_start(
-            store,
-            &reg,
-            "order",
-            &json!({ "n": 1 }),
-            None,
-        )),
-        Box::pin(workflow_start(store, &reg, "order", &bad, None)),
-        Box::pin(workflow_start(
-            store,
-            &reg,
-            "order",
-            &json!({ "n": 2 }),
-            Some("k2"),
-        )),
-        Box::pin(workflow_start(
-            store,
-            &reg,
-            "order",
-            &json!({ "n": 3 }),
-            None,
-        )),
+        Box::pin(rt.start("order", &json!({ "n": 1 }), None)),
+        Box::pin(rt.start("order", &bad, None)),
+        Box::pin(rt.start("order", &json!({ "n": 2 }), Some("k2"))),
+        Box::pin(rt.start("order", &json!({ "n": 3 }), None)),
     ])
     .await;
     let [g1, refused, g2, g3] =
@@ -435,12 +393,12 @@ async fn a_start_postgres_refuses_fails_alone_and_the_rest_of_its_batch_starts()
 async fn a_start_given_up_before_its_batch_went_out_writes_nothing() -> TestResult {
     let env = Env::new(false).await?;
     let reg = registry()?;
-    let store = &env.store;
+    let rt = WorkflowRuntime::new(env.store.clone(), reg.clone());
     let input = json!({ "n": 1 });
-    let mut gone: Start<'_> = Box::pin(workflow_start(store, &reg, "order", &input, Some("gone")));
+    let mut gone: Start<'_> = Box::pin(rt.start("order", &input, Some("gone")));
     assert!(gone.as_mut().now_or_never().is_none(), "queued");
     drop(gone);
-    let kept = workflow_start(store, &reg, "order", &json!({ "n": 2 }), None).await?;
+    let kept = rt.start("order", &json!({ "n": 2 }), None).await?;
     assert_eq!(
         sqlx::query_scalar::<_, Vec<WorkflowId>>("SELECT array_agg(id) FROM workflows")
             .fetch_one(&env.other)
@@ -455,11 +413,12 @@ async fn a_start_given_up_before_its_batch_went_out_writes_nothing() -> TestResu
 async fn a_lone_start_after_idle_is_not_delayed() -> TestResult {
     let env = Env::new(false).await?;
     let reg = registry()?;
+    let rt = WorkflowRuntime::new(env.store.clone(), reg.clone());
     // The first start also starts the batching task and opens connections.
-    workflow_start(&env.store, &reg, "order", &json!({ "n": 0 }), None).await?;
+    rt.start("order", &json!({ "n": 0 }), None).await?;
     for n in 1..=3 {
         let began = Instant::now();
-        let id = workflow_start(&env.store, &reg, "order", &json!({ "n": n }), None).await?;
+        let id = rt.start("order", &json!({ "n": n }), None).await?;
         let took = began.elapsed();
         // Generous: a start is a few milliseconds; a batcher that lingered
         // for company would show here.
@@ -485,44 +444,14 @@ async fn a_batch_wakes_each_of_its_queues_once_and_only_when_asked() -> TestResu
     let mut listener = PgListener::connect(&env.db.url).await?;
     listener.listen(JOBS_CHANNEL).await?;
 
-    let store = &env.store;
-    let quiet = env.store.clone().with_notify(false);
+    let rt = WorkflowRuntime::new(env.store.clone(), reg);
+    let quiet_rt = rt.with_notify(false);
     let started = together(vec![
-        Box::pin(workflow_start(
-            store,
-            &reg,
-            "order",
-            &json!({ "n": 1 }),
-            None,
-        )),
-        Box::pin(workflow_start(
-            store,
-            &reg,
-            "mail",
-            &json!({ "n": 2 }),
-            None,
-        )),
-        Box::pin(workflow_start(
-            store,
-            &reg,
-            "order",
-            &json!({ "n": 3 }),
-            None,
-        )),
-        Box::pin(workflow_start(
-            store,
-            &reg,
-            "mail",
-            &json!({ "n": 4 }),
-            None,
-        )),
-        Box::pin(workflow_start(
-            &quiet,
-            &reg,
-            "hush",
-            &json!({ "n": 5 }),
-            None,
-        )),
+        Box::pin(rt.start("order", &json!({ "n": 1 }), None)),
+        Box::pin(rt.start("mail", &json!({ "n": 2 }), None)),
+        Box::pin(rt.start("order", &json!({ "n": 3 }), None)),
+        Box::pin(rt.start("mail", &json!({ "n": 4 }), None)),
+        Box::pin(quiet_rt.start("hush", &json!({ "n": 5 }), None)),
     ])
     .await;
     let ids = started.into_iter().collect::<Result<Vec<_>>>()?;
@@ -539,9 +468,9 @@ async fn a_batch_wakes_each_of_its_queues_once_and_only_when_asked() -> TestResu
         ["default", "mail"]
     );
 
-    // A store without NOTIFY (sharing the batcher) sends none: the
+    // A runtime without NOTIFY (sharing the batcher) sends none: the
     // `hush` item above woke nothing, nor does this one.
-    workflow_start(&quiet, &reg, "mail", &json!({ "n": 6 }), None).await?;
+    quiet_rt.start("mail", &json!({ "n": 6 }), None).await?;
     assert!(heard_until_sentinel(&env, &mut listener).await?.is_empty());
     Ok(())
 }

@@ -2,8 +2,8 @@
 //! and the `WorkflowHarness` testing helpers.
 //!
 //! Each test gets its own migrated database and a [`ManualClock`]; step jobs
-//! are claimed and run by hand with `run_step` (as the worker's handler
-//! would), so every interleaving is explicit and nothing sleeps.
+//! are claimed by hand and run with a runtime's handler (as the worker does),
+//! so every interleaving is explicit and nothing sleeps.
 use chrono::{DateTime, TimeDelta, Utc};
 use ledgerflow_engine::signal::signal_list_in;
 use ledgerflow_engine::store::ClaimedJob;
@@ -11,9 +11,9 @@ use ledgerflow_engine::testing::TestDb;
 use ledgerflow_engine::workflow::{StepRow, WorkflowRow, workflow_get_in, workflow_steps_in};
 use ledgerflow_engine::workflow_testing::WorkflowHarness;
 use ledgerflow_engine::{
-    Inline, ManualClock, NewJob, Outcome, Result, RetryPolicy, SignalSent, StepCtx, StepOutcome,
-    Store, StoreConfig, WORKFLOW_JOB_KIND, Workflow, WorkflowId, WorkflowRegistry, run_step,
-    run_steps, signal_send, workflow_cancel_in, workflow_retry_in, workflow_start,
+    ExecConfig, Inline, ManualClock, NewJob, Outcome, Result, RetryPolicy, SignalSent, StepCtx,
+    StepHandler, StepOutcome, Store, StoreConfig, WORKFLOW_JOB_KIND, Workflow, WorkflowId,
+    WorkflowRegistry, WorkflowRuntime, signal_send, workflow_cancel_in, workflow_retry_in,
 };
 use serde_json::{Value, json};
 use sqlx::PgPool;
@@ -33,6 +33,9 @@ struct Env {
     db: TestDb,
     clock: ManualClock,
     store: Store,
+    /// One runtime per registry and inline setting, as one process has one: deliveries of a
+    /// workflow in one process share its in-process turns and batches.
+    runtimes: Mutex<HashMap<(usize, u32, Duration), WorkflowRuntime>>,
 }
 
 impl Env {
@@ -55,7 +58,12 @@ impl Env {
         sqlx::query("CREATE TABLE effects (workflow_id uuid NOT NULL, step text NOT NULL)")
             .execute(&db.pool)
             .await?;
-        Ok(Self { db, clock, store })
+        Ok(Self {
+            db,
+            clock,
+            store,
+            runtimes: Mutex::default(),
+        })
     }
 
     fn pool(&self) -> &PgPool {
@@ -85,10 +93,10 @@ impl Env {
             .await
     }
 
-    /// Runs one claimed job the way the runner does: `run_step`, then record
-    /// the outcome unless the step already committed it.
+    /// Runs one claimed job the way the runner does, one step per delivery,
+    /// then records the outcome unless the step already committed it.
     async fn run(&self, registry: &WorkflowRegistry, job: &ClaimedJob) -> Result<Outcome> {
-        let outcome = run_step(&self.store, registry, job).await;
+        let outcome = steps(self, registry, Inline::OFF).run(job).await.outcome;
         if !job.lease.is_finished() {
             match self.store.job_finish(&job.lease, &outcome).await {
                 Ok(()) | Err(ledgerflow_engine::Error::StaleLease { .. }) => {}
@@ -112,6 +120,37 @@ impl Env {
             }
         }
     }
+}
+
+/// The production handler of the test's runtime for `registry`, with `inline` continuation.
+fn steps(env: &Env, registry: &WorkflowRegistry, inline: Inline) -> StepHandler {
+    let key = (
+        std::ptr::from_ref(registry) as usize,
+        inline.max_steps,
+        inline.budget,
+    );
+    let mut runtimes = env.runtimes.lock().expect("not poisoned");
+    runtimes
+        .entry(key)
+        .or_insert_with(|| {
+            let config = ExecConfig::default().inline(inline);
+            WorkflowRuntime::with_config(env.store.clone(), registry.clone(), config)
+        })
+        .handler()
+}
+
+/// Starts a workflow (the runtime's batched start).
+async fn workflow_start(
+    store: &Store,
+    registry: &WorkflowRegistry,
+    kind: &str,
+    input: &Value,
+    key: Option<&str>,
+) -> Result<WorkflowId> {
+    let runtime = WorkflowRuntime::new(store.clone(), registry.clone());
+    let started = runtime.start(kind, input, key).await;
+    runtime.shutdown().await;
+    started
 }
 
 /// Executions per step name.
@@ -341,7 +380,7 @@ async fn a_stale_lease_checkpoints_nothing() -> TestResult {
     let new = env.claim("other-worker", 1).await?;
     assert_eq!(new.len(), 1);
 
-    let outcome = run_step(&env.store, &reg, &old[0]).await;
+    let outcome = steps(&env, &reg, Inline::OFF).run(&old[0]).await.outcome;
     assert!(matches!(outcome, Outcome::Retry { .. }), "{outcome:?}");
     assert!(!old[0].lease.is_finished());
     assert_eq!(calls.get("reserve"), 0);
@@ -951,7 +990,7 @@ async fn inline_continuation_runs_the_whole_chain_on_one_job_row() -> TestResult
     let reg = registry(three_steps(&calls, Duration::ZERO))?;
     let id = workflow_start(&env.store, &reg, "trade", &json!({ "amount": "1" }), None).await?;
     let job = claim_one(&env).await?;
-    let ran = run_steps(&env.store, &reg, &job, Inline::default()).await;
+    let ran = steps(&env, &reg, Inline::default()).run(&job).await;
     assert_eq!(ran.outcome, Outcome::Complete);
     assert_eq!((ran.steps, ran.last_step.as_deref()), (3, Some("settle")));
     assert!(
@@ -998,7 +1037,7 @@ async fn inline_continuation_stops_at_its_bound_and_enqueues_the_rest() -> TestR
         max_steps: 1,
         budget: Duration::from_secs(60),
     };
-    let ran = run_steps(&env.store, &reg, &job, bound).await;
+    let ran = steps(&env, &reg, bound).run(&job).await;
     assert_eq!((ran.steps, ran.last_step.as_deref()), (2, Some("execute")));
     assert!(job.lease.is_finished());
     let wf = env.workflow(id).await?;
@@ -1023,7 +1062,7 @@ async fn inline_continuation_stops_at_its_bound_and_enqueues_the_rest() -> TestR
         max_steps: 8,
         budget: Duration::ZERO,
     };
-    assert_eq!(run_steps(&env.store, &reg, &job, none).await.steps, 1);
+    assert_eq!(steps(&env, &reg, none).run(&job).await.steps, 1);
     assert_eq!(
         env.workflow(id).await?.current_step.as_deref(),
         Some("execute")
@@ -1070,7 +1109,7 @@ async fn an_inlined_step_that_fails_uses_its_own_attempts_and_earlier_steps_neve
     let reg = registry(flaky_execute(&calls))?;
     let id = workflow_start(&env.store, &reg, "trade", &json!({}), None).await?;
     let job = claim_one(&env).await?;
-    let ran = run_steps(&env.store, &reg, &job, Inline::default()).await;
+    let ran = steps(&env, &reg, Inline::default()).run(&job).await;
     assert!(matches!(ran.outcome, Outcome::Retry { .. }));
     assert_eq!((ran.steps, ran.last_step.as_deref()), (2, Some("execute")));
     // The engine recorded the retry with `execute`'s lease: the runner must not.
@@ -1099,7 +1138,7 @@ async fn an_inlined_step_that_fails_uses_its_own_attempts_and_earlier_steps_neve
         (2, Some("execute"))
     );
     // Not on its first attempt: the successor is enqueued, not inlined.
-    let ran = run_steps(&env.store, &reg, &retry, Inline::default()).await;
+    let ran = steps(&env, &reg, Inline::default()).run(&retry).await;
     assert_eq!((ran.outcome, ran.steps), (Outcome::Complete, 1));
     assert_eq!(env.drain(&reg).await?, 1);
     assert_eq!(env.workflow(id).await?.state, "completed");
@@ -1152,7 +1191,8 @@ async fn a_crash_between_inlined_steps_resumes_from_the_journal() -> TestResult 
     let reg = registry(wf)?;
     let id = workflow_start(&env.store, &reg, "trade", &json!({}), None).await?;
     let job = claim_one(&env).await?;
-    let run = run_steps(&env.store, &reg, &job, Inline::default());
+    let handler = steps(&env, &reg, Inline::default());
+    let run = handler.run(&job);
     assert!(
         tokio::time::timeout(Duration::from_millis(500), run)
             .await
@@ -1245,7 +1285,7 @@ async fn a_workflow_cancelled_between_inlined_steps_runs_no_further() -> TestRes
     let reg = registry(wf)?;
     let id = workflow_start(&env.store, &reg, "trade", &json!({}), None).await?;
     let job = claim_one(&env).await?;
-    let ran = run_steps(&env.store, &reg, &job, Inline::default()).await;
+    let ran = steps(&env, &reg, Inline::default()).run(&job).await;
     assert_eq!((ran.outcome, ran.steps), (Outcome::Complete, 2));
     assert!(job.lease.is_finished());
     let wf = env.workflow(id).await?;
@@ -1334,11 +1374,12 @@ async fn pure_inline_successors_of_many_workflows_share_batched_checkpoints() ->
     let (ids, jobs) = start_pure(&env, &reg, n).await?;
     // All deliveries at once, so their successors' checkpoints meet in the
     // group committer.
+    let handler = steps(&env, &reg, Inline::default());
     let mut tasks = Vec::new();
     for job in jobs {
-        let (store, reg) = (env.store.clone(), reg.clone());
+        let handler = handler.clone();
         tasks.push(tokio::spawn(async move {
-            let ran = run_steps(&store, &reg, &job, Inline::default()).await;
+            let ran = handler.run(&job).await;
             (ran, job.lease.is_finished())
         }));
     }
@@ -1396,7 +1437,7 @@ async fn a_cancel_during_a_pure_inline_successor_discards_its_result() -> TestRe
     let reg = registry(pure_steps(&calls, cancel))?;
     let id = workflow_start(&env.store, &reg, "pure", &json!({ "n": 1 }), None).await?;
     let job = claim_one(&env).await?;
-    let ran = run_steps(&env.store, &reg, &job, Inline::default()).await;
+    let ran = steps(&env, &reg, Inline::default()).run(&job).await;
     // b's checkpoint is refused; under the lock the job finds its workflow
     // cancelled and completes, as any delivery to a cancelled workflow does.
     assert_eq!((ran.outcome, ran.steps), (Outcome::Complete, 2));
@@ -1431,7 +1472,7 @@ async fn a_pure_successor_that_writes_after_its_workflow_moved_writes_nothing() 
     let reg = registry(pure_steps(&calls, cancel_then_write))?;
     let id = workflow_start(&env.store, &reg, "pure", &json!({ "n": 1 }), None).await?;
     let job = claim_one(&env).await?;
-    let ran = run_steps(&env.store, &reg, &job, Inline::default()).await;
+    let ran = steps(&env, &reg, Inline::default()).run(&job).await;
     assert_eq!((ran.outcome, ran.steps), (Outcome::Complete, 2));
     assert_eq!(env.workflow(id).await?.state, "cancelled");
     assert_eq!(env.count("SELECT count(*) FROM effects").await?, 0);
@@ -1464,7 +1505,7 @@ async fn a_pure_successor_whose_lease_was_lost_checkpoints_nothing() -> TestResu
     let reg = registry(pure_steps(&calls, lose_lease))?;
     let id = workflow_start(&env.store, &reg, "pure", &json!({ "n": 7 }), None).await?;
     let job = claim_one(&env).await?;
-    let ran = run_steps(&env.store, &reg, &job, Inline::default()).await;
+    let ran = steps(&env, &reg, Inline::default()).run(&job).await;
     assert!(
         matches!(ran.outcome, Outcome::Retry { .. }),
         "{:?}",
@@ -1568,26 +1609,29 @@ where
     Ok(())
 }
 
+/// The handler the batch tests share: production's, except that the default inline budget
+/// (250 ms from the delivery's start) is a time limit — on a loaded machine a delivery that
+/// waited for its batch (or, here, a step held open on purpose) would run out of it and
+/// enqueue its successors instead, which these tests do not look at. Their deliveries get a
+/// budget no wait here can use up.
+fn batch_steps(env: &Env, reg: &WorkflowRegistry) -> StepHandler {
+    let inline = Inline {
+        budget: Duration::from_secs(120),
+        ..Inline::default()
+    };
+    steps(env, reg, inline)
+}
+
 /// Runs every job in `jobs` at once, each in its own task, the way a worker's handler slots
 /// do; returns the tasks.
 fn run_all(
-    env: &Env,
-    reg: &Arc<WorkflowRegistry>,
+    handler: &StepHandler,
     jobs: Vec<ClaimedJob>,
 ) -> Vec<tokio::task::JoinHandle<ledgerflow_engine::StepsRun>> {
     jobs.into_iter()
         .map(|job| {
-            let (store, reg) = (env.store.clone(), reg.clone());
-            // The default inline budget (250 ms from the delivery's start) is a
-            // time limit: on a loaded machine a delivery that waited for its
-            // batch (or, here, a step held open on purpose) would run out of it
-            // and enqueue its successors instead, which these tests do not
-            // look at. Their deliveries get a budget no wait here can use up.
-            let inline = Inline {
-                budget: Duration::from_secs(120),
-                ..Inline::default()
-            };
-            tokio::spawn(async move { run_steps(&store, &reg, &job, inline).await })
+            let handler = handler.clone();
+            tokio::spawn(async move { handler.run(&job).await })
         })
         .collect()
 }
@@ -1599,7 +1643,8 @@ async fn first_steps_of_concurrent_deliveries_share_locked_batches() -> TestResu
     let reg = Arc::new(registry(pure_steps(&calls, nothing))?);
     let n = 40;
     let (ids, jobs) = start_pure(&env, &reg, n).await?;
-    for task in run_all(&env, &reg, jobs) {
+    let handler = batch_steps(&env, &reg);
+    for task in run_all(&handler, jobs) {
         let ran = task.await?;
         assert_eq!((ran.outcome, ran.steps), (Outcome::Complete, 3));
     }
@@ -1608,7 +1653,7 @@ async fn first_steps_of_concurrent_deliveries_share_locked_batches() -> TestResu
         assert_eq!(env.journal(*id).await?.len(), 3);
     }
     assert_eq!(calls.get("a"), n, "every first step ran once");
-    let stats = env.store.lock_batch_stats();
+    let stats = handler.runtime().lock_batch_stats();
     // Every first step ran under a batch's lock, and the batches were shared: one is open at
     // a time, so 40 deliveries arriving together cannot each get their own.
     assert_eq!((stats.held, stats.not_held), (40, 0), "{stats:?}");
@@ -1642,10 +1687,11 @@ async fn a_slow_first_step_does_not_hold_back_the_deliveries_after_it() -> TestR
         });
     let reg = Arc::new(registry(wf)?);
     let slow = workflow_start(&env.store, &reg, "slow", &json!({ "role": "slow" }), None).await?;
-    let mut tasks = run_all(&env, &reg, env.claim("worker", 1).await?);
-    let store = env.store.clone();
+    let handler = batch_steps(&env, &reg);
+    let mut tasks = run_all(&handler, env.claim("worker", 1).await?);
+    let runtime = handler.runtime().clone();
     eventually("the slow step's batch to hold it", || {
-        let stats = store.lock_batch_stats();
+        let stats = runtime.lock_batch_stats();
         async move { Ok((stats.open, stats.held) == (1, 1)) }
     })
     .await?;
@@ -1657,7 +1703,7 @@ async fn a_slow_first_step_does_not_hold_back_the_deliveries_after_it() -> TestR
     }
     let jobs = env.claim("worker", 7).await?;
     assert_eq!(jobs.len(), 7);
-    tasks.extend(run_all(&env, &reg, jobs));
+    tasks.extend(run_all(&handler, jobs));
     let pool = env.pool().clone();
     eventually("the quick workflows to complete", || {
         let (ids, pool) = (quick.clone(), pool.clone());
@@ -1686,7 +1732,7 @@ async fn a_slow_first_step_does_not_hold_back_the_deliveries_after_it() -> TestR
     assert_eq!(slow_wf.state, "completed");
     assert_eq!(slow_wf.output, Some(json!("c")));
     assert_eq!(env.journal(slow).await?.len(), 3);
-    let stats = env.store.lock_batch_stats();
+    let stats = handler.runtime().lock_batch_stats();
     assert_eq!((stats.held, stats.stragglers), (8, 1), "{stats:?}");
     Ok(())
 }
@@ -1719,7 +1765,7 @@ async fn a_step_holding_its_db_connection_can_make_its_external_call_on_every_pa
         });
     let reg = Arc::new(registry(wf)?);
     let id = workflow_start(&env.store, &reg, "held", &json!({}), None).await?;
-    let tasks = run_all(&env, &reg, env.claim("worker", 1).await?);
+    let tasks = run_all(&batch_steps(&env, &reg), env.claim("worker", 1).await?);
     for task in tasks {
         let ran = tokio::time::timeout(Duration::from_secs(20), task)
             .await

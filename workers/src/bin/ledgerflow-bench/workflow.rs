@@ -1,6 +1,6 @@
 //! `ledgerflow-bench workflow`: durable three-step workflows through the real runner.
 //!
-//! A workflow of three no-op steps (`a` → `b` → `c`) runs on the engine's [`run_steps`] behind
+//! A workflow of three no-op steps (`a` → `b` → `c`) runs on a [`WorkflowRuntime`]'s handler behind
 //! the workers crate's [`Runner`], exactly as the `ledgerflow` binary's worker role runs the
 //! payments workflows: a step runs under a claimed job's lease, and its journal row, the
 //! workflow row's new state and either the next step's job plus the job's completion, or (inline
@@ -10,13 +10,13 @@
 //! with other workflows' (one statement and one commit for many, each still fenced and checked).
 //!
 //! On a fresh database the runner is started, then `--starters` tasks start `--workflows`
-//! workflows (`workflow_start`, as an API call would; concurrent starts share a commit),
+//! workflows (`WorkflowRuntime::start`, as an API call would; concurrent starts share a commit),
 //! keeping at most `--in-flight` of them unfinished (a closed loop: without a bound, a producer
 //! faster than the workers would only grow a backlog and the latency with it). `--rate` paces
 //! the starts instead (open loop; the bound still applies).
 //!
 //! - **workflows/s**: workflows finished ÷ (last finish − first start).
-//! - **start→finish**: from just before a workflow's `workflow_start` call to just after the
+//! - **start→finish**: from just before a workflow's start call to just after the
 //!   checkpoint of its last step committed (the runner's handler returns with the lease
 //!   finished), on one monotonic clock in this process.
 //!
@@ -28,8 +28,8 @@ use crate::common::{
 };
 use anyhow::{Context, Result, bail, ensure};
 use ledgerflow_engine::{
-    Inline, Outcome, StepOutcome, Store, StoreConfig, WORKFLOW_JOB_KIND, Workflow,
-    WorkflowRegistry, run_steps, workflow_start,
+    ExecConfig, Inline, Outcome, StepHandler, StepOutcome, Store, StoreConfig, Workflow,
+    WorkflowRegistry, WorkflowRuntime,
 };
 use ledgerflow_workers::{JobContext, QueueConfig, Registry, Runner, RunnerConfig};
 use serde_json::{Value, json};
@@ -198,25 +198,29 @@ async fn measure(args: &Args, db: &BenchDb, bg_pct: u32) -> Result<Figures> {
             ..StoreConfig::default()
         },
     );
-    let workflows = Arc::new(WorkflowRegistry::new().register(definition())?);
+    let config = ExecConfig::default().inline(Inline {
+        max_steps: args.inline_steps,
+        ..Inline::default()
+    });
+    let runtime = WorkflowRuntime::with_config(
+        store.clone(),
+        WorkflowRegistry::new().register(definition())?,
+        config,
+    );
     let tracker = Arc::new(Mutex::new(Tracker::default()));
     // One permit per workflow allowed in flight; the last step's handler gives it back.
     let slots = Arc::new(Semaphore::new(args.in_flight));
 
-    let inline = Inline {
-        max_steps: args.inline_steps,
-        ..Inline::default()
-    };
     let handler = {
-        let workflows = workflows.clone();
+        let steps = runtime.handler();
         let tracker = tracker.clone();
         let slots = slots.clone();
         move |ctx: JobContext| {
-            let workflows = workflows.clone();
+            let steps = steps.clone();
             let tracker = tracker.clone();
             let slots = slots.clone();
             async move {
-                let ran = run_steps(ctx.store(), &workflows, ctx.job(), inline).await;
+                let ran = steps.run(ctx.job()).await;
                 let outcome = ran.outcome;
                 let job = ctx.job();
                 // The lease is finished only when the step's checkpoint committed; on the last
@@ -238,7 +242,7 @@ async fn measure(args: &Args, db: &BenchDb, bg_pct: u32) -> Result<Figures> {
             }
         }
     };
-    let registry = Registry::new().register(WORKFLOW_JOB_KIND, handler);
+    let registry = Registry::new().register(StepHandler::KIND, handler);
     let mut config = RunnerConfig {
         queues: vec![QueueConfig::new(QUEUE, args.concurrency).prefetch(args.prefetch)],
         ..RunnerConfig::default()
@@ -256,9 +260,8 @@ async fn measure(args: &Args, db: &BenchDb, bg_pct: u32) -> Result<Figures> {
     let tokio_t0 = tokio::time::Instant::now();
     let mut starters = Vec::new();
     for _ in 0..args.starters {
-        let (store, workflows, tracker, slots, next) = (
-            store.clone(),
-            workflows.clone(),
+        let (runtime, tracker, slots, next) = (
+            runtime.clone(),
             tracker.clone(),
             slots.clone(),
             next.clone(),
@@ -276,7 +279,7 @@ async fn measure(args: &Args, db: &BenchDb, bg_pct: u32) -> Result<Figures> {
                 }
                 slots.acquire().await.context("in-flight bound")?.forget();
                 let at = Instant::now();
-                let id = workflow_start(&store, &workflows, KIND, &json!({ "i": i }), None).await?;
+                let id = runtime.start(KIND, &json!({ "i": i }), None).await?;
                 tracker
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -299,6 +302,7 @@ async fn measure(args: &Args, db: &BenchDb, bg_pct: u32) -> Result<Figures> {
         }
         if Instant::now() > deadline {
             runner.shutdown(SHUTDOWN_GRACE).await;
+            runtime.shutdown().await;
             bail!(
                 "{done} of {} workflows finished after {}s",
                 args.workflows,
@@ -309,6 +313,7 @@ async fn measure(args: &Args, db: &BenchDb, bg_pct: u32) -> Result<Figures> {
     }
     let cpu = CpuUse::now(&db.name).since(cpu0);
     runner.shutdown(SHUTDOWN_GRACE).await;
+    runtime.shutdown().await;
     verify(db, args.workflows).await?;
 
     let (mut xs, last) = {

@@ -1,9 +1,9 @@
-//! Group commit of workflow starts: many callers' `workflow_start`s in one statement and one commit.
+//! Group commit of workflow starts (layer 3): many callers' `WorkflowRuntime::start`s in one statement and one commit.
 //!
 //! A start used to be one autocommit statement of its own (the workflow row, its first step's
 //! job, the NOTIFY), so every start paid a statement, a commit and a WAL flush. Concurrent
 //! starts (the API, webhooks, benchmark starters) now hand their rows to a background task
-//! which, like the checkpointer (`checkpoint.rs`), sends whatever piled up while the previous
+//! which, like the checkpointer (`checkpoint`), sends whatever piled up while the previous
 //! batch was in flight as ONE statement over arrays. That statement runs in autocommit, so
 //! the batch is one round trip and one commit; at idle a lone start waits for nothing.
 //!
@@ -16,23 +16,27 @@
 //!   nothing, and the caller gets the holder's id, looked up after the commit in one query
 //!   for the whole batch;
 //! - a batch statement that Postgres refuses wrote nothing; each of its callers then takes
-//!   the one-statement path (`workflow_start_in`) on its own, so only the item that caused
+//!   the one-statement path (`db::start::start_in`) on its own, so only the item that caused
 //!   the error gets it. A failure that leaves the outcome unknown (the connection broke
 //!   while the statement ran) is reported to every caller, as the one-statement path
 //!   reports it to its one caller: retrying with the same unique key is safe;
 //! - a caller that gave up (dropped its future) before its batch went out gets nothing
 //!   written, as a dropped one-statement start did.
 //!
-//! Starts inside a caller's transaction (`workflow_start_in`,
-//! `workflow_start_for_inbox_in`) are not batched: they commit with the caller's writes.
+//! Starts inside a caller's transaction (`WorkflowRuntime::start_in`,
+//! `WorkflowRuntime::start_for_inbox_in`) are not batched: they commit with the caller's writes.
+use super::{Stop, recv_batch};
 use crate::job::NewJob;
-use crate::{Clock, Error, WorkflowId};
+use crate::workflow::db::start::{NewStart, key_holders_in, start_batch_in};
+use crate::workflow::wire::WorkflowId;
+use crate::{Clock, Error};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::PgPool;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 /// Most starts in one statement.
@@ -54,6 +58,23 @@ pub(crate) struct Item {
     /// Whether the job's queue is woken with NOTIFY (the store's setting;
     /// stores that differ only in it share one batcher).
     pub notify: bool,
+}
+
+impl Item {
+    /// The start as the statements take it.
+    fn as_start(&self) -> NewStart<'_> {
+        NewStart {
+            id: self.id,
+            kind: self.kind,
+            version: self.version,
+            input: &self.input,
+            first_step: self.first_step,
+            queue: &self.queue,
+            unique_key: self.unique_key.as_deref(),
+            job: &self.job,
+            notify: self.notify,
+        }
+    }
 }
 
 /// What became of an item.
@@ -81,12 +102,16 @@ pub(crate) struct StartBatcher {
 
 impl StartBatcher {
     /// Starts the batching task on the current runtime.
-    pub(crate) fn start(pool: PgPool, clock: Arc<dyn Clock>) -> Self {
+    pub(crate) fn start(
+        pool: PgPool,
+        clock: Arc<dyn Clock>,
+        mut stop: Stop,
+    ) -> (Self, JoinHandle<()>) {
         let (tx, mut rx) = mpsc::unbounded_channel::<Request>();
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             let mut batch: Vec<Request> = Vec::with_capacity(MAX_BATCH);
             // Whatever piled up while the previous batch was in flight (at least one).
-            while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+            while recv_batch(&mut rx, &mut batch, MAX_BATCH, &mut stop).await > 0 {
                 // A caller that gave up before its start went out (its future
                 // was dropped: a cancelled request) was told nothing, so
                 // nothing is written for it, as before batching.
@@ -105,7 +130,7 @@ impl StartBatcher {
                 }
             }
         });
-        Self { tx }
+        (Self { tx }, task)
     }
 
     /// Starts `item` in the next batch. The item is queued before the first
@@ -128,62 +153,6 @@ impl StartBatcher {
     }
 }
 
-/// The batch statement: `i` is the items (`$2`–`$16`, one array per
-/// column), `$1` the clock's now (`None`: the database's), `$17` the NOTIFY
-/// channel. It says, row by row, what `start_sql!` in `workflow.rs` says
-/// for one start; keep them in step.
-///
-/// Only inserted workflow rows get a job (`wf JOIN i`), so a taken key
-/// enqueues nothing. Duplicate keys inside the batch are fine: `DO NOTHING`
-/// skips a row that conflicts with one this statement inserted (the first
-/// in array order wins; `DO UPDATE` would raise "cannot affect row a second
-/// time" instead). The jobs' unique keys name their new workflow's id, so
-/// they never conflict with each other. No table is scanned (inserts and
-/// CTE joins only), so a generic plan prepared in a fresh, unanalyzed
-/// database is as good as any.
-///
-/// The NOTIFY goes once per distinct queue that got a job from an item
-/// that wants it.
-const BATCH_SQL: &str = "WITH t AS (SELECT coalesce($1::timestamptz, now()) AS n),
-     i AS (
-       SELECT * FROM unnest($2::uuid[], $3::text[], $4::int[], $5::jsonb[], $6::text[],
-                            $7::text[], $8::text[], $9::uuid[], $10::text[], $11::jsonb[],
-                            $12::int2[], $13::int[], $14::int[], $15::text[], $16::bool[])
-         AS i(id, kind, version, input, first_step, queue, unique_key, job, job_kind, args,
-              priority, max_attempts, timeout_ms, job_key, notify)
-     ),
-     wf AS (
-       INSERT INTO workflows (id, kind, version, state, input, current_step, queue,
-                              unique_key, created_at, updated_at)
-       SELECT i.id, i.kind, i.version, 'running', i.input, i.first_step, i.queue,
-              i.unique_key, t.n, t.n
-       FROM i, t
-       ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL DO NOTHING
-       RETURNING id
-     ),
-     job AS (
-       INSERT INTO jobs (id, queue, kind, args, state, priority, max_attempts, timeout_ms,
-                         run_at, unique_key, workflow_id, workflow_step, created_at)
-       SELECT i.job, i.queue, i.job_kind, i.args, 'available'::job_state, i.priority,
-              i.max_attempts, i.timeout_ms, t.n, i.job_key, wf.id, i.first_step, t.n
-       FROM wf JOIN i ON i.id = wf.id, t
-       ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL DO NOTHING
-       RETURNING queue, workflow_id
-     ),
-     ntf AS (
-       SELECT count(pg_notify($17, q.queue)) AS n
-       FROM (SELECT DISTINCT job.queue FROM job JOIN i ON i.id = job.workflow_id
-             WHERE i.notify) q
-     )
-     SELECT wf.id, (SELECT n FROM ntf) FROM wf";
-
-/// The holders of taken keys. One index probe per key: a scalar subquery
-/// on `unique_key = k` is planned on the partial unique index even in a
-/// fresh database, where `unique_key = ANY($1)` (and a join against
-/// `unnest`) got a sequential scan as its generic plan.
-const HOLDERS_SQL: &str = "SELECT k.k, (SELECT w.id FROM workflows w WHERE w.unique_key = k.k)
-     FROM unnest($1::text[]) AS k(k)";
-
 /// Runs one batch; the result is per item, in order.
 async fn apply(pool: &PgPool, now: Option<DateTime<Utc>>, batch: &[Request]) -> Vec<Submitted> {
     let unbatched = || batch.iter().map(|_| Submitted::Unbatched).collect();
@@ -193,61 +162,10 @@ async fn apply(pool: &PgPool, now: Option<DateTime<Utc>>, batch: &[Request]) -> 
         Err(_) => return unbatched(),
     };
     let n = batch.len();
-    let mut id = Vec::with_capacity(n);
-    let mut kind = Vec::with_capacity(n);
-    let mut version = Vec::with_capacity(n);
-    let mut input = Vec::with_capacity(n);
-    let mut first_step = Vec::with_capacity(n);
-    let mut queue = Vec::with_capacity(n);
-    let mut unique_key = Vec::with_capacity(n);
-    let mut job = Vec::with_capacity(n);
-    let mut job_kind = Vec::with_capacity(n);
-    let mut args = Vec::with_capacity(n);
-    let mut priority = Vec::with_capacity(n);
-    let mut max_attempts = Vec::with_capacity(n);
-    let mut timeout_ms = Vec::with_capacity(n);
-    let mut job_key = Vec::with_capacity(n);
-    let mut notify = Vec::with_capacity(n);
-    for (item, _) in batch {
-        id.push(item.id);
-        kind.push(item.kind);
-        version.push(item.version);
-        input.push(&item.input);
-        first_step.push(item.first_step);
-        queue.push(item.queue.as_str());
-        unique_key.push(item.unique_key.as_deref());
-        job.push(item.job.id);
-        job_kind.push(item.job.kind.as_str());
-        args.push(&item.job.args);
-        priority.push(item.job.priority);
-        max_attempts.push(item.job.max_attempts);
-        timeout_ms.push(item.job.timeout_ms());
-        job_key.push(item.job.unique_key.as_deref());
-        notify.push(item.notify);
-    }
+    let starts: Vec<NewStart<'_>> = batch.iter().map(|(item, _)| item.as_start()).collect();
     // Autocommit: the statement is atomic on its own and commits when it
     // answers; no BEGIN and COMMIT round trips around it.
-    let rows: Vec<(Uuid, i64)> = match sqlx::query_as(BATCH_SQL)
-        .bind(now)
-        .bind(&id)
-        .bind(&kind)
-        .bind(&version)
-        .bind(&input)
-        .bind(&first_step)
-        .bind(&queue)
-        .bind(&unique_key)
-        .bind(&job)
-        .bind(&job_kind)
-        .bind(&args)
-        .bind(&priority)
-        .bind(&max_attempts)
-        .bind(&timeout_ms)
-        .bind(&job_key)
-        .bind(&notify)
-        .bind(crate::notify::JOBS_CHANNEL)
-        .fetch_all(&mut *conn)
-        .await
-    {
+    let rows = match start_batch_in(&mut conn, now, &starts).await {
         Ok(rows) => rows,
         // Postgres answered with an error: the statement's implicit
         // transaction rolled back and nothing of the batch was written.
@@ -273,7 +191,7 @@ async fn apply(pool: &PgPool, now: Option<DateTime<Utc>>, batch: &[Request]) -> 
                 .collect();
         }
     };
-    let inserted: HashSet<Uuid> = rows.into_iter().map(|(id, _)| id).collect();
+    let inserted: HashSet<Uuid> = rows.into_iter().collect();
 
     // Items whose key was taken: by a committed instance or by an earlier
     // item of this batch, both visible now that the batch has committed.
@@ -287,12 +205,8 @@ async fn apply(pool: &PgPool, now: Option<DateTime<Utc>>, batch: &[Request]) -> 
     let holders: Option<HashMap<String, Option<Uuid>>> = if taken.is_empty() {
         Some(HashMap::new())
     } else {
-        match sqlx::query_as::<_, (String, Option<Uuid>)>(HOLDERS_SQL)
-            .bind(&taken)
-            .fetch_all(&mut *conn)
-            .await
-        {
-            Ok(rows) => Some(rows.into_iter().collect()),
+        match key_holders_in(&mut conn, &taken).await {
+            Ok(holders) => Some(holders),
             Err(e) => {
                 // Their inserts wrote nothing, so the one-statement path
                 // (insert or find the holder) is safe for them.
@@ -302,6 +216,16 @@ async fn apply(pool: &PgPool, now: Option<DateTime<Utc>>, batch: &[Request]) -> 
             }
         }
     };
+    answers(batch, &inserted, holders.as_ref())
+}
+
+/// Each item's answer, from the instances the batch inserted and the holders of the keys it
+/// found taken (`None`: not known).
+fn answers(
+    batch: &[Request],
+    inserted: &HashSet<Uuid>,
+    holders: Option<&HashMap<String, Option<Uuid>>>,
+) -> Vec<Submitted> {
     batch
         .iter()
         .map(|(item, _)| {
@@ -316,7 +240,7 @@ async fn apply(pool: &PgPool, now: Option<DateTime<Utc>>, batch: &[Request]) -> 
                     item.id
                 )));
             };
-            match holders.as_ref().map(|h| h.get(key).copied().flatten()) {
+            match holders.map(|h| h.get(key).copied().flatten()) {
                 Some(Some(holder)) => Submitted::Started(holder),
                 Some(None) => Submitted::Failed(Error::Invalid(format!(
                     "workflow unique key {key:?} is taken by an instance that is gone"

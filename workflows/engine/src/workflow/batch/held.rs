@@ -1,4 +1,4 @@
-//! Locked batches: the first steps of many workflow deliveries run under one transaction's row locks and checkpoint in one statement and one commit.
+//! Locked batches (layer 3): the first steps of many workflow deliveries run under one transaction's row locks and checkpoint in one statement and one commit.
 //!
 //! The first step of a delivery runs with its workflow row locked (decision 0003): an
 //! operator's cancel waits for the step's checkpoint, a duplicate delivery waits and then finds
@@ -8,10 +8,10 @@
 //! benchmark's Postgres time. Here the deliveries that arrive together share it instead:
 //!
 //! 1. [`LockBatcher::hold`] requests pile up while a batch is open (one at a time, on a
-//!    connection of its own, `checkpoint::BatchConn`: with two open at once the batches were
+//!    connection of its own, `super::conn::BatchConn`: with two open at once the batches were
 //!    smaller and Postgres used more CPU per workflow — 1.89–1.91 against 1.20–1.26 ms in two
 //!    interleaved pairs on a loaded machine); the next batch takes them all and, in ONE
-//!    statement ([`LOCK_SQL`]), locks their job rows by lease token
+//!    statement (`db::lock::lock_batch`), locks their job rows by lease token
 //!    and their workflow rows — only those whose step is due and not journaled, and skipping
 //!    rows someone else holds (that delivery takes the one-at-a-time locked path instead, and
 //!    waits there, so one busy workflow never stalls a batch) — and reads their journals.
@@ -23,7 +23,7 @@
 //! 3. When every held delivery has reported (or a straggler outlived [`STRAGGLER_WAIT`] while
 //!    others had reported or more deliveries waited for a batch: it then continues without the
 //!    batch, as a lock-free step), the batch
-//!    writes every checkpoint in ONE statement (`checkpoint::apply_in`, the group committer's,
+//!    writes every checkpoint in ONE statement (`db::transition::checkpoint_batch_in`, the group committer's,
 //!    each item fenced and checked), which also looks in `pg_locks` for transactions waiting
 //!    on the batch (an operator's cancel: the batch commits, waits until that transaction
 //!    has finished — Postgres would hand the freed row to whoever asks first — and the
@@ -34,17 +34,19 @@
 //! next. Across processes such a duplicate may run the step's body a second time; the journal,
 //! the domain writes and the external call stay exactly-once (they are fenced and happen only
 //! under the lock).
-use crate::Clock;
-use crate::JobId;
-use crate::checkpoint::{self, Applied, BatchConn, Item};
-use chrono::{DateTime, Utc};
+use super::conn::BatchConn;
+use super::{Stop, recv_batch};
+use crate::workflow::db::lock::{
+    HeldRows, HoldRequest, let_waiters_finish, lock_batch, lock_waiters,
+};
+use crate::workflow::db::transition::{Applied, BatchItem, checkpoint_batch_in};
+use crate::{Clock, JobId};
 use sqlx::PgPool;
-use sqlx::postgres::PgRow;
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 /// Most deliveries in one batch.
@@ -55,114 +57,27 @@ const MAX_BATCH: usize = 128;
 /// checkpoints, nor the next batch, back: it goes on without the batch, lock-free.
 const STRAGGLER_WAIT: Duration = Duration::from_millis(20);
 
-/// One batch's statement: `r` is the requests (job, lease token, workflow, step, in order);
-/// `fenced` locks the job rows that still hold their tokens (a token is set only while its row
-/// is `running`, a table constraint); `held` locks the workflow rows
-/// whose current step is the requested one, due (running, or asleep on a timer) and without a
-/// journal row. Rows locked by another transaction are skipped: their deliveries take the
-/// one-at-a-time path. Rows are found by `id = ANY(array)` (see `checkpoint::BATCH_SQL` on
-/// plans) and locked in id order, the order every batch statement uses. No condition on a
-/// `state` column is one an index could serve: with such a condition the planner walked the
-/// state indexes (every running job, every running workflow) instead of the primary keys.
-/// One result row per journal row of a held workflow (or one with NULL journal columns), the
-/// request's ordinal last ([`ORD_COLUMN`]).
-const LOCK_SQL: &str = concat!(
-    "WITH r AS (
-       SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[]) WITH ORDINALITY
-         AS r(job, token, wf, step, ord)
-     ),
-     fenced AS (
-       SELECT j.id, j.lease_token FROM jobs j
-       WHERE j.id = ANY($1::uuid[]) AND j.lease_token = ANY($2::uuid[])
-       ORDER BY j.id
-       FOR UPDATE SKIP LOCKED
-     ),
-     ready AS (
-       SELECT r.ord, r.wf, r.step FROM r JOIN fenced f ON f.id = r.job AND f.lease_token = r.token
-     ),
-     held AS (
-       SELECT w.* FROM workflows w
-       WHERE w.id = ANY($3::uuid[])
-         AND CASE w.state WHEN 'running' THEN true
-                          WHEN 'waiting' THEN w.wait_signal_name IS NULL
-                          ELSE false END
-         AND EXISTS (SELECT 1 FROM ready
-                     WHERE ready.wf = w.id AND ready.step = w.current_step
-                       AND NOT EXISTS (SELECT 1 FROM workflow_steps s
-                                       WHERE s.workflow_id = w.id AND s.step = ready.step))
-       ORDER BY w.id
-       FOR NO KEY UPDATE SKIP LOCKED
-     )
-     SELECT ",
-    crate::workflow::locked_columns!("h"),
-    crate::workflow::journal_columns!(),
-    ", ready.ord
-     FROM ready
-     JOIN held h ON h.id = ready.wf AND h.current_step = ready.step
-     LEFT JOIN workflow_steps s ON s.workflow_id = h.id
-     ORDER BY ready.ord"
-);
-
-/// Where [`LOCK_SQL`]'s rows carry the request's ordinal: after the workflow's
-/// 11 locked columns and the journal's 6.
-const ORD_COLUMN: usize = 17;
-
-/// The backends waiting for the current transaction's locks, and the transaction's start.
-const WAITERS_SQL: &str = "SELECT array_agg(l.pid), statement_timestamp() FROM pg_locks l
-     WHERE l.locktype = 'transactionid' AND NOT l.granted
-       AND l.transactionid = pg_current_xact_id()::text::xid";
-
-/// How long a committed batch waits for the transactions that waited for it (they need
-/// milliseconds; the bound only keeps a stuck one from stalling the batches).
-const WAITERS_WAIT: Duration = Duration::from_secs(2);
-
-/// Waits until none of `pids` is still in a transaction that began before `since`.
-async fn let_waiters_finish(
-    pool: &PgPool,
-    pids: &[i32],
-    since: DateTime<Utc>,
-) -> std::result::Result<(), sqlx::Error> {
-    let deadline = tokio::time::Instant::now() + WAITERS_WAIT;
-    while tokio::time::Instant::now() < deadline {
-        let busy: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1) AND xact_start <= $2",
-        )
-        .bind(pids)
-        .bind(since)
-        .fetch_one(pool)
-        .await?;
-        if busy == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    Ok(())
-}
-
 /// A delivery asking to run its step in a batch.
 struct Request {
-    job_id: JobId,
-    token: Uuid,
-    workflow_id: Uuid,
-    step: String,
+    hold: HoldRequest,
     reply: oneshot::Sender<Option<Held>>,
 }
 
-/// A delivery held by a batch: the rows [`LOCK_SQL`] returned for it (its workflow row's
-/// locked columns and its journal) and the handle to report back through.
+/// A delivery held by a batch: its workflow row and journal as the batch locked them, and the
+/// handle to report back through.
 pub(crate) struct Held {
-    pub rows: Vec<PgRow>,
+    pub rows: HeldRows,
     pub handle: HeldHandle,
 }
 
 /// The answer to a held delivery's checkpoint: what became of it and whether a transaction
 /// was waiting for the batch's locks, or the item back when the batch no longer takes it.
-type Answer = std::result::Result<(Applied, bool), Box<Item>>;
+type Answer = std::result::Result<(Applied, bool), Box<BatchItem>>;
 
 /// What a held delivery reports to its batch.
 enum Event {
     /// Its checkpoint, to write in the batch's statement; answered after the commit.
-    Checkpoint(Box<Item>, oneshot::Sender<Answer>),
+    Checkpoint(Box<BatchItem>, oneshot::Sender<Answer>),
     /// It leaves the batch (and waits for the batch's end to lock on its own).
     Release,
 }
@@ -179,7 +94,7 @@ impl HeldHandle {
     /// of it, and whether a transaction was waiting for the batch's locks. `Err(item)` when
     /// the batch has gone on without this delivery (a straggler, or it released already):
     /// the item was not written and goes to the group committer instead.
-    pub(crate) async fn checkpoint(&self, item: Item) -> Answer {
+    pub(crate) async fn checkpoint(&self, item: BatchItem) -> Answer {
         if self.reported.swap(true, Ordering::SeqCst) {
             return Err(Box::new(item));
         }
@@ -262,18 +177,23 @@ pub(crate) struct LockBatcher {
 
 impl LockBatcher {
     /// Starts the batching task on the current runtime.
-    pub(crate) fn start(pool: PgPool, clock: Arc<dyn Clock>, lease_ttl: Duration) -> Self {
+    pub(crate) fn start(
+        pool: PgPool,
+        clock: Arc<dyn Clock>,
+        lease_ttl: Duration,
+        mut stop: Stop,
+    ) -> (Self, JoinHandle<()>) {
         let (tx, mut rx) = mpsc::unbounded_channel::<Request>();
         let ttl_ms = crate::store::ms(lease_ttl);
         let counters = Arc::new(Counters::default());
         let stats = counters.clone();
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             // One batch at a time, on a connection of its own.
             let mut conn = BatchConn::new(pool.clone());
             loop {
                 // Whatever piled up while the previous batch was open (at least one).
                 let mut batch = Vec::with_capacity(MAX_BATCH);
-                if rx.recv_many(&mut batch, MAX_BATCH).await == 0 {
+                if recv_batch(&mut rx, &mut batch, MAX_BATCH, &mut stop).await == 0 {
                     break;
                 }
                 Counters::sub(&stats.waiting, batch.len());
@@ -284,7 +204,7 @@ impl LockBatcher {
                 Counters::sub(&stats.open, 1);
             }
         });
-        Self { tx, counters }
+        (Self { tx, counters }, task)
     }
 
     /// What the batches have done so far.
@@ -313,10 +233,12 @@ impl LockBatcher {
     ) -> Option<Held> {
         let (reply, answer) = oneshot::channel();
         let request = Request {
-            job_id,
-            token,
-            workflow_id,
-            step: step.to_string(),
+            hold: HoldRequest {
+                job_id,
+                token,
+                workflow_id,
+                step: step.to_string(),
+            },
             reply,
         };
         Counters::add(&self.counters.waiting, 1);
@@ -327,6 +249,9 @@ impl LockBatcher {
         answer.await.ok().flatten()
     }
 }
+
+/// The reports of a batch's held deliveries: checkpoints to write, each with its reply.
+type Reports = Vec<(Box<BatchItem>, oneshot::Sender<Answer>)>;
 
 /// One batch, from its lock statement to its commit. `false` when a statement failed (the
 /// connection may be broken).
@@ -351,56 +276,60 @@ async fn run_batch(
             return false;
         }
     };
-    let mut jobs = Vec::with_capacity(requests.len());
-    let mut tokens = Vec::with_capacity(requests.len());
-    let mut wfs = Vec::with_capacity(requests.len());
-    let mut steps = Vec::with_capacity(requests.len());
-    for r in &requests {
-        jobs.push(r.job_id);
-        tokens.push(r.token);
-        wfs.push(r.workflow_id);
-        steps.push(r.step.as_str());
-    }
-    let rows = sqlx::query(LOCK_SQL)
-        .bind(&jobs)
-        .bind(&tokens)
-        .bind(&wfs)
-        .bind(&steps)
-        .fetch_all(&mut *tx)
-        .await;
-    let rows = match rows {
-        Ok(rows) => rows,
+    let holds: Vec<HoldRequest> = requests.iter().map(|r| r.hold.clone()).collect();
+    let by_index = match lock_batch(&mut tx, &holds).await {
+        Ok(held) => held,
         Err(e) => {
-            tracing::warn!(error = %e, steps = requests.len(),
+            tracing::warn!(error = %e, steps = asked,
                 "locked batch failed to lock; its steps lock one at a time");
             // Dropping the requests answers `None` to each.
             Counters::add(&stats.not_held, asked);
             return false;
         }
     };
-    // The rows of each held request, by ordinal (1-based).
-    let mut by_ord: HashMap<i64, Vec<PgRow>> = HashMap::new();
-    for row in rows {
-        use sqlx::Row;
-        match row.try_get::<i64, _>(ORD_COLUMN) {
-            Ok(ord) => by_ord.entry(ord).or_default().push(row),
-            Err(e) => {
-                tracing::warn!(error = %e, "locked batch returned an unreadable row");
-                Counters::add(&stats.not_held, asked);
-                return false;
-            }
+    let (ended_tx, ended) = watch::channel(false);
+    let (mut events, pending) = hand_out(requests, by_index, ended);
+    Counters::add(&stats.batches, 1);
+    Counters::add(&stats.held, pending);
+    Counters::add(&stats.not_held, asked - pending);
+    let items = collect(&mut events, pending, stats).await;
+    let written = write(tx, pool, clock, ttl_ms, &items).await;
+    let ok = written.is_ok();
+    let (applied, waiting) = written.unwrap_or_else(|e| {
+        tracing::warn!(error = %e, steps = items.len(),
+            "locked batch's checkpoint failed; each step takes the one-at-a-time path");
+        (vec![Applied::Rejected; items.len()], false)
+    });
+    for ((_, reply), applied) in items.into_iter().zip(applied) {
+        let _ = reply.send(Ok((applied, waiting)));
+    }
+    let _ = ended_tx.send(true);
+    // Whatever stragglers report from now on is handed back to them.
+    events.close();
+    while let Ok(event) = events.try_recv() {
+        if let Event::Checkpoint(item, reply) = event {
+            let _ = reply.send(Err(item));
         }
     }
-    let (events_tx, mut events) = mpsc::unbounded_channel::<Event>();
-    let (ended_tx, ended) = watch::channel(false);
+    ok
+}
+
+/// Answers each request: held (its rows and a handle on the batch) or not. Returns the
+/// batch's end of the handles' channel and how many are held.
+fn hand_out(
+    requests: Vec<Request>,
+    mut by_index: std::collections::HashMap<usize, HeldRows>,
+    ended: watch::Receiver<bool>,
+) -> (mpsc::UnboundedReceiver<Event>, usize) {
+    let (events_tx, events) = mpsc::unbounded_channel::<Event>();
     let mut seen = std::collections::HashSet::new();
     let mut pending = 0usize;
-    for (ord, request) in (1i64..).zip(requests) {
+    for (index, request) in requests.into_iter().enumerate() {
         // A second delivery of a workflow the batch already holds is not held: it waits for
         // the batch's commit on the locked path (and then finds the step journaled).
-        let rows = by_ord
-            .remove(&ord)
-            .filter(|_| seen.insert(request.workflow_id));
+        let rows = by_index
+            .remove(&index)
+            .filter(|_| seen.insert(request.hold.workflow_id));
         let Some(rows) = rows else {
             let _ = request.reply.send(None);
             continue;
@@ -417,14 +346,19 @@ async fn run_batch(
         pending += 1;
         let _ = request.reply.send(Some(held));
     }
-    drop(events_tx);
-    Counters::add(&stats.batches, 1);
-    Counters::add(&stats.held, pending);
-    Counters::add(&stats.not_held, asked - pending);
-    let mut items: Vec<(Box<Item>, oneshot::Sender<Answer>)> = Vec::new();
-    // Every STRAGGLER_WAIT the batch looks up: once a held step reported or another delivery
-    // waits for a batch, the steps still running go on without this one. A lone slow step
-    // keeps its lock as long as it runs, as on the one-at-a-time path.
+    (events, pending)
+}
+
+/// Waits for the held deliveries' reports. Every [`STRAGGLER_WAIT`] the batch looks up: once a
+/// held step reported or another delivery waits for a batch, the steps still running go on
+/// without this one. A lone slow step keeps its lock as long as it runs, as on the
+/// one-at-a-time path.
+async fn collect(
+    events: &mut mpsc::UnboundedReceiver<Event>,
+    mut pending: usize,
+    stats: &Counters,
+) -> Reports {
+    let mut items = Vec::new();
     let mut deadline = tokio::time::Instant::now() + STRAGGLER_WAIT;
     let mut reported = false;
     while pending > 0 {
@@ -446,108 +380,44 @@ async fn run_batch(
             items.push((item, reply));
         }
     }
-    let mut waited_on: Option<(Option<Vec<i32>>, DateTime<Utc>)> = None;
-    let written = if items.is_empty() {
-        tx.commit().await.map(|()| (Vec::new(), false))
-    } else {
-        let batch: Vec<&Item> = items.iter().map(|(item, _)| item.as_ref()).collect();
-        match checkpoint::apply_in(&mut tx, clock.now(), ttl_ms, &batch, true).await {
-            Ok((applied, false)) => tx.commit().await.map(|()| (applied, false)),
-            Ok((applied, true)) => {
-                // Someone waits for the batch's locks (an operator's cancel): note who,
-                // commit, and let them finish before any successor of this batch runs.
-                // Postgres gives a freed row to whoever asks first, not to the waiter, so
-                // a successor asking at once could overtake it.
-                let waiters = sqlx::query_as::<_, (Option<Vec<i32>>, DateTime<Utc>)>(WAITERS_SQL)
-                    .fetch_one(&mut *tx)
-                    .await;
-                match tx.commit().await {
-                    Ok(()) => {
-                        waited_on = waiters.ok();
-                        Ok((applied, true))
-                    }
-                    Err(e) => Err(e),
-                }
-            }
+    items
+}
+
+/// Writes the reported checkpoints in the batch's transaction and commits: what became of
+/// each, and whether a transaction was waiting for the batch's locks. Someone waiting (an
+/// operator's cancel) is noted before the commit and let finish after it, before any
+/// successor of this batch runs: Postgres gives a freed row to whoever asks first, not to the
+/// waiter, so a successor asking at once could overtake it.
+async fn write(
+    mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
+    pool: &PgPool,
+    clock: &dyn Clock,
+    ttl_ms: i64,
+    items: &Reports,
+) -> crate::Result<(Vec<Applied>, bool)> {
+    if items.is_empty() {
+        tx.commit().await?;
+        return Ok((Vec::new(), false));
+    }
+    let batch: Vec<&BatchItem> = items.iter().map(|(item, _)| item.as_ref()).collect();
+    let (applied, waiting) =
+        match checkpoint_batch_in(&mut tx, clock.now(), ttl_ms, &batch, true).await {
+            Ok(answer) => answer,
             Err(e) => {
                 // Ended before anyone is told so: the rows are free once this returns (or
                 // the connection, then discarded, is gone).
                 let _ = tx.rollback().await;
-                Err(e)
+                return Err(e.into());
             }
-        }
+        };
+    let waiters = if waiting {
+        lock_waiters(&mut tx).await.ok()
+    } else {
+        None
     };
-    if let Some((Some(pids), since)) = waited_on {
+    tx.commit().await?;
+    if let Some((Some(pids), since)) = waiters {
         let _ = let_waiters_finish(pool, &pids, since).await;
     }
-    let ok = written.is_ok();
-    let (applied, waiting) = written.unwrap_or_else(|e| {
-        tracing::warn!(error = %e, steps = items.len(),
-            "locked batch's checkpoint failed; each step takes the one-at-a-time path");
-        (vec![Applied::Rejected; items.len()], false)
-    });
-    for ((_, reply), applied) in items.into_iter().zip(applied) {
-        let _ = reply.send(Ok((applied, waiting)));
-    }
-    let _ = ended_tx.send(true);
-    // Whatever stragglers report from now on is handed back to them.
-    events.close();
-    while let Ok(event) = events.try_recv() {
-        if let Event::Checkpoint(item, reply) = event {
-            let _ = reply.send(Err(item));
-        }
-    }
-    ok
-}
-
-/// In-process serialization of one workflow's deliveries (see the module's doc).
-#[derive(Debug, Default)]
-pub(crate) struct Gates {
-    open: std::sync::Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
-}
-
-/// A delivery's turn on its workflow; the next one's comes when it is dropped.
-pub(crate) struct Gate {
-    gates: Arc<Gates>,
-    id: Uuid,
-    turn: Option<tokio::sync::OwnedMutexGuard<()>>,
-}
-
-impl Gates {
-    /// Waits for the turn of a delivery of workflow `id`.
-    pub(crate) async fn enter(self: &Arc<Self>, id: Uuid) -> Gate {
-        let gate = {
-            let mut open = self
-                .open
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            open.entry(id).or_default().clone()
-        };
-        let turn = gate.lock_owned().await;
-        Gate {
-            gates: self.clone(),
-            id,
-            turn: Some(turn),
-        }
-    }
-}
-
-impl Drop for Gate {
-    fn drop(&mut self) {
-        let mut open = self
-            .gates
-            .open
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        // The map's and this turn's references only: nobody else waits, forget the gate.
-        // (New waiters clone it under this same lock, so the count cannot grow meanwhile.)
-        if open
-            .get(&self.id)
-            .is_some_and(|g| Arc::strong_count(g) <= 2)
-        {
-            open.remove(&self.id);
-        }
-        drop(open);
-        self.turn.take();
-    }
+    Ok((applied, waiting))
 }

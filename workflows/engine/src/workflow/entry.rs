@@ -1,0 +1,231 @@
+//! Entry points (layer 8): starting workflows and the operator actions on them.
+//!
+//! [`WorkflowRuntime::start`] starts in its own transaction, batched with concurrent starts.
+//! The `_in` functions run on the caller's connection — inside their transaction, so a start
+//! commits with the request's idempotency row, an operator action with its audit row — and
+//! need only the store and the definitions (a step may start a workflow of another registry).
+use super::batch::start::{Item, Submitted};
+use super::db::lock::lock_workflow;
+use super::db::operator::{self, Resumed, step_status_in};
+use super::db::start::{NewStart, start_for_inbox_in, start_in};
+use super::definition::Workflow;
+use super::exec::in_doubt::{Verdict, settle_in};
+use super::outcome::Resolution;
+use super::registry::WorkflowRegistry;
+use super::runtime::WorkflowRuntime;
+use super::state::{StepStatus, WorkflowState};
+use super::wire::{Wake, WorkflowId, step_job};
+use crate::inbox::{InboxEntry, InboxInserted};
+use crate::{Error, NewJob, Result, Store};
+use serde_json::Value;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+/// A start of `kind` at its newest registered version: the new instance's id, the definition,
+/// and its first step's job.
+struct Starting<'a> {
+    id: WorkflowId,
+    def: &'a Workflow,
+    job: NewJob,
+}
+
+impl<'a> Starting<'a> {
+    fn new(registry: &'a WorkflowRegistry, kind: &str) -> Result<Self> {
+        let def = registry
+            .latest(kind)
+            .ok_or_else(|| Error::Invalid(format!("no workflow of kind {kind:?} is registered")))?;
+        let first = def
+            .steps
+            .first()
+            .ok_or_else(|| Error::Invalid(format!("workflow {kind:?} has no steps")))?
+            .name;
+        let id = Uuid::now_v7();
+        let max_attempts = Some(def.max_attempts);
+        let job = step_job(id, &def.queue, first, Wake::Entry, None, max_attempts);
+        job.validate()?;
+        Ok(Self { id, def, job })
+    }
+
+    fn start<'b>(&'b self, input: &'b Value, key: Option<&'b str>, notify: bool) -> NewStart<'b> {
+        NewStart {
+            id: self.id,
+            kind: self.def.kind,
+            version: self.def.version,
+            input,
+            first_step: self.def.steps[0].name,
+            queue: &self.def.queue,
+            unique_key: key,
+            job: &self.job,
+            notify,
+        }
+    }
+}
+
+impl WorkflowRuntime {
+    /// Starts a workflow of `kind` at its newest registered version with `input`, in its own
+    /// transaction: returns once the instance and its first job are committed. Concurrent calls
+    /// share one statement and one commit. With a `unique_key`, starting again returns the
+    /// existing instance's id and enqueues nothing.
+    pub async fn start(
+        &self,
+        kind: &str,
+        input: &Value,
+        unique_key: Option<&str>,
+    ) -> Result<WorkflowId> {
+        let store = self.store();
+        let starting = Starting::new(self.registry(), kind)?;
+        let item = Item {
+            id: starting.id,
+            kind: starting.def.kind,
+            version: starting.def.version,
+            input: input.clone(),
+            first_step: starting.def.steps[0].name,
+            queue: starting.def.queue.clone(),
+            unique_key: unique_key.map(str::to_owned),
+            job: starting.job.clone(),
+            notify: store.config().notify,
+        };
+        let submitted = match self.start_batcher() {
+            Some(batcher) => batcher.submit(item).await,
+            None => Submitted::Unbatched,
+        };
+        match submitted {
+            Submitted::Started(id) => Ok(id),
+            Submitted::Failed(e) => Err(e),
+            // The batch wrote nothing of it: one statement, atomic on its own.
+            Submitted::Unbatched => {
+                let mut conn = store.pool().acquire().await?;
+                let start = starting.start(input, unique_key, store.config().notify);
+                start_in(&mut conn, store, &start).await
+            }
+        }
+    }
+}
+
+/// Starts a workflow of `kind` at its newest registered version on the caller's connection
+/// (inside their transaction, if one is open): inserts the instance and enqueues its first
+/// step's job. With a `unique_key`, starting again returns the existing instance's id and
+/// enqueues nothing.
+pub async fn workflow_start_in(
+    conn: &mut PgConnection,
+    store: &Store,
+    registry: &WorkflowRegistry,
+    kind: &str,
+    input: &Value,
+    unique_key: Option<&str>,
+) -> Result<WorkflowId> {
+    let starting = Starting::new(registry, kind)?;
+    let start = starting.start(input, unique_key, store.config().notify);
+    start_in(conn, store, &start).await
+}
+
+/// Records `entry` in the inbox and, when it is new, starts a workflow of `kind` for it whose
+/// input is `input` (an object) with `"inbox_id"` set to the new inbox row's id — in ONE
+/// statement, atomic on its own: run it on a pooled connection, without a transaction around
+/// it, and it is one round trip (the webhook intake's hot path). A duplicate entry starts
+/// nothing and returns no workflow; a new entry whose workflow `unique_key` is taken returns
+/// the existing instance, as [`workflow_start_in`] does.
+pub async fn workflow_start_for_inbox_in(
+    conn: &mut PgConnection,
+    store: &Store,
+    registry: &WorkflowRegistry,
+    entry: &InboxEntry<'_>,
+    (kind, input, unique_key): (&str, &Value, Option<&str>),
+) -> Result<(InboxInserted, Option<WorkflowId>)> {
+    entry.check()?;
+    if !input.is_object() {
+        return Err(Error::Invalid(
+            "the input of a workflow started for an inbox entry must be a JSON object".into(),
+        ));
+    }
+    let starting = Starting::new(registry, kind)?;
+    let start = starting.start(input, unique_key, store.config().notify);
+    start_for_inbox_in(conn, store, &start, entry).await
+}
+
+/// Cancels a workflow that has not finished (operator action, on the caller's connection so
+/// the audit row commits with it). Its pending step jobs are cancelled; a step running right
+/// now finishes first (it holds the workflow row) and its successor job is cancelled too.
+/// Returns false when the workflow was already finished.
+pub async fn workflow_cancel_in(
+    conn: &mut PgConnection,
+    store: &Store,
+    id: WorkflowId,
+    reason: &str,
+) -> Result<bool> {
+    operator::cancel_in(conn, store, id, reason).await
+}
+
+/// Resumes a failed workflow (operator action, on the caller's connection): a failed step runs
+/// again; a workflow whose compensation exhausted its attempts resumes compensating at that
+/// step. Returns false unless the workflow is `failed`.
+pub async fn workflow_retry_in(
+    conn: &mut PgConnection,
+    store: &Store,
+    id: WorkflowId,
+) -> Result<bool> {
+    let Some(Resumed {
+        step,
+        queue,
+        seq,
+        state,
+    }) = operator::retry_in(conn, store, id).await?
+    else {
+        return Ok(false);
+    };
+    let wake = if state == WorkflowState::Compensating {
+        Wake::Compensate { seq }
+    } else {
+        Wake::Retry { seq }
+    };
+    let job = step_job(id, &queue, &step, wake, None, None);
+    store.job_insert_in(conn, &job).await?;
+    Ok(true)
+}
+
+/// Settles an in-doubt step (admin action, on the caller's connection so the audit row commits
+/// with it): [`Resolution::Succeeded`] completes the step with the given output and enqueues
+/// its successor (or completes the workflow); [`Resolution::Failed`] fails it, which
+/// compensates the completed steps (or fails the workflow). Returns false when `step` of `id`
+/// is not in doubt (already settled, or never was). Call it inside a transaction: the workflow
+/// row is locked (`FOR NO KEY UPDATE`) until it commits, which serializes it with a reconcile
+/// hook running right now. A pending reconcile job finds the step settled and does nothing.
+pub async fn workflow_resolve_in(
+    conn: &mut PgConnection,
+    store: &Store,
+    registry: &WorkflowRegistry,
+    id: WorkflowId,
+    step: &str,
+    resolution: Resolution,
+) -> Result<bool> {
+    let Some(wf) = lock_workflow(conn, id).await? else {
+        return Ok(false);
+    };
+    if wf.state != WorkflowState::Waiting || wf.current_step.as_deref() != Some(step) {
+        return Ok(false);
+    }
+    if step_status_in(conn, id, step).await? != Some(StepStatus::InDoubt) {
+        return Ok(false);
+    }
+    let def = registry.get(&wf.kind, wf.version).ok_or_else(|| {
+        Error::Invalid(format!(
+            "workflow {} v{} is not registered",
+            wf.kind, wf.version
+        ))
+    })?;
+    let idx = def.index_of(step).ok_or_else(|| {
+        Error::Invalid(format!(
+            "workflow {} v{} has no step {step:?}",
+            wf.kind, wf.version
+        ))
+    })?;
+    settle_in(
+        conn,
+        store,
+        (&wf, def, idx),
+        Verdict::from(resolution),
+        "admin",
+    )
+    .await?;
+    Ok(true)
+}
