@@ -7,7 +7,7 @@
 //! - [`job`]      — job rows, states, and the `NewJob` builder used to enqueue;
 //! - [`store`]    — the queue's SQL: insert, claim, heartbeat, finish, rescue,
 //!   promote, prune and the operator actions (retry, cancel, discard);
-//! - [`lease`]    — a claimed attempt's lease and the fenced transaction that
+//! - [`lease`]    — a claimed attempt's lease; [`fenced`] — the fenced transaction that
 //!   lets a handler commit its own writes together with the job's completion;
 //! - [`outcome`]  — what a handler returns (complete, retry, fail, cancel, snooze);
 //! - [`retry`]    — exponential backoff with jitter;
@@ -45,6 +45,7 @@ pub mod consumer_lag;
 pub mod cron;
 pub mod dead_letter;
 pub mod error;
+pub mod fenced;
 pub mod inbox;
 pub mod job;
 pub mod lease;
@@ -64,7 +65,8 @@ pub mod workflow_testing;
 pub use clock::{Clock, DbClock, ManualClock};
 pub use error::{Error, Result};
 pub use job::{Inserted, Job, JobId, JobState, NewJob};
-pub use lease::{FencedTx, Lease};
+pub use fenced::FencedTx;
+pub use lease::Lease;
 pub use outcome::Outcome;
 pub use retry::RetryPolicy;
 pub use signal::{SignalSent, signal_send, signal_send_in};
