@@ -64,8 +64,8 @@ pub mod workflow_testing;
 
 pub use clock::{Clock, DbClock, ManualClock};
 pub use error::{Error, Result};
-pub use job::{Inserted, Job, JobId, JobState, NewJob};
 pub use fenced::FencedTx;
+pub use job::{Inserted, Job, JobId, JobState, NewJob};
 pub use lease::Lease;
 pub use outcome::Outcome;
 pub use retry::RetryPolicy;

@@ -501,3 +501,47 @@ async fn heard_until_sentinel(env: &Env, listener: &mut PgListener) -> Result<Ve
         heard.push(n.payload().to_string());
     }
 }
+
+/// The batch statement inserts, row by row, what the one-start statement inserts: the same
+/// workflow row and the same first job (ids and keys aside).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn start_statements_leave_identical_rows() -> TestResult {
+    let env = Env::new(false).await?;
+    let reg = registry()?;
+    let rt = WorkflowRuntime::new(env.store.clone(), reg.clone());
+    let input = json!({ "n": 7, "nested": { "amount": "1.50" } });
+    let one = {
+        let mut conn = env.db.pool.acquire().await?;
+        workflow_start_in(&mut conn, &env.store, &reg, "order", &input, Some("one")).await?
+    };
+    let batched = rt.start("order", &input, Some("batched")).await?;
+    assert_ne!(env.xmin(one).await?, env.xmin(batched).await?);
+    let row = |id: WorkflowId, key: &'static str| {
+        let other = env.other.clone();
+        async move {
+            let (wf, job): (Value, Value) = sqlx::query_as(
+                "SELECT to_jsonb(w) - 'id' - 'unique_key',
+                        to_jsonb(j) - 'id' - 'unique_key' - 'args' - 'workflow_id'
+                                    || jsonb_build_object('args', j.args - 'workflow_id')
+                 FROM workflows w JOIN jobs j ON j.workflow_id = w.id
+                 WHERE w.id = $1",
+            )
+            .bind(id)
+            .fetch_one(&other)
+            .await?;
+            let key_of: Option<String> =
+                sqlx::query_scalar("SELECT unique_key FROM workflows WHERE id = $1")
+                    .bind(id)
+                    .fetch_one(&other)
+                    .await?;
+            assert_eq!(key_of.as_deref(), Some(key));
+            Ok::<_, sqlx::Error>((wf, job))
+        }
+    };
+    let (wf_one, job_one) = row(one, "one").await?;
+    let (wf_batched, job_batched) = row(batched, "batched").await?;
+    assert_eq!(wf_one, wf_batched);
+    assert_eq!(job_one, job_batched);
+    rt.shutdown().await;
+    Ok(())
+}

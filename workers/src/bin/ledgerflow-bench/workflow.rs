@@ -101,6 +101,16 @@ pub struct Args {
     /// own claimed job, as before inline continuation).
     #[arg(long, default_value_t = Inline::default().max_steps)]
     inline_steps: u32,
+
+    /// Steady state: keep starting workflows for `--warmup-secs` plus this many seconds, and
+    /// measure only this window (workflows finished in it, their CPU, and the start→finish
+    /// times of those started and finished in it). 0: one burst of `--workflows`.
+    #[arg(long, default_value_t = 0)]
+    duration_secs: u64,
+
+    /// Seconds of load before the steady-state window opens.
+    #[arg(long, default_value_t = 10)]
+    warmup_secs: u64,
 }
 
 /// The most connections the pool is raised to: Postgres' default `max_connections` is 100, and
@@ -155,18 +165,20 @@ fn definition() -> Workflow {
         })
 }
 
-/// Start instants of unfinished workflows and start→finish times of finished ones.
+/// Start instants of unfinished workflows and start and finish instants of finished ones.
 #[derive(Default)]
 struct Tracker {
     started: HashMap<Uuid, Instant>,
     /// Finishes seen before their start was recorded (the start call had not returned yet).
     early: HashMap<Uuid, Instant>,
-    latencies_ms: Vec<f64>,
-    last_finish: Option<Instant>,
+    finished: Vec<(Instant, Instant)>,
+    /// Starts that returned.
+    starts: usize,
 }
 
 impl Tracker {
     fn start(&mut self, id: Uuid, at: Instant) {
+        self.starts += 1;
         match self.early.remove(&id) {
             Some(done) => self.finish_at(at, done),
             None => {
@@ -185,9 +197,47 @@ impl Tracker {
     }
 
     fn finish_at(&mut self, at: Instant, done: Instant) {
-        self.latencies_ms.push((done - at).as_secs_f64() * 1e3);
-        self.last_finish = Some(self.last_finish.map_or(done, |l| l.max(done)));
+        self.finished.push((at, done));
     }
+}
+
+/// Where the figures come from: every workflow (a burst), or a window of a steady run.
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    from: Instant,
+    to: Option<Instant>,
+}
+
+impl Window {
+    /// The finished workflows this window counts, their start→finish times (ms, sorted) and
+    /// the window's length (a burst's: from the first start to the last finish).
+    fn measure(&self, finished: &[(Instant, Instant)]) -> (usize, Vec<f64>, Duration) {
+        match self.to {
+            None => {
+                let last = finished.iter().map(|(_, d)| *d).max().unwrap_or(self.from);
+                let mut xs: Vec<f64> = finished.iter().map(|(a, d)| ms(*d - *a)).collect();
+                xs.sort_by(f64::total_cmp);
+                (finished.len(), xs, last - self.from)
+            }
+            Some(to) => {
+                let done = finished
+                    .iter()
+                    .filter(|(_, d)| (self.from..to).contains(d))
+                    .count();
+                let mut xs: Vec<f64> = finished
+                    .iter()
+                    .filter(|(a, d)| *a >= self.from && *d < to)
+                    .map(|(a, d)| ms(*d - *a))
+                    .collect();
+                xs.sort_by(f64::total_cmp);
+                (done, xs, to - self.from)
+            }
+        }
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
 }
 
 async fn measure(args: &Args, db: &BenchDb, bg_pct: u32) -> Result<Figures> {
@@ -255,86 +305,136 @@ async fn measure(args: &Args, db: &BenchDb, bg_pct: u32) -> Result<Figures> {
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let next = Arc::new(AtomicUsize::new(0));
-    let cpu0 = CpuUse::now(&db.name);
+    let steady = args.duration_secs > 0;
+    let cpu_start = CpuUse::now(&db.name);
     let t0 = Instant::now();
-    let tokio_t0 = tokio::time::Instant::now();
-    let mut starters = Vec::new();
-    for _ in 0..args.starters {
-        let (runtime, tracker, slots, next) = (
-            runtime.clone(),
-            tracker.clone(),
-            slots.clone(),
-            next.clone(),
-        );
-        let (n, rate) = (args.workflows, args.rate);
-        starters.push(tokio::spawn(async move {
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= n {
-                    return Ok::<(), anyhow::Error>(());
-                }
-                if rate > 0.0 {
-                    let due = tokio_t0 + Duration::from_secs_f64(i as f64 / rate);
-                    tokio::time::sleep_until(due).await;
-                }
-                slots.acquire().await.context("in-flight bound")?.forget();
-                let at = Instant::now();
-                let id = runtime.start(KIND, &json!({ "i": i }), None).await?;
-                tracker
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .start(id, at);
-            }
-        }));
-    }
+    let warmup = Duration::from_secs(if steady { args.warmup_secs } else { 0 });
+    let end = steady.then(|| t0 + warmup + Duration::from_secs(args.duration_secs));
+    let load = Load {
+        runtime: runtime.clone(),
+        tracker: tracker.clone(),
+        slots,
+        next,
+        t0,
+        until: end,
+    };
+    let starters: Vec<_> = (0..args.starters).map(|_| load.starter(args)).collect();
+    // A steady run's window: CPU read as it opens and as it closes.
+    let (window, cpu) = match end {
+        Some(end) => {
+            tokio::time::sleep_until((t0 + warmup).into()).await;
+            let (from, cpu_from) = (Instant::now(), CpuUse::now(&db.name));
+            tokio::time::sleep_until(end.into()).await;
+            let cpu = CpuUse::now(&db.name).since(cpu_from);
+            let window = Window {
+                from,
+                to: Some(Instant::now()),
+            };
+            (window, Some(cpu))
+        }
+        None => (Window { from: t0, to: None }, None),
+    };
     for s in starters {
         s.await.context("starter task")??;
     }
-    let deadline = Instant::now() + DRAIN_TIMEOUT;
-    loop {
-        let done = tracker
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .latencies_ms
-            .len();
-        if done >= args.workflows {
-            break;
-        }
-        if Instant::now() > deadline {
-            runner.shutdown(SHUTDOWN_GRACE).await;
-            runtime.shutdown().await;
-            bail!(
-                "{done} of {} workflows finished after {}s",
-                args.workflows,
-                DRAIN_TIMEOUT.as_secs()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let cpu = CpuUse::now(&db.name).since(cpu0);
+    let total = drained(&tracker, args).await;
+    let cpu = cpu.unwrap_or_else(|| CpuUse::now(&db.name).since(cpu_start));
     runner.shutdown(SHUTDOWN_GRACE).await;
     runtime.shutdown().await;
-    verify(db, args.workflows).await?;
+    let total = total?;
+    verify(db, total).await?;
 
-    let (mut xs, last) = {
-        let mut t = tracker.lock().unwrap_or_else(|p| p.into_inner());
-        (std::mem::take(&mut t.latencies_ms), t.last_finish)
-    };
-    let wall = last.context("no workflow finished")? - t0;
-    xs.sort_by(f64::total_cmp);
+    let finished = std::mem::take(&mut tracker.lock().unwrap_or_else(|p| p.into_inner()).finished);
+    let (count, xs, wall) = window.measure(&finished);
+    ensure!(count > 0, "no workflow finished in the measured window");
     Ok(Figures {
-        workflows: xs.len(),
-        per_s: xs.len() as f64 / wall.as_secs_f64(),
+        workflows: count,
+        per_s: count as f64 / wall.as_secs_f64(),
         p50_ms: percentile(&xs, 50.0),
         p99_ms: percentile(&xs, 99.0),
         max_ms: xs.last().copied().unwrap_or_default(),
         wall_s: wall.as_secs_f64(),
         cpu: CpuUse {
-            this_ms: cpu.this_ms / xs.len() as f64,
-            postgres_ms: cpu.postgres_ms / xs.len() as f64,
+            this_ms: cpu.this_ms / count as f64,
+            postgres_ms: cpu.postgres_ms / count as f64,
         },
         bg_pct,
     })
+}
+
+/// What the starter tasks share.
+#[derive(Clone)]
+struct Load {
+    runtime: WorkflowRuntime,
+    tracker: Arc<Mutex<Tracker>>,
+    slots: Arc<Semaphore>,
+    next: Arc<AtomicUsize>,
+    /// When the first start was due (`--rate` paces from here).
+    t0: Instant,
+    /// A steady run starts until then; a burst until `--workflows` are started.
+    until: Option<Instant>,
+}
+
+impl Load {
+    /// A task starting workflows (paced by `--rate`, bounded by `--in-flight`).
+    fn starter(&self, args: &Args) -> tokio::task::JoinHandle<Result<()>> {
+        let load = self.clone();
+        let (n, rate) = (args.workflows, args.rate);
+        let tokio_t0 = tokio::time::Instant::from_std(self.t0);
+        tokio::spawn(async move {
+            loop {
+                let i = load.next.fetch_add(1, Ordering::Relaxed);
+                let over = match load.until {
+                    Some(end) => Instant::now() >= end,
+                    None => i >= n,
+                };
+                if over {
+                    return Ok(());
+                }
+                if rate > 0.0 {
+                    let due = tokio_t0 + Duration::from_secs_f64(i as f64 / rate);
+                    tokio::time::sleep_until(due).await;
+                }
+                load.slots
+                    .acquire()
+                    .await
+                    .context("in-flight bound")?
+                    .forget();
+                let at = Instant::now();
+                let id = load.runtime.start(KIND, &json!({ "i": i }), None).await?;
+                load.tracker
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .start(id, at);
+            }
+        })
+    }
+}
+
+/// Waits until every started workflow has finished; how many that is.
+async fn drained(tracker: &Mutex<Tracker>, args: &Args) -> Result<usize> {
+    let deadline = Instant::now() + DRAIN_TIMEOUT;
+    loop {
+        let (done, started) = {
+            let t = tracker.lock().unwrap_or_else(|p| p.into_inner());
+            (t.finished.len(), t.starts)
+        };
+        let wanted = if args.duration_secs > 0 {
+            started
+        } else {
+            args.workflows
+        };
+        if done >= wanted {
+            return Ok(done);
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{done} of {wanted} workflows finished after {}s",
+                DRAIN_TIMEOUT.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// Checks the database agrees: `n` completed workflows, each with its three steps journaled,
@@ -395,6 +495,13 @@ fn report(args: &Args, f: &Figures) -> Result<()> {
                 args.concurrency, args.prefetch, args.pool.pool_size
             ),
         ),
+        (
+            "window: warm-up / measured s",
+            match args.duration_secs {
+                0 => "burst".to_string(),
+                d => format!("{} / {d}", args.warmup_secs),
+            },
+        ),
         ("bg_pct", f.bg_pct.to_string()),
     ];
     print_table(&rows);
@@ -410,6 +517,8 @@ fn report(args: &Args, f: &Figures) -> Result<()> {
         "in_flight": args.in_flight,
         "starters": args.starters,
         "rate": args.rate,
+        "warmup_secs": args.warmup_secs,
+        "duration_secs": args.duration_secs,
         "concurrency": args.concurrency,
         "prefetch": args.prefetch,
         "pool_size": args.pool.pool_size,
@@ -433,8 +542,28 @@ mod tests {
         // b's last step committed before its start call returned.
         t.finish(b, t0 + Duration::from_millis(9));
         t.start(b, t0 + Duration::from_millis(1));
-        assert_eq!(t.latencies_ms, vec![4.0, 8.0]);
+        let ms = Duration::from_millis;
+        assert_eq!(t.finished, vec![(t0, t0 + ms(4)), (t0 + ms(1), t0 + ms(9))]);
         assert!(t.started.is_empty() && t.early.is_empty());
-        assert_eq!(t.last_finish, Some(t0 + Duration::from_millis(9)));
+        assert_eq!(t.starts, 2);
+        let burst = Window { from: t0, to: None }.measure(&t.finished);
+        assert_eq!(burst, (2, vec![4.0, 8.0], ms(9)));
+    }
+
+    #[test]
+    fn a_steady_window_counts_finishes_in_it_and_times_whole_runs_in_it() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let finished = [
+            (t0, t0 + ms(5)),           // before the window
+            (t0 + ms(8), t0 + ms(12)),  // started before, finished in it
+            (t0 + ms(11), t0 + ms(14)), // wholly in it
+            (t0 + ms(15), t0 + ms(25)), // finished after it
+        ];
+        let window = Window {
+            from: t0 + ms(10),
+            to: Some(t0 + ms(20)),
+        };
+        assert_eq!(window.measure(&finished), (2, vec![3.0], ms(10)));
     }
 }

@@ -28,9 +28,7 @@ impl BatchConn {
             Some(conn) => conn,
             None => {
                 let mut conn = self.pool.connect_options().connect().await?;
-                sqlx::query("SET enable_seqscan = off")
-                    .execute(&mut conn)
-                    .await?;
+                crate::workflow::db::batch_session_in(&mut conn).await?;
                 conn
             }
         };

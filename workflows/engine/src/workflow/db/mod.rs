@@ -62,3 +62,12 @@ pub(crate) struct Unchanged<'a> {
 pub(crate) fn position(index: usize) -> i32 {
     i32::try_from(index).unwrap_or(i32::MAX)
 }
+
+/// Prices sequential scans out of a batching task's own connection's plans (see
+/// `batch::conn::BatchConn` on why): every lookup of the batch statements has an index.
+pub(crate) async fn batch_session_in(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query("SET enable_seqscan = off")
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}

@@ -12,8 +12,10 @@
 //!   item fenced and re-checked inside it, its job row moved on in place (HOT) or completed.
 //!   The group committer's and the locked batches' checkpoint.
 //!
-//! They share their journal upsert ([`journal_completed_on_conflict`]); what else they write is
-//! proven identical by `transitions_leave_identical_rows` in the engine's workflow tests — the
+//! They share their journal upsert ([`journal_completed_on_conflict`]); that the rest of what
+//! they write agrees is proven by the engine's conformance suite
+//! (`workflows/engine/tests/conformance.rs`), which runs every workflow behaviour under each
+//! execution configuration — and so through each of these shapes — and compares the rows. The
 //! one difference by design is the moved job row: [`checkpoint_move_in`] gives it the
 //! successor's unique key and `run_at` (an index change), [`checkpoint_batch_in`] keeps them so
 //! Postgres updates the row in place.
