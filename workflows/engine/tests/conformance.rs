@@ -551,12 +551,17 @@ async fn a_cancel_between_steps_stops_the_workflow() -> TestResult {
 async fn a_cancel_during_a_step_stops_the_workflow_after_it() -> TestResult {
     let (release, released) = tokio::sync::watch::channel(false);
     let release = Arc::new(release);
+    // Set when `a`'s body runs (under the workflow's lock on every path here).
+    let (enter, entered) = tokio::sync::watch::channel(false);
+    let enter = Arc::new(enter);
+    let reset = enter.clone();
     let wf = move || {
-        let released = released.clone();
+        let (released, enter) = (released.clone(), enter.clone());
         Workflow::new("slow", 1)
             .step("a", move |_ctx: StepCtx| {
-                let mut released = released.clone();
+                let (mut released, enter) = (released.clone(), enter.clone());
                 async move {
+                    enter.send_replace(true);
                     let _ = released.wait_for(|r| *r).await;
                     Ok(StepOutcome::Continue(json!("a")))
                 }
@@ -569,9 +574,11 @@ async fn a_cancel_during_a_step_stops_the_workflow_after_it() -> TestResult {
     conforms(
         || registry(wf()),
         |rig| {
-            let release = release.clone();
+            let (release, mut entered) = (release.clone(), entered.clone());
+            let reset = reset.clone();
             async move {
                 release.send_replace(false);
+                reset.send_replace(false);
                 let id = rig.start("slow").await?;
                 let jobs = rig.claim(1).await?;
                 let rig = Arc::new(rig);
@@ -579,6 +586,7 @@ async fn a_cancel_during_a_step_stops_the_workflow_after_it() -> TestResult {
                     let (rig, job) = (rig.clone(), jobs[0].clone());
                     tokio::spawn(async move { rig.run(&job).await })
                 };
+                entered.wait_for(|e| *e).await?;
                 // The operator's cancel, while `a` runs: it waits for the step's lock.
                 let canceller = {
                     let rig = rig.clone();
