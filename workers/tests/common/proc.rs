@@ -85,7 +85,9 @@ impl Proc {
             if std::time::Instant::now() > deadline {
                 child.kill()?;
                 child.wait()?;
-                return Err(format!("{} did not stop within {grace:?} of SIGTERM", self.name).into());
+                return Err(
+                    format!("{} did not stop within {grace:?} of SIGTERM", self.name).into(),
+                );
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
