@@ -13,6 +13,7 @@ mod http;
 mod kafka;
 mod openapi;
 mod pg;
+mod pipeline;
 mod schemathesis;
 mod test;
 
@@ -41,6 +42,9 @@ enum Command {
     Bench(bench::Args),
     /// Lint, render and validate the Helm chart offline; check its container args against the binary.
     HelmCheck,
+    /// The deploy pipeline's checks: actionlint on .github/workflows, the Dockerfile's build
+    /// commands run here, and helm-check against the binary they built.
+    Pipeline,
     /// Write the OpenAPI specs to api/openapi/.
     Openapi(openapi::Args),
     /// Property-based tests generated from the OpenAPI specs against a running system.
@@ -55,6 +59,7 @@ fn main() -> ExitCode {
         Command::Dev(args) => dev::run(args),
         Command::Bench(args) => bench::run(args),
         Command::HelmCheck => helm_check::run(cmd::workspace_root()),
+        Command::Pipeline => pipeline::run(cmd::workspace_root()),
         Command::Openapi(args) => openapi::run(args),
         Command::Schemathesis(args) => schemathesis::run(args),
         Command::E2e(args) => browser::run(args),
