@@ -26,16 +26,21 @@
 //! `running`; and no process exited: each reconnected on its own. The time
 //! from each fault to the first job completed after it is printed.
 //!
+//! The same runs again with PgBouncer as that address instead (repointed by
+//! a reload), with the processes' `LEDGERFLOW_PGBOUNCER` switch on.
+//!
 //! `LF_SEED=<n>` replays a seed (default [`DEFAULT_SEED`]): it plans the
 //! requests and their gaps; the faults come at fixed offsets.
 //! `TEST_LOG=1` prints the process logs' tails on success too. Logs:
-//! `$CARGO_TARGET_TMPDIR/postgres_failover/`.
+//! `$CARGO_TARGET_TMPDIR/postgres_failover/{forwarder,pgbouncer}/`.
 #[path = "common/broker.rs"]
 mod broker;
 #[path = "common/forwarder.rs"]
 mod forwarder;
 #[path = "common/payments_load.rs"]
 mod payments_load;
+#[path = "common/pgbouncer.rs"]
+mod pgbouncer;
 #[path = "common/private_pg.rs"]
 mod private_pg;
 #[path = "common/proc.rs"]
@@ -55,6 +60,7 @@ use payments_load::{
     Accepted, Client, ExchangeCalls, Rng, TestResult, User, check_payments, env_u64, fund_user,
     plan, run_client,
 };
+use pgbouncer::PgBouncer;
 use private_pg::PrivatePg;
 use proc::Proc;
 use serde_json::json;
@@ -92,6 +98,39 @@ enum Fault {
     Failover,
 }
 
+/// The one address the processes reach Postgres through.
+enum Front {
+    /// A TCP forwarder, like a Kubernetes Service or an RDS endpoint.
+    Forwarder(Forwarder),
+    /// PgBouncer (session pooling, see the test), repointed by a reload.
+    PgBouncer(PgBouncer),
+}
+
+impl Front {
+    async fn start(pgbouncer: bool, primary: &PrivatePg) -> TestResult<Front> {
+        Ok(if pgbouncer {
+            Front::PgBouncer(PgBouncer::start(primary.addr(), "session")?)
+        } else {
+            Front::Forwarder(Forwarder::start(primary.addr()).await?)
+        })
+    }
+
+    fn url(&self) -> String {
+        match self {
+            Front::Forwarder(f) => format!("postgres://postgres@{}/{DATABASE}", f.addr()),
+            Front::PgBouncer(b) => b.url(DATABASE),
+        }
+    }
+
+    fn repoint(&self, to: std::net::SocketAddr) -> TestResult {
+        match self {
+            Front::Forwarder(f) => f.repoint(to),
+            Front::PgBouncer(b) => b.repoint(to)?,
+        }
+        Ok(())
+    }
+}
+
 /// Everything the run started. Field order is drop order: processes first,
 /// the clusters last.
 struct Rig {
@@ -107,20 +146,20 @@ struct Rig {
     api_addr: String,
     broker: Broker,
     input_topic: String,
-    forwarder: Forwarder,
+    front: Front,
     standby: PrivatePg,
     primary: PrivatePg,
 }
 
 impl Rig {
-    async fn start(seed: u64) -> TestResult<Rig> {
+    async fn start(seed: u64, pgbouncer: bool) -> TestResult<Rig> {
         let primary = PrivatePg::start(DATABASE)?;
         let standby = primary.standby(STANDBY)?;
         primary
             .require_sync_standby(STANDBY, Duration::from_secs(30))
             .await?;
-        let forwarder = Forwarder::start(primary.addr()).await?;
-        let url = format!("postgres://postgres@{}/{DATABASE}", forwarder.addr());
+        let front = Front::start(pgbouncer, &primary).await?;
+        let url = front.url();
         let pool = PgPoolOptions::new()
             .max_connections(6)
             .acquire_timeout(Duration::from_secs(5))
@@ -181,7 +220,9 @@ impl Rig {
             "job-kind": "ledgerflow.noop",
             "job-queue": "cron",
         }]);
-        let logs = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("postgres_failover");
+        let logs = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join("postgres_failover")
+            .join(if pgbouncer { "pgbouncer" } else { "forwarder" });
         std::fs::create_dir_all(&logs)?;
         let env = || -> TestResult<Vec<(String, String)>> {
             Ok([
@@ -208,6 +249,7 @@ impl Rig {
                     "default=8,plain=4,cron=2,ingress=4".to_string(),
                 ),
                 ("LEDGERFLOW_SHUTDOWN_GRACE_SECS", "5".to_string()),
+                ("LEDGERFLOW_PGBOUNCER", pgbouncer.to_string()),
                 (
                     "RUST_LOG",
                     std::env::var("LF_FAILOVER_LOG").unwrap_or_else(|_| "info".to_string()),
@@ -231,7 +273,7 @@ impl Rig {
             api_addr,
             broker,
             input_topic,
-            forwarder,
+            front,
             standby,
             primary,
         })
@@ -282,7 +324,7 @@ impl Rig {
                 self.primary.kill_9()?;
                 let at = Utc::now();
                 tokio::task::block_in_place(|| self.standby.promote())?;
-                self.forwarder.repoint(self.standby.addr());
+                self.front.repoint(self.standby.addr())?;
                 at
             }
         })
@@ -403,12 +445,31 @@ async fn wait_count(rig: &mut Rig, sql: &str, want: i64, within: Duration) -> Te
     }
 }
 
+/// The processes reach Postgres through a TCP forwarder, repointed at the
+/// promoted standby.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn terminated_restarted_and_failed_over_postgres_loses_and_repeats_nothing() -> TestResult {
+    faults_under_load(false).await
+}
+
+/// The same through PgBouncer (with `LEDGERFLOW_PGBOUNCER=true`: no LISTEN,
+/// the fetchers poll), which a reload repoints at the promoted standby.
+/// Session pooling: Debian's PgBouncer 1.18 in transaction mode would hand
+/// sqlx's Bind to another client's server connection (it tracks no prepared
+/// statements; docs/decisions/0009).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_same_through_pgbouncer_loses_and_repeats_nothing() -> TestResult {
+    faults_under_load(true).await
+}
+
+async fn faults_under_load(pgbouncer: bool) -> TestResult {
     let seed = env_u64("LF_SEED").unwrap_or(DEFAULT_SEED);
-    eprintln!("postgres failover: seed = {seed} (replay with LF_SEED={seed})");
+    eprintln!(
+        "postgres failover ({}): seed = {seed} (replay with LF_SEED={seed})",
+        if pgbouncer { "pgbouncer" } else { "forwarder" }
+    );
     let started = Instant::now();
-    let mut rig = Rig::start(seed).await?;
+    let mut rig = Rig::start(seed, pgbouncer).await?;
     eprintln!(
         "  set up in {:.1}s; logs in {}",
         started.elapsed().as_secs_f64(),
