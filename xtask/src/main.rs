@@ -13,6 +13,7 @@ mod http;
 mod kafka;
 mod openapi;
 mod pg;
+mod pgbouncer;
 mod pipeline;
 mod schemathesis;
 mod test;

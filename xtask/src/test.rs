@@ -177,6 +177,8 @@ fn secs(d: Duration) -> String {
 }
 
 fn postgres(ctx: &mut Ctx) -> Result<()> {
+    // The failover tests run PgBouncers of their own in front of private clusters.
+    crate::pgbouncer::ensure_installed()?;
     let url = pg::ensure_postgres()?;
     pg::drop_stale_test_databases(&url)?;
     println!(
