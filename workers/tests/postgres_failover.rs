@@ -608,7 +608,8 @@ async fn run(rig: &mut Rig, seed: u64) -> TestResult {
         exits.is_empty(),
         "seed {seed}: processes exited instead of reconnecting: {exits:?}"
     );
-    rig.edge.stop(Duration::from_secs(15))?;
+    // A graceful stop: SIGTERM, the drain, exit (blocking: off the async threads).
+    tokio::task::block_in_place(|| rig.edge.stop(Duration::from_secs(15)))?;
     // Every job that is due has run (the workflows' timers for later, e.g.
     // a trade's fill timeout, wait on as `scheduled`).
     wait_count(
