@@ -31,30 +31,32 @@
 //! `LF_KILL_LOOP_SECS=<n>` makes the chaos phase longer (default
 //! [`DEFAULT_CHAOS_SECS`]); `TEST_LOG=1` keeps the process logs' tails
 //! printed on success too. Logs: `$CARGO_TARGET_TMPDIR/payments_kill_loop/`.
+#[path = "common/payments_load.rs"]
+mod payments_load;
 #[path = "common/private_pg.rs"]
 mod private_pg;
+#[path = "common/proc.rs"]
+mod proc;
 
 use ledgerflow_payments::exchange::server::{
     HttpSimControls, RunningSimulator, SimServerConfig, WebhookTarget,
 };
 use ledgerflow_payments::exchange::signature::Scheme;
-use ledgerflow_payments::exchange::sim::{Counters, SimConfig, SimControls};
-use ledgerflow_payments::exchange::{OrderState, WithdrawalState};
-use ledgerflow_payments::workflows::{trade, withdrawal};
-use ledgerflow_payments::{Amount, UserId, ledger, users};
+use ledgerflow_payments::exchange::sim::SimConfig;
+use payments_load::{
+    Accepted, Client, ExchangeCalls, Request, Rng, TestResult, User, check_payments, env_u64,
+    fund_user, plan, run_client,
+};
 use private_pg::PrivatePg;
-use serde_json::{Value, json};
+use proc::Proc;
+use serde_json::json;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
-use std::fs::File;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use uuid::Uuid;
-
-type TestResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
 const DEFAULT_SEED: u64 = 20_261_207;
 const DEFAULT_CHAOS_SECS: u64 = 35;
@@ -62,44 +64,6 @@ const DATABASE: &str = "ledgerflow";
 /// The webhook provider name the simulator posts as.
 const PROVIDER: &str = "exchange";
 const USERS: usize = 4;
-/// Scales: BTC in satoshis (8), USD in cents (2).
-const BTC_SCALE: u32 = 8;
-const USD_SCALE: u32 = 2;
-
-// -------------------------------------------------------------------- rng
-
-/// SplitMix64: small, seedable, good enough to pick moments and amounts.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-
-    fn millis(&mut self, lo: u64, hi: u64) -> Duration {
-        Duration::from_millis(lo + self.below(hi - lo + 1))
-    }
-
-    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[usize::try_from(self.below(items.len() as u64)).unwrap_or(0)]
-    }
-}
-
-fn env_u64(name: &str) -> Option<u64> {
-    std::env::var(name).ok().and_then(|s| s.trim().parse().ok())
-}
 
 // ----------------------------------------------------------- latency proxy
 
@@ -330,319 +294,6 @@ impl Drop for LatencyProxy {
     }
 }
 
-// --------------------------------------------------------------- processes
-
-/// One `ledgerflow run --roles …` process, restarted under the same
-/// configuration after every kill.
-struct Proc {
-    name: &'static str,
-    roles: &'static str,
-    env: Vec<(String, String)>,
-    log: PathBuf,
-    child: Option<Child>,
-    starts: u32,
-    kills: u32,
-    /// Exits nobody asked for (status, generation).
-    unexpected: Vec<String>,
-}
-
-impl Proc {
-    fn spawn(&mut self) -> TestResult {
-        self.starts += 1;
-        let log = File::options().create(true).append(true).open(&self.log)?;
-        use std::io::Write;
-        writeln!(&log, "===== {} generation {} =====", self.name, self.starts)?;
-        let child = Command::new(env!("CARGO_BIN_EXE_ledgerflow"))
-            .args(["run", "--roles", self.roles])
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()?;
-        self.child = Some(child);
-        Ok(())
-    }
-
-    /// SIGKILL and reap.
-    fn kill(&mut self) -> TestResult {
-        if let Some(mut child) = self.child.take() {
-            child.kill()?;
-            child.wait()?;
-            self.kills += 1;
-        }
-        Ok(())
-    }
-
-    /// Restarts the process if it exited on its own (and remembers that).
-    fn check(&mut self) -> TestResult {
-        if let Some(child) = self.child.as_mut()
-            && let Some(status) = child.try_wait()?
-        {
-            self.unexpected
-                .push(format!("generation {} exited: {status}", self.starts));
-            self.child = None;
-            self.spawn()?;
-        }
-        Ok(())
-    }
-
-    fn tail(&self, lines: usize) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-// ---------------------------------------------------------------- requests
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Side {
-    Buy,
-    Sell,
-}
-
-/// One request a client sends, with its exact money effects in minor units.
-#[derive(Debug, Clone)]
-enum Request {
-    Trade {
-        side: Side,
-        /// Satoshis.
-        qty: i128,
-        /// Cents per BTC.
-        price: i128,
-    },
-    Withdrawal {
-        /// Satoshis.
-        amount: i128,
-    },
-}
-
-impl Request {
-    /// Cents of notional (qty × price, exact for the amounts used).
-    fn notional(qty: i128, price: i128) -> i128 {
-        qty * price / 10i128.pow(BTC_SCALE)
-    }
-
-    /// The simulator's fee: 0.1 % of the notional, rounded toward zero at
-    /// the quote scale.
-    fn fee(qty: i128, price: i128) -> i128 {
-        Self::notional(qty, price) / 1000
-    }
-
-    /// (USD, BTC) the user must have before the request: what its hold takes.
-    fn needs(&self) -> (i128, i128) {
-        match *self {
-            Request::Trade {
-                side: Side::Buy,
-                qty,
-                price,
-            } => (Self::notional(qty, price) + Self::fee(qty, price), 0),
-            Request::Trade {
-                side: Side::Sell,
-                qty,
-                ..
-            } => (0, qty),
-            Request::Withdrawal { amount } => (0, amount),
-        }
-    }
-
-    /// (USD, BTC) the user gets once it completed.
-    fn gets(&self) -> (i128, i128) {
-        match *self {
-            Request::Trade {
-                side: Side::Buy,
-                qty,
-                ..
-            } => (0, qty),
-            Request::Trade {
-                side: Side::Sell,
-                qty,
-                price,
-            } => (Self::notional(qty, price) - Self::fee(qty, price), 0),
-            Request::Withdrawal { .. } => (0, 0),
-        }
-    }
-
-    fn path(&self) -> &'static str {
-        match self {
-            Request::Trade { .. } => "/v1/trades",
-            Request::Withdrawal { .. } => "/v1/withdrawals",
-        }
-    }
-
-    fn body(&self) -> Value {
-        match *self {
-            Request::Trade { side, qty, price } => json!({
-                "side": if side == Side::Buy { "buy" } else { "sell" },
-                "base_asset": "BTC",
-                "quote_asset": "USD",
-                "base_amount": decimal(qty, BTC_SCALE),
-                "limit_price": decimal(price, USD_SCALE),
-            }),
-            Request::Withdrawal { amount } => json!({
-                "asset": "BTC",
-                "amount": decimal(amount, BTC_SCALE),
-                "address": "bc1qmt4npcrde7q9vkkfxhk23mp7s73v6uv5h06myw",
-            }),
-        }
-    }
-}
-
-/// `units` minor units at `scale` as a decimal string ("0.01000000").
-fn decimal(units: i128, scale: u32) -> String {
-    let sign = if units < 0 { "-" } else { "" };
-    let p = 10i128.pow(scale);
-    let (int, frac) = (units.abs() / p, units.abs() % p);
-    format!("{sign}{int}.{frac:0width$}", width = scale as usize)
-}
-
-/// A user of the run: credentials and the requests their client sends.
-struct User {
-    id: UserId,
-    api_key: String,
-    requests: Vec<Request>,
-}
-
-/// What a client learned about one request.
-#[derive(Debug, Clone)]
-struct Accepted {
-    user: usize,
-    request: Request,
-    id: Uuid,
-    /// POSTs it took (retries with the same key included).
-    attempts: u32,
-}
-
-/// Plans every user's requests from the seed.
-fn plan(rng: &mut Rng, per_user_trades: usize, per_user_withdrawals: usize) -> Vec<Vec<Request>> {
-    (0..USERS)
-        .map(|_| {
-            let mut reqs = Vec::new();
-            for _ in 0..per_user_trades {
-                reqs.push(Request::Trade {
-                    side: if rng.chance(50) {
-                        Side::Buy
-                    } else {
-                        Side::Sell
-                    },
-                    // 0.01, 0.02 or 0.05 BTC at 1000, 2000 or 3000 USD: the
-                    // notional is a multiple of 10 USD, so the 0.1 % fee is
-                    // whole cents and every expected balance is exact.
-                    qty: rng.pick(&[1_000_000, 2_000_000, 5_000_000]),
-                    price: rng.pick(&[100_000, 200_000, 300_000]),
-                });
-            }
-            for _ in 0..per_user_withdrawals {
-                reqs.push(Request::Withdrawal {
-                    amount: rng.pick(&[100_000, 200_000, 500_000]),
-                });
-            }
-            // Interleave trades and withdrawals.
-            for i in (1..reqs.len()).rev() {
-                let j = usize::try_from(rng.below(i as u64 + 1)).unwrap_or(0);
-                reqs.swap(i, j);
-            }
-            reqs
-        })
-        .collect()
-}
-
-/// POSTs `request` with `key` until a 2xx, retrying the SAME request and
-/// key on connection errors, timeouts, 409 and 5xx, as a careful client.
-async fn post_until_accepted(
-    client: &reqwest::Client,
-    api: &str,
-    api_key: &str,
-    key: &str,
-    request: &Request,
-    deadline: Instant,
-) -> TestResult<(Uuid, u32)> {
-    let body = request.body();
-    let mut attempts = 0;
-    loop {
-        attempts += 1;
-        let sent = client
-            .post(format!("http://{api}{}", request.path()))
-            .bearer_auth(api_key)
-            .header("Idempotency-Key", key)
-            .json(&body)
-            .send()
-            .await;
-        let retry_why = match sent {
-            Ok(resp) if resp.status().is_success() => {
-                let v: Value = resp.json().await?;
-                let id = v["id"]
-                    .as_str()
-                    .ok_or_else(|| format!("no id in {v}"))?
-                    .parse()?;
-                return Ok((id, attempts));
-            }
-            Ok(resp) if resp.status().as_u16() == 409 || resp.status().is_server_error() => {
-                format!("{}", resp.status())
-            }
-            Ok(resp) => {
-                let status = resp.status();
-                let text = resp.text().await.unwrap_or_default();
-                return Err(format!(
-                    "POST {} (key {key}) refused: {status} {text}",
-                    request.path()
-                )
-                .into());
-            }
-            Err(e) => e.to_string(),
-        };
-        if Instant::now() > deadline {
-            return Err(format!(
-                "POST {} (key {key}) never accepted after {attempts} attempts: {retry_why}",
-                request.path()
-            )
-            .into());
-        }
-        tokio::time::sleep(Duration::from_millis(150)).await;
-    }
-}
-
-/// One user's client: sends its requests one after another with random
-/// gaps spread over `spread`.
-async fn run_client(
-    user: usize,
-    api: String,
-    api_key: String,
-    requests: Vec<Request>,
-    seed: u64,
-    spread: Duration,
-    deadline: Instant,
-) -> TestResult<Vec<Accepted>> {
-    let mut rng = Rng(seed);
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()?;
-    let gap_ms = u64::try_from(spread.as_millis()).unwrap_or(0) / requests.len().max(1) as u64;
-    let mut out = Vec::new();
-    for (n, request) in requests.into_iter().enumerate() {
-        tokio::time::sleep(rng.millis(0, 2 * gap_ms)).await;
-        let key = format!("kill-loop-{seed:x}-u{user}-{n}");
-        let (id, attempts) =
-            post_until_accepted(&client, &api, &api_key, &key, &request, deadline).await?;
-        out.push(Accepted {
-            user,
-            request,
-            id,
-            attempts,
-        });
-    }
-    Ok(out)
-}
-
 // --------------------------------------------------------------------- rig
 
 /// Everything the run started. Field order is drop order: processes first,
@@ -725,19 +376,8 @@ impl Rig {
             .map(|(k, v)| (k.to_string(), v))
             .collect()
         };
-        let proc = |name: &'static str, roles: &'static str, ops: &str| -> TestResult<Proc> {
-            let log = logs.join(format!("{name}.log"));
-            std::fs::write(&log, "")?;
-            Ok(Proc {
-                name,
-                roles,
-                env: env(ops),
-                log,
-                child: None,
-                starts: 0,
-                kills: 0,
-                unexpected: Vec::new(),
-            })
+        let proc = |name: &'static str, roles: &'static str, ops: &str| {
+            Proc::new(name, roles, env(ops), logs.join(format!("{name}.log")))
         };
         let (api, worker) = (
             proc("api", "api,admin", &api_ops)?,
@@ -758,32 +398,7 @@ impl Rig {
 
     /// A user funded with exactly what their requests hold, and an API key.
     async fn user(&self, n: usize, requests: Vec<Request>) -> TestResult<User> {
-        let (usd, btc) = requests.iter().fold((0, 0), |(u, b), r| {
-            let (nu, nb) = r.needs();
-            (u + nu, b + nb)
-        });
-        let mut tx = self.pool.begin().await?;
-        let id =
-            users::create_user(&mut tx, &format!("kill-loop-{n}@example.com"), "Kill Loop").await?;
-        let (_, key) = users::create_api_key(&mut tx, id, None).await?;
-        for (asset, units, scale) in [("USD", usd, USD_SCALE), ("BTC", btc, BTC_SCALE)] {
-            let accounts = ledger::ensure_user_accounts(&mut tx, id, &[asset]).await?;
-            if units > 0 {
-                ledger::deposit(
-                    &mut tx,
-                    &format!("deposit:{id}:{asset}"),
-                    accounts[0].1,
-                    Amount::parse(&decimal(units, scale), scale)?,
-                )
-                .await?;
-            }
-        }
-        tx.commit().await?;
-        Ok(User {
-            id,
-            api_key: key.expose_secret().to_string(),
-            requests,
-        })
+        fund_user(&self.pool, &format!("kill-loop-{n}@example.com"), requests).await
     }
 
     fn check_processes(&mut self) -> TestResult {
@@ -802,11 +417,6 @@ impl Rig {
              WHERE state NOT IN ('completed', 'compensated', 'failed', 'cancelled')",
         )
         .await
-    }
-
-    async fn sim_totals(&self) -> TestResult<Counters> {
-        let url = format!("{}admin/counters", self.sim_url);
-        Ok(reqwest::get(url).await?.error_for_status()?.json().await?)
     }
 
     fn print_tails(&self) {
@@ -907,7 +517,7 @@ async fn run(rig: &mut Rig, seed: u64, chaos: Duration) -> TestResult {
     let secs = usize::try_from(chaos.as_secs()).unwrap_or(30).max(8);
     let per_user_trades = (secs * 2 / 3 / USERS).max(2);
     let per_user_withdrawals = (secs / 3 / USERS).max(1);
-    let plans = plan(&mut rng, per_user_trades, per_user_withdrawals);
+    let plans = plan(&mut rng, USERS, per_user_trades, per_user_withdrawals);
     let mut users = Vec::new();
     for (n, requests) in plans.into_iter().enumerate() {
         users.push(rig.user(n, requests).await?);
@@ -920,11 +530,14 @@ async fn run(rig: &mut Rig, seed: u64, chaos: Duration) -> TestResult {
     let mut clients = Vec::new();
     for (n, user) in users.iter().enumerate() {
         clients.push(tokio::spawn(run_client(
-            n,
-            rig.api_addr.clone(),
-            user.api_key.clone(),
+            Client {
+                prefix: "kill-loop",
+                user: n,
+                api: rig.api_addr.clone(),
+                api_key: user.api_key.clone(),
+                seed: seed.wrapping_add(n as u64 + 1),
+            },
             user.requests.clone(),
-            seed.wrapping_add(n as u64 + 1),
             // Requests keep arriving for most of the chaos phase.
             chaos * 4 / 5,
             client_deadline,
@@ -1030,197 +643,22 @@ async fn run(rig: &mut Rig, seed: u64, chaos: Duration) -> TestResult {
 }
 
 /// The assertions over the final state.
+/// The assertions over the final state.
 async fn check_outcomes(rig: &Rig, seed: u64, users: &[User], accepted: &[Accepted]) -> TestResult {
-    let pool = &rig.pool;
-    let planned: usize = users.iter().map(|u| u.requests.len()).sum();
-    assert_eq!(
-        accepted.len(),
-        planned,
-        "seed {seed}: every request accepted"
-    );
-    let trades = accepted
-        .iter()
-        .filter(|a| matches!(a.request, Request::Trade { .. }))
-        .count();
-    let withdrawals = accepted.len() - trades;
-    let mut ids = std::collections::HashSet::new();
-    for a in accepted {
-        assert!(
-            ids.insert(a.id),
-            "seed {seed}: two requests answered {}",
-            a.id
-        );
-    }
-
-    // One domain row per accepted request, none more (a retried POST
-    // replayed, it did not create a second one).
-    let rows: i64 = rig.scalar_i64("SELECT count(*) FROM trades").await?;
-    assert_eq!(rows, trades as i64, "seed {seed}: trade rows");
-    let rows: i64 = rig.scalar_i64("SELECT count(*) FROM withdrawals").await?;
-    assert_eq!(rows, withdrawals as i64, "seed {seed}: withdrawal rows");
-
-    let mut place_calls = 0;
-    let mut withdrawal_calls = 0;
-    for a in accepted {
-        let what = format!("seed {seed}: {:?} {} (user {})", a.request, a.id, a.user);
-        let state: Option<String> = sqlx::query_scalar("SELECT state FROM workflows WHERE id = $1")
-            .bind(a.id)
-            .fetch_optional(pool)
-            .await?;
-        assert_eq!(
-            state.as_deref(),
-            Some("completed"),
-            "{what}: workflow state"
-        );
-        let compensated: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM workflow_steps
-             WHERE workflow_id = $1 AND status NOT IN ('completed')",
-        )
-        .bind(a.id)
-        .fetch_one(pool)
-        .await?;
-        assert_eq!(compensated, 0, "{what}: steps not completed (compensated?)");
-        match a.request {
-            Request::Trade { qty, .. } => {
-                let status: String = sqlx::query_scalar("SELECT status FROM trades WHERE id = $1")
-                    .bind(a.id)
-                    .fetch_one(pool)
-                    .await?;
-                assert_eq!(status, "settled", "{what}: trade status");
-                let key = trade::order_key(a.id);
-                let c = rig.controls.counters_for(&key).await?;
-                place_calls += c.place_calls;
-                assert_eq!(c.orders_created, 1, "{what}: orders at the exchange");
-                let order = ledgerflow_payments::exchange::Exchange::get_order_by_key(
-                    &ledgerflow_payments::exchange::http::HttpExchange::new(
-                        &rig.sim_url,
-                        ledgerflow_payments::exchange::http::HttpConfig::default(),
-                    )?,
-                    &key,
-                )
-                .await?
-                .ok_or_else(|| format!("{what}: no order at the exchange"))?;
-                assert_eq!(order.state, OrderState::Filled, "{what}: order state");
-                assert_eq!(
-                    units(&order.filled_base.to_string(), BTC_SCALE)?,
-                    qty,
-                    "{what}: filled quantity"
-                );
-                let settlements = transfers(pool, &trade::settle_reference(a.id)).await?;
-                assert_eq!(settlements, 1, "{what}: settlement transfers");
-            }
-            Request::Withdrawal { .. } => {
-                let status: String =
-                    sqlx::query_scalar("SELECT status FROM withdrawals WHERE id = $1")
-                        .bind(a.id)
-                        .fetch_one(pool)
-                        .await?;
-                assert_eq!(status, "completed", "{what}: withdrawal status");
-                let key = withdrawal::submit_key(a.id);
-                let c = rig.controls.counters_for(&key).await?;
-                withdrawal_calls += c.withdrawal_calls;
-                assert_eq!(
-                    c.withdrawals_created, 1,
-                    "{what}: withdrawals at the exchange"
-                );
-                let at_exchange = ledgerflow_payments::exchange::Exchange::get_withdrawal_by_key(
-                    &ledgerflow_payments::exchange::http::HttpExchange::new(
-                        &rig.sim_url,
-                        ledgerflow_payments::exchange::http::HttpConfig::default(),
-                    )?,
-                    &key,
-                )
-                .await?
-                .ok_or_else(|| format!("{what}: no withdrawal at the exchange"))?;
-                assert_eq!(
-                    at_exchange.state,
-                    WithdrawalState::Confirmed,
-                    "{what}: withdrawal at the exchange"
-                );
-                let captures = transfers(pool, &withdrawal::capture_reference(a.id)).await?;
-                assert_eq!(captures, 1, "{what}: capture transfers");
-            }
-        }
-    }
-
-    // Nothing at the exchange that no accepted request asked for.
-    let totals = rig.sim_totals().await?;
-    assert_eq!(
-        totals.orders_created, trades as u64,
-        "seed {seed}: orders at the exchange"
-    );
-    assert_eq!(
-        totals.withdrawals_created, withdrawals as u64,
-        "seed {seed}: withdrawals at the exchange"
-    );
-
-    // Exact balances: funded with exactly what the holds take, each user
-    // ends with exactly what the fills give.
-    for user in users {
-        let (usd, btc) = user.requests.iter().fold((0, 0), |(u, b), r| {
-            let (gu, gb) = r.gets();
-            (u + gu, b + gb)
-        });
-        for (asset, expected, scale) in [("USD", usd, USD_SCALE), ("BTC", btc, BTC_SCALE)] {
-            let (balance, held): (String, String) = sqlx::query_as(
-                "SELECT b.balance::text, b.held::text
-                   FROM accounts a JOIN account_balances b ON b.account_id = a.id
-                  WHERE a.owner_user_id = $1 AND a.kind = 'user_available' AND a.asset = $2",
-            )
-            .bind(user.id)
-            .bind(asset)
-            .fetch_one(pool)
-            .await?;
-            assert_eq!(
-                units(&balance, scale)?,
-                expected,
-                "seed {seed}: user {} {asset} balance {balance}, expected {}",
-                user.id,
-                decimal(expected, scale)
-            );
-            assert_eq!(
-                units(&held, scale)?,
-                0,
-                "seed {seed}: user {} {asset} held",
-                user.id
-            );
-        }
-    }
-
-    // The books: double entry per asset, balances match postings, no hold
-    // left active, one transfer per reference.
-    let mut conn = pool.acquire().await?;
-    for (asset, sum) in ledger::ledger_sums(&mut conn).await? {
-        assert!(
-            sum.is_zero(),
-            "seed {seed}: postings of {asset} sum to {sum}"
-        );
-    }
-    let drift = ledger::balance_drift(&mut conn).await?;
-    assert!(drift.is_empty(), "seed {seed}: balances drifted: {drift:?}");
-    drop(conn);
-    assert_eq!(
-        rig.scalar_i64("SELECT count(*) FROM holds WHERE state = 'active'")
-            .await?,
-        0,
-        "seed {seed}: active holds"
-    );
-    assert_eq!(
-        rig.scalar_i64(
-            "SELECT count(*) FROM ledger_transfers WHERE reference LIKE 'trade:%:settle'"
-        )
-        .await?,
-        trades as i64,
-        "seed {seed}: settlement transfers in all"
-    );
-    assert_eq!(
-        rig.scalar_i64(
-            "SELECT count(*) FROM ledger_transfers WHERE reference LIKE 'withdrawal:%:capture'"
-        )
-        .await?,
-        withdrawals as i64,
-        "seed {seed}: capture transfers in all"
-    );
+    let ExchangeCalls {
+        trades,
+        withdrawals,
+        place_calls,
+        withdrawal_calls,
+    } = check_payments(
+        &rig.pool,
+        &rig.controls,
+        &rig.sim_url,
+        seed,
+        users,
+        accepted,
+    )
+    .await?;
 
     // The queue: nothing running past its lease, nothing stuck.
     assert_eq!(
@@ -1254,28 +692,4 @@ async fn check_outcomes(rig: &Rig, seed: u64, users: &[User], accepted: &[Accept
         rig.proxy.state.aborted.load(Ordering::SeqCst),
     );
     Ok(())
-}
-
-async fn transfers(pool: &PgPool, reference: &str) -> TestResult<i64> {
-    Ok(
-        sqlx::query_scalar("SELECT count(*) FROM ledger_transfers WHERE reference = $1")
-            .bind(reference)
-            .fetch_one(pool)
-            .await?,
-    )
-}
-
-/// A decimal string ("12.3400") as minor units at `scale` (exactly).
-fn units(s: &str, scale: u32) -> TestResult<i128> {
-    let (neg, digits) = match s.strip_prefix('-') {
-        Some(rest) => (true, rest),
-        None => (false, s),
-    };
-    let (int, frac) = digits.split_once('.').unwrap_or((digits, ""));
-    let frac = frac.trim_end_matches('0');
-    if frac.len() > scale as usize {
-        return Err(format!("{s} has more than {scale} decimals").into());
-    }
-    let v: i128 = format!("{int}{frac:0<width$}", width = scale as usize).parse()?;
-    Ok(if neg { -v } else { v })
 }

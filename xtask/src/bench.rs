@@ -20,9 +20,16 @@ use anyhow::Result;
     cargo xtask bench ingress --json /tmp/lf-ingress.json  # Kafka → jobs/s, webhooks/s + p99\n  \
     cargo xtask bench workflow --json /tmp/lf-wf.json   # three-step workflows/s, p99\n  \
     cargo xtask bench api --json /tmp/lf-api.json       # POST /v1/trades requests/s, p99\n  \
+    cargo xtask bench --pgbouncer session queue         # the queue through PgBouncer\n  \
     cargo xtask bench --help                            # every ledgerflow-bench option"
 )]
 pub struct Args {
+    /// Reach Postgres through a PgBouncer started for the run, in this pool mode (`session`;
+    /// `transaction` needs a PgBouncer that tracks prepared statements, 1.21+: Debian 12's
+    /// 1.18 hands sqlx's Bind to other clients' server connections, docs/decisions/0009).
+    #[arg(long, value_name = "MODE")]
+    pub pgbouncer: Option<String>,
+
     /// Passed to `ledgerflow-bench` (default: `queue`).
     #[arg(
         trailing_var_arg = true,
@@ -49,8 +56,14 @@ pub fn run(args: Args) -> Result<()> {
     let mut c = cmd::cargo();
     c.args(["run", "--release", "-p", PACKAGE, "--bin", BINARY, "--"])
         .args(&bench_args);
+    let mut _bouncer = None;
     if !help {
-        let url = pg::ensure_postgres()?;
+        let mut url = pg::ensure_postgres()?;
+        if let Some(mode) = &args.pgbouncer {
+            let bouncer = crate::pgbouncer::PgBouncer::start(&url, mode)?;
+            url = bouncer.url.clone();
+            _bouncer = Some(bouncer);
+        }
         c.env("DATABASE_URL", url);
         // The ingress benchmark starts its own tansu broker: make sure the binary exists.
         if bench_args.first().map(String::as_str) == Some("ingress") {

@@ -14,6 +14,8 @@ mod kafka;
 mod layers;
 mod openapi;
 mod pg;
+mod pgbouncer;
+mod pipeline;
 mod schemathesis;
 mod test;
 
@@ -44,6 +46,9 @@ enum Command {
     HelmCheck,
     /// Check the engine's import rules: layer order in the workflow runtime, no file cycles.
     Layers,
+    /// The deploy pipeline's checks: actionlint on .github/workflows, the Dockerfile's build
+    /// commands run here, and helm-check against the binary they built.
+    Pipeline,
     /// Write the OpenAPI specs to api/openapi/.
     Openapi(openapi::Args),
     /// Property-based tests generated from the OpenAPI specs against a running system.
@@ -59,6 +64,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(args),
         Command::HelmCheck => helm_check::run(cmd::workspace_root()),
         Command::Layers => layers::run(cmd::workspace_root()),
+        Command::Pipeline => pipeline::run(cmd::workspace_root()),
         Command::Openapi(args) => openapi::run(args),
         Command::Schemathesis(args) => schemathesis::run(args),
         Command::E2e(args) => browser::run(args),

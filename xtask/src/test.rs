@@ -1,5 +1,6 @@
 //! `cargo xtask test`: everything CI checks, as an ordered list of timed steps that stops at the
-//! first failure (Postgres setup, fmt, clippy, tests, doctests).
+//! first failure (Postgres and PgBouncer setup, fmt, clippy, tests, doctests, the deploy
+//! pipeline's checks).
 
 use crate::{cmd, pg};
 use anyhow::{Context, Result};
@@ -30,6 +31,8 @@ struct Ctx {
     /// Kafka tests start brokers of their own (they restart them); this one
     /// serves `dev --smoke`.
     kafka_brokers: Option<String>,
+    /// The binary the Dockerfile's build commands produced, set by the `image` step.
+    image_binary: Option<std::path::PathBuf>,
 }
 
 impl Ctx {
@@ -100,6 +103,18 @@ fn steps(args: &Args) -> Vec<Step> {
             skip: filtered,
         },
         Step {
+            name: "actionlint",
+            run: actionlint,
+            skip: lint,
+        },
+        // The image's binary, built by the Dockerfile's own commands (a release build):
+        // helm-check runs the chart's container args through it.
+        Step {
+            name: "image",
+            run: image,
+            skip: filtered,
+        },
+        Step {
             name: "helm-check",
             run: helm_check,
             skip: filtered,
@@ -118,6 +133,7 @@ pub fn run(args: Args) -> Result<()> {
         args,
         database_url: None,
         kafka_brokers: None,
+        image_binary: None,
     };
     let started = Instant::now();
     let total = steps.len();
@@ -166,6 +182,8 @@ fn secs(d: Duration) -> String {
 }
 
 fn postgres(ctx: &mut Ctx) -> Result<()> {
+    // The failover tests run PgBouncers of their own in front of private clusters.
+    crate::pgbouncer::ensure_installed()?;
     let url = pg::ensure_postgres()?;
     pg::drop_stale_test_databases(&url)?;
     println!(
@@ -215,8 +233,20 @@ fn tests(ctx: &mut Ctx) -> Result<()> {
     cmd::run(c.args(&ctx.args.runner_args))
 }
 
-fn helm_check(_: &mut Ctx) -> Result<()> {
-    crate::helm_check::run(cmd::workspace_root())
+fn actionlint(_: &mut Ctx) -> Result<()> {
+    crate::pipeline::actionlint(cmd::workspace_root())
+}
+
+fn image(ctx: &mut Ctx) -> Result<()> {
+    ctx.image_binary = Some(crate::pipeline::image_binary(cmd::workspace_root())?);
+    Ok(())
+}
+
+fn helm_check(ctx: &mut Ctx) -> Result<()> {
+    match &ctx.image_binary {
+        Some(binary) => crate::helm_check::run_with_binary(cmd::workspace_root(), binary),
+        None => crate::helm_check::run(cmd::workspace_root()),
+    }
 }
 
 fn dev_smoke(ctx: &mut Ctx) -> Result<()> {

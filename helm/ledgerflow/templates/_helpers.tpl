@@ -117,6 +117,9 @@ LEDGERFLOW_OPS_ADDR: {{ printf "0.0.0.0:%d" (int .Values.ports.ops) | quote }}
 LEDGERFLOW_SHUTDOWN_GRACE_SECS: {{ .Values.config.shutdownGraceSeconds | toString | quote }}
 RUST_LOG: {{ .Values.config.logLevel | quote }}
 LEDGERFLOW_LOG_FORMAT: {{ .Values.config.logFormat | quote }}
+{{- if .Values.database.pgbouncer }}
+LEDGERFLOW_PGBOUNCER: "true"
+{{- end }}
 {{- /* Set only when given: the binary reads a set-but-empty URL as a bad URL. */}}
 {{- with .Values.exchange.url }}
 LEDGERFLOW_EXCHANGE_URL: {{ . | quote }}
@@ -173,7 +176,7 @@ the value to set.
 {{- if eq $key "LEDGERFLOW_NOTIFIER_API_KEY" }}
 {{- fail "config.extraEnv.LEDGERFLOW_NOTIFIER_API_KEY would put a secret in values (and in a ConfigMap): name a Secret in notifier.existingSecret instead" }}
 {{- end }}
-{{- if has $key (list "DATABASE_URL" "KAFKA_BROKERS" "LEDGERFLOW_API_ADDR" "LEDGERFLOW_ADMIN_ADDR" "LEDGERFLOW_OPS_ADDR" "LEDGERFLOW_SHUTDOWN_GRACE_SECS" "RUST_LOG" "LEDGERFLOW_LOG_FORMAT" "LEDGERFLOW_EXCHANGE_URL" "LEDGERFLOW_NOTIFIER_URL" "LEDGERFLOW_WITHDRAWAL_POLICY") }}
+{{- if has $key (list "DATABASE_URL" "KAFKA_BROKERS" "LEDGERFLOW_API_ADDR" "LEDGERFLOW_ADMIN_ADDR" "LEDGERFLOW_OPS_ADDR" "LEDGERFLOW_SHUTDOWN_GRACE_SECS" "RUST_LOG" "LEDGERFLOW_LOG_FORMAT" "LEDGERFLOW_PGBOUNCER" "LEDGERFLOW_EXCHANGE_URL" "LEDGERFLOW_NOTIFIER_URL" "LEDGERFLOW_WITHDRAWAL_POLICY") }}
 {{- fail (printf "config.extraEnv.%s is set by the chart from another value; set that value instead (see README)" $key) }}
 {{- end }}
 {{- end }}

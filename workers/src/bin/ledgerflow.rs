@@ -133,6 +133,13 @@ struct RunArgs {
     #[arg(long, env = "LEDGERFLOW_NO_NOTIFY")]
     no_notify: bool,
 
+    /// Postgres is reached through PgBouncer (or another pooler) in transaction mode: keep no
+    /// session state. Implies --no-notify (a LISTEN would be lost with its server connection;
+    /// fetchers poll every --poll-ms). See docs/decisions/0009 for the PgBouncer version this
+    /// needs (named prepared statements).
+    #[arg(long, env = "LEDGERFLOW_PGBOUNCER")]
+    pgbouncer: bool,
+
     #[command(flatten)]
     policy: policy::PolicyArgs,
 }
@@ -268,6 +275,10 @@ async fn enqueue(url: &str, args: EnqueueArgs) -> Result<()> {
 
 async fn run(url: &str, args: RunArgs) -> Result<()> {
     let roles: std::collections::BTreeSet<Role> = args.roles.iter().copied().collect();
+    let no_notify = args.no_notify || args.pgbouncer;
+    if args.pgbouncer {
+        tracing::info!("behind PgBouncer: no LISTEN/NOTIFY, fetchers poll");
+    }
     let queues = args.queues;
     let total: usize = queues.iter().map(|q| q.concurrency).sum();
     let pool = PgPoolOptions::new()
@@ -279,7 +290,7 @@ async fn run(url: &str, args: RunArgs) -> Result<()> {
         pool.clone(),
         StoreConfig {
             lease_ttl: Duration::from_secs(args.lease_ttl_secs.max(1)),
-            notify: !args.no_notify,
+            notify: !no_notify,
             ..StoreConfig::default()
         },
     );
@@ -291,7 +302,7 @@ async fn run(url: &str, args: RunArgs) -> Result<()> {
     let runner = if roles.contains(&Role::Worker) {
         let config = RunnerConfig {
             queues,
-            listen: !args.no_notify,
+            listen: !no_notify,
             poll_interval: Duration::from_millis(args.poll_ms.max(10)),
             heartbeat_interval: Duration::from_secs(args.lease_ttl_secs.max(1)) / 3,
             ..RunnerConfig::default()
