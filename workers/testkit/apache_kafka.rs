@@ -196,8 +196,9 @@ impl Node {
     /// `server.properties` of a single node that is controller and broker, with a static
     /// quorum of itself (`controller.quorum.voters`; unlike `--standalone`'s dynamic quorum
     /// it keeps no listener address in the formatted log). Every internal topic has one
-    /// replica; groups rebalance without the initial delay; and a segment rolls at 1 MiB so
-    /// that compaction has closed segments to work on in a test.
+    /// replica; groups rebalance without the initial delay; topics are not created on first
+    /// use (as on most managed clusters: a missing topic must stay missing for the tests of
+    /// it); and a segment rolls at 1 MiB so that compaction has closed segments to work on.
     fn properties(&self) -> String {
         let (port, controller, data) = (self.port, self.controller_port, self.data_dir());
         format!(
@@ -221,7 +222,7 @@ impl Node {
              share.coordinator.state.topic.replication.factor=1\n\
              share.coordinator.state.topic.min.isr=1\n\
              group.initial.rebalance.delay.ms=0\n\
-             auto.create.topics.enable=true\n\
+             auto.create.topics.enable=false\n\
              log.segment.bytes=1048576\n\
              log.cleaner.backoff.ms=1000\n",
             data = data.display()

@@ -119,18 +119,23 @@ impl Broker {
 
     /// Creates `topics` with 3 partitions each (an existing one is left as it is).
     pub async fn create_topics(&self, topics: &[&str]) -> TestResult {
-        self.create_topics_with(topics, &[]).await
+        self.create_topics_with(topics, 3, &[]).await
     }
 
-    /// Creates `topics` with 3 partitions each and the topic configs `config`
-    /// (e.g. `cleanup.policy=compact`).
-    pub async fn create_topics_with(&self, topics: &[&str], config: &[(&str, &str)]) -> TestResult {
+    /// Creates `topics` with `partitions` partitions each and the topic configs
+    /// `config` (e.g. `cleanup.policy=compact`).
+    pub async fn create_topics_with(
+        &self,
+        topics: &[&str],
+        partitions: i32,
+        config: &[(&str, &str)],
+    ) -> TestResult {
         let admin: AdminClient<DefaultClientContext> = self.client().create()?;
         let new: Vec<NewTopic<'_>> = topics
             .iter()
             .map(|t| {
                 config.iter().fold(
-                    NewTopic::new(t, 3, TopicReplication::Fixed(1)),
+                    NewTopic::new(t, partitions, TopicReplication::Fixed(1)),
                     |n, (k, v)| n.set(k, v),
                 )
             })
@@ -157,10 +162,14 @@ impl Broker {
     }
 
     pub fn producer(&self) -> Result<FutureProducer, rdkafka::error::KafkaError> {
-        self.client()
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .create()
+        self.producer_config().create()
+    }
+
+    /// An idempotent producer's settings (`acks=all`), to add to.
+    pub fn producer_config(&self) -> ClientConfig {
+        let mut c = self.client();
+        c.set("enable.idempotence", "true").set("acks", "all");
+        c
     }
 }
 
