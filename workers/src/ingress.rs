@@ -737,8 +737,8 @@ impl Ingress {
                 // backpressure that wait would follow every resume.
                 ("fetch.queue.backoff.ms", "20"),
                 // A resumed partition is fetched again by the next Fetch
-                // request; a broker may hold one for this long when it has
-                // nothing for the other partitions (tansu always does).
+                // request, which a broker holds for up to this long while
+                // the other partitions have less than `fetch.min.bytes`.
                 ("fetch.wait.max.ms", "50"),
                 ("statistics.interval.ms", &lag_ms),
             ])
