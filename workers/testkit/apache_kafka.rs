@@ -131,6 +131,7 @@ pub struct Node {
     profile: Profile,
     child: Option<Child>,
     remove: bool,
+    own_group: bool,
 }
 
 impl Node {
@@ -144,6 +145,7 @@ impl Node {
             profile: Profile::Test,
             child: None,
             remove: false,
+            own_group: false,
         }
     }
 
@@ -162,6 +164,15 @@ impl Node {
 
     pub fn with_profile(mut self, profile: Profile) -> Node {
         self.profile = profile;
+        self
+    }
+
+    /// Starts the broker in a process group of its own, so that a terminal's Ctrl-C reaches
+    /// only whoever started it, who decides when the broker stops (`cargo xtask dev` stops
+    /// it last). Not for tests: a test runner that kills a test's process group on a timeout
+    /// should take the broker with it.
+    pub fn in_own_process_group(mut self) -> Node {
+        self.own_group = true;
         self
     }
 
@@ -296,18 +307,17 @@ impl Node {
         let err = log
             .try_clone()
             .map_err(|e| format!("{}: {e}", log_path.display()))?;
-        let child = self
-            .jars
-            .java(self.profile.jvm_options())
+        let mut java = self.jars.java(self.profile.jvm_options());
+        if self.own_group {
+            java.process_group(0);
+        }
+        let child = java
             .arg(format!(
                 "-Dlog4j2.configurationFile={}",
                 self.dir.join("log4j2.properties").display()
             ))
             .arg("kafka.Kafka")
             .arg(self.dir.join("server.properties"))
-            // A group of its own: a terminal's Ctrl-C reaches whoever started it, who
-            // decides when the broker stops (`cargo xtask dev` stops it last).
-            .process_group(0)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err)

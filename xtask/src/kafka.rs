@@ -34,8 +34,9 @@ pub fn broker() -> Result<(String, Option<Node>)> {
         return Ok((LOCAL_BROKER.to_string(), None));
     }
     let dir = target_dir(workspace_root()).join("kafka").join("dev");
-    let mut node =
-        Node::new(jars, &dir, LOCAL_PORT, LOCAL_CONTROLLER_PORT).with_profile(Profile::Server);
+    let mut node = Node::new(jars, &dir, LOCAL_PORT, LOCAL_CONTROLLER_PORT)
+        .with_profile(Profile::Server)
+        .in_own_process_group();
     println!(
         "kafka: starting Apache Kafka {KAFKA_VERSION} on {LOCAL_BROKER} (log: {})",
         node.log_path().display()
