@@ -848,6 +848,10 @@ async fn run(shared: Arc<Shared>, by_topic: Arc<ByTopic>, parts: Parts) -> anyho
             tx
         });
         if sender.send(Item { msg, epoch }).is_err() {
+            // Its worker is gone (shutting down). Counted as held and never
+            // released, so that the partition's position, now past this
+            // unapplied message, is never stored (`store_positions_past_gaps`).
+            state.buffered.fetch_add(1, Ordering::SeqCst);
             continue;
         }
         let held = state.buffered.fetch_add(1, Ordering::SeqCst) + 1;
@@ -1017,7 +1021,8 @@ fn latest_offsets(
 /// position (one past the last message or control record handed to the application in this
 /// assignment; unset after an assignment or a seek until one is) then counts only messages
 /// the loop already handed to the worker, and `buffered == 0` says each of those was
-/// committed (or dropped as revoked, below the position of the assignment it came from).
+/// committed (or dropped as revoked, below the position of the assignment it came from). A
+/// message the loop could not hand over (its worker gone at shutdown) stays counted.
 fn store_positions_past_gaps(shared: &Shared) {
     let Ok(positions) = shared.consumer.position() else {
         return;
