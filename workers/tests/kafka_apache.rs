@@ -634,8 +634,9 @@ async fn produce_waves(
 }
 
 /// Three `ledgerflow run --roles ingress` processes share a consumer group with the
-/// cooperative-sticky assignor. One is killed with SIGKILL while messages stream in and
-/// batches are being applied; a fourth joins later. Every message's effect exists exactly
+/// cooperative-sticky assignor. One (which never commits offsets on its own) is killed with
+/// SIGKILL while messages stream in and batches are being applied, holding applied but
+/// uncommitted messages; a fourth joins later. Every message's effect exists exactly
 /// once, every partition is consumed to its end (committed offset = high watermark), the
 /// newcomer got partitions, and the lag the survivors export drops to 0 on all of them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -651,17 +652,21 @@ async fn a_cooperative_group_of_three_processes_survives_a_kill_9_and_a_newcomer
     broker
         .create_topics_with(&[&topic], PARTITIONS, &[])
         .await?;
-    let config = serde_json::json!({
-        "kafka": kafka_json(&broker, &[("partition.assignment.strategy", "cooperative-sticky")]),
-        "group-id": group,
-        "topics": [{ "name": topic, "handler": "enqueue:q:ingested", "queue": "q" }],
-        "dead-letter-topic": "unused-dlq",
-        "max-backlog": 1_000_000,
-        "commit-interval-ms": 200,
-        "lag-interval-ms": 200,
-    });
-    let env = [("LEDGERFLOW_INGRESS_CONFIG", config.to_string())];
-    let mut a = Process::spawn("group-a", "ingress", &db, &env)?;
+    let config = |commit_interval_ms: u64| {
+        let config = serde_json::json!({
+            "kafka": kafka_json(&broker, &[("partition.assignment.strategy", "cooperative-sticky")]),
+            "group-id": group,
+            "topics": [{ "name": topic, "handler": "enqueue:q:ingested", "queue": "q" }],
+            "dead-letter-topic": "unused-dlq",
+            "max-backlog": 1_000_000,
+            "commit-interval-ms": commit_interval_ms,
+            "lag-interval-ms": 200,
+        });
+        [("LEDGERFLOW_INGRESS_CONFIG", config.to_string())]
+    };
+    let env = config(200);
+    // a never commits on its own: whatever it applied is uncommitted when it dies.
+    let mut a = Process::spawn("group-a", "ingress", &db, &config(3_600_000))?;
     let b = Process::spawn("group-b", "ingress", &db, &env)?;
     let c = Process::spawn("group-c", "ingress", &db, &env)?;
     // All three joined: each reports the lag of the partitions it was given.
@@ -710,14 +715,29 @@ async fn a_cooperative_group_of_three_processes_survives_a_kill_9_and_a_newcomer
         Duration::from_secs(60),
     )
     .await?;
+    let a_owns: BTreeSet<i32> = scrape_lag(a.ops, &group, &topic)
+        .await
+        .unwrap_or_default()
+        .into_keys()
+        .collect();
     a.kill9();
     let at_kill = count(&db.pool, "SELECT count(*) FROM inbox").await;
-    // Applied but not committed to Kafka at the kill (a's and the others'): redelivered
-    // to whoever owns the partition next, and skipped there by the inbox.
-    let committed_at_kill: i64 = committed_offsets(&broker, &group, &topic, PARTITIONS)?
-        .iter()
-        .map(|&o| o.max(0))
-        .sum();
+    // a died holding applied messages whose offsets it never committed: whoever owns its
+    // partitions next gets them again, and the inbox must skip them.
+    let committed_at_kill = committed_offsets(&broker, &group, &topic, PARTITIONS)?;
+    let applied_by_a: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM inbox WHERE \"partition\" = ANY($1)")
+            .bind(a_owns.iter().copied().collect::<Vec<i32>>())
+            .fetch_one(&db.pool)
+            .await?;
+    assert!(!a_owns.is_empty(), "a owned no partition");
+    assert!(applied_by_a > 0, "a applied nothing before it was killed");
+    for p in &a_owns {
+        assert!(
+            committed_at_kill[*p as usize] <= 0,
+            "a committed partition {p}: {committed_at_kill:?}"
+        );
+    }
     streaming.await??;
     // More while the group notices (session timeout) and moves a's partitions.
     produce_waves(
@@ -793,8 +813,9 @@ async fn a_cooperative_group_of_three_processes_survives_a_kill_9_and_a_newcomer
     .await?;
     assert_eq!(per_partition, committed, "partition by partition");
     eprintln!(
-        "group test took {:?} (killed with {at_kill} applied, {committed_at_kill} committed \
-         to Kafka; at the end committed {committed:?})",
+        "group test took {:?} (a killed owning partitions {a_owns:?} with {applied_by_a} of \
+         their messages applied and none committed; {at_kill} applied in all; at the end \
+         committed {committed:?})",
         t0.elapsed()
     );
     drop((b, c, d));
