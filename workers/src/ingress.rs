@@ -42,22 +42,14 @@
 //! from the committed offset; anything applied meanwhile is an inbox
 //! duplicate for it).
 //!
-//! Fetch positions: a fetch resumed or started in the middle of a producer's
-//! record batch (after a pause, a seek, or from a committed offset) gets the
-//! whole batch from a real broker, and librdkafka drops the records before the
-//! position. tansu's memory storage instead answers with the batches that
-//! START at or after the position, silently skipping the rest of that batch
-//! (or answering nothing when it is the last one). So the consumer loop keeps
-//! each partition's next expected offset (the committed offset when the
-//! partition is assigned), drops redelivered messages below it, and on a gap
-//! (a message beyond it, or a partition that stays silent while its high
-//! watermark is beyond it) seeks back — 64 messages, then 4 times further
-//! each try, down to the log start — until the broker serves the expected
-//! offset again or provably skips it (it served messages below it and then
-//! jumped: a real gap, e.g. a transaction marker), and accepts the gap then.
-//! Re-fetched messages already handed to a worker are dropped before any
-//! work; nothing is lost or applied twice, and offsets are still stored only
-//! after the commit.
+//! Fetch positions: the consumer takes messages in the order the broker serves
+//! them, and offsets may have gaps no message is delivered for (a transaction's
+//! marker, an aborted transaction's records, values removed by compaction).
+//! When a partition's worker holds nothing uncommitted, the consumer stores its
+//! fetch position, so its committed offset moves past a trailing gap as well
+//! (see `store_positions_past_gaps`). A fetch resumed or started in the middle
+//! of a producer's record batch gets the whole batch, and librdkafka drops the
+//! records before the position.
 //!
 //! Consumer lag: every `lag-interval-ms` [`IngressStats::consumer_lag`] is
 //! updated with, per assigned partition, the high watermark minus the
@@ -396,7 +388,6 @@ pub struct IngressStats {
     dead_lettered: AtomicU64,
     dead_letters: Arc<DeadLetterStats>,
     batches: AtomicU64,
-    rewinds: AtomicU64,
     lag: Mutex<Vec<ConsumerLag>>,
 }
 
@@ -455,12 +446,6 @@ impl IngressStats {
         self.batches.load(Ordering::SeqCst)
     }
 
-    /// Seeks back to re-fetch a partition whose broker skipped offsets (see
-    /// the module docs, "Fetch positions").
-    pub fn rewinds(&self) -> u64 {
-        self.rewinds.load(Ordering::SeqCst)
-    }
-
     /// The consumer lag of each partition assigned to this consumer, as last
     /// measured (every `lag-interval-ms`), ordered by topic and partition.
     pub fn consumer_lag(&self) -> Vec<ConsumerLag> {
@@ -485,22 +470,11 @@ struct PartState {
     room: Notify,
     /// One past the last offset stored in this assignment (0: none yet).
     stored_next: AtomicI64,
-    /// When the partition was last assigned or resumed: it is not silent
-    /// (stalled) before it had time to fetch.
-    woken: Mutex<Option<Instant>>,
 }
 
 impl PartState {
     fn paused(&self) -> bool {
         self.paused_buffer.load(Ordering::SeqCst) || self.paused_backlog.load(Ordering::SeqCst)
-    }
-
-    fn wake(&self) {
-        *self.woken.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
-    }
-
-    fn woken(&self) -> Option<Instant> {
-        *self.woken.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -518,9 +492,6 @@ struct Figures {
     low: i64,
     /// The group's committed offset as this consumer knows it (-1: none).
     committed: i64,
-    /// Messages fetched and waiting in librdkafka's queue (with one consumer
-    /// queue for all partitions, that queue's length).
-    queued: i64,
 }
 
 impl Default for Figures {
@@ -529,7 +500,6 @@ impl Default for Figures {
             high: -1,
             low: -1,
             committed: -1,
-            queued: 0,
         }
     }
 }
@@ -558,7 +528,6 @@ impl ClientContext for IngressContext {
                             high: known(p.hi_offset),
                             low: known(p.lo_offset),
                             committed: known(p.committed_offset),
-                            queued: p.fetchq_cnt,
                         },
                     );
                 }
@@ -603,8 +572,7 @@ impl ConsumerContext for IngressContext {
             for elem in tpl.elements() {
                 parts
                     .entry((elem.topic().to_string(), elem.partition()))
-                    .or_default()
-                    .wake();
+                    .or_default();
             }
         }
     }
@@ -769,8 +737,8 @@ impl Ingress {
                 // backpressure that wait would follow every resume.
                 ("fetch.queue.backoff.ms", "20"),
                 // A resumed partition is fetched again by the next Fetch
-                // request; a broker may hold one for this long when it has
-                // nothing for the other partitions (tansu always does).
+                // request, which a broker holds for up to this long while
+                // the other partitions have less than `fetch.min.bytes`.
                 ("fetch.wait.max.ms", "50"),
                 ("statistics.interval.ms", &lag_ms),
             ])
@@ -820,23 +788,17 @@ struct Item {
 
 async fn run(shared: Arc<Shared>, by_topic: Arc<ByTopic>, parts: Parts) -> anyhow::Result<()> {
     let mut workers: HashMap<(String, i32), mpsc::UnboundedSender<Item>> = HashMap::new();
-    let mut cursors: HashMap<(String, i32), Cursor> = HashMap::new();
     let mut tasks = JoinSet::new();
     let lag = tokio::spawn(lag_monitor(shared.clone()));
     let mut commit_tick = tokio::time::interval(shared.config.commit_interval);
     commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut stall_tick = tokio::time::interval(STALL_AFTER / 4);
-    stall_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let high_water = shared.config.partition_buffer.max(1);
     loop {
         let received = tokio::select! {
             () = shared.cancel.cancelled() => break,
             _ = commit_tick.tick() => {
+                store_positions_past_gaps(&shared);
                 commit(&shared.consumer, CommitMode::Async);
-                continue;
-            }
-            _ = stall_tick.tick() => {
-                rewind_stalled(&shared, &parts, &mut cursors);
                 continue;
             }
             m = shared.consumer.recv() => m,
@@ -859,24 +821,6 @@ async fn run(shared: Arc<Shared>, by_topic: Arc<ByTopic>, parts: Parts) -> anyho
             map.entry(tp.clone()).or_default().clone()
         };
         let epoch = state.epoch.load(Ordering::SeqCst);
-        if cursors.get(&tp).is_none_or(|c| c.epoch != epoch) {
-            // First message since the partition was assigned: it must be
-            // the committed offset, where the fetch started.
-            let start = committed_offset(&shared, &tp).await;
-            cursors.insert(tp.clone(), Cursor::new(epoch, start));
-        }
-        let Some(cursor) = cursors.get_mut(&tp) else {
-            continue;
-        };
-        match cursor.admit(offset) {
-            Admit::Take => {}
-            Admit::Drop => continue,
-            Admit::Rewind(to) => {
-                tracing::debug!(topic = %tp.0, partition = tp.1, expected = ?cursor.next, got = offset, to, "broker skipped offsets; fetching again from further back");
-                rewind(&shared, &tp, to);
-                continue;
-            }
-        }
         let headers = headers_to_json(m.headers());
         let payload = m.payload().map(<[u8]>::to_vec);
         let business_id = business_id(&topic_cfg.business_id, &headers, payload.as_deref());
@@ -904,6 +848,10 @@ async fn run(shared: Arc<Shared>, by_topic: Arc<ByTopic>, parts: Parts) -> anyho
             tx
         });
         if sender.send(Item { msg, epoch }).is_err() {
+            // Its worker is gone (shutting down). Counted as held and never
+            // released, so that the partition's position, now past this
+            // unapplied message, is never stored (`store_positions_past_gaps`).
+            state.buffered.fetch_add(1, Ordering::SeqCst);
             continue;
         }
         let held = state.buffered.fetch_add(1, Ordering::SeqCst) + 1;
@@ -925,6 +873,7 @@ async fn run(shared: Arc<Shared>, by_topic: Arc<ByTopic>, parts: Parts) -> anyho
     // Stop the workers (each finishes the batch in hand), then commit.
     drop(workers);
     while tasks.join_next().await.is_some() {}
+    store_positions_past_gaps(&shared);
     commit(&shared.consumer, CommitMode::Sync);
     shared.consumer.unsubscribe();
     Ok(())
@@ -954,218 +903,6 @@ async fn wait_for_worker(shared: &Shared, state: &PartState, high_water: usize) 
     }
 }
 
-/// How far back the first re-fetch of a gap goes; each further try goes 4
-/// times as far.
-const REWIND_FIRST: i64 = 64;
-
-/// A re-fetch goes straight back to the partition's anchor (see [`Cursor`])
-/// when that re-fetches at most this many messages.
-const ANCHOR_REACH: i64 = 4096;
-
-/// A partition that should be fetching but has received nothing for this
-/// long while its high watermark is beyond its next offset is re-fetched from
-/// further back.
-const STALL_AFTER: Duration = Duration::from_secs(1);
-
-/// The consumer loop's view of one partition's fetch position (see the
-/// module docs, "Fetch positions").
-struct Cursor {
-    /// The assignment this belongs to ([`PartState::epoch`]).
-    epoch: u64,
-    /// The next offset to hand to the worker; `None` before the first
-    /// message when the start is unknown (no committed offset).
-    next: Option<i64>,
-    /// The re-fetch in progress, if any.
-    rewind: Option<Rewind>,
-    /// An offset at or below `next` that a fetch provably starts at (the
-    /// first message served after an earlier re-fetch): the next re-fetch
-    /// goes there directly when it is close enough.
-    anchor: Option<i64>,
-    /// When a message of the partition last arrived.
-    seen: Option<Instant>,
-}
-
-#[derive(Clone, Copy)]
-struct Rewind {
-    /// The expected offset the broker skipped.
-    gap_at: i64,
-    /// Where the consumer was sent back to.
-    to: i64,
-    /// How far back that was.
-    back: i64,
-    /// Whether the broker served a message below `gap_at` since.
-    served_below: bool,
-    /// Whether any message arrived since.
-    served: bool,
-}
-
-enum Admit {
-    /// The expected message (or one after a gap the broker provably has).
-    Take,
-    /// Already handed over (a re-fetched message).
-    Drop,
-    /// The broker skipped offsets: fetch again from this offset.
-    Rewind(i64),
-}
-
-impl Cursor {
-    fn new(epoch: u64, start: Option<i64>) -> Self {
-        Self {
-            epoch,
-            next: start,
-            rewind: None,
-            anchor: None,
-            seen: None,
-        }
-    }
-
-    fn admit(&mut self, offset: i64) -> Admit {
-        self.seen = Some(Instant::now());
-        let Some(next) = self.next else {
-            self.next = Some(offset + 1);
-            return Admit::Take;
-        };
-        if let Some(r) = &mut self.rewind
-            && !r.served
-        {
-            r.served = true;
-            if offset <= r.gap_at {
-                self.anchor = Some(offset);
-            }
-        }
-        if offset < next {
-            if let Some(r) = &mut self.rewind {
-                r.served_below = true;
-            }
-            return Admit::Drop;
-        }
-        if offset > next
-            && let Some(to) = self.skipped(next)
-        {
-            return Admit::Rewind(to);
-        }
-        self.rewind = None;
-        self.next = Some(offset + 1);
-        Admit::Take
-    }
-
-    /// The broker did not serve `next`: where to fetch from now, or `None`
-    /// when the gap is real (it served messages below it and still skipped
-    /// it, or the fetch already started at the log's beginning).
-    fn skipped(&mut self, next: i64) -> Option<i64> {
-        let back = match self.rewind {
-            Some(r) if r.gap_at == next && (r.served_below || r.to == 0) => return None,
-            Some(r) if r.gap_at == next => {
-                if self.anchor == Some(r.to) {
-                    // Even the anchor is not served any more (retention).
-                    self.anchor = None;
-                }
-                r.back.saturating_mul(4)
-            }
-            _ => REWIND_FIRST,
-        };
-        let mut to = next.saturating_sub(back).max(0);
-        if let Some(anchor) = self.anchor.filter(|&a| a <= next) {
-            to = if next - anchor <= ANCHOR_REACH {
-                anchor
-            } else {
-                to.max(anchor)
-            };
-        }
-        self.rewind = Some(Rewind {
-            gap_at: next,
-            to,
-            back,
-            served_below: false,
-            served: false,
-        });
-        // A silent partition gets STALL_AFTER again from the seek on.
-        self.seen = Some(Instant::now());
-        Some(to)
-    }
-}
-
-/// The group's committed offset of `tp`, if it has one.
-async fn committed_offset(shared: &Shared, tp: &(String, i32)) -> Option<i64> {
-    let consumer = shared.consumer.clone();
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition(&tp.0, tp.1);
-    let got = tokio::task::spawn_blocking(move || {
-        consumer.committed_offsets(tpl, Duration::from_secs(5))
-    })
-    .await;
-    match got {
-        Ok(Ok(tpl)) => tpl.elements().first().and_then(|e| match e.offset() {
-            Offset::Offset(o) => Some(o),
-            _ => None,
-        }),
-        Ok(Err(e)) => {
-            tracing::debug!(error = %e, topic = %tp.0, partition = tp.1, "committed offset unknown");
-            None
-        }
-        Err(_) => None,
-    }
-}
-
-/// Sends the partition's fetch back to `to` (asynchronously: messages
-/// already prefetched are discarded by librdkafka).
-fn rewind(shared: &Shared, tp: &(String, i32), to: i64) {
-    shared.stats.rewinds.fetch_add(1, Ordering::SeqCst);
-    if let Err(e) = shared
-        .consumer
-        .seek(&tp.0, tp.1, Offset::Offset(to), Duration::ZERO)
-    {
-        tracing::debug!(error = %e, topic = %tp.0, partition = tp.1, "seek failed");
-    }
-}
-
-/// Re-fetches partitions that receive nothing although their high watermark
-/// (as last measured for the lag) is beyond their next offset and they are
-/// not paused: tansu answers a fetch from inside its last batch with nothing.
-fn rewind_stalled(shared: &Shared, parts: &Parts, cursors: &mut HashMap<(String, i32), Cursor>) {
-    let lags = shared.stats.consumer_lag();
-    if lags.is_empty() {
-        return;
-    }
-    let figures = shared
-        .figures
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
-    let parts = parts.lock().unwrap_or_else(|p| p.into_inner());
-    let now = Instant::now();
-    for l in lags {
-        let tp = (l.topic, l.partition);
-        let Some(state) = parts.get(&tp) else {
-            continue;
-        };
-        // Messages still queued in librdkafka (e.g. behind a partition the
-        // loop waited for) are not a silent broker.
-        if state.paused() || figures.get(&tp).is_some_and(|f| f.queued > 0) {
-            continue;
-        }
-        let epoch = state.epoch.load(Ordering::SeqCst);
-        let cursor = match cursors.get_mut(&tp) {
-            Some(c) if c.epoch == epoch => c,
-            _ => cursors
-                .entry(tp.clone())
-                .insert_entry(Cursor::new(epoch, Some(l.position)))
-                .into_mut(),
-        };
-        let Some(next) = cursor.next else {
-            continue;
-        };
-        let quiet_since = cursor.seen.max(state.woken());
-        if l.high_watermark <= next || quiet_since.is_none_or(|t| now - t < STALL_AFTER) {
-            continue;
-        }
-        if let Some(to) = cursor.skipped(next) {
-            tracing::debug!(topic = %tp.0, partition = tp.1, next, high_watermark = l.high_watermark, to, "partition silent below its high watermark; fetching again from further back");
-            rewind(shared, &tp, to);
-        }
-    }
-}
-
 /// Measures the consumer lag every `lag-interval-ms` into the stats.
 ///
 /// From librdkafka's own statistics (no requests): each partition's high
@@ -1173,9 +910,8 @@ fn rewind_stalled(shared: &Shared, parts: &Parts, cursors: &mut HashMap<(String,
 /// group last committed (read at assignment, then updated by each commit).
 /// A paused partition is not fetched, so its high watermark would go stale:
 /// for those (and any not fetched yet) the monitor asks the broker
-/// (ListOffsets, one request for all of them) and keeps the larger value —
-/// tansu's ListOffsets answer is too low with multi-record batches (the last
-/// batch's first offset + 1), its fetch responses are right.
+/// (ListOffsets, one request for all of them) and keeps the larger value (a
+/// fetch response newer than the listing may have seen more).
 async fn lag_monitor(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(shared.config.lag_interval.max(Duration::from_millis(50)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -1273,6 +1009,60 @@ fn latest_offsets(
         .collect())
 }
 
+/// Stores the fetch position of every partition whose worker holds nothing uncommitted,
+/// when it is beyond the offset stored last: the offsets in between are ones no message
+/// was delivered for — the marker that ends a transaction, an aborted transaction's
+/// records (skipped by `read_committed`), values compaction removed. Without this the
+/// group's committed offset would stay on the last record before such a gap (on a
+/// transaction's marker, typically) and the partition would show a lag that never drops
+/// to 0.
+///
+/// Safe because it runs on the consumer loop, between two `recv` calls: librdkafka's
+/// position (one past the last message or control record handed to the application in this
+/// assignment; unset after an assignment or a seek until one is) then counts only messages
+/// the loop already handed to the worker, and `buffered == 0` says each of those was
+/// committed (or dropped as revoked, below the position of the assignment it came from). A
+/// message the loop could not hand over (its worker gone at shutdown) stays counted.
+fn store_positions_past_gaps(shared: &Shared) {
+    let Ok(positions) = shared.consumer.position() else {
+        return;
+    };
+    let mut store = TopicPartitionList::new();
+    let mut stored = Vec::new();
+    {
+        let parts = shared.parts.lock().unwrap_or_else(|p| p.into_inner());
+        for e in positions.elements() {
+            let Offset::Offset(at) = e.offset() else {
+                continue;
+            };
+            let tp = (e.topic().to_string(), e.partition());
+            let Some(state) = parts.get(&tp) else {
+                continue;
+            };
+            if state.buffered.load(Ordering::SeqCst) == 0
+                && at > state.stored_next.load(Ordering::SeqCst)
+                && store
+                    .add_partition_offset(&tp.0, tp.1, Offset::Offset(at))
+                    .is_ok()
+            {
+                stored.push((state.clone(), at));
+            }
+        }
+    }
+    if store.count() == 0 {
+        return;
+    }
+    match shared.consumer.store_offsets(&store) {
+        Ok(()) => {
+            for (state, at) in stored {
+                state.stored_next.fetch_max(at, Ordering::SeqCst);
+            }
+        }
+        // Revoked meanwhile: the next owner starts from the committed offset.
+        Err(e) => tracing::debug!(error = %e, "positions past gaps not stored"),
+    }
+}
+
 fn commit(consumer: &IngressConsumer, mode: CommitMode) {
     if let Err(e) = consumer.commit_consumer_state(mode)
         && !is_no_offset(&e)
@@ -1305,7 +1095,6 @@ fn set_paused(shared: &Shared, tp: &(String, i32), state: &PartState, reason: Re
         shared.stats.pauses.fetch_add(1, Ordering::SeqCst);
     } else {
         shared.stats.paused.fetch_sub(1, Ordering::SeqCst);
-        state.wake();
     }
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition(&tp.0, tp.1);
@@ -1674,96 +1463,3 @@ async fn apply_batch(
 
 /// The id header name, re-exported for handlers and tests.
 pub const BUSINESS_ID_HEADER: &str = ID_HEADER;
-
-#[cfg(test)]
-mod tests {
-    use super::{Admit, Cursor, REWIND_FIRST};
-
-    fn take(c: &mut Cursor, o: i64) {
-        assert!(matches!(c.admit(o), Admit::Take), "offset {o} not taken");
-    }
-
-    #[test]
-    fn in_order_offsets_are_taken_and_redeliveries_dropped() {
-        let mut c = Cursor::new(0, Some(5));
-        for o in 5..10 {
-            take(&mut c, o);
-        }
-        assert!(matches!(c.admit(7), Admit::Drop));
-        take(&mut c, 10);
-        assert_eq!(c.next, Some(11));
-    }
-
-    #[test]
-    fn without_a_start_the_first_offset_is_taken() {
-        let mut c = Cursor::new(0, None);
-        take(&mut c, 40);
-        assert_eq!(c.next, Some(41));
-    }
-
-    /// tansu from the middle of a batch [100, 200) with the position at
-    /// 150: it answers from the next batch (200); re-fetching from 86 is
-    /// still inside [100, 200) (the answer is 200 again), from -> 0 the whole
-    /// batch comes back and 150 is served.
-    #[test]
-    fn a_skipped_batch_tail_is_fetched_again_from_further_back() {
-        let mut c = Cursor::new(0, Some(150));
-        let Admit::Rewind(first) = c.admit(200) else {
-            panic!("gap not noticed")
-        };
-        assert_eq!(first, 150 - REWIND_FIRST);
-        let Admit::Rewind(second) = c.admit(200) else {
-            panic!("a repeated gap must go further back")
-        };
-        assert_eq!(second, (150 - 4 * REWIND_FIRST).max(0));
-        for o in 100..150 {
-            assert!(matches!(c.admit(o), Admit::Drop));
-        }
-        for o in 150..=200 {
-            take(&mut c, o);
-        }
-        // The first offset served after the seek is an anchor: the next
-        // re-fetch goes straight there.
-        assert_eq!(c.anchor, Some(100));
-        c.next = Some(180);
-        let Admit::Rewind(to) = c.admit(250) else {
-            panic!("gap not noticed")
-        };
-        assert_eq!(to, 100);
-    }
-
-    /// A real gap (a transaction marker at 150): the broker serves 86..150
-    /// again and then still jumps to 151 — accepted, no endless re-fetching.
-    #[test]
-    fn a_gap_the_broker_really_has_is_accepted_after_one_re_fetch() {
-        let mut c = Cursor::new(0, Some(150));
-        assert!(matches!(c.admit(151), Admit::Rewind(_)));
-        for o in 86..150 {
-            assert!(matches!(c.admit(o), Admit::Drop));
-        }
-        take(&mut c, 151);
-        assert_eq!(c.next, Some(152));
-        assert!(c.rewind.is_none());
-    }
-
-    /// A gap at the start of the log (retention deleted it): once a re-fetch
-    /// from offset 0 still starts beyond it, it is accepted.
-    #[test]
-    fn a_gap_below_the_log_start_ends_at_offset_zero() {
-        let mut c = Cursor::new(0, Some(10));
-        assert!(matches!(c.admit(500), Admit::Rewind(0)));
-        take(&mut c, 500);
-    }
-
-    /// A silent partition (tansu answers nothing from inside its last batch)
-    /// is re-fetched from further back each time it stays silent.
-    #[test]
-    fn a_silent_partition_goes_further_back_each_time() {
-        let mut c = Cursor::new(0, Some(1000));
-        assert_eq!(c.skipped(1000), Some(1000 - REWIND_FIRST));
-        assert_eq!(c.skipped(1000), Some(1000 - 4 * REWIND_FIRST));
-        // 16 × 64 reaches below 0: the log start.
-        assert_eq!(c.skipped(1000), Some(0));
-        assert_eq!(c.skipped(1000), None, "nothing below the log start");
-    }
-}

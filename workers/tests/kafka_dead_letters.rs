@@ -1,5 +1,5 @@
-//! Poison messages against a real Postgres and a real Kafka-protocol broker
-//! (tansu per test, or `KAFKA_BROKERS`): any message the broker delivers can
+//! Poison messages against a real Postgres and Apache Kafka (a broker per
+//! test, or `KAFKA_BROKERS`): any message the broker delivers can
 //! be dead-lettered without stopping its partition — one as large as the
 //! broker takes, one larger than a producer's default, and one whose
 //! dead-letter topic does not exist yet. Each is recorded once in

@@ -65,9 +65,9 @@ pub fn run(args: Args) -> Result<()> {
             _bouncer = Some(bouncer);
         }
         c.env("DATABASE_URL", url);
-        // The ingress benchmark starts its own tansu broker: make sure the binary exists.
+        // The ingress benchmark starts its own Apache Kafka broker from the cached jars.
         if bench_args.first().map(String::as_str) == Some("ingress") {
-            crate::kafka::ensure_tansu()?;
+            c.envs(crate::kafka::test_env()?);
         }
     }
     cmd::run(&mut c)

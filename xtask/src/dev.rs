@@ -1,8 +1,9 @@
 //! `cargo xtask dev`: the whole system on this machine, for a newcomer.
 //!
 //! In numbered steps: PostgreSQL (`DATABASE_URL`, else the installed cluster,
-//! see `pg.rs`); a Kafka-protocol broker (`KAFKA_BROKERS`, else a local tansu,
-//! installed once and cached, see `kafka.rs`); builds `ledgerflow` and
+//! see `pg.rs`); a Kafka broker (`KAFKA_BROKERS`, else Apache Kafka on
+//! 127.0.0.1:9092 from jars Maven resolves once and caches, its log in
+//! `target/kafka/dev`, see `kafka.rs`) and the topics the roles use; builds `ledgerflow` and
 //! `exchange-sim`; applies the migrations; seeds demo data (`ledgerflow
 //! seed`: a funded user with an API key, an operator, two approvers and a
 //! security admin); runs with the withdrawal policy [`DEV_WITHDRAWAL_POLICY`];
@@ -13,7 +14,7 @@
 //! the URLs, the credentials and a ready-to-paste curl that starts a trade.
 //!
 //! Ctrl-C (or SIGTERM) stops everything in order: `ledgerflow` first (it
-//! drains its in-flight jobs), then the simulator, then the tansu broker if
+//! drains its in-flight jobs), then the simulator, then the Kafka broker if
 //! this run started it; every child is waited for. The children run in
 //! process groups of their own, so a Ctrl-C in the terminal reaches only
 //! xtask, which decides the order; a second Ctrl-C kills what is left. Only
@@ -100,7 +101,7 @@ pub struct Args {
     /// Address of the exchange simulator [default: 127.0.0.1:7070, with --smoke a free port].
     #[arg(long)]
     exchange_addr: Option<String>,
-    /// Kafka bootstrap servers to use instead of a local tansu broker.
+    /// Kafka bootstrap servers to use instead of a local Apache Kafka broker.
     #[arg(long, env = "KAFKA_BROKERS")]
     kafka_brokers: Option<String>,
     /// PostgreSQL to use instead of starting the local cluster.
@@ -199,7 +200,7 @@ pub fn run(args: Args) -> Result<()> {
     if result.is_err() && args.smoke {
         services.print_log_tails();
     }
-    let stopping = "stopping: ledgerflow (drains its jobs), exchange-sim, tansu if started here";
+    let stopping = "stopping: ledgerflow (drains its jobs), exchange-sim, Kafka if started here";
     if result.is_ok() {
         progress.step(stopping);
     } else {
@@ -249,12 +250,12 @@ fn run_services(args: &Args, progress: &mut Progress, services: &mut Services) -
     println!("      using {}", cmd::redact_url(&url));
     interrupted()?;
 
-    progress.step("Kafka-protocol broker");
+    progress.step("Kafka broker");
     let brokers = match args.kafka_brokers.clone() {
         Some(b) => b,
         None => {
-            let (brokers, child) = crate::kafka::broker()?;
-            services.tansu = child;
+            let (brokers, node) = crate::kafka::broker()?;
+            services.kafka = node;
             brokers
         }
     };
@@ -377,9 +378,10 @@ fn run_services(args: &Args, progress: &mut Progress, services: &mut Services) -
     }
 }
 
-/// The topics the dev roles use. tansu does not create topics on first use,
-/// and a relay producing to a missing topic retries until librdkafka's
-/// message timeout, which also holds up its shutdown.
+/// The topics the dev roles use, created before the roles start: a broker
+/// that does not create topics on first use (a managed Kafka usually does
+/// not) leaves a relay producing to a missing topic retrying until
+/// librdkafka's message timeout, which also holds up its shutdown.
 const TOPICS: &[&str] = &[
     DEMO_TOPIC,
     DEAD_LETTER_TOPIC,
@@ -390,32 +392,17 @@ const TOPICS: &[&str] = &[
 const DEMO_TOPIC: &str = "ledgerflow.demo.jobs";
 const DEAD_LETTER_TOPIC: &str = "ledgerflow.dead-letters";
 
-/// Creates [`TOPICS`] with the tansu CLI when it is installed; an existing
-/// topic is fine. Without tansu (`KAFKA_BROKERS` pointing at a real Kafka,
-/// which usually creates topics on first use) it only says so.
+/// Creates [`TOPICS`] (3 partitions each) with Kafka's own topic command; an
+/// existing topic is fine. A failure is only reported: a `KAFKA_BROKERS`
+/// cluster may refuse this client the right to create topics and have them
+/// already.
 fn create_topics(brokers: &str) {
-    let Some(tansu) = crate::kafka::installed_tansu() else {
-        println!("      (no tansu CLI to create topics with: the broker must create {TOPICS:?})");
-        return;
-    };
     let first = brokers.split(',').next().unwrap_or(brokers).trim();
-    for topic in TOPICS {
-        let out = cmd::capture(Command::new(&tansu).args([
-            "topic",
-            "create",
-            "--broker",
-            &format!("tcp://{first}"),
-            topic,
-        ]));
-        match out {
-            Ok(o) if o.status.success() => println!("      topic {topic} created"),
-            Ok(o) if String::from_utf8_lossy(&o.stderr).contains("already exists") => {}
-            Ok(o) => println!(
-                "      warning: could not create topic {topic}: {}",
-                String::from_utf8_lossy(&o.stderr).trim()
-            ),
-            Err(e) => println!("      warning: could not create topic {topic}: {e:#}"),
-        }
+    let created =
+        crate::kafka::jars().and_then(|jars| crate::kafka::create_topics(&jars, first, TOPICS));
+    match created {
+        Ok(()) => println!("      topics: {}", TOPICS.join(", ")),
+        Err(e) => println!("      warning: could not create the topics {TOPICS:?}: {e:#}"),
     }
 }
 
@@ -591,7 +578,7 @@ struct Services {
     started: bool,
     ledgerflow: Option<Child>,
     simulator: Option<Child>,
-    tansu: Option<Child>,
+    kafka: Option<crate::apache_kafka::Node>,
 }
 
 impl Services {
@@ -601,7 +588,7 @@ impl Services {
             started: false,
             ledgerflow: None,
             simulator: None,
-            tansu: None,
+            kafka: None,
         }
     }
 
@@ -724,9 +711,6 @@ impl Services {
                 Duration::from_secs(5),
                 true,
             ),
-            // Started outside our process group: a terminal Ctrl-C may have
-            // stopped it already, with whatever status.
-            ("tansu", self.tansu.take(), Duration::from_secs(5), false),
         ] {
             let Some(mut child) = child else { continue };
             match terminate(&mut child, within) {
@@ -734,6 +718,11 @@ impl Services {
                 Ok(status) => problems.push(format!("{name} exited with {status}")),
                 Err(e) => problems.push(format!("{name}: {e:#}")),
             }
+        }
+        // Last: the roles' Kafka clients close against it. SIGTERM, so that it
+        // closes its log cleanly for the next run.
+        if let Some(mut kafka) = self.kafka.take() {
+            kafka.stop();
         }
         if problems.is_empty() {
             Ok(())
@@ -763,7 +752,8 @@ impl Services {
 
 impl Drop for Services {
     fn drop(&mut self) {
-        for child in [&mut self.ledgerflow, &mut self.simulator, &mut self.tansu]
+        // The Kafka node kills its broker when it is dropped.
+        for child in [&mut self.ledgerflow, &mut self.simulator]
             .into_iter()
             .flatten()
         {

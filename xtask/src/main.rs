@@ -4,6 +4,9 @@
 //! `run(Args) -> anyhow::Result<()>`. Adding one is three lines: the `mod`, the
 //! `Command` variant and its `match` arm.
 
+/// The Apache Kafka launcher the tests and the benchmark share (std only).
+#[path = "../../workers/testkit/apache_kafka.rs"]
+mod apache_kafka;
 mod bench;
 mod browser;
 mod cmd;
@@ -12,6 +15,7 @@ mod helm_check;
 mod http;
 mod kafka;
 mod layers;
+mod kafka_jars;
 mod openapi;
 mod pg;
 mod pgbouncer;
@@ -55,6 +59,8 @@ enum Command {
     Schemathesis(schemathesis::Args),
     /// Install Chromium and playwright-core if missing, then run the admin console's browser test.
     E2e(browser::Args),
+    /// Resolve Apache Kafka's jars (cached) and print the environment the Kafka tests read.
+    KafkaEnv,
 }
 
 fn main() -> ExitCode {
@@ -68,6 +74,7 @@ fn main() -> ExitCode {
         Command::Openapi(args) => openapi::run(args),
         Command::Schemathesis(args) => schemathesis::run(args),
         Command::E2e(args) => browser::run(args),
+        Command::KafkaEnv => kafka::print_test_env(),
     };
     // Print the error chain on one line, without the backtrace `RUST_BACKTRACE` would add.
     if let Err(e) = result {

@@ -33,6 +33,10 @@ struct Ctx {
     kafka_brokers: Option<String>,
     /// The binary the Dockerfile's build commands produced, set by the `image` step.
     image_binary: Option<std::path::PathBuf>,
+    /// That broker when this run started it: stopped when the run ends.
+    kafka_node: Option<crate::apache_kafka::Node>,
+    /// Where the tests find Apache Kafka's jars (`LEDGERFLOW_KAFKA_LIBS`, ...).
+    kafka_env: Vec<(&'static str, String)>,
 }
 
 impl Ctx {
@@ -42,6 +46,7 @@ impl Ctx {
         if let Some(url) = &self.database_url {
             c.env("TEST_DATABASE_URL", url).env("DATABASE_URL", url);
         }
+        c.envs(self.kafka_env.iter().map(|(k, v)| (k, v)));
         c
     }
 }
@@ -134,6 +139,8 @@ pub fn run(args: Args) -> Result<()> {
         database_url: None,
         kafka_brokers: None,
         image_binary: None,
+        kafka_node: None,
+        kafka_env: Vec::new(),
     };
     let started = Instant::now();
     let total = steps.len();
@@ -167,6 +174,9 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     print_summary(&summary, started);
+    if let Some(mut node) = ctx.kafka_node.take() {
+        node.stop();
+    }
     Ok(())
 }
 
@@ -194,8 +204,13 @@ fn postgres(ctx: &mut Ctx) -> Result<()> {
     Ok(())
 }
 
+/// Apache Kafka's jars (resolved with Maven once per machine) for the tests, which start
+/// brokers of their own, and the shared broker for `dev --smoke`.
 fn kafka(ctx: &mut Ctx) -> Result<()> {
-    ctx.kafka_brokers = Some(crate::kafka::ensure_broker()?);
+    ctx.kafka_env = crate::kafka::test_env()?;
+    let (brokers, node) = crate::kafka::broker()?;
+    ctx.kafka_brokers = Some(brokers);
+    ctx.kafka_node = node;
     Ok(())
 }
 

@@ -1,9 +1,14 @@
-//! A Kafka-protocol broker for the workers' Kafka tests: a tansu child
-//! process per test on a free port (killed on drop), or the external
-//! `KAFKA_BROKERS`; and the producing and consuming helpers those tests share.
-//! Included with `#[path]` by the test files that need a broker only.
+//! The Kafka broker of the workers' Kafka tests: Apache Kafka (a single KRaft node, its
+//! log in a temporary directory on disk) started per test on free ports and killed on drop,
+//! from the jars `cargo xtask test` resolves (`LEDGERFLOW_KAFKA_LIBS`, or the default cache
+//! `$HOME/.cache/ledgerflow/kafka-<version>/libs`); or the external `KAFKA_BROKERS`. Also
+//! the producing and consuming helpers those tests share. Included with `#[path]` by the
+//! test files that need a broker only.
 // Each test binary that includes this uses a different part of it.
 #![allow(dead_code)]
+#[path = "../../testkit/apache_kafka.rs"]
+mod apache_kafka;
+pub use apache_kafka::{Jars, Node};
 use ledgerflow_workers::ingress::{EnqueueJob, HandlerRegistry};
 use ledgerflow_workers::kafka::{ID_HEADER, IngressConfig, KafkaConfig, TopicConfig};
 use rdkafka::ClientConfig;
@@ -13,98 +18,86 @@ use rdkafka::consumer::Consumer;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use std::collections::{HashMap, HashSet};
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// A tansu broker child process on a fixed port, killed on drop; or the
-/// external `KAFKA_BROKERS`.
+/// An Apache Kafka broker of this test (stopped, killed and restarted at will, its log
+/// kept on disk in between), or the external `KAFKA_BROKERS`.
 pub struct Broker {
-    pub port: u16,
-    pub child: Option<Child>,
+    pub node: Option<Node>,
     pub external: Option<String>,
 }
 
 impl Broker {
-    pub fn start() -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+    /// `KAFKA_BROKERS` when set, else a fresh Apache Kafka broker of this test.
+    pub fn start() -> Result<Self, BoxError> {
         if let Ok(b) = std::env::var("KAFKA_BROKERS")
             && !b.is_empty()
         {
-            return Ok(Self {
-                port: 0,
-                child: None,
-                external: Some(b),
-            });
+            return Ok(Self::external(b));
         }
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let mut broker = Self {
-            port,
-            child: None,
+        Self::own()
+    }
+
+    /// A fresh Apache Kafka broker of this test even when `KAFKA_BROKERS` is set (the
+    /// tests that stop and restart it).
+    pub fn own() -> Result<Self, BoxError> {
+        let jars = Jars::find().ok_or(
+            "no Apache Kafka jars: run `cargo xtask test` once (it resolves them with Maven \
+             into ~/.cache/ledgerflow), or set LEDGERFLOW_KAFKA_LIBS (or KAFKA_BROKERS)",
+        )?;
+        let mut node = Node::ephemeral(jars, "test")?;
+        node.start()?;
+        Ok(Self {
+            node: Some(node),
             external: None,
-        };
-        broker.up()?;
-        Ok(broker)
+        })
     }
 
-    pub fn tansu() -> std::path::PathBuf {
-        let home = std::env::var_os("CARGO_HOME")
-            .map(std::path::PathBuf::from)
-            .or_else(|| {
-                std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cargo"))
-            })
-            .unwrap_or_default();
-        let cargo_bin = home.join("bin").join("tansu");
-        if cargo_bin.is_file() {
-            cargo_bin
-        } else {
-            "tansu".into()
+    /// The brokers at `servers` (a child process's view of its parent's broker).
+    pub fn external(servers: String) -> Self {
+        Self {
+            node: None,
+            external: Some(servers),
         }
     }
 
-    pub fn up(&mut self) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-        let url = format!("tcp://127.0.0.1:{}", self.port);
-        let child = Command::new(Self::tansu())
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .env("RUST_LOG", "error")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
-        self.child = Some(child);
-        let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            if start.elapsed() > Duration::from_secs(20) {
-                return Err("tansu did not start".into());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+    /// Starts the broker again on the same ports, with the log it had.
+    pub fn up(&mut self) -> Result<(), BoxError> {
+        let node = self
+            .node
+            .as_mut()
+            .ok_or("an external broker cannot be started")?;
+        node.start()?;
         Ok(())
     }
 
-    /// Kills the broker (memory storage: its data is gone).
+    /// Kills the broker (SIGKILL); its log stays on disk and is recovered by [`Broker::up`].
     pub fn down(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+        if let Some(node) = self.node.as_mut() {
+            node.kill();
+        }
+    }
+
+    /// Stops the broker cleanly (SIGTERM); [`Broker::up`] starts it again.
+    pub fn stop(&mut self) {
+        if let Some(node) = self.node.as_mut() {
+            node.stop();
         }
     }
 
     pub fn can_restart(&self) -> bool {
-        self.external.is_none()
+        self.node.is_some()
     }
 
     pub fn servers(&self) -> String {
-        self.external
-            .clone()
-            .unwrap_or_else(|| format!("127.0.0.1:{}", self.port))
+        match (&self.external, &self.node) {
+            (Some(external), _) => external.clone(),
+            (None, Some(node)) => node.bootstrap(),
+            (None, None) => String::new(),
+        }
     }
 
     pub fn kafka(&self) -> KafkaConfig {
@@ -124,36 +117,59 @@ impl Broker {
         c
     }
 
+    /// Creates `topics` with 3 partitions each (an existing one is left as it is).
     pub async fn create_topics(&self, topics: &[&str]) -> TestResult {
+        self.create_topics_with(topics, 3, &[]).await
+    }
+
+    /// Creates `topics` with `partitions` partitions each and the topic configs
+    /// `config` (e.g. `cleanup.policy=compact`).
+    pub async fn create_topics_with(
+        &self,
+        topics: &[&str],
+        partitions: i32,
+        config: &[(&str, &str)],
+    ) -> TestResult {
         let admin: AdminClient<DefaultClientContext> = self.client().create()?;
         let new: Vec<NewTopic<'_>> = topics
             .iter()
-            .map(|t| NewTopic::new(t, 3, TopicReplication::Fixed(1)))
+            .map(|t| {
+                config.iter().fold(
+                    NewTopic::new(t, partitions, TopicReplication::Fixed(1)),
+                    |n, (k, v)| n.set(k, v),
+                )
+            })
             .collect();
         let start = Instant::now();
         loop {
-            match admin.create_topics(&new, &AdminOptions::new()).await {
-                Ok(_) => return Ok(()),
-                Err(e) if start.elapsed() < Duration::from_secs(20) => {
+            let failed = match admin.create_topics(&new, &AdminOptions::new()).await {
+                Ok(results) => results
+                    .into_iter()
+                    .filter_map(Result::err)
+                    .find(|(_, code)| *code != rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)
+                    .map(|(topic, code)| format!("{topic}: {code}")),
+                Err(e) => Some(e.to_string()),
+            };
+            match failed {
+                None => return Ok(()),
+                Some(e) if start.elapsed() < Duration::from_secs(20) => {
                     eprintln!("create topics: {e}; retrying");
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
-                Err(e) => return Err(e.into()),
+                Some(e) => return Err(e.into()),
             }
         }
     }
 
     pub fn producer(&self) -> Result<FutureProducer, rdkafka::error::KafkaError> {
-        self.client()
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .create()
+        self.producer_config().create()
     }
-}
 
-impl Drop for Broker {
-    fn drop(&mut self) {
-        self.down();
+    /// An idempotent producer's settings (`acks=all`), to add to.
+    pub fn producer_config(&self) -> ClientConfig {
+        let mut c = self.client();
+        c.set("enable.idempotence", "true").set("acks", "all");
+        c
     }
 }
 

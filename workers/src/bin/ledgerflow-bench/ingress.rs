@@ -1,23 +1,26 @@
 //! `ledgerflow-bench ingress`: the two ways events come in — Kafka messages turned into committed
 //! jobs by the ingress consumer, and signed webhook deliveries answered 2xx by the api.
 //!
-//! **Kafka** (on a fresh database): a tansu broker is started on a free local port (the binary
-//! the tests use: `$CARGO_HOME/bin/tansu` or `tansu` on `PATH`; or `KAFKA_BROKERS`), a topic with
-//! `--partitions` partitions is created and `--messages` JSON messages (distinct `ledgerflow-id`
-//! headers, keys spread over the partitions) are produced before anything is timed. Then the
-//! real [`Ingress`] starts with a fresh consumer group and the default settings (`EnqueueJob`
-//! handler: per partition, batches of up to `partition-buffer` messages, each batch's inbox rows
-//! and jobs in one transaction, the offset stored after the commit; backpressure on). It feeds a
-//! job queue with no runner, so `max-backlog` is set above `--messages`. **msgs/s** = messages
-//! ÷ (time the last one's transaction committed − time the first one's did); the time to join the
-//! group and fetch the first batch is reported apart. Afterwards the database must hold exactly
-//! one inbox row and one job per message.
+//! **Kafka** (on a fresh database): an Apache Kafka broker (a single KRaft node with Kafka's
+//! own JVM settings, its log in a temporary directory, from the jars `cargo xtask bench`
+//! resolves: `LEDGERFLOW_KAFKA_LIBS`; or `KAFKA_BROKERS`) is started on free local ports, a
+//! topic with `--partitions` partitions is created and `--messages` JSON messages (distinct
+//! `ledgerflow-id` headers, keys spread over the partitions) are produced before anything is
+//! timed. Then `--consumers` real [`Ingress`] consumers (default 1; more share one fresh
+//! consumer group, each with its own librdkafka client, in this process) start with the
+//! default settings (`EnqueueJob` handler: per partition, batches of up to `partition-buffer`
+//! messages, each batch's inbox rows and jobs in one transaction, the offset stored after the
+//! commit; backpressure on). They feed a job queue with no runner, so `max-backlog` is set
+//! above `--messages`. **msgs/s** = messages ÷ (time the last one's transaction committed −
+//! time the first one's did); the time to join the group and fetch the first batch is
+//! reported apart. Afterwards the database must hold exactly one inbox row and one job per
+//! message.
 //!
 //! Messages are produced as real producers do: librdkafka batches them per partition
 //! (`linger.ms` = `--linger-ms`, default 5; default `batch.size`), so a record batch holds
 //! hundreds to thousands of them. `--one-per-batch` produces one message per batch instead (how
-//! this bench ran before the ingress handled tansu's mid-batch fetches, for A/B comparisons: the
-//! broker's per-fetch cost grows with the number of batches in a partition).
+//! this bench ran against tansu before the ingress handled its mid-batch fetches, for A/B
+//! comparisons).
 //!
 //! **Webhooks** (on another fresh database): the real api (`ledgerflow_api::serve_listeners`) on
 //! a port-0 socket, with a Stripe-style provider and the payments workflows registered, and
@@ -27,6 +30,7 @@
 //! **p99** over each request's send→response time. Afterwards the inbox must hold one row per
 //! delivery.
 
+use crate::apache_kafka::{Jars, KAFKA_VERSION, Node, Profile};
 use crate::common::{
     BenchDb, CommonArgs, CpuUse, PoolArgs, percentile, print_table, quiet, write_json,
 };
@@ -46,9 +50,6 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::json;
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -73,6 +74,10 @@ pub struct Args {
     /// Partitions of the benchmark topic.
     #[arg(long, default_value_t = 3)]
     partitions: i32,
+
+    /// Ingress consumers in the consumer group (in this process).
+    #[arg(long, default_value_t = 1)]
+    consumers: usize,
 
     /// `partition-buffer` of the ingress (default: its default).
     #[arg(long)]
@@ -108,7 +113,7 @@ struct KafkaFigures {
     broker_ms: f64,
     batches: u64,
     pauses: u64,
-    rewinds: u64,
+    consumers: usize,
     cpu: CpuUse,
     bg_pct: u32,
 }
@@ -127,6 +132,7 @@ struct WebhookFigures {
 pub async fn run(args: Args) -> Result<()> {
     ensure!(args.partitions > 0, "--partitions must be at least 1");
     ensure!(args.concurrency > 0, "--concurrency must be at least 1");
+    ensure!(args.consumers > 0, "--consumers must be at least 1");
     let kafka = if args.messages > 0 {
         let bg_pct = quiet(&args.common).await?;
         let db = BenchDb::create(&args.common, &args.pool).await?;
@@ -148,10 +154,10 @@ pub async fn run(args: Args) -> Result<()> {
 
 // ------------------------------------------------------------------- kafka
 
-/// A tansu broker child process, killed on drop; or the external `KAFKA_BROKERS`.
+/// An Apache Kafka broker of this run (stopped when dropped); or the external `KAFKA_BROKERS`.
 struct Broker {
     servers: String,
-    child: Option<Child>,
+    node: Option<Node>,
 }
 
 impl Broker {
@@ -161,45 +167,35 @@ impl Broker {
         {
             return Ok(Self {
                 servers: b,
-                child: None,
+                node: None,
             });
         }
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let url = format!("tcp://127.0.0.1:{port}");
-        let child = Command::new(tansu())
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .env("RUST_LOG", "error")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting tansu (run `cargo xtask test` once to install it)")?;
-        let broker = Self {
-            servers: format!("127.0.0.1:{port}"),
-            child: Some(child),
-        };
-        let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if start.elapsed() > Duration::from_secs(30) {
-                bail!("tansu did not accept connections on port {port} within 30 s");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(broker)
+        let jars = Jars::find().context(
+            "no Apache Kafka jars: run this through `cargo xtask bench ingress` (it resolves \
+             them with Maven), or set LEDGERFLOW_KAFKA_LIBS or KAFKA_BROKERS",
+        )?;
+        let mut node = Node::ephemeral(jars, "bench")
+            .map_err(anyhow::Error::msg)?
+            .with_profile(Profile::Server);
+        let t = Instant::now();
+        node.start().map_err(anyhow::Error::msg)?;
+        eprintln!(
+            "kafka: Apache Kafka {KAFKA_VERSION} ready on {} in {:.1} s",
+            node.bootstrap(),
+            t.elapsed().as_secs_f64()
+        );
+        Ok(Self {
+            servers: node.bootstrap(),
+            node: Some(node),
+        })
     }
 
     /// CPU milliseconds the broker process used so far (0 for an external broker).
     fn cpu_ms(&self) -> f64 {
-        let Some(child) = &self.child else {
+        let Some(pid) = self.node.as_ref().and_then(Node::pid) else {
             return 0.0;
         };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", child.id())) else {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
             return 0.0;
         };
         // Fields after `(comm)`: utime and stime are the 12th and 13th (clock ticks of 10 ms).
@@ -220,25 +216,6 @@ impl Broker {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.servers);
         c
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn tansu() -> PathBuf {
-    let home = std::env::var_os("CARGO_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")));
-    match home.map(|h| h.join("bin").join("tansu")) {
-        Some(p) if p.is_file() => p,
-        _ => "tansu".into(),
     }
 }
 
@@ -350,17 +327,20 @@ async fn kafka(args: &Args, db: &BenchDb, bg_pct: u32) -> Result<KafkaFigures> {
     let cpu0 = CpuUse::now(&db.name);
     let broker0 = broker.cpu_ms();
     let started = Instant::now();
-    let handle = Ingress::start(
-        Store::new(db.pool.clone()),
-        config,
-        handlers,
-        CancellationToken::new(),
-    )?;
-    let stats = handle.stats();
+    let mut handles = Vec::new();
+    for _ in 0..args.consumers {
+        handles.push(Ingress::start(
+            Store::new(db.pool.clone()),
+            config.clone(),
+            handlers.clone(),
+            CancellationToken::new(),
+        )?);
+    }
+    let stats: Vec<_> = handles.iter().map(|h| h.stats()).collect();
     let total = args.messages as u64;
     let mut first: Option<(Instant, u64)> = None;
     let done = loop {
-        let applied = stats.applied();
+        let applied: u64 = stats.iter().map(|s| s.applied()).sum();
         let now = Instant::now();
         if applied > 0 && first.is_none() {
             first = Some((now, applied));
@@ -375,7 +355,9 @@ async fn kafka(args: &Args, db: &BenchDb, bg_pct: u32) -> Result<KafkaFigures> {
     };
     let cpu = CpuUse::now(&db.name).since(cpu0);
     let broker_ms = (broker.cpu_ms() - broker0) / args.messages as f64;
-    handle.shutdown().await?;
+    for handle in handles {
+        handle.shutdown().await?;
+    }
     let (first_at, first_n) = first.context("nothing was committed")?;
     // Rate over what was committed after the first commit was seen.
     let span = done.duration_since(first_at).as_secs_f64();
@@ -402,9 +384,9 @@ async fn kafka(args: &Args, db: &BenchDb, bg_pct: u32) -> Result<KafkaFigures> {
         join_s: first_at.duration_since(started).as_secs_f64(),
         produce_s,
         broker_ms,
-        batches: stats.batches(),
-        pauses: stats.pauses(),
-        rewinds: stats.rewinds(),
+        batches: stats.iter().map(|s| s.batches()).sum(),
+        pauses: stats.iter().map(|s| s.pauses()).sum(),
+        consumers: args.consumers,
         cpu: per_item(cpu, args.messages),
         bg_pct,
     })
@@ -568,9 +550,9 @@ fn report(args: &Args, k: Option<KafkaFigures>, w: Option<WebhookFigures>) -> Re
     let mut rows: Vec<(&str, String)> = Vec::new();
     if let Some(k) = &k {
         eprintln!(
-            "ingress/kafka: {} messages → committed jobs at {:.0} msgs/s (group join + first \
-             batch {:.2} s; {} batch transactions, {} pauses, {} rewinds; bg {}%)",
-            k.messages, k.per_s, k.join_s, k.batches, k.pauses, k.rewinds, k.bg_pct
+            "ingress/kafka: {} messages → committed jobs at {:.0} msgs/s with {} consumer(s) \
+             (group join + first batch {:.2} s; {} batch transactions, {} pauses; bg {}%)",
+            k.messages, k.per_s, k.consumers, k.join_s, k.batches, k.pauses, k.bg_pct
         );
         rows.extend([
             ("kafka messages", k.messages.to_string()),
@@ -579,7 +561,7 @@ fn report(args: &Args, k: Option<KafkaFigures>, w: Option<WebhookFigures>) -> Re
             ("kafka produce s (not timed)", format!("{:.1}", k.produce_s)),
             ("kafka batch transactions", k.batches.to_string()),
             ("kafka partition pauses", k.pauses.to_string()),
-            ("kafka re-fetches (rewinds)", k.rewinds.to_string()),
+            ("kafka consumers (one group)", k.consumers.to_string()),
             (
                 "kafka record batches",
                 if args.one_per_batch {

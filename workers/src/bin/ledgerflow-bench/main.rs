@@ -14,6 +14,9 @@
 //! A new benchmark is a module with an `Args` struct (flattening [`common::CommonArgs`]) and an
 //! `async fn run(Args)`, plus one [`Command`] variant and one dispatch line in [`main`].
 
+/// The Apache Kafka launcher the Kafka tests and xtask share (std only).
+#[path = "../../../testkit/apache_kafka.rs"]
+mod apache_kafka;
 mod api;
 mod common;
 mod ingress;
