@@ -457,6 +457,8 @@ pub struct EdgeBacklog {
     pub dead_letters_pending: i64,
     /// Dead letters whose copy to the dead-letter topic is still owed.
     pub dead_letter_copies_pending: i64,
+    /// Workflow steps in doubt, waiting for their reconcile hook or an admin.
+    pub steps_in_doubt: i64,
 }
 
 impl Store {
@@ -577,9 +579,9 @@ impl Store {
         Ok(out)
     }
 
-    /// The outbox backlog, pending dead letters and owed dead-letter copies.
-    /// Every read is served by a partial index (`outbox_unpublished`,
-    /// `dead_letters_pending`, `dead_letters_copy_due`), so
+    /// The outbox backlog, pending dead letters, owed dead-letter copies and
+    /// steps in doubt. Every read is served by a partial index (`outbox_unpublished`,
+    /// `dead_letters_pending`, `dead_letters_copy_due`, `workflow_steps_in_doubt`), so
     /// their cost follows the backlog, not the history.
     pub async fn edge_backlog(&self) -> Result<EdgeBacklog> {
         let row = sqlx::query(
@@ -587,7 +589,8 @@ impl Store {
                     (SELECT coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8
                      FROM outbox WHERE published_at IS NULL) AS oldest,
                     (SELECT count(*) FROM dead_letters WHERE redriven_at IS NULL) AS dead,
-                    (SELECT count(*) FROM dead_letters WHERE copy_state = 'pending') AS copies",
+                    (SELECT count(*) FROM dead_letters WHERE copy_state = 'pending') AS copies,
+                    (SELECT count(*) FROM workflow_steps WHERE status = 'in_doubt') AS in_doubt",
         )
         .fetch_one(self.pool())
         .await?;
@@ -596,6 +599,7 @@ impl Store {
             outbox_oldest_age_secs: row.try_get::<f64, _>("oldest")?.max(0.0),
             dead_letters_pending: row.try_get("dead")?,
             dead_letter_copies_pending: row.try_get("copies")?,
+            steps_in_doubt: row.try_get("in_doubt")?,
         })
     }
 

@@ -49,6 +49,7 @@ pub mod fenced;
 pub mod inbox;
 pub mod job;
 pub mod lease;
+pub mod metrics;
 pub mod notify;
 pub mod outbox;
 pub mod outcome;

@@ -14,6 +14,7 @@ use super::db::{Unchanged, position};
 use super::outcome::{CallError, ExternalError, ExternalResult};
 use super::state::{CallState, WorkflowState};
 use super::wire::{WorkflowId, idempotency_key};
+use crate::metrics::{CallOutcome, Metrics};
 use crate::{Error, FencedTx, Lease, Result, Store};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -49,6 +50,8 @@ struct StepInfo {
     started_at: DateTime<Utc>,
     timed_out: bool,
     store: Store,
+    /// Where its external call's answer is counted (`None`: the runtime has no metrics).
+    metrics: Option<Metrics>,
     /// The step's external call as an earlier attempt left it.
     prior_call: Option<PriorCall>,
     /// What runs: a step body (the only place `external_call` is allowed), a compensation or
@@ -91,6 +94,7 @@ struct CallTrack {
 /// What a context is made for.
 pub(crate) struct CtxFor<'a> {
     pub store: &'a Store,
+    pub metrics: Option<&'a Metrics>,
     pub wf: &'a Locked,
     pub step: &'a str,
     pub index: usize,
@@ -141,6 +145,7 @@ impl StepCtx {
                 started_at: p.lease.attempted_at,
                 timed_out: p.timed_out,
                 store: p.store.clone(),
+                metrics: p.metrics.cloned(),
                 prior_call: p.prior_call,
                 role: p.role,
                 track: std::sync::Mutex::new(CallTrack::default()),
@@ -282,6 +287,8 @@ impl StepCtx {
             ))),
             CallState::NotSent => None,
             CallState::Calling | CallState::Unknown => {
+                // The earlier attempt's call is only now known to be in doubt: counted here.
+                self.count_call(CallOutcome::InDoubt);
                 let reason = "an earlier attempt's call has no answer".to_string();
                 self.track().in_doubt = Some(reason.clone());
                 Some(Err(ExternalError::InDoubt(reason)))
@@ -327,6 +334,12 @@ impl StepCtx {
             error,
         };
         let saved = call::answer(&self.info.store, &record).await;
+        self.count_call(match (&answer, &saved) {
+            (Err(CallError::Unknown(_)), _) | (_, Err(_)) => CallOutcome::InDoubt,
+            (Ok(_), Ok(())) => CallOutcome::Answered,
+            (Err(CallError::Rejected(_)), Ok(())) => CallOutcome::Rejected,
+            (Err(CallError::NotSent(_)), Ok(())) => CallOutcome::NotSent,
+        });
         let in_doubt = |reason: String| {
             self.track().in_doubt = Some(reason.clone());
             Err(ExternalError::InDoubt(reason))
@@ -337,6 +350,12 @@ impl StepCtx {
             (Ok(v), Ok(())) => Ok(v),
             (Err(CallError::Rejected(e)), Ok(())) => Err(ExternalError::Rejected(e)),
             (Err(CallError::NotSent(e)), Ok(())) => Err(ExternalError::NotSent(e)),
+        }
+    }
+
+    fn count_call(&self, outcome: CallOutcome) {
+        if let Some(m) = &self.info.metrics {
+            m.call_answered(&self.info.kind, outcome);
         }
     }
 

@@ -9,6 +9,7 @@ use super::batch::held::{LockBatchStats, LockBatcher};
 use super::batch::start::StartBatcher;
 use super::registry::WorkflowRegistry;
 use crate::Store;
+use crate::metrics::Metrics;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -124,6 +125,8 @@ struct Inner {
     gates: Arc<Gates>,
     stop: watch::Sender<bool>,
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
+    /// Step durations and external call outcomes (`None` only if they could not be built).
+    metrics: Option<Metrics>,
 }
 
 impl WorkflowRuntime {
@@ -150,6 +153,9 @@ impl WorkflowRuntime {
                 gates: Arc::default(),
                 stop,
                 tasks: std::sync::Mutex::new(Vec::new()),
+                metrics: Metrics::new()
+                    .inspect_err(|e| tracing::error!(error = %e, "workflow metrics unavailable"))
+                    .ok(),
             }),
         }
     }
@@ -157,6 +163,11 @@ impl WorkflowRuntime {
     /// The store.
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// Its step and external call metrics, to register in the process's registry.
+    pub fn metrics(&self) -> Option<&Metrics> {
+        self.inner.metrics.as_ref()
     }
 
     /// The same runtime (sharing its batching tasks) whose starts send NOTIFY or not: a caller

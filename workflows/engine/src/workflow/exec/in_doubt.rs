@@ -41,6 +41,7 @@ pub(crate) async fn run_reconcile(
     };
     let ctx_for = CtxFor {
         store: run.rt.store(),
+        metrics: run.rt.metrics(),
         wf,
         step,
         index: idx,

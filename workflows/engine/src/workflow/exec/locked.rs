@@ -2,7 +2,7 @@
 //! transaction, lock the workflow row, read the journal, and decide.
 use super::after::{Done, after_step, checkpoint_advance};
 use super::optimistic::run_optimistic;
-use super::{Continued, Run, Snapshot, in_doubt, saga, step_at};
+use super::{Continued, Run, Snapshot, in_doubt, saga, step_at, step_timed};
 use crate::signal::signal_consume_in;
 use crate::workflow::ctx::{CtxFor, Role, StepCtx, take_tx};
 use crate::workflow::db::failure::{Doubt, in_doubt_in};
@@ -79,6 +79,7 @@ async fn run_ready(run: Run<'_>, ready: Ready, next: &mut Continued) -> Result<O
     } = ready;
     let ctx_for = CtxFor {
         store: run.rt.store(),
+        metrics: run.rt.metrics(),
         wf: &wf,
         step: def.steps[idx].name,
         index: idx,
@@ -89,11 +90,20 @@ async fn run_ready(run: Run<'_>, ready: Ready, next: &mut Continued) -> Result<O
         prior_call,
     };
     let (ctx, slot) = StepCtx::new(ctx_for, Some(tx), None);
+    let started = std::time::Instant::now();
     let result = def.steps[idx].run.call(ctx.clone()).await;
+    let flagged = ctx.take_in_doubt();
+    step_timed(
+        run.rt,
+        (&wf.kind, def.steps[idx].name),
+        started,
+        &result,
+        flagged.is_some(),
+    );
     let tx = take_tx(&slot).await?;
     let done = Done {
         result,
-        flagged: ctx.take_in_doubt(),
+        flagged,
         journal,
     };
     after_step(run, tx, (&wf, &def, idx), done, next).await

@@ -18,6 +18,7 @@ use super::definition::Workflow;
 use super::runtime::WorkflowRuntime;
 use super::state::WorkflowState;
 use super::wire::{StepArgs, WORKFLOW_JOB_KIND};
+use crate::metrics::StepRunOutcome;
 use crate::store::ClaimedJob;
 use crate::{Outcome, Store};
 use std::collections::{HashMap, HashSet};
@@ -138,6 +139,24 @@ impl StepHandler {
             }
         }
     }
+}
+
+/// Counts one run of a step body in the runtime's metrics: in doubt when its external call
+/// left it so, else by what the body returned.
+pub(crate) fn step_timed(
+    rt: &WorkflowRuntime,
+    (kind, step): (&str, &str),
+    started: std::time::Instant,
+    result: &crate::workflow::outcome::StepResult,
+    flagged: bool,
+) {
+    let Some(metrics) = rt.metrics() else { return };
+    let outcome = match (flagged, result) {
+        (true, _) => StepRunOutcome::InDoubt,
+        (false, Ok(_)) => StepRunOutcome::Ok,
+        (false, Err(_)) => StepRunOutcome::Error,
+    };
+    metrics.step_ran(kind, step, outcome, started.elapsed());
 }
 
 /// Records the outcome of a step that ran inline and did not commit one itself, with that

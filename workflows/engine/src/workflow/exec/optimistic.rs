@@ -19,7 +19,7 @@
 //! step journaled.
 use super::after::{Done, after_step};
 use super::locked::{Prepared, prepare_locked};
-use super::{Continued, Run, Snapshot};
+use super::{Continued, Run, Snapshot, step_timed};
 use crate::workflow::batch::held::HeldHandle;
 use crate::workflow::ctx::{CtxFor, LazyTx, Role, StepCtx};
 use crate::workflow::db::lock::Journal;
@@ -50,6 +50,7 @@ pub(crate) async fn run_optimistic(
     };
     let ctx_for = CtxFor {
         store: run.rt.store(),
+        metrics: run.rt.metrics(),
         wf: &snap.wf,
         step: def.steps[idx].name,
         index: idx,
@@ -60,9 +61,17 @@ pub(crate) async fn run_optimistic(
         prior_call: None,
     };
     let (ctx, slot) = StepCtx::new(ctx_for, None, Some(lazy));
+    let started = std::time::Instant::now();
     let result = def.steps[idx].run.call(ctx.clone()).await;
     let tx = slot.lock().await.take();
     let flagged = ctx.take_in_doubt();
+    step_timed(
+        run.rt,
+        (&snap.wf.kind, def.steps[idx].name),
+        started,
+        &result,
+        flagged.is_some(),
+    );
     if let Some(tx) = tx {
         // The step opened its transaction: it holds the lock and finishes as a locked step.
         let journal = Journal {

@@ -31,6 +31,7 @@ pub(crate) async fn run_compensation(
     let output = completed.and_then(|j| j.output).unwrap_or(Value::Null);
     let ctx_for = CtxFor {
         store: run.rt.store(),
+        metrics: run.rt.metrics(),
         wf,
         step,
         index: idx,
