@@ -13,11 +13,17 @@
 //! | `ledgerflow_outbox_unpublished` | gauge | — | outbox rows the relay has not published yet |
 //! | `ledgerflow_outbox_oldest_unpublished_seconds` | gauge | — | age of the oldest unpublished outbox row (0 when none) |
 //! | `ledgerflow_dead_letters_pending` | gauge | — | Kafka dead letters not redriven |
+//! | `ledgerflow_workflow_steps_in_doubt` | gauge | — | workflow steps whose external call's outcome is unknown, waiting for their reconcile hook or an admin |
 //! | `ledgerflow_dead_letter_copies_pending` | gauge | — | dead letters whose copy the dead-letter topic has not accepted yet (each failed try is on the row, shown in the console) |
 //! | `ledgerflow_kafka_consumer_lag` | gauge | group, topic, partition | messages after the consumer group's position, as the ingress measured it within the last minute (recorded in Postgres) |
 //! | `ledgerflow_db_pool_connections` | gauge | state (idle, in_use) | the API's Postgres pool |
 //! | `ledgerflow_metrics_scrape_errors_total` | counter | — | scrapes whose queue query failed |
 //! | `ledgerflow_api_post_batch_size` | histogram | — | public POSTs committed per transaction ([`crate::batch`]) |
+//! | `ledgerflow_webhook_accepted_total` | counter | provider, status (accepted, duplicate) | webhook deliveries committed to the inbox ([`crate::webhooks`]) |
+//! | `ledgerflow_webhook_rejected_total` | counter | provider, reason | webhook deliveries refused before anything was stored |
+//!
+//! `docs/metrics.md` is the catalogue of every process's metrics; a test
+//! (`workers/tests/metrics_catalogue.rs`) checks the two agree.
 //!
 //! `route` is the matched route template (`/v1/jobs/{id}`), never the raw
 //! path, so ids and queue names cannot blow up the label cardinality;
@@ -48,6 +54,7 @@ pub struct Metrics {
     outbox_oldest: Gauge,
     dead_letters: IntGauge,
     dead_letter_copies: IntGauge,
+    in_doubt: IntGauge,
     consumer_lag: IntGaugeVec,
     pool: IntGaugeVec,
     scrape_errors: IntCounter,
@@ -113,6 +120,11 @@ impl Metrics {
             "ledgerflow_dead_letter_copies_pending",
             "Dead letters whose copy the dead-letter topic has not accepted yet",
         )?;
+        let in_doubt = IntGauge::new(
+            "ledgerflow_workflow_steps_in_doubt",
+            "Workflow steps whose external call's outcome is unknown, waiting for their \
+             reconcile hook or an admin",
+        )?;
         let consumer_lag = IntGaugeVec::new(
             Opts::new(
                 "ledgerflow_kafka_consumer_lag",
@@ -142,6 +154,7 @@ impl Metrics {
         registry.register(Box::new(outbox_oldest.clone()))?;
         registry.register(Box::new(dead_letters.clone()))?;
         registry.register(Box::new(dead_letter_copies.clone()))?;
+        registry.register(Box::new(in_doubt.clone()))?;
         registry.register(Box::new(consumer_lag.clone()))?;
         registry.register(Box::new(pool.clone()))?;
         registry.register(Box::new(scrape_errors.clone()))?;
@@ -157,6 +170,7 @@ impl Metrics {
             outbox_oldest,
             dead_letters,
             dead_letter_copies,
+            in_doubt,
             consumer_lag,
             pool,
             scrape_errors,
@@ -202,6 +216,7 @@ impl Metrics {
                 self.outbox_oldest.set(b.outbox_oldest_age_secs);
                 self.dead_letters.set(b.dead_letters_pending);
                 self.dead_letter_copies.set(b.dead_letter_copies_pending);
+                self.in_doubt.set(b.steps_in_doubt);
             }
             Err(e) => {
                 tracing::warn!(error = %e, "metrics: outbox/dead-letter query failed");

@@ -241,10 +241,11 @@ pub struct Intake {
     providers: Arc<WebhookProviders>,
     workflows: Option<Arc<WorkflowRegistry>>,
     rejected: IntCounterVec,
+    accepted: IntCounterVec,
 }
 
 impl Intake {
-    /// Registers the rejection counter in `metrics`' registry.
+    /// Registers the acceptance and rejection counters in `metrics`' registry.
     pub(crate) fn new(
         metrics: &Metrics,
         providers: WebhookProviders,
@@ -256,11 +257,28 @@ impl Intake {
             ),
             &["provider", "reason"],
         )?;
+        let accepted = IntCounterVec::new(
+            Opts::new(
+                "ledgerflow_webhook_accepted_total",
+                "Webhook deliveries committed to the inbox (status: accepted, or duplicate of \
+                 one already there)",
+            ),
+            &["provider", "status"],
+        )?;
         metrics.registry().register(Box::new(rejected.clone()))?;
+        metrics.registry().register(Box::new(accepted.clone()))?;
+        // Every configured provider's series exist from the start (at 0), so
+        // a rate over them is defined before the first delivery.
+        for name in providers.providers.keys() {
+            for status in ["accepted", "duplicate"] {
+                accepted.with_label_values(&[name.as_str(), status]);
+            }
+        }
         Ok(Self {
             providers: Arc::new(providers),
             workflows: None,
             rejected,
+            accepted,
         })
     }
 
@@ -450,6 +468,7 @@ pub async fn receive(
         tracing::info!(provider = %name, event_id = %id, "webhook duplicate");
         "duplicate"
     };
+    intake.accepted.with_label_values(&[&name, status]).inc();
     (StatusCode::OK, Json(json!({ "status": status }))).into_response()
 }
 
