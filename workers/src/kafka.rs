@@ -180,6 +180,10 @@ pub struct RelayConfig {
         rename = "delivery-timeout-ms"
     )]
     pub delivery_timeout: Duration,
+    /// Where publish lag and counts are recorded (set by the process, not
+    /// by the JSON configuration; `None`: not measured).
+    #[serde(skip)]
+    pub metrics: Option<crate::metrics::RelayMetrics>,
 }
 
 impl RelayConfig {
@@ -192,6 +196,7 @@ impl RelayConfig {
             retry_backoff: default_retry_backoff(),
             max_backoff: default_max_backoff(),
             delivery_timeout: default_delivery_timeout(),
+            metrics: None,
         }
     }
 }

@@ -10,6 +10,7 @@
 pub mod dead_letters;
 pub mod ingress;
 pub mod kafka;
+pub mod metrics;
 pub mod ops;
 pub mod relay;
 pub mod runner;

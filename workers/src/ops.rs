@@ -1,16 +1,20 @@
 //! The operations endpoint of every process: `/healthcheck` (liveness),
-//! `/readyz` (PostgreSQL reachable) and `/metrics` (Prometheus text: job
-//! counts per queue and state, the Kafka consumer lag of this process's
-//! ingress consumers and their dead-letter counters, and — in a process
-//! with the api or admin role — the API's whole registry: HTTP requests,
-//! queue depth and wait, workflow states, backlogs). The public API listener
-//! serves no metrics: queue names, states and volumes are not for the internet.
+//! `/readyz` (PostgreSQL reachable) and `/metrics` (Prometheus text: the
+//! process's own registry — job durations and outcomes, workflow steps and
+//! external calls, cron tick lateness, relay lag, see `metrics.rs` — the
+//! Kafka consumer lag of this process's ingress consumers and their
+//! dead-letter counters, and — in a process with the api or admin role — the
+//! API's whole registry: HTTP requests, queue depth and wait, workflow
+//! states, backlogs; without it, `ledgerflow_queue_jobs` is read here). The
+//! public API listener serves no metrics: queue names, states and volumes
+//! are not for the internet. `docs/metrics.md` is the catalogue.
 //!
 //! A deliberately tiny HTTP/1.1 responder on a tokio listener: probes and
 //! scrapes only need a status line and a short body, and this keeps the
 //! worker image free of a web framework.
 use crate::ingress::IngressStats;
 use futures::future::BoxFuture;
+use prometheus::{Encoder, Registry, TextEncoder};
 use sqlx::PgPool;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -26,19 +30,22 @@ pub type MetricsSource = Arc<dyn Fn() -> BoxFuture<'static, String> + Send + Syn
 
 /// Binds `addr` and serves until the returned task is aborted.
 pub async fn serve(addr: SocketAddr, pool: PgPool) -> std::io::Result<JoinHandle<()>> {
-    serve_with(addr, pool, Vec::new(), None).await
+    serve_with(addr, pool, Vec::new(), None, Registry::new()).await
 }
 
 /// Like [`serve`]; `/metrics` also exports the consumer lag that each of
 /// `ingress` measures (`ledgerflow_kafka_consumer_lag{group,topic,partition}`),
 /// and `api`'s text when given. The API's text carries its own
 /// `ledgerflow_kafka_consumer_lag` (the copy in Postgres), so with `api`
-/// the live one is left out: one family of a name per scrape.
+/// the live one is left out: one family of a name per scrape. The same holds
+/// for `ledgerflow_queue_jobs`. `registry` is the process's own (the
+/// roles' metrics, `crate::metrics`).
 pub async fn serve_with(
     addr: SocketAddr,
     pool: PgPool,
     ingress: Vec<Arc<IngressStats>>,
     api: Option<MetricsSource>,
+    registry: Registry,
 ) -> std::io::Result<JoinHandle<()>> {
     let listener = TcpListener::bind(addr).await?;
     tracing::info!(addr = %listener.local_addr()?, "ops endpoint listening");
@@ -51,6 +58,7 @@ pub async fn serve_with(
             let pool = pool.clone();
             let ingress = ingress.clone();
             let api = api.clone();
+            let registry = registry.clone();
             tokio::spawn(async move {
                 let mut buf = [0u8; 1024];
                 let n =
@@ -60,7 +68,7 @@ pub async fn serve_with(
                     };
                 let head = String::from_utf8_lossy(&buf[..n]);
                 let path = head.split_whitespace().nth(1).unwrap_or("/");
-                let (status, body) = respond(path, &pool, &ingress, api.as_ref()).await;
+                let (status, body) = respond(path, &pool, &ingress, api.as_ref(), &registry).await;
                 let reply = format!(
                     "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
                     body.len()
@@ -76,6 +84,7 @@ async fn respond(
     pool: &PgPool,
     ingress: &[Arc<IngressStats>],
     api: Option<&MetricsSource>,
+    registry: &Registry,
 ) -> (&'static str, String) {
     match path {
         "/healthcheck" => ("200 OK", "ok\n".into()),
@@ -91,10 +100,13 @@ async fn respond(
             }
         }
         "/metrics" => {
-            let mut out = metrics(pool).await;
+            let mut out = own_metrics(registry);
             match api {
                 Some(api) => out.push_str(&api().await),
-                None => consumer_lag(&mut out, ingress),
+                None => {
+                    queue_jobs(&mut out, pool).await;
+                    consumer_lag(&mut out, ingress);
+                }
             }
             dead_letter_copies(&mut out, ingress);
             ("200 OK", out)
@@ -103,9 +115,21 @@ async fn respond(
     }
 }
 
-async fn metrics(pool: &PgPool) -> String {
-    let mut out = String::from(
-        "# HELP ledgerflow_jobs Jobs by queue and live state.\n# TYPE ledgerflow_jobs gauge\n",
+/// The process registry's metrics in the text format.
+fn own_metrics(registry: &Registry) -> String {
+    let mut out = Vec::new();
+    if let Err(e) = TextEncoder::new().encode(&registry.gather(), &mut out) {
+        tracing::error!(error = %e, "metrics: encoding failed");
+    }
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// `ledgerflow_queue_jobs`, the same gauge (name, labels, query) as the
+/// API's, for a process without the API's registry.
+async fn queue_jobs(out: &mut String, pool: &PgPool) {
+    out.push_str(
+        "# HELP ledgerflow_queue_jobs Live jobs per queue and state (available, scheduled, \
+         retryable, running)\n# TYPE ledgerflow_queue_jobs gauge\n",
     );
     // Live states only: each is served by a partial index, so this stays
     // cheap however much finished history the table holds.
@@ -119,11 +143,11 @@ async fn metrics(pool: &PgPool) -> String {
     .unwrap_or_default();
     for (queue, state, n) in rows {
         let queue = escape_label(&queue);
-        out.push_str(&format!(
-            "ledgerflow_jobs{{queue=\"{queue}\",state=\"{state}\"}} {n}\n"
-        ));
+        let _ = writeln!(
+            out,
+            "ledgerflow_queue_jobs{{queue=\"{queue}\",state=\"{state}\"}} {n}"
+        );
     }
-    out
 }
 
 /// The lag of every partition assigned to one of `ingress`, as its consumer

@@ -174,6 +174,9 @@ async fn relay_once(
             Ok(()) if !failed_keys.contains(&key) => delivered.push(row.id),
             Ok(()) => {}
             Err(e) => {
+                if let Some(m) = &config.metrics {
+                    m.failed();
+                }
                 first_error.get_or_insert(e);
                 failed_keys.insert(key);
             }
@@ -181,6 +184,17 @@ async fn relay_once(
     }
     outbox_mark_published_in(&mut tx, &delivered).await?;
     tx.commit().await?;
+    if let Some(m) = &config.metrics {
+        // Measured once the marks committed: the lag is to the row's durable publication.
+        let now = chrono::Utc::now();
+        let marked: HashSet<&Uuid> = delivered.iter().collect();
+        for row in rows.iter().filter(|r| marked.contains(&r.id)) {
+            m.published(
+                &row.topic,
+                (now - row.created_at).to_std().unwrap_or_default(),
+            );
+        }
+    }
     Ok(match first_error {
         None => Pass::Published(delivered.len()),
         Some(e) => Pass::Partial(delivered.len(), e),

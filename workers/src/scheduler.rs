@@ -10,6 +10,7 @@
 //! the database or the admin API are noticed. Exactly-once firing does not
 //! depend on this loop's timing: it comes from the engine's unique
 //! `(schedule, fire_at)` tick rows.
+use crate::metrics::CronMetrics;
 use ledgerflow_engine::cron::{FiredTick, ScheduleDef, TickOutcome};
 use ledgerflow_engine::{Result, Store};
 use std::time::Duration;
@@ -27,6 +28,8 @@ pub struct SchedulerConfig {
     pub batch: u32,
     /// Sleep after a failed pass (e.g. the database restarting).
     pub error_backoff: Duration,
+    /// Where tick lateness and outcomes are recorded (`None`: not measured).
+    pub metrics: Option<CronMetrics>,
 }
 
 impl Default for SchedulerConfig {
@@ -36,6 +39,7 @@ impl Default for SchedulerConfig {
             min_sleep: Duration::from_millis(20),
             batch: 100,
             error_backoff: Duration::from_secs(1),
+            metrics: None,
         }
     }
 }
@@ -61,9 +65,12 @@ pub async fn run_with_config(
     stop: CancellationToken,
 ) -> Result<()> {
     upsert_all(&store, &schedules).await?;
+    if let Some(m) = &config.metrics {
+        m.declare_schedules(schedules.iter().map(|s| s.name.as_str()));
+    }
     tracing::info!(schedules = schedules.len(), "cron scheduler started");
     while !stop.is_cancelled() {
-        let sleep = match pass(&store, config.batch).await {
+        let sleep = match pass(&store, config.batch, config.metrics.as_ref()).await {
             Ok(()) => match store.cron_wait_hint().await {
                 Ok(Some(hint)) => hint.clamp(config.min_sleep, config.max_sleep),
                 Ok(None) => config.max_sleep,
@@ -98,9 +105,22 @@ async fn upsert_all(store: &Store, schedules: &[ScheduleDef]) -> Result<()> {
     Ok(())
 }
 
-async fn pass(store: &Store, batch: u32) -> Result<()> {
+async fn pass(store: &Store, batch: u32, metrics: Option<&CronMetrics>) -> Result<()> {
     for tick in store.cron_fire_due(batch).await? {
         log_tick(&tick);
+        if let Some(m) = metrics {
+            // Lateness is for ticks that fired: a dropped range is not late, it is gone
+            // by policy (counted under its outcome).
+            let late = match tick.outcome {
+                TickOutcome::Enqueued | TickOutcome::Manual => Some(
+                    (chrono::Utc::now() - tick.fire_at)
+                        .to_std()
+                        .unwrap_or_default(),
+                ),
+                TickOutcome::SkippedOverlap | TickOutcome::SkippedCatchup => None,
+            };
+            m.fired(&tick.schedule, tick.outcome.as_str(), late);
+        }
     }
     Ok(())
 }

@@ -27,6 +27,7 @@ use ledgerflow_workers::ingress::{
     EnqueueJob, HandlerRegistry, Ingress, IngressHandle, SendSignal,
 };
 use ledgerflow_workers::kafka::{IngressConfig, KafkaConfig, RelayConfig};
+use ledgerflow_workers::metrics::{CronMetrics, RelayMetrics, RunnerMetrics};
 use ledgerflow_workers::relay::{Relay, RelayHandle};
 use ledgerflow_workers::runner::{JobContext, QueueConfig, Registry, Runner, RunnerConfig};
 use ledgerflow_workers::{ops, scheduler};
@@ -299,8 +300,12 @@ async fn run(url: &str, args: RunArgs) -> Result<()> {
     let withdrawal_policy = args.policy.load()?;
     let workflows = payments_workflows(&withdrawal_policy)?;
 
+    // The process's own metrics: each role registers its own here, the ops
+    // endpoint serves them all (docs/metrics.md).
+    let metrics = prometheus::Registry::new();
     let runner = if roles.contains(&Role::Worker) {
         let config = RunnerConfig {
+            metrics: Some(RunnerMetrics::new(&metrics)?),
             queues,
             listen: !no_notify,
             poll_interval: Duration::from_millis(args.poll_ms.max(10)),
@@ -310,6 +315,9 @@ async fn run(url: &str, args: RunArgs) -> Result<()> {
         let runtime = workflows
             .clone()
             .map(|registry| WorkflowRuntime::new(store.clone(), registry));
+        if let Some(m) = runtime.as_ref().and_then(WorkflowRuntime::metrics) {
+            m.register_in(&metrics)?;
+        }
         let runner =
             Runner::start(store.clone(), worker_handlers(runtime.as_ref()), config).await?;
         tracing::info!(worker = runner.worker_id(), "worker role running");
@@ -325,8 +333,12 @@ async fn run(url: &str, args: RunArgs) -> Result<()> {
         };
         tracing::info!(config_schedules = schedules.len(), "scheduler role running");
         let (store, stop) = (store.clone(), stop.clone());
+        let config = scheduler::SchedulerConfig {
+            metrics: Some(CronMetrics::new(&metrics)?),
+            ..scheduler::SchedulerConfig::default()
+        };
         background.push(tokio::spawn(async move {
-            scheduler::run(store, schedules, stop)
+            scheduler::run_with_config(store, schedules, config, stop)
                 .await
                 .map_err(anyhow::Error::from)
         }));
@@ -379,10 +391,11 @@ async fn run(url: &str, args: RunArgs) -> Result<()> {
     }
     let mut kafka_roles = Vec::new();
     if roles.contains(&Role::Relay) {
-        let config: RelayConfig = match std::env::var("LEDGERFLOW_RELAY_CONFIG") {
+        let mut config: RelayConfig = match std::env::var("LEDGERFLOW_RELAY_CONFIG") {
             Ok(json) => serde_json::from_str(&json).context("LEDGERFLOW_RELAY_CONFIG")?,
             Err(_) => RelayConfig::new(KafkaConfig::new(kafka_brokers()?)),
         };
+        config.metrics = Some(RelayMetrics::new(&metrics)?);
         tracing::info!("relay role running");
         kafka_roles.push(KafkaRole::Relay(Relay::start(
             store.clone(),
@@ -404,7 +417,14 @@ async fn run(url: &str, args: RunArgs) -> Result<()> {
         ingress_metrics.push(ingress.stats());
         kafka_roles.push(KafkaRole::Ingress(ingress));
     }
-    let ops = ops::serve_with(args.ops_addr, pool.clone(), ingress_metrics, api_metrics).await?;
+    let ops = ops::serve_with(
+        args.ops_addr,
+        pool.clone(),
+        ingress_metrics,
+        api_metrics,
+        metrics,
+    )
+    .await?;
 
     shutdown_signal().await;
     tracing::info!(grace_secs = args.grace_secs, "shutting down");

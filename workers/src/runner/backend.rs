@@ -23,6 +23,8 @@ pub struct Claimed {
     /// The job and its lease.
     pub job: ClaimedJob,
     pub(crate) permit: OwnedSemaphorePermit,
+    /// When the claim returned it (the claim-to-start latency starts here).
+    pub(crate) claimed_at: std::time::Instant,
 }
 
 /// Yields claimed jobs to an apalis worker; ends when the fetcher stops.

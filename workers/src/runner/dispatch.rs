@@ -83,7 +83,11 @@ impl tower::Service<Task<Claimed>> for Dispatch {
 
     fn call(&mut self, task: Task<Claimed>) -> Self::Future {
         let this = self.clone();
-        let Claimed { job, permit } = task.args;
+        let Claimed {
+            job,
+            permit,
+            claimed_at,
+        } = task.args;
         Box::pin(async move {
             if this.shared.stop_claiming.is_cancelled() {
                 // Shutting down: a prefetched job that has not started stays
@@ -93,10 +97,18 @@ impl tower::Service<Task<Claimed>> for Dispatch {
             }
             let lease = job.lease.clone();
             let kind = job.kind.clone();
+            let queue = job.queue.clone();
+            let metrics = this.shared.config.metrics.clone();
+            if let Some(m) = &metrics {
+                m.started(&queue, claimed_at.elapsed());
+            }
+            let started = std::time::Instant::now();
             let timeout = job.timeout;
             let handler = this.shared.registry.get(&kind);
             let ctx = JobContext::new(job, this.shared.store.clone());
+            let run_kind = kind.clone();
             let run = async move {
+                let kind = run_kind;
                 let Some(handler) = handler else {
                     return Outcome::retry(format!("no handler registered for job kind {kind:?}"));
                 };
@@ -117,14 +129,21 @@ impl tower::Service<Task<Claimed>> for Dispatch {
                 // (a workflow step's successor): claim it now.
                 this.wake.notify_one();
             }
-            let outcome = match joined {
-                Ok(o) => o,
-                Err(e) if e.is_panic() => {
-                    Outcome::retry(format!("handler panicked: {}", panic_text(e)))
+            let (outcome, label) = match joined {
+                Ok(o) => {
+                    let label = o.label();
+                    (o, label)
                 }
+                Err(e) if e.is_panic() => (
+                    Outcome::retry(format!("handler panicked: {}", panic_text(e))),
+                    "panic",
+                ),
                 // Aborted at shutdown: its lease is released by the runner.
                 Err(_) => return Ok(()),
             };
+            if let Some(m) = &metrics {
+                m.finished(&queue, &kind, label, started.elapsed());
+            }
             finish(&this, &lease, outcome).await;
             Ok(())
         })

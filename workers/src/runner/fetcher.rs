@@ -58,6 +58,7 @@ pub(crate) async fn run(
             .await;
         match claimed {
             Ok(jobs) => {
+                let claimed_at = std::time::Instant::now();
                 error_backoff = Duration::from_millis(50);
                 more = jobs.len() == want;
                 for job in jobs {
@@ -65,7 +66,14 @@ pub(crate) async fn run(
                     // `split(1)` cannot fail: one permit per claimed job and
                     // we claimed at most `want` of them.
                     let Some(p) = permit.split(1) else { break };
-                    if tx.send(Claimed { job, permit: p }).is_err() {
+                    if tx
+                        .send(Claimed {
+                            job,
+                            permit: p,
+                            claimed_at,
+                        })
+                        .is_err()
+                    {
                         // The worker is gone (shutdown); the lease stays in
                         // the in-flight map and is released there.
                         return;

@@ -112,6 +112,9 @@ pub struct RunnerConfig {
     pub max_claim_batch: usize,
     /// Most completions committed by one statement.
     pub max_complete_batch: usize,
+    /// Where job durations, outcomes and claim-to-start latencies are
+    /// recorded (`None`: not measured).
+    pub metrics: Option<crate::metrics::RunnerMetrics>,
 }
 
 /// How long finished jobs are kept before the pruner deletes them.
@@ -139,6 +142,7 @@ impl Default for RunnerConfig {
             }),
             max_claim_batch: 500,
             max_complete_batch: 1000,
+            metrics: None,
         }
     }
 }
@@ -223,6 +227,9 @@ impl Runner {
             stop_services: CancellationToken::new(),
             config: config.clone(),
         });
+        if let Some(m) = &config.metrics {
+            m.declare_queues(config.queues.iter().map(|q| q.name.as_str()));
+        }
         let completer = completer::start(shared.clone());
         let executing = Arc::new(dispatch::Executing::default());
 
