@@ -33,7 +33,7 @@ metadata:
   labels:
     {{- include "ledgerflow.labels" . | nindent 4 }}
 spec:
-  {{- if not $v.autoscaling.enabled }}
+  {{- if not (or $v.autoscaling.enabled (dig "keda" "enabled" false $v)) }}
   replicas: {{ $v.replicaCount }}
   {{- end }}
   revisionHistoryLimit: {{ $root.Values.revisionHistoryLimit }}
@@ -190,6 +190,9 @@ spec:
 {{- $root := .root -}}
 {{- $v := .values -}}
 {{- $a := $v.autoscaling -}}
+{{- if and $a.enabled (dig "keda" "enabled" false $v) -}}
+{{- fail (printf "%s.autoscaling.enabled and %s.keda.enabled are both true: KEDA creates an HPA of its own, and two autoscalers on one Deployment fight; choose one" .key .key) -}}
+{{- end -}}
 {{- if $a.enabled -}}
 {{- if gt (int $a.minReplicas) (int $a.maxReplicas) -}}
 {{- fail (printf "%s.autoscaling.minReplicas (%d) is greater than maxReplicas (%d)" .key (int $a.minReplicas) (int $a.maxReplicas)) -}}
@@ -312,4 +315,42 @@ alb.ingress.kubernetes.io/inbound-cidrs: {{ join "," . | quote }}
 {{- end }}
 alb.ingress.kubernetes.io/tags: {{ join "," $tags | quote }}
 {{- end }}
+{{- end }}
+
+{{/*
+KEDA ScaledObject of one component, instead of its HPA (the component's HPA
+template refuses to render both). Arguments: root, component, key, values
+(with a `keda` block: minReplicas, maxReplicas, pollingInterval,
+cooldownPeriod, behavior) and triggers (a list of KEDA trigger objects).
+*/}}
+{{- define "ledgerflow.scaledObject" -}}
+{{- $root := .root -}}
+{{- $k := .values.keda -}}
+{{- if gt (int $k.minReplicas) (int $k.maxReplicas) -}}
+{{- fail (printf "%s.keda.minReplicas (%d) is greater than maxReplicas (%d)" .key (int $k.minReplicas) (int $k.maxReplicas)) -}}
+{{- end -}}
+apiVersion: keda.sh/v1alpha1
+kind: ScaledObject
+metadata:
+  name: {{ include "ledgerflow.componentName" . }}
+  namespace: {{ $root.Release.Namespace }}
+  labels:
+    {{- include "ledgerflow.labels" . | nindent 4 }}
+spec:
+  scaleTargetRef:
+    apiVersion: apps/v1
+    kind: Deployment
+    name: {{ include "ledgerflow.componentName" . }}
+  minReplicaCount: {{ $k.minReplicas }}
+  maxReplicaCount: {{ $k.maxReplicas }}
+  pollingInterval: {{ $k.pollingInterval }}
+  cooldownPeriod: {{ $k.cooldownPeriod }}
+  {{- with $k.behavior }}
+  advanced:
+    horizontalPodAutoscalerConfig:
+      behavior:
+        {{- toYaml . | nindent 8 }}
+  {{- end }}
+  triggers:
+    {{- toYaml .triggers | nindent 4 }}
 {{- end }}
