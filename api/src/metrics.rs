@@ -8,7 +8,7 @@
 //! | `http_request_duration_seconds` | histogram | listener, method, route | time to answer |
 //! | `http_requests_in_flight` | gauge | listener | requests being answered |
 //! | `ledgerflow_queue_jobs` | gauge | queue, state | live jobs (available, scheduled, retryable, running), read at scrape time from the partial indexes |
-//! | `ledgerflow_queue_oldest_available_seconds` | gauge | queue | how long the oldest available job of the queue has been due (the wait before a worker picks a job up) |
+//! | `ledgerflow_queue_oldest_available_seconds` | gauge | queue | how long the oldest available job of the queue has been due (the wait before a worker picks a job up); 0 for a queue with live jobs but none available |
 //! | `ledgerflow_workflows` | gauge | state (running, waiting, compensating, failed) | workflow instances per state, zeros included (finished history is not counted on every scrape) |
 //! | `ledgerflow_outbox_unpublished` | gauge | — | outbox rows the relay has not published yet |
 //! | `ledgerflow_outbox_oldest_unpublished_seconds` | gauge | — | age of the oldest unpublished outbox row (0 when none) |
@@ -183,11 +183,18 @@ impl Metrics {
     }
 
     /// Refreshes the queue wait, workflow, Kafka-edge and consumer lag gauges; a failed
-    /// query counts a scrape error and leaves that gauge as it was.
-    async fn render_backlogs(&self, store: &Store) {
+    /// query counts a scrape error and leaves that gauge as it was. `live_queues` (those
+    /// with live jobs) wait 0 s when none of their jobs is available, so their series
+    /// exist whenever the queue does.
+    async fn render_backlogs(&self, store: &Store, live_queues: &[String]) {
         match store.queue_oldest_available().await {
             Ok(ages) => {
                 self.queue_wait.reset();
+                for queue in live_queues {
+                    self.queue_wait
+                        .with_label_values(&[queue.as_str()])
+                        .set(0.0);
+                }
                 for (queue, age) in ages {
                     self.queue_wait
                         .with_label_values(&[queue.as_str()])
@@ -244,6 +251,7 @@ impl Metrics {
     /// Refreshes the database-backed gauges and renders everything in the
     /// Prometheus text format.
     pub async fn render(&self, store: &Store) -> String {
+        let mut live_queues = Vec::new();
         match store.queue_depths().await {
             Ok(depths) => {
                 // Reset first so a queue that drained disappears instead of
@@ -253,6 +261,9 @@ impl Metrics {
                     self.queue_jobs
                         .with_label_values(&[queue.as_str(), state.as_str()])
                         .set(n);
+                    if !live_queues.contains(&queue) {
+                        live_queues.push(queue);
+                    }
                 }
             }
             Err(e) => {
@@ -260,7 +271,7 @@ impl Metrics {
                 self.scrape_errors.inc();
             }
         }
-        self.render_backlogs(store).await;
+        self.render_backlogs(store, &live_queues).await;
         let size = i64::from(store.pool().size());
         let idle = i64::try_from(store.pool().num_idle()).unwrap_or(i64::MAX);
         self.pool.with_label_values(&["idle"]).set(idle);

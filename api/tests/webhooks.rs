@@ -183,6 +183,15 @@ async fn the_same_webhook_twice_is_stored_once() {
     assert_eq!(second.1["status"], "duplicate");
     assert_eq!(inbox_rows(&f).await, 1);
     assert_eq!(webhook_workflows(&f).await, 1);
+    let metrics = f.state.metrics.render(&f.state.store).await;
+    for status in ["accepted", "duplicate"] {
+        assert!(
+            metrics.contains(&format!(
+                r#"ledgerflow_webhook_accepted_total{{provider="exchange",status="{status}"}} 1"#
+            )),
+            "{metrics}"
+        );
+    }
 }
 
 #[tokio::test]
