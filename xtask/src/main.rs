@@ -12,14 +12,17 @@ mod browser;
 mod cmd;
 mod dev;
 mod helm_check;
+mod helm_crds;
 mod http;
 mod kafka;
 mod kafka_jars;
 mod layers;
+mod metrics_check;
 mod openapi;
 mod pg;
 mod pgbouncer;
 mod pipeline;
+mod prometheus;
 mod schemathesis;
 mod test;
 
