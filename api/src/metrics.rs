@@ -7,7 +7,7 @@
 //! | `http_requests_total` | counter | listener, method, route, status | requests answered |
 //! | `http_request_duration_seconds` | histogram | listener, method, route | time to answer |
 //! | `http_requests_in_flight` | gauge | listener | requests being answered |
-//! | `ledgerflow_queue_jobs` | gauge | queue, state | live jobs (available, scheduled, retryable, running), read at scrape time from the partial indexes |
+//! | `ledgerflow_queue_jobs` | gauge | queue, state | live jobs (available, scheduled, retryable, running; a queue with any live job has all four), read at scrape time from the partial indexes |
 //! | `ledgerflow_queue_oldest_available_seconds` | gauge | queue | how long the oldest available job of the queue has been due (the wait before a worker picks a job up); 0 for a queue with live jobs but none available |
 //! | `ledgerflow_workflows` | gauge | state (running, waiting, compensating, failed) | workflow instances per state, zeros included (finished history is not counted on every scrape) |
 //! | `ledgerflow_outbox_unpublished` | gauge | — | outbox rows the relay has not published yet |

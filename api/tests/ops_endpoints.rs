@@ -41,6 +41,12 @@ async fn ops_endpoints_work() {
         r.text
     );
     assert!(
+        r.text
+            .contains(r#"ledgerflow_queue_jobs{queue="mail",state="running"} 0"#),
+        "{}",
+        r.text
+    );
+    assert!(
         r.text.contains(r#"http_requests_total{listener="admin",method="GET",route="/v1/jobs/{id}",status="404"} 1"#),
         "{}",
         r.text

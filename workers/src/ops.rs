@@ -14,6 +14,7 @@
 //! worker image free of a web framework.
 use crate::ingress::IngressStats;
 use futures::future::BoxFuture;
+use ledgerflow_engine::Store;
 use prometheus::{Encoder, Registry, TextEncoder};
 use sqlx::PgPool;
 use std::fmt::Write as _;
@@ -124,8 +125,8 @@ fn own_metrics(registry: &Registry) -> String {
     String::from_utf8(out).unwrap_or_default()
 }
 
-/// `ledgerflow_queue_jobs`, the same gauge (name, labels, query) as the
-/// API's, for a process without the API's registry.
+/// `ledgerflow_queue_jobs`, the same gauge (name, labels, query:
+/// `Store::queue_depths`) as the API's, for a process without the API's registry.
 async fn queue_jobs(out: &mut String, pool: &PgPool) {
     out.push_str(
         "# HELP ledgerflow_queue_jobs Live jobs per queue and state (available, scheduled, \
@@ -133,19 +134,19 @@ async fn queue_jobs(out: &mut String, pool: &PgPool) {
     );
     // Live states only: each is served by a partial index, so this stays
     // cheap however much finished history the table holds.
-    let rows: Vec<(String, String, i64)> = sqlx::query_as(
-        "SELECT queue, state::text, count(*) FROM jobs
-         WHERE state IN ('scheduled', 'available', 'running', 'retryable')
-         GROUP BY 1, 2 ORDER BY 1, 2",
-    )
-    .fetch_all(pool)
-    .await
-    .unwrap_or_default();
-    for (queue, state, n) in rows {
+    let depths = match Store::new(pool.clone()).queue_depths().await {
+        Ok(depths) => depths,
+        Err(e) => {
+            tracing::warn!(error = %e, "metrics: queue depth query failed");
+            Vec::new()
+        }
+    };
+    for (queue, state, n) in depths {
         let queue = escape_label(&queue);
         let _ = writeln!(
             out,
-            "ledgerflow_queue_jobs{{queue=\"{queue}\",state=\"{state}\"}} {n}"
+            "ledgerflow_queue_jobs{{queue=\"{queue}\",state=\"{}\"}} {n}",
+            state.as_str()
         );
     }
 }

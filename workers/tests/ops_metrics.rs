@@ -107,6 +107,15 @@ async fn a_worker_process_serves_queue_depth_and_its_job_metrics() {
         text.contains(r#"ledgerflow_queue_jobs{queue="mail",state="available"} 3"#),
         "{text}"
     );
+    // A live queue has all four states, 0 where it has no job: its series do not come and go.
+    for state in ["scheduled", "retryable", "running"] {
+        assert!(
+            text.contains(&format!(
+                r#"ledgerflow_queue_jobs{{queue="mail",state="{state}"}} 0"#
+            )),
+            "{text}"
+        );
+    }
     assert!(!text.contains("ledgerflow_jobs{"), "{text}");
 
     let registry = Registry::new()

@@ -315,7 +315,9 @@ impl Store {
     /// Live jobs per (queue, state) for the states that still have work
     /// ahead (`available`, `scheduled`, `retryable`, `running`). Each state
     /// is served by its partial index, so the cost follows the live backlog,
-    /// never the size of the finished history.
+    /// never the size of the finished history. A queue with any live job has
+    /// all four states (0 for those it has none in), in queue then state order,
+    /// so its gauge series do not come and go with each job.
     pub async fn queue_depths(&self) -> Result<Vec<(String, JobState, i64)>> {
         let rows = sqlx::query(
             "SELECT queue, state, count(*) AS n FROM jobs WHERE state = 'available' GROUP BY 1, 2
@@ -326,9 +328,22 @@ impl Store {
         )
         .fetch_all(self.pool())
         .await?;
-        rows.iter()
-            .map(|r| Ok((r.try_get("queue")?, r.try_get("state")?, r.try_get("n")?)))
-            .collect()
+        let mut depths: std::collections::BTreeMap<String, [i64; 4]> = Default::default();
+        for r in &rows {
+            let state: JobState = r.try_get("state")?;
+            if let Some(slot) = LIVE_STATES.iter().position(|s| *s == state) {
+                depths.entry(r.try_get("queue")?).or_default()[slot] = r.try_get("n")?;
+            }
+        }
+        Ok(depths
+            .into_iter()
+            .flat_map(|(queue, counts)| {
+                LIVE_STATES
+                    .iter()
+                    .zip(counts)
+                    .map(move |(state, n)| (queue.clone(), *state, n))
+            })
+            .collect())
     }
 }
 
@@ -421,6 +436,14 @@ impl WorkflowCursor {
         Self { time, id: row.id }
     }
 }
+
+/// The job states with work still ahead, as [`Store::queue_depths`] reports them.
+pub const LIVE_STATES: [JobState; 4] = [
+    JobState::Available,
+    JobState::Scheduled,
+    JobState::Retryable,
+    JobState::Running,
+];
 
 /// The workflow states `/metrics` gauges: the live ones, and `failed`
 /// (each needs an operator).
