@@ -112,6 +112,9 @@ pub struct RunnerConfig {
     pub max_claim_batch: usize,
     /// Most completions committed by one statement.
     pub max_complete_batch: usize,
+    /// Priority aging: every period, each available job with a priority above 0 that has
+    /// waited longer than the period moves up a level (None: no aging by this runner).
+    pub priority_aging: Option<Duration>,
 }
 
 /// How long finished jobs are kept before the pruner deletes them.
@@ -139,6 +142,7 @@ impl Default for RunnerConfig {
             }),
             max_claim_batch: 500,
             max_complete_batch: 1000,
+            priority_aging: Some(Duration::from_secs(60)),
         }
     }
 }
@@ -272,6 +276,9 @@ impl Runner {
         ];
         if config.retention.is_some() {
             services.push(tokio::spawn(maintenance::pruner(shared.clone())));
+        }
+        if config.priority_aging.is_some() {
+            services.push(tokio::spawn(maintenance::ager(shared.clone())));
         }
         if config.listen {
             services.push(tokio::spawn(listen(shared.clone(), wakers)));

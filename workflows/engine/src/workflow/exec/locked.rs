@@ -91,6 +91,12 @@ async fn run_ready(run: Run<'_>, ready: Ready, next: &mut Continued) -> Result<O
     let (ctx, slot) = StepCtx::new(ctx_for, Some(tx), None);
     let result = def.steps[idx].run.call(ctx.clone()).await;
     let tx = take_tx(&slot).await?;
+    if let Some(wait) = ctx.take_deferred() {
+        // The step's rate-limited call found no room: nothing was sent, nothing is kept, and
+        // the job waits for the bucket without using an attempt.
+        tx.rollback().await?;
+        return Ok(Outcome::Snooze(wait));
+    }
     let done = Done {
         result,
         flagged: ctx.take_in_doubt(),
