@@ -52,10 +52,14 @@ CREATE TABLE flow_buckets (
 );
 
 -- Weight a deferred job (or step call) already paid for: its next claim or call
--- under the key is not charged again.
+-- under the key is not charged again. No foreign key to jobs: a step's call
+-- reserves while the step's own transaction holds its job row, and the key-share
+-- lock of a foreign-key check would wait for that transaction. The pruner drops
+-- reservations whose job is gone.
 CREATE TABLE flow_reservations (
-    job_id    uuid NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
-    key       text NOT NULL,
+    job_id      uuid NOT NULL,
+    key         text NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (job_id, key)
 );
 

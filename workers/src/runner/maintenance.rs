@@ -111,6 +111,9 @@ pub(crate) async fn pruner(shared: Arc<Shared>) {
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "pruning failed"),
             }
+            if let Err(e) = s.store.flow_prune_reservations(10_000).await {
+                tracing::warn!(error = %e, "pruning rate-limit reservations failed");
+            }
         }
     })
     .await;
