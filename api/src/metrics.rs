@@ -18,6 +18,10 @@
 //! | `ledgerflow_db_pool_connections` | gauge | state (idle, in_use) | the API's Postgres pool |
 //! | `ledgerflow_metrics_scrape_errors_total` | counter | — | scrapes whose queue query failed |
 //! | `ledgerflow_api_post_batch_size` | histogram | — | public POSTs committed per transaction ([`crate::batch`]) |
+//! | `ledgerflow_flow_holders` | gauge | key (a `flow_limits` row) | running jobs or admitted workflows holding the limit's slots |
+//! | `ledgerflow_flow_waiters` | gauge | key | jobs or workflows waiting for the limit |
+//! | `ledgerflow_flow_tokens` | gauge | key | weight in the rate limit's bucket now |
+//! | `ledgerflow_flow_deferrals` | gauge | key | jobs and calls the rate limit deferred so far |
 //!
 //! `route` is the matched route template (`/v1/jobs/{id}`), never the raw
 //! path, so ids and queue names cannot blow up the label cardinality;
@@ -50,6 +54,7 @@ pub struct Metrics {
     dead_letter_copies: IntGauge,
     consumer_lag: IntGaugeVec,
     pool: IntGaugeVec,
+    flow: crate::flow_metrics::FlowGauges,
     scrape_errors: IntCounter,
 }
 
@@ -145,7 +150,9 @@ impl Metrics {
         registry.register(Box::new(consumer_lag.clone()))?;
         registry.register(Box::new(pool.clone()))?;
         registry.register(Box::new(scrape_errors.clone()))?;
+        let flow = crate::flow_metrics::FlowGauges::new(&registry)?;
         Ok(Self {
+            flow,
             registry,
             requests,
             duration,
@@ -207,6 +214,10 @@ impl Metrics {
                 tracing::warn!(error = %e, "metrics: outbox/dead-letter query failed");
                 self.scrape_errors.inc();
             }
+        }
+        if let Err(e) = self.flow.refresh(store.pool()).await {
+            tracing::warn!(error = %e, "metrics: flow limits query failed");
+            self.scrape_errors.inc();
         }
         match store.consumer_lag_recent(CONSUMER_LAG_MAX_AGE).await {
             Ok(lags) => {

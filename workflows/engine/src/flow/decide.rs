@@ -47,10 +47,11 @@ impl Bucket {
         i64::try_from(ms).unwrap_or(i64::MAX)
     }
 
-    /// What one use costs, in thousandths: a weight above the capacity costs a full bucket
-    /// (it could never be afforded otherwise).
+    /// What one use costs, in thousandths. A weight above the capacity is still charged in
+    /// full: it waits for a full bucket and leaves it in debt, so no span ever passes more
+    /// than the bucket allows.
     pub fn cost(&self, weight: i64) -> i64 {
-        weight.clamp(1, self.capacity.max(1)).saturating_mul(1000)
+        weight.max(1).saturating_mul(1000)
     }
 }
 
@@ -267,6 +268,7 @@ mod tests {
             .collect();
         assert_eq!(waits, vec![200, 600]);
         assert_eq!(d.levels, vec![("ex".into(), Level { millis: -6000, at: t0() })]);
+        assert_eq!(d.deferred, vec![("ex".into(), 2)]);
         // A prepaid job is claimed without a charge.
         let mut paid = rated(9, 4, b);
         paid.prepaid = true;
@@ -278,7 +280,6 @@ mod tests {
         assert_eq!(d.claim, vec![Uuid::from_u128(9)]);
         assert_eq!(d.unreserve, vec![Uuid::from_u128(9)]);
         assert!(d.levels.is_empty());
-        assert_eq!(d.deferred, vec![("ex".into(), 2)]);
     }
 
     #[test]
@@ -298,7 +299,7 @@ mod tests {
         assert_eq!(b.level(Some(stored), earlier), 0);
         assert_eq!(b.wait_ms(0, 1000), 50);
         assert_eq!(b.wait_ms(-1000, 0), 50);
-        assert_eq!(b.cost(5000), 1_200_000);
+        assert_eq!(b.cost(5000), 5_000_000);
     }
 
     #[test]

@@ -70,8 +70,9 @@ pub const WITHDRAWALS_PER_USER: &str = "withdrawals:user:*";
 
 /// The domain's limits, declared in code at start (operators may change them at runtime):
 /// - the exchange's request budget as a token bucket under `exchange_rate_key`, kept just
-///   under the budget (a burst of 2 %, refilled at 97 %: over any window at most 99 % of it
-///   passes, leaving room for calls that reach the exchange a little after their turn);
+///   under the budget (a burst of 2 % but at least 6, two of the heaviest calls; refilled at
+///   the rest less 1 %: over any window at most 99 % of the budget passes, leaving room for
+///   calls that reach the exchange a little after their turn);
 /// - `withdrawals_per_user` withdrawals of one user at a time.
 pub fn flow_limits(
     config: &WorkflowsConfig,
@@ -82,8 +83,8 @@ pub fn flow_limits(
     let mut limits = Vec::new();
     if let Some(b) = budget {
         let weight = i64::from(b.weight);
-        let burst = (weight / 50).max(1);
-        let refill = (weight - burst - weight / 100).max(1);
+        let burst = (weight / 50).max(6);
+        let refill = (weight - burst - (weight / 100).max(1)).max(1);
         limits.push(FlowLimit::new(config.exchange_rate_key.clone()).rate(burst, refill, b.window));
     }
     if let Some(n) = withdrawals_per_user {
