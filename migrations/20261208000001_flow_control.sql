@@ -41,18 +41,21 @@ CREATE TABLE flow_limits (
         AND (rate_refill IS NULL) = (rate_window_ms IS NULL))
 );
 
--- A rate-limited key's bucket: its tokens (in thousandths of a weight) as of
--- `at` (the database's time). Written only under the key's advisory lock.
--- Negative while deferred jobs have reserved weight ahead of time: each waits
--- until the bucket would have paid for it, in turn, instead of all waking at once.
+-- A rate-limited key's bucket as of `at` (the database's time), in thousandths
+-- of a weight: its level, and what it owes to deferred callers (weight promised
+-- to them, decaying at the refill rate). New callers leave what is owed, so the
+-- deferred take their turns one after another instead of all waking at once;
+-- every use is still paid from the level at the moment it is admitted. Written
+-- only under the key's advisory lock.
 CREATE TABLE flow_buckets (
     key       text PRIMARY KEY,
-    millis    bigint NOT NULL,
+    millis    bigint NOT NULL CHECK (millis >= 0),
+    owed      bigint NOT NULL DEFAULT 0 CHECK (owed >= 0),
     at        timestamptz NOT NULL
 );
 
--- Weight a deferred job (or step call) already paid for: its next claim or call
--- under the key is not charged again. No foreign key to jobs: a step's call
+-- A deferred job (or step call) whose turn will come: when it comes back it
+-- takes from the level before new callers. No foreign key to jobs: a step's call
 -- reserves while the step's own transaction holds its job row, and the key-share
 -- lock of a foreign-key check would wait for that transaction. The pruner drops
 -- reservations whose job is gone.

@@ -131,6 +131,26 @@ impl tower::Service<Task<Claimed>> for Dispatch {
     }
 }
 
+/// A short snooze (a step deferred to its rate limit's turn) comes back on time: this process
+/// promotes due jobs and claims once the snooze is over, instead of waiting for the
+/// promoter's next round.
+fn wake_after(this: &Dispatch, d: Duration) {
+    if d > Duration::from_secs(10) {
+        return;
+    }
+    let (shared, wake) = (this.shared.clone(), this.wake.clone());
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = shared.stop_services.cancelled() => {}
+            _ = tokio::time::sleep(d) => {
+                if shared.store.job_promote_due(1000).await.is_ok() {
+                    wake.notify_one();
+                }
+            }
+        }
+    });
+}
+
 fn panic_text(e: tokio::task::JoinError) -> String {
     let p = e.into_panic();
     p.downcast_ref::<&str>()
@@ -150,6 +170,9 @@ async fn finish(this: &Dispatch, lease: &Lease, outcome: Outcome, flow: bool) {
             this.wake.notify_one();
         }
         return;
+    }
+    if let Outcome::Snooze(d) = &outcome {
+        wake_after(this, *d);
     }
     let wake = flow.then(|| this.wake.clone());
     if outcome == Outcome::Complete

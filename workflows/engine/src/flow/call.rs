@@ -1,14 +1,13 @@
 //! The limiter of a step's rate-limited external call: charges the key's bucket right before
-//! the call, or reserves the job's turn.
+//! the call, or defers the step to its turn.
 use super::{check_key, db, decide};
 use crate::{Result, Store};
 use std::time::Duration;
 
-/// Charges `weight` to rate-limit key `key` for a call of job `job` now (an external call's
-/// limiter): `None` when the call may go (the bucket paid, the job had reserved its weight
-/// when it was deferred, or the key has no rate limit); else how long until its turn. A
-/// deferred call reserves its weight (the bucket goes into debt), so deferred calls take
-/// their turns one after another instead of all waking at once.
+/// Charges `weight` to rate-limit key `key` for a call of job `job`, right before the call
+/// (an external call's limiter): `None` when the call may go (the bucket paid, or the key has
+/// no rate limit); else how long until its turn. A deferred call is owed its turn (see
+/// [`decide::Bucket::admit`]): when it comes back it goes before new callers.
 pub async fn take(
     store: &Store,
     job: uuid::Uuid,
@@ -21,24 +20,24 @@ pub async fn take(
         tx.commit().await?;
         return Ok(None);
     };
-    if db::take_reservation(&mut tx, job, key).await? {
-        tx.commit().await?;
-        return Ok(None);
-    }
-    let level = bucket.level(stored, now);
-    let cost = bucket.cost(i64::from(weight));
+    let returning = db::take_reservation(&mut tx, job, key).await?;
+    let mut state = bucket.at(stored, now);
+    let verdict = bucket.admit(&mut state, bucket.cost(i64::from(weight)), returning);
     let left = decide::Level {
-        millis: level - cost,
+        millis: state.level,
+        owed: state.owed,
         at: now,
     };
-    let wait = if level >= cost {
-        db::store_bucket(&mut tx, key, Some(left), None).await?;
-        None
-    } else {
-        db::store_bucket(&mut tx, key, Some(left), Some(now)).await?;
-        db::reserve(&mut tx, job, key).await?;
-        let ms = bucket.wait_ms(left.millis, 0);
-        Some(Duration::from_millis(u64::try_from(ms).unwrap_or(0).max(1)))
+    let wait = match verdict {
+        None => {
+            db::store_bucket(&mut tx, key, Some(left), None).await?;
+            None
+        }
+        Some(ms) => {
+            db::store_bucket(&mut tx, key, Some(left), Some(now)).await?;
+            db::reserve(&mut tx, job, key).await?;
+            Some(Duration::from_millis(u64::try_from(ms).unwrap_or(0).max(1)))
+        }
     };
     tx.commit().await?;
     Ok(wait)

@@ -188,7 +188,7 @@ pub(crate) async fn holders(
                         + (SELECT count(*) FROM workflows w
                            WHERE w.flow_admitted AND w.finished_at IS NULL AND w.flow_key = k.k)
                 END,
-                b.millis, b.at, coalesce($4::timestamptz, now())
+                b.millis, b.owed, b.at, coalesce($4::timestamptz, now())
          FROM unnest($1::text[]) k(k) LEFT JOIN flow_buckets b ON b.key = k.k",
     )
     .bind(keys)
@@ -203,8 +203,9 @@ pub(crate) async fn holders(
         let key: String = r.try_get(0)?;
         let held: i64 = r.try_get(1)?;
         let millis: Option<i64> = r.try_get(2)?;
-        let at: Option<DateTime<Utc>> = r.try_get(3)?;
-        db_now = r.try_get(4)?;
+        let owed: Option<i64> = r.try_get(3)?;
+        let at: Option<DateTime<Utc>> = r.try_get(4)?;
+        db_now = r.try_get(5)?;
         if key == queue_key {
             if let Some(limit) = queue_limit {
                 h.queue = Some((limit, held));
@@ -212,8 +213,8 @@ pub(crate) async fn holders(
         } else {
             h.held.insert(key.clone(), held);
         }
-        if let (Some(millis), Some(at)) = (millis, at) {
-            h.levels.insert(key, Level { millis, at });
+        if let (Some(millis), Some(owed), Some(at)) = (millis, owed, at) {
+            h.levels.insert(key, Level { millis, owed, at });
         }
     }
     Ok((h, db_now))
@@ -254,9 +255,10 @@ pub(crate) async fn apply(conn: &mut PgConnection, a: &Apply<'_>) -> Result<Vec<
            WHERE j.id = ANY($13::uuid[]) AND r.job_id = j.id AND r.key = j.rate_key
          ),
          bk AS (
-           INSERT INTO flow_buckets (key, millis, at)
-           SELECT * FROM unnest($8::text[], $9::int8[], $10::timestamptz[])
-           ON CONFLICT (key) DO UPDATE SET millis = excluded.millis, at = excluded.at
+           INSERT INTO flow_buckets (key, millis, owed, at)
+           SELECT * FROM unnest($8::text[], $9::int8[], $14::int8[], $10::timestamptz[])
+           ON CONFLICT (key) DO UPDATE
+             SET millis = excluded.millis, owed = excluded.owed, at = excluded.at
          ),
          dc AS (
            INSERT INTO flow_deferrals (key, deferred, last_at)
@@ -272,6 +274,7 @@ pub(crate) async fn apply(conn: &mut PgConnection, a: &Apply<'_>) -> Result<Vec<
     let lv_keys: Vec<&str> = a.levels.iter().map(|(k, _)| k.as_str()).collect();
     let lv_millis: Vec<i64> = a.levels.iter().map(|(_, l)| l.millis).collect();
     let lv_at: Vec<DateTime<Utc>> = a.levels.iter().map(|(_, l)| l.at).collect();
+    let lv_owed: Vec<i64> = a.levels.iter().map(|(_, l)| l.owed).collect();
     let (dk, dc): (Vec<&str>, Vec<i64>) = a.deferred.iter().map(|(k, n)| (k.as_str(), *n)).unzip();
     Ok(sqlx::query(SQL)
         .bind(a.claim)
@@ -287,6 +290,7 @@ pub(crate) async fn apply(conn: &mut PgConnection, a: &Apply<'_>) -> Result<Vec<
         .bind(&dk)
         .bind(&dc)
         .bind(a.unreserve)
+        .bind(&lv_owed)
         .fetch_all(&mut *conn)
         .await?)
 }
@@ -304,7 +308,7 @@ pub(crate) async fn lock_bucket(
         .execute(&mut *conn)
         .await?;
     let row = sqlx::query(
-        "SELECT l.rate_capacity, l.rate_refill, l.rate_window_ms, b.millis, b.at,
+        "SELECT l.rate_capacity, l.rate_refill, l.rate_window_ms, b.millis, b.owed, b.at,
                 coalesce($2::timestamptz, now())
          FROM (SELECT f.* FROM flow_limits f WHERE f.key = $1 OR f.key = flow_class($1)
                ORDER BY f.key = $1 DESC LIMIT 1) l
@@ -322,9 +326,13 @@ pub(crate) async fn lock_bucket(
         window_ms: r.try_get(2)?,
     };
     let millis: Option<i64> = r.try_get(3)?;
-    let at: Option<DateTime<Utc>> = r.try_get(4)?;
-    let level = millis.zip(at).map(|(millis, at)| Level { millis, at });
-    Ok(Some((bucket, level, r.try_get(5)?)))
+    let owed: Option<i64> = r.try_get(4)?;
+    let at: Option<DateTime<Utc>> = r.try_get(5)?;
+    let level = match (millis, owed, at) {
+        (Some(millis), Some(owed), Some(at)) => Some(Level { millis, owed, at }),
+        _ => None,
+    };
+    Ok(Some((bucket, level, r.try_get(6)?)))
 }
 
 /// Uses up job `job`'s reservation under `key`, if it has one (under the key's lock).
@@ -358,8 +366,9 @@ pub(crate) async fn store_bucket(
 ) -> Result<()> {
     sqlx::query(
         "WITH bk AS (
-           INSERT INTO flow_buckets (key, millis, at) SELECT $1, $2, $3 WHERE $2 IS NOT NULL
-           ON CONFLICT (key) DO UPDATE SET millis = excluded.millis, at = excluded.at
+           INSERT INTO flow_buckets (key, millis, owed, at) SELECT $1, $2, $5, $3 WHERE $2 IS NOT NULL
+           ON CONFLICT (key) DO UPDATE
+             SET millis = excluded.millis, owed = excluded.owed, at = excluded.at
          )
          INSERT INTO flow_deferrals (key, deferred, last_at) SELECT $1, 1, $4 WHERE $4 IS NOT NULL
          ON CONFLICT (key) DO UPDATE
@@ -369,6 +378,7 @@ pub(crate) async fn store_bucket(
     .bind(level.map(|l| l.millis))
     .bind(level.map(|l| l.at))
     .bind(deferred_at)
+    .bind(level.map(|l| l.owed))
     .execute(conn)
     .await?;
     Ok(())

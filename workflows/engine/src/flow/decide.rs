@@ -14,11 +14,21 @@ pub struct Bucket {
     pub window_ms: i64,
 }
 
-/// A bucket's stored level: thousandths of a weight, as of `at`.
+/// A bucket's stored state, in thousandths of a weight, as of `at`: its level (what may be
+/// spent now) and what it owes to deferred work (weight promised to callers that wait for
+/// their turn; it decays at the refill rate, so a promise nobody comes back for lapses).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Level {
     pub millis: i64,
+    pub owed: i64,
     pub at: DateTime<Utc>,
+}
+
+/// A bucket at one instant: its level and what it owes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Now {
+    pub level: i64,
+    pub owed: i64,
 }
 
 impl Bucket {
@@ -34,6 +44,36 @@ impl Bucket {
         i64::try_from(level.min(i128::from(full))).unwrap_or(full)
     }
 
+    /// The bucket at `now`: the level refilled, the debt decayed.
+    pub fn at(&self, stored: Option<Level>, now: DateTime<Utc>) -> Now {
+        let level = self.level(stored, now);
+        let owed = stored.map_or(0, |l| {
+            let elapsed = (now - l.at).num_milliseconds().max(0);
+            let repaid = i128::from(elapsed) * i128::from(self.refill) * 1000
+                / i128::from(self.window_ms.max(1));
+            i64::try_from((i128::from(l.owed) - repaid).max(0)).unwrap_or(0)
+        });
+        Now { level, owed }
+    }
+
+    /// One use of `cost` at `now`. Every use is paid from the level at the moment it is
+    /// admitted, so over any span no more passes than the bucket allows. A new caller also
+    /// leaves what is owed to earlier deferred callers; a `returning` caller (deferred before,
+    /// its turn come) takes from the level alone. Admitted: `None`. Deferred: how long until
+    /// its turn — its weight is added to what is owed, so the deferred take their turns one
+    /// after another instead of all waking at once (a returning caller that finds the level
+    /// short, because it came late or others came early, takes the next turn).
+    pub fn admit(&self, b: &mut Now, cost: i64, returning: bool) -> Option<i64> {
+        let free = if returning { b.level } else { b.level - b.owed };
+        if free >= cost {
+            b.level -= cost;
+            return None;
+        }
+        // Short: the caller (again, if it was already deferred) takes the next turn in line.
+        b.owed += cost;
+        Some(self.wait_ms(b.level, b.owed).max(1))
+    }
+
     /// Milliseconds until a bucket at `level` holds `need` (thousandths), rounded up.
     pub fn wait_ms(&self, level: i64, need: i64) -> i64 {
         if level >= need {
@@ -47,11 +87,10 @@ impl Bucket {
         i64::try_from(ms).unwrap_or(i64::MAX)
     }
 
-    /// What one use costs, in thousandths. A weight above the capacity is still charged in
-    /// full: it waits for a full bucket and leaves it in debt, so no span ever passes more
-    /// than the bucket allows.
+    /// What one use costs, in thousandths. A weight above the capacity could never be paid
+    /// in full: it costs a full bucket.
     pub fn cost(&self, weight: i64) -> i64 {
-        weight.max(1).saturating_mul(1000)
+        weight.clamp(1, self.capacity.max(1)).saturating_mul(1000)
     }
 }
 
@@ -65,7 +104,7 @@ pub struct Candidate {
     pub workflow_key: Option<(Uuid, String, Option<i64>)>,
     /// Its rate-limit key, weight, and the key's bucket (`None`: the key has no rate limit).
     pub rate: Option<(String, i64, Option<Bucket>)>,
-    /// The job reserved (paid) its weight when it was deferred.
+    /// The job was deferred before and its turn came (it holds a reservation).
     pub prepaid: bool,
 }
 
@@ -87,10 +126,9 @@ pub struct Decision {
     pub claim: Vec<Uuid>,
     /// Workflows the claimed jobs admit (they hold their key's slot from now on).
     pub admit: Vec<Uuid>,
-    /// Candidates deferred, with when their turn comes: each reserved its weight (the bucket
-    /// goes into debt), so it is not charged again then.
+    /// Candidates deferred, with when their turn comes (they come back as returning callers).
     pub defer: Vec<(Uuid, DateTime<Utc>)>,
-    /// Claimed candidates whose reservation is used up.
+    /// Claimed returning candidates, whose reservation (their turn) is used up.
     pub unreserve: Vec<Uuid>,
     /// Candidates left waiting for a concurrency slot.
     pub blocked: usize,
@@ -104,7 +142,7 @@ pub struct Decision {
 pub fn decide(cands: &[Candidate], want: usize, holders: &Holders, now: DateTime<Utc>) -> Decision {
     let mut held = holders.held.clone();
     let mut queue_running = holders.queue.map(|(_, running)| running);
-    let mut levels: HashMap<&str, i64> = HashMap::new();
+    let mut levels: HashMap<&str, Now> = HashMap::new();
     let mut out = Decision::default();
     let mut deferred: HashMap<&str, i64> = HashMap::new();
     for c in cands {
@@ -127,18 +165,14 @@ pub fn decide(cands: &[Candidate], want: usize, holders: &Holders, now: DateTime
             continue;
         }
         if let Some((key, weight, Some(bucket))) = &c.rate {
-            if c.prepaid {
-                out.unreserve.push(c.id);
-            } else {
-                let stored = holders.levels.get(key).copied();
-                let level = levels
-                    .entry(key.as_str())
-                    .or_insert_with(|| bucket.level(stored, now));
-                let cost = bucket.cost(*weight);
-                let short = *level < cost;
-                *level -= cost;
-                if short {
-                    let wait = bucket.wait_ms(*level, 0);
+            let stored = holders.levels.get(key).copied();
+            let state = levels
+                .entry(key.as_str())
+                .or_insert_with(|| bucket.at(stored, now));
+            match bucket.admit(state, bucket.cost(*weight), c.prepaid) {
+                None if c.prepaid => out.unreserve.push(c.id),
+                None => {}
+                Some(wait) => {
                     out.defer
                         .push((c.id, now + chrono::Duration::milliseconds(wait)));
                     *deferred.entry(key.as_str()).or_insert(0) += 1;
@@ -160,7 +194,14 @@ pub fn decide(cands: &[Candidate], want: usize, holders: &Holders, now: DateTime
     }
     let mut lv: Vec<(String, Level)> = levels
         .into_iter()
-        .map(|(k, millis)| (k.to_string(), Level { millis, at: now }))
+        .map(|(k, b)| {
+            let level = Level {
+                millis: b.level,
+                owed: b.owed,
+                at: now,
+            };
+            (k.to_string(), level)
+        })
         .collect();
     lv.sort_by(|a, b| a.0.cmp(&b.0));
     out.levels = lv;
@@ -251,8 +292,8 @@ mod tests {
 
     #[test]
     fn an_empty_bucket_defers_in_turn_without_claiming() {
-        // 10 weight per second, bucket of 10: two jobs of 4 fit; the third reserves its 4
-        // (the bucket at -2: its turn in 200 ms), the fourth too (at -6: 600 ms).
+        // 10 weight per second, bucket of 10: two jobs of 4 fit (2 left); the third is owed
+        // 4 (its turn when the level reaches 4: 200 ms), the fourth 8 (600 ms).
         let b = Bucket {
             capacity: 10,
             refill: 10,
@@ -267,19 +308,47 @@ mod tests {
             .map(|(_, at)| (*at - t0()).num_milliseconds())
             .collect();
         assert_eq!(waits, vec![200, 600]);
-        assert_eq!(d.levels, vec![("ex".into(), Level { millis: -6000, at: t0() })]);
+        let stored = Level {
+            millis: 2000,
+            owed: 8000,
+            at: t0(),
+        };
+        assert_eq!(d.levels, vec![("ex".into(), stored)]);
         assert_eq!(d.deferred, vec![("ex".into(), 2)]);
-        // A prepaid job is claimed without a charge.
-        let mut paid = rated(9, 4, b);
-        paid.prepaid = true;
+        // 200 ms later the third comes back: it takes the level; a new job waits behind the
+        // fourth (owed 8 - 2 decayed = 6, plus its 4: the level must reach 10).
+        let later = t0() + chrono::Duration::milliseconds(200);
+        let mut back = rated(3, 4, b);
+        back.prepaid = true;
         let h = Holders {
-            levels: [("ex".to_string(), Level { millis: -6000, at: t0() })].into(),
+            levels: [("ex".to_string(), stored)].into(),
             ..Holders::default()
         };
-        let d = decide(&[paid], 10, &h, t0());
-        assert_eq!(d.claim, vec![Uuid::from_u128(9)]);
-        assert_eq!(d.unreserve, vec![Uuid::from_u128(9)]);
-        assert!(d.levels.is_empty());
+        let d = decide(&[back, rated(5, 4, b)], 10, &h, later);
+        assert_eq!(d.claim, vec![Uuid::from_u128(3)]);
+        assert_eq!(d.unreserve, vec![Uuid::from_u128(3)]);
+        assert_eq!(
+            d.defer,
+            vec![(Uuid::from_u128(5), later + chrono::Duration::milliseconds(1000))]
+        );
+    }
+
+    #[test]
+    fn a_returning_caller_that_is_late_still_pays_from_the_level() {
+        let b = Bucket {
+            capacity: 4,
+            refill: 4,
+            window_ms: 1000,
+        };
+        let empty = Level {
+            millis: 0,
+            owed: 0,
+            at: t0(),
+        };
+        let mut now = b.at(Some(empty), t0());
+        assert_eq!(b.admit(&mut now, 4000, true), Some(1000));
+        assert_eq!(now.level, 0, "a deferral spends nothing");
+        assert_eq!(now.owed, 4000, "it takes the next turn");
     }
 
     #[test]
@@ -289,7 +358,11 @@ mod tests {
             refill: 1200,
             window_ms: 60_000,
         };
-        let stored = Level { millis: 0, at: t0() };
+        let stored = Level {
+            millis: 0,
+            owed: 0,
+            at: t0(),
+        };
         let later = t0() + chrono::Duration::seconds(1);
         assert_eq!(b.level(Some(stored), later), 20_000);
         let much_later = t0() + chrono::Duration::hours(1);
@@ -299,7 +372,7 @@ mod tests {
         assert_eq!(b.level(Some(stored), earlier), 0);
         assert_eq!(b.wait_ms(0, 1000), 50);
         assert_eq!(b.wait_ms(-1000, 0), 50);
-        assert_eq!(b.cost(5000), 5_000_000);
+        assert_eq!(b.cost(5000), 1_200_000);
     }
 
     #[test]

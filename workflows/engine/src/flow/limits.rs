@@ -131,7 +131,7 @@ pub struct KeyStatus {
     pub holders: i64,
     /// Jobs (or workflows) waiting for it.
     pub waiters: i64,
-    /// The bucket's tokens now (rate limits).
+    /// The bucket's tokens now (rate limits; what is owed to deferred callers not deducted).
     pub tokens: Option<i64>,
     /// Jobs and calls deferred by the bucket so far.
     pub deferred: i64,
@@ -293,7 +293,7 @@ fn status_from_row(r: &sqlx::postgres::PgRow) -> Result<KeyStatus> {
         };
         let level = millis
             .zip(at)
-            .map(|(millis, at)| super::decide::Level { millis, at });
+            .map(|(millis, at)| super::decide::Level { millis, owed: 0, at });
         bucket.level(level, now) / 1000
     });
     Ok(KeyStatus {

@@ -36,7 +36,7 @@
 
 use super::signature::{self, Scheme};
 use super::sim::{Fault, KeyCounters, SimConfig, SimControls, SimulatedExchange};
-use super::{Error, Event, Exchange, IdempotencyKey, OrderRequest, Result, WithdrawalRequest};
+use super::{Error, Event, IdempotencyKey, OrderRequest, Result, WithdrawalRequest};
 use async_trait::async_trait;
 use poem::http::{HeaderMap, StatusCode};
 use poem::listener::TcpAcceptor;
