@@ -14,9 +14,9 @@
 //!   many concurrent ones);
 //! - [`admin`]      — the admin API (bearer admin credential, roles, audit;
 //!   parameters parsed in [`admin_params`]):
-//!   jobs, queues, audit log; [`admin_workflows`], [`admin_cron`],
+//!   jobs, queues, audit log; [`admin_workflows`], [`admin_cron`], [`admin_flow`],
 //!   [`admin_dead_letters`], [`admin_approvals`], [`admin_policy`] and
-//!   [`admin_access`] add workflows, cron schedules, dead letters,
+//!   [`admin_access`] add workflows, cron schedules, flow-control limits, dead letters,
 //!   withdrawal approvals, the withdrawal policy, and `/v1/me` with admin
 //!   and API-key management;
 //! - [`console`]    — the admin web console (embedded static page over the admin API);
@@ -40,6 +40,7 @@ pub mod admin;
 pub mod admin_access;
 pub mod admin_approvals;
 pub mod admin_cron;
+pub mod admin_flow;
 pub mod admin_dead_letters;
 pub mod admin_params;
 pub mod admin_policy;
@@ -51,6 +52,7 @@ pub mod error;
 pub mod idempotency;
 pub mod input;
 pub mod metrics;
+mod flow_metrics;
 pub mod middleware;
 pub mod ops;
 pub mod public;
@@ -244,6 +246,7 @@ type AdminApis = (
     admin::AdminApi,
     admin_workflows::WorkflowsApi,
     admin_cron::CronApi,
+    admin_flow::FlowApi,
     admin_dead_letters::DeadLettersApi,
     admin_approvals::ApprovalsApi,
     admin_policy::PolicyApi,
@@ -256,6 +259,7 @@ fn admin_service() -> OpenApiService<AdminApis, ()> {
             admin::AdminApi,
             admin_workflows::WorkflowsApi,
             admin_cron::CronApi,
+            admin_flow::FlowApi,
             admin_dead_letters::DeadLettersApi,
             admin_approvals::ApprovalsApi,
             admin_policy::PolicyApi,
@@ -347,6 +351,7 @@ pub fn admin_app(state: AppState) -> impl Endpoint<Output = poem::Response> {
             admin::ROUTES,
             admin_workflows::ROUTES,
             admin_cron::ROUTES,
+            admin_flow::ROUTES,
             admin_dead_letters::ROUTES,
             admin_approvals::ROUTES,
             admin_policy::ROUTES,

@@ -21,6 +21,10 @@
 //! | `ledgerflow_api_post_batch_size` | histogram | — | public POSTs committed per transaction ([`crate::batch`]) |
 //! | `ledgerflow_webhook_accepted_total` | counter | provider, status (accepted, duplicate) | webhook deliveries committed to the inbox ([`crate::webhooks`]) |
 //! | `ledgerflow_webhook_rejected_total` | counter | provider, reason | webhook deliveries refused before anything was stored |
+//! | `ledgerflow_flow_holders` | gauge | key (a `flow_limits` row) | running jobs or admitted workflows holding the limit's slots |
+//! | `ledgerflow_flow_waiters` | gauge | key | jobs or workflows waiting for the limit |
+//! | `ledgerflow_flow_tokens` | gauge | key | weight in the rate limit's bucket now |
+//! | `ledgerflow_flow_deferrals` | gauge | key | jobs and calls the rate limit deferred so far |
 //!
 //! `docs/metrics.md` is the catalogue of every process's metrics; a test
 //! (`workers/tests/metrics_catalogue.rs`) checks the two agree.
@@ -57,6 +61,7 @@ pub struct Metrics {
     in_doubt: IntGauge,
     consumer_lag: IntGaugeVec,
     pool: IntGaugeVec,
+    flow: crate::flow_metrics::FlowGauges,
     scrape_errors: IntCounter,
 }
 
@@ -158,7 +163,9 @@ impl Metrics {
         registry.register(Box::new(consumer_lag.clone()))?;
         registry.register(Box::new(pool.clone()))?;
         registry.register(Box::new(scrape_errors.clone()))?;
+        let flow = crate::flow_metrics::FlowGauges::new(&registry)?;
         Ok(Self {
+            flow,
             registry,
             requests,
             duration,
@@ -229,6 +236,10 @@ impl Metrics {
                 tracing::warn!(error = %e, "metrics: outbox/dead-letter query failed");
                 self.scrape_errors.inc();
             }
+        }
+        if let Err(e) = self.flow.refresh(store.pool()).await {
+            tracing::warn!(error = %e, "metrics: flow limits query failed");
+            self.scrape_errors.inc();
         }
         match store.consumer_lag_recent(CONSUMER_LAG_MAX_AGE).await {
             Ok(lags) => {

@@ -19,10 +19,13 @@ use clap::{Parser, Subcommand, ValueEnum};
 use ledgerflow_engine::{
     JobState, NewJob, Outcome, Store, StoreConfig, WorkflowRegistry, WorkflowRuntime,
 };
+use ledgerflow_payments::exchange::budget::RequestBudget;
 use ledgerflow_payments::exchange::http::{HttpConfig, HttpExchange};
 use ledgerflow_payments::notifier::http::{HttpConfig as NotifierHttpConfig, HttpNotifier};
 use ledgerflow_payments::notifier::{Notifier, SimulatedNotifier};
-use ledgerflow_payments::workflows::{Deps, WorkflowsConfig, registry as payments_registry};
+use ledgerflow_payments::workflows::{
+    Deps, WorkflowsConfig, flow_limits, registry as payments_registry,
+};
 use ledgerflow_workers::ingress::{
     EnqueueJob, HandlerRegistry, Ingress, IngressHandle, SendSignal,
 };
@@ -138,6 +141,13 @@ struct RunArgs {
     /// session state. Implies --no-notify (a LISTEN would be lost with its server connection;
     /// fetchers poll every --poll-ms). See docs/decisions/0009 for the PgBouncer version this
     /// needs (named prepared statements).
+    /// The exchange's request budget per API key, `weight/seconds` (`none`: unlimited): the
+    /// payments workflows keep their exchange calls under it (a shared rate limit).
+    #[arg(long, env = "LEDGERFLOW_EXCHANGE_BUDGET", default_value = "1200/60")]
+    exchange_budget: String,
+    /// Withdrawals of one user that may run at once (0: no limit).
+    #[arg(long, env = "LEDGERFLOW_WITHDRAWALS_PER_USER", default_value_t = 1)]
+    withdrawals_per_user: i32,
     #[arg(long, env = "LEDGERFLOW_PGBOUNCER")]
     pgbouncer: bool,
 
@@ -299,6 +309,17 @@ async fn run(url: &str, args: RunArgs) -> Result<()> {
     let mut background = Vec::new();
     let withdrawal_policy = args.policy.load()?;
     let workflows = payments_workflows(&withdrawal_policy)?;
+    if workflows.is_some() {
+        let budget = match args.exchange_budget.as_str() {
+            "none" => None,
+            b => Some(RequestBudget::parse(b).map_err(anyhow::Error::msg)?),
+        };
+        let per_user = (args.withdrawals_per_user > 0).then_some(args.withdrawals_per_user);
+        let limits = flow_limits(&WorkflowsConfig::default(), budget, per_user);
+        ledgerflow_engine::flow::limits::declare(&pool, &limits)
+            .await
+            .context("declaring the payments flow limits")?;
+    }
 
     // The process's own metrics: each role registers its own here, the ops
     // endpoint serves them all (docs/metrics.md).

@@ -4,23 +4,28 @@
 //! inside their own fenced transaction) hand `(job, token)` here. Whatever
 //! piles up while one statement is in flight goes out in the next, so under
 //! load one commit completes hundreds of jobs, and at idle a completion waits
-//! for nothing. Each row still only completes if its token is current.
+//! for nothing. Each row still only completes if its token is current. A completion of a job
+//! claimed under flow control wakes its queue's fetcher once committed: the slot it held may
+//! be what a waiting job needs.
 use super::Shared;
 use ledgerflow_engine::JobId;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
+/// A successful attempt to complete: its lease, and the fetcher to wake once committed.
+pub(crate) type Completion = (JobId, Uuid, Option<Arc<Notify>>);
+
 #[derive(Debug)]
 pub(crate) struct CompleterHandle {
-    tx: mpsc::UnboundedSender<(JobId, Uuid)>,
+    tx: mpsc::UnboundedSender<Completion>,
     task: JoinHandle<()>,
 }
 
 impl CompleterHandle {
-    pub(crate) fn sender(&self) -> mpsc::UnboundedSender<(JobId, Uuid)> {
+    pub(crate) fn sender(&self) -> mpsc::UnboundedSender<Completion> {
         self.tx.clone()
     }
 
@@ -32,7 +37,7 @@ impl CompleterHandle {
 }
 
 pub(crate) fn start(shared: Arc<Shared>) -> CompleterHandle {
-    let (tx, mut rx) = mpsc::unbounded_channel::<(JobId, Uuid)>();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Completion>();
     let max = shared.config.max_complete_batch.max(1);
     let task = tokio::spawn(async move {
         let mut batch = Vec::with_capacity(max);
@@ -53,7 +58,19 @@ pub(crate) fn start(shared: Arc<Shared>) -> CompleterHandle {
     CompleterHandle { tx, task }
 }
 
-async fn flush(shared: &Shared, batch: &[(JobId, Uuid)]) {
+async fn flush(shared: &Shared, batch: &[Completion]) {
+    let leases: Vec<(JobId, Uuid)> = batch.iter().map(|(id, t, _)| (*id, *t)).collect();
+    complete(shared, &leases).await;
+    let mut woken: Vec<&Arc<Notify>> = Vec::new();
+    for wake in batch.iter().filter_map(|(_, _, w)| w.as_ref()) {
+        if !woken.iter().any(|w| Arc::ptr_eq(w, wake)) {
+            wake.notify_one();
+            woken.push(wake);
+        }
+    }
+}
+
+async fn complete(shared: &Shared, batch: &[(JobId, Uuid)]) {
     let mut backoff = Duration::from_millis(20);
     loop {
         match shared.store.job_complete_many(batch).await {

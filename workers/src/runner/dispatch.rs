@@ -14,7 +14,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::sync::{Notify, mpsc};
 use tokio::task::AbortHandle;
-use uuid::Uuid;
 
 /// Handler tasks currently running, so shutdown can abort them after the
 /// grace period.
@@ -50,7 +49,7 @@ impl Executing {
 #[derive(Clone)]
 pub(crate) struct Dispatch {
     shared: Arc<Shared>,
-    completer: mpsc::UnboundedSender<(JobId, Uuid)>,
+    completer: mpsc::UnboundedSender<super::completer::Completion>,
     executing: Arc<Executing>,
     /// Wakes this queue's fetcher.
     wake: Arc<Notify>,
@@ -59,7 +58,7 @@ pub(crate) struct Dispatch {
 impl Dispatch {
     pub(crate) fn new(
         shared: Arc<Shared>,
-        completer: mpsc::UnboundedSender<(JobId, Uuid)>,
+        completer: mpsc::UnboundedSender<super::completer::Completion>,
         executing: Arc<Executing>,
         wake: Arc<Notify>,
     ) -> Self {
@@ -96,6 +95,7 @@ impl tower::Service<Task<Claimed>> for Dispatch {
                 return Ok(());
             }
             let lease = job.lease.clone();
+            let flow = job.flow;
             let kind = job.kind.clone();
             let queue = job.queue.clone();
             let metrics = this.shared.config.metrics.clone();
@@ -144,10 +144,30 @@ impl tower::Service<Task<Claimed>> for Dispatch {
             if let Some(m) = &metrics {
                 m.finished(&queue, &kind, label, started.elapsed());
             }
-            finish(&this, &lease, outcome).await;
+            finish(&this, &lease, outcome, flow).await;
             Ok(())
         })
     }
+}
+
+/// A short snooze (a step deferred to its rate limit's turn) comes back on time: this process
+/// promotes due jobs and claims once the snooze is over, instead of waiting for the
+/// promoter's next round.
+fn wake_after(this: &Dispatch, d: Duration) {
+    if d > Duration::from_secs(10) {
+        return;
+    }
+    let (shared, wake) = (this.shared.clone(), this.wake.clone());
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = shared.stop_services.cancelled() => {}
+            _ = tokio::time::sleep(d) => {
+                if shared.store.job_promote_due(1000).await.is_ok() {
+                    wake.notify_one();
+                }
+            }
+        }
+    });
 }
 
 fn panic_text(e: tokio::task::JoinError) -> String {
@@ -158,14 +178,28 @@ fn panic_text(e: tokio::task::JoinError) -> String {
         .unwrap_or_else(|| "non-string panic payload".to_string())
 }
 
-async fn finish(this: &Dispatch, lease: &Lease, outcome: Outcome) {
+/// Records the outcome (unless the handler committed it). A job claimed under flow control
+/// wakes its fetcher once its end is committed: it may have freed the slot a waiting job needs.
+async fn finish(this: &Dispatch, lease: &Lease, outcome: Outcome, flow: bool) {
     let shared = &this.shared;
     if lease.is_finished() {
         // The handler committed its outcome in its own fenced transaction.
         shared.drop_lease(lease.job_id);
+        if flow {
+            this.wake.notify_one();
+        }
         return;
     }
-    if outcome == Outcome::Complete && this.completer.send((lease.job_id, lease.token)).is_ok() {
+    if let Outcome::Snooze(d) = &outcome {
+        wake_after(this, *d);
+    }
+    let wake = flow.then(|| this.wake.clone());
+    if outcome == Outcome::Complete
+        && this
+            .completer
+            .send((lease.job_id, lease.token, wake))
+            .is_ok()
+    {
         return;
     }
     let mut backoff = Duration::from_millis(20);
@@ -191,4 +225,7 @@ async fn finish(this: &Dispatch, lease: &Lease, outcome: Outcome) {
         }
     }
     shared.drop_lease(lease.job_id);
+    if flow {
+        this.wake.notify_one();
+    }
 }

@@ -1,5 +1,5 @@
 //! Background services of a runner: heartbeats, the lease reaper, the
-//! promoter of due jobs, and the pruner of old history.
+//! promoter of due jobs, priority aging, and the pruner of old history.
 //!
 //! Every worker process runs them; they are safe to run concurrently because
 //! each statement skips rows other sessions hold (`SKIP LOCKED`).
@@ -71,6 +71,25 @@ pub(crate) async fn promoter(shared: Arc<Shared>) {
     .await;
 }
 
+/// Moves long-waiting low-priority jobs up a level, once per aging period.
+pub(crate) async fn ager(shared: Arc<Shared>) {
+    let Some(period) = shared.config.priority_aging else {
+        return;
+    };
+    let s = shared.clone();
+    every(&shared, period, || {
+        let s = s.clone();
+        async move {
+            match s.store.job_age_priorities(period, 10_000).await {
+                Ok(n) if n > 0 => tracing::debug!(aged = n, "aged waiting low-priority jobs"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "priority aging failed"),
+            }
+        }
+    })
+    .await;
+}
+
 /// Deletes finished jobs older than the retention.
 pub(crate) async fn pruner(shared: Arc<Shared>) {
     let Some(retention) = shared.config.retention else {
@@ -91,6 +110,9 @@ pub(crate) async fn pruner(shared: Arc<Shared>) {
                 Ok(n) if n > 0 => tracing::debug!(pruned = n, "pruned finished jobs"),
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "pruning failed"),
+            }
+            if let Err(e) = s.store.flow_prune_reservations(10_000).await {
+                tracing::warn!(error = %e, "pruning rate-limit reservations failed");
             }
         }
     })

@@ -115,6 +115,9 @@ pub struct RunnerConfig {
     /// Where job durations, outcomes and claim-to-start latencies are
     /// recorded (`None`: not measured).
     pub metrics: Option<crate::metrics::RunnerMetrics>,
+    /// Priority aging: every period, each available job with a priority above 0 that has
+    /// waited longer than the period moves up a level (None: no aging by this runner).
+    pub priority_aging: Option<Duration>,
 }
 
 /// How long finished jobs are kept before the pruner deletes them.
@@ -143,6 +146,7 @@ impl Default for RunnerConfig {
             max_claim_batch: 500,
             max_complete_batch: 1000,
             metrics: None,
+            priority_aging: Some(Duration::from_secs(60)),
         }
     }
 }
@@ -279,6 +283,9 @@ impl Runner {
         ];
         if config.retention.is_some() {
             services.push(tokio::spawn(maintenance::pruner(shared.clone())));
+        }
+        if config.priority_aging.is_some() {
+            services.push(tokio::spawn(maintenance::ager(shared.clone())));
         }
         if config.listen {
             services.push(tokio::spawn(listen(shared.clone(), wakers)));

@@ -108,6 +108,7 @@ pub struct NewJob {
     pub(crate) unique_key: Option<String>,
     pub(crate) workflow_id: Option<Uuid>,
     pub(crate) workflow_step: Option<String>,
+    pub(crate) flow: crate::flow::JobFlow,
 }
 
 impl NewJob {
@@ -125,6 +126,7 @@ impl NewJob {
             unique_key: None,
             workflow_id: None,
             workflow_step: None,
+            flow: crate::flow::JobFlow::default(),
         }
     }
 
@@ -187,6 +189,61 @@ impl NewJob {
         self
     }
 
+    /// Puts the job under flow key `key` (e.g. `user:42`, `exchange:sim`): at most the key's
+    /// concurrency limit of such jobs run at once across every process (the limit is the
+    /// `flow_limits` row of the key or of its class `user:*`; none: no limit), and a queue's
+    /// claims alternate between keys (fairness, weighted by the key's `fair_weight`).
+    pub fn flow_key(mut self, key: impl Into<String>) -> Self {
+        self.flow.key = Some(key.into());
+        self
+    }
+
+    /// Charges `weight` to rate-limit key `key` when the job is claimed: while the key's bucket
+    /// lacks the weight, the job waits (`scheduled`, until the bucket will have refilled),
+    /// without using an attempt or a handler slot.
+    pub fn rate_limit(mut self, key: impl Into<String>, weight: u32) -> Self {
+        self.flow.rate = Some((key.into(), weight.max(1)));
+        self
+    }
+
+    /// Debounces the job under `key`: while a job with the key has not started, enqueueing
+    /// another one does not add a job. [`crate::flow::Debounce::Trailing`] replaces the
+    /// pending job's args and pushes its start to `window` after this call (one run, with the
+    /// last args); [`crate::flow::Debounce::Leading`] runs the first at once and drops the
+    /// others enqueued within `window` of it.
+    pub fn debounce(
+        mut self,
+        key: impl Into<String>,
+        window: Duration,
+        mode: crate::flow::Debounce,
+    ) -> Self {
+        self.flow.gate = Some(crate::flow::Gate::Debounce {
+            key: key.into(),
+            window,
+            mode,
+        });
+        self
+    }
+
+    /// Throttles enqueueing under `key` to `limit` jobs per `window` (by their start time):
+    /// over the rate, [`crate::flow::Throttle::Drop`] adds nothing and
+    /// [`crate::flow::Throttle::Delay`] starts the job at the next free place.
+    pub fn throttle(
+        mut self,
+        key: impl Into<String>,
+        limit: u32,
+        window: Duration,
+        mode: crate::flow::Throttle,
+    ) -> Self {
+        self.flow.gate = Some(crate::flow::Gate::Throttle {
+            key: key.into(),
+            limit: limit.max(1),
+            window,
+            mode,
+        });
+        self
+    }
+
     pub(crate) fn timeout_ms(&self) -> Option<i32> {
         self.timeout
             .map(|t| i32::try_from(t.as_millis().max(1)).unwrap_or(i32::MAX))
@@ -200,7 +257,7 @@ impl NewJob {
         if self.kind.is_empty() || self.kind.len() > 128 {
             return bad("job kind must be 1..=128 bytes");
         }
-        Ok(())
+        self.flow.validate()
     }
 }
 
@@ -209,8 +266,12 @@ impl NewJob {
 pub enum Inserted {
     /// A new job row.
     New(JobId),
-    /// The unique key was taken; this is the job that holds it.
+    /// The unique key was taken, or a pending job of the same debounce key absorbed this
+    /// one: this is the job that holds it.
     Existing(JobId),
+    /// A throttle over its rate, or a leading debounce within its window, dropped the job:
+    /// nothing was added.
+    Dropped,
 }
 
 impl Inserted {
@@ -218,6 +279,7 @@ impl Inserted {
     pub fn id(self) -> JobId {
         match self {
             Inserted::New(id) | Inserted::Existing(id) => id,
+            Inserted::Dropped => Uuid::nil(),
         }
     }
 

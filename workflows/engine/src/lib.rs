@@ -40,6 +40,7 @@
 //! Job all use.
 
 pub mod admin_query;
+pub mod claimed;
 pub mod clock;
 pub mod consumer_lag;
 pub mod cron;
@@ -57,6 +58,7 @@ pub mod queue;
 pub mod retry;
 pub mod signal;
 pub mod store;
+pub mod flow;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod workflow;

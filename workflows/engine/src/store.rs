@@ -22,6 +22,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use uuid::Uuid;
 
+pub(crate) mod claim;
+
 /// Settings of a [`Store`].
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
@@ -49,24 +51,12 @@ pub struct Store {
     pool: PgPool,
     clock: Arc<dyn Clock>,
     config: Arc<StoreConfig>,
+    /// Queues known to be flow-controlled (the flag is never cleared, so a cached yes stays
+    /// true; a stale no only costs the fast claim finding nothing).
+    flow_queues: Arc<std::sync::RwLock<std::collections::HashSet<String>>>,
 }
 
-/// A job claimed under a lease, ready for its handler.
-#[derive(Debug, Clone)]
-pub struct ClaimedJob {
-    pub id: JobId,
-    pub queue: String,
-    pub kind: String,
-    pub args: serde_json::Value,
-    pub priority: i16,
-    pub timeout: Option<Duration>,
-    pub workflow_id: Option<Uuid>,
-    pub workflow_step: Option<String>,
-    pub created_at: DateTime<Utc>,
-    pub run_at: DateTime<Utc>,
-    /// The attempt's lease (attempt number, token, owner).
-    pub lease: Lease,
-}
+pub use crate::claimed::ClaimedJob;
 
 /// `d` in whole milliseconds, as statements bind durations (saturating).
 pub(crate) fn ms(d: Duration) -> i64 {
@@ -85,6 +75,7 @@ impl Store {
             pool,
             clock: Arc::new(DbClock),
             config: Arc::new(config),
+            flow_queues: Arc::default(),
         }
     }
 
@@ -143,53 +134,11 @@ impl Store {
     /// other write in such a transaction.
     pub async fn job_insert_in(&self, conn: &mut PgConnection, job: &NewJob) -> Result<Inserted> {
         job.validate()?;
-        let row = sqlx::query(
-            "WITH t AS (SELECT coalesce($12::timestamptz, now()) AS n),
-             ins AS (
-               INSERT INTO jobs (id, queue, kind, args, state, priority, max_attempts, timeout_ms,
-                                 run_at, unique_key, workflow_id, workflow_step, created_at)
-               SELECT $1, $2, $3, $4,
-                      CASE WHEN coalesce($8, t.n) <= t.n THEN 'available'::job_state
-                           ELSE 'scheduled'::job_state END,
-                      $5, $6, $7, coalesce($8, t.n), $9, $10, $11, t.n
-               FROM t
-               ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL DO NOTHING
-               RETURNING id, state, queue
-             ),
-             ntf AS (
-               SELECT count(pg_notify($14, queue)) AS n
-               FROM (SELECT DISTINCT queue FROM ins WHERE $13 AND state = 'available') q
-             )
-             SELECT ins.id, ntf.n FROM ins, ntf",
-        )
-        .bind(job.id)
-        .bind(&job.queue)
-        .bind(&job.kind)
-        .bind(&job.args)
-        .bind(job.priority)
-        .bind(job.max_attempts)
-        .bind(job.timeout_ms())
-        .bind(job.run_at)
-        .bind(&job.unique_key)
-        .bind(job.workflow_id)
-        .bind(&job.workflow_step)
-        .bind(self.now())
-        .bind(self.config.notify)
-        .bind(JOBS_CHANNEL)
-        .fetch_optional(&mut *conn)
-        .await?;
-        if let Some(row) = row {
-            return Ok(Inserted::New(row.try_get(0)?));
+        if job.flow.gate.is_some() {
+            return crate::flow::gate::insert(conn, job, self.now(), self.config.notify).await;
         }
-        let key = job.unique_key.clone().unwrap_or_default();
-        let existing: Option<Uuid> =
-            sqlx::query_scalar("SELECT id FROM jobs WHERE unique_key = $1")
-                .bind(&key)
-                .fetch_optional(&mut *conn)
-                .await?;
-        existing
-            .map(Inserted::Existing)
-            .ok_or(Error::UniqueKeyNotVisible { key })
+        let mut out = self.insert_chunk(conn, std::slice::from_ref(job)).await?;
+        out.pop().ok_or_else(|| Error::Invalid("the insert returned no row".into()))
     }
 
     /// Enqueues many jobs in one transaction, in chunks of a few thousand rows
@@ -208,6 +157,14 @@ impl Store {
         jobs: &[NewJob],
     ) -> Result<Vec<Inserted>> {
         const CHUNK: usize = 5_000;
+        if jobs.iter().any(|j| j.flow.gate.is_some()) {
+            // Gated jobs decide one by one (debounce and throttle read the key's last jobs).
+            let mut out = Vec::with_capacity(jobs.len());
+            for j in jobs {
+                out.push(self.job_insert_in(conn, j).await?);
+            }
+            return Ok(out);
+        }
         let mut out = Vec::with_capacity(jobs.len());
         for chunk in jobs.chunks(CHUNK) {
             out.extend(self.insert_chunk(conn, chunk).await?);
@@ -238,6 +195,11 @@ impl Store {
             Vec::with_capacity(n),
             Vec::with_capacity(n),
         );
+        let (mut flow_keys, mut rate_keys, mut rate_weights) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
         for j in jobs {
             j.validate()?;
             ids.push(j.id);
@@ -251,22 +213,70 @@ impl Store {
             keys.push(j.unique_key.as_deref());
             wf_ids.push(j.workflow_id);
             wf_steps.push(j.workflow_step.as_deref());
+            flow_keys.push(j.flow.key.as_deref());
+            rate_keys.push(j.flow.rate.as_ref().map(|(k, _)| k.as_str()));
+            rate_weights.push(
+                j.flow
+                    .rate
+                    .as_ref()
+                    .map(|(_, w)| i32::try_from(*w).unwrap_or(i32::MAX)),
+            );
         }
+        // Fairness: a keyed job comes one step (1000 / its key's weight) after its key's last
+        // waiting job, or at the queue's head when the key has none waiting; an un-keyed job
+        // comes at the head. Without keys every fair_seq is the head, 0.
         let rows = sqlx::query(
             "WITH t AS (SELECT coalesce($12::timestamptz, now()) AS n),
+             s AS (
+               SELECT s.*, row_number() OVER (PARTITION BY s.queue, s.flow_key ORDER BY s.ord) AS nth
+               FROM unnest($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::int2[], $6::int4[],
+                           $7::int4[], $8::timestamptz[], $9::text[], $10::uuid[], $11::text[],
+                           $15::text[], $16::text[], $17::int4[])
+                    WITH ORDINALITY
+                    AS s(id, queue, kind, args, priority, max_attempts, timeout_ms, run_at,
+                         unique_key, workflow_id, workflow_step, flow_key, rate_key, rate_weight,
+                         ord)
+             ),
+             heads AS (
+               SELECT q.queue,
+                      coalesce((SELECT j.fair_seq FROM jobs j
+                                WHERE j.state = 'available' AND j.queue = q.queue
+                                ORDER BY j.priority, j.fair_seq, j.run_at, j.id LIMIT 1), 0) AS h
+               FROM (SELECT DISTINCT queue FROM s) q
+             ),
+             keyed AS (
+               SELECT k.queue, k.flow_key,
+                      (SELECT max(j.fair_seq) FROM jobs j
+                       WHERE j.state = 'available' AND j.queue = k.queue
+                         AND j.flow_key = k.flow_key) AS last,
+                      1000 / coalesce((SELECT f.fair_weight FROM flow_limits f
+                                       WHERE f.key = k.flow_key OR f.key = flow_class(k.flow_key)
+                                       ORDER BY f.key = k.flow_key DESC LIMIT 1), 1) AS step
+               FROM (SELECT DISTINCT queue, flow_key FROM s WHERE flow_key IS NOT NULL) k
+             ),
+             flag AS (
+               INSERT INTO queues (name, flow)
+               SELECT DISTINCT s.queue, true FROM s
+               WHERE (s.flow_key IS NOT NULL OR s.rate_key IS NOT NULL)
+                 AND NOT EXISTS (SELECT 1 FROM queues q WHERE q.name = s.queue AND q.flow)
+               ON CONFLICT (name) DO UPDATE SET flow = true, updated_at = now()
+             ),
              ins AS (
                INSERT INTO jobs (id, queue, kind, args, state, priority, max_attempts, timeout_ms,
-                                 run_at, unique_key, workflow_id, workflow_step, created_at)
+                                 run_at, unique_key, workflow_id, workflow_step, created_at,
+                                 flow_key, rate_key, rate_weight, fair_seq)
                SELECT s.id, s.queue, s.kind, s.args,
                       CASE WHEN coalesce(s.run_at, t.n) <= t.n THEN 'available'::job_state
                            ELSE 'scheduled'::job_state END,
                       s.priority, s.max_attempts, s.timeout_ms, coalesce(s.run_at, t.n),
-                      s.unique_key, s.workflow_id, s.workflow_step, t.n
-               FROM unnest($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::int2[], $6::int4[],
-                           $7::int4[], $8::timestamptz[], $9::text[], $10::uuid[], $11::text[])
-                    AS s(id, queue, kind, args, priority, max_attempts, timeout_ms, run_at,
-                         unique_key, workflow_id, workflow_step),
-                    t
+                      s.unique_key, s.workflow_id, s.workflow_step, t.n,
+                      s.flow_key, s.rate_key, s.rate_weight,
+                      CASE WHEN s.flow_key IS NULL THEN h.h
+                           ELSE greatest(h.h - k.step, coalesce(k.last, h.h - k.step))
+                                + s.nth * k.step END
+               FROM s JOIN heads h ON h.queue = s.queue
+                    LEFT JOIN keyed k ON k.queue = s.queue AND k.flow_key = s.flow_key, t
+               ORDER BY s.ord
                ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL DO NOTHING
                RETURNING id, state, queue
              ),
@@ -290,8 +300,16 @@ impl Store {
         .bind(self.now())
         .bind(self.config.notify)
         .bind(JOBS_CHANNEL)
+        .bind(&flow_keys)
+        .bind(&rate_keys)
+        .bind(&rate_weights)
         .fetch_all(&mut *conn)
         .await?;
+        if jobs.iter().any(|j| j.flow.controlled()) {
+            for j in jobs.iter().filter(|j| j.flow.controlled()) {
+                self.mark_flow_queue(&j.queue);
+            }
+        }
         let mut inserted = std::collections::HashSet::with_capacity(rows.len());
         for r in &rows {
             inserted.insert(r.try_get::<Uuid, _>(0)?);
@@ -346,82 +364,6 @@ impl Store {
         .bind(id)
         .fetch_all(&self.pool)
         .await?)
-    }
-
-    // ---------------------------------------------------------------- claim
-
-    /// Claims up to `limit` available jobs of `queue` for `owner`, in
-    /// priority then `run_at` order, skipping rows other workers hold. Each
-    /// claimed job gets a new lease token and `attempt + 1`. A paused queue
-    /// yields nothing.
-    pub async fn job_claim(
-        &self,
-        queue: &str,
-        owner: &Arc<str>,
-        limit: u32,
-    ) -> Result<Vec<ClaimedJob>> {
-        // The claim commits asynchronously (`synchronous_commit` off for this
-        // statement's own transaction only): a claim lost to a database crash just
-        // leaves the job `available`, and the attempt that believed it held the lease
-        // is fenced off when its completion finds no matching token. Every later
-        // synchronous commit (the handler's FencedTx, the completion) flushes the WAL
-        // up to and including this claim, so nothing that depends on it can be
-        // durable without it. This saves an fsync per claim batch.
-        let rows = sqlx::query(
-            "WITH t AS (SELECT coalesce($4::timestamptz, now()) AS n,
-                               set_config('synchronous_commit', 'off', true) AS async_commit),
-             next AS (
-               SELECT id FROM jobs
-               WHERE state = 'available' AND queue = $1
-                 AND NOT EXISTS (SELECT 1 FROM queues q WHERE q.name = $1 AND q.paused)
-               ORDER BY priority, run_at, id
-               LIMIT $2
-               FOR UPDATE SKIP LOCKED
-             )
-             UPDATE jobs j
-             SET state = 'running', attempt = j.attempt + 1, attempted_at = t.n,
-                 lease_owner = $3, lease_token = gen_random_uuid(),
-                 lease_expires_at = t.n + $5 * interval '1 millisecond'
-             FROM next, t
-             WHERE j.id = next.id
-             RETURNING j.id, j.kind, j.args, j.priority, j.timeout_ms, j.workflow_id,
-                       j.workflow_step, j.created_at, j.run_at, j.lease_token, j.attempt,
-                       j.max_attempts, j.attempted_at",
-        )
-        .bind(queue)
-        .bind(i64::from(limit))
-        .bind(&**owner)
-        .bind(self.now())
-        .bind(ms(self.config.lease_ttl))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.into_iter()
-            .map(|r| {
-                let id: Uuid = r.try_get(0)?;
-                let timeout_ms: Option<i32> = r.try_get(4)?;
-                Ok(ClaimedJob {
-                    id,
-                    queue: queue.to_string(),
-                    kind: r.try_get(1)?,
-                    args: r.try_get(2)?,
-                    priority: r.try_get(3)?,
-                    timeout: timeout_ms
-                        .map(|m| Duration::from_millis(u64::try_from(m).unwrap_or(0))),
-                    workflow_id: r.try_get(5)?,
-                    workflow_step: r.try_get(6)?,
-                    created_at: r.try_get(7)?,
-                    run_at: r.try_get(8)?,
-                    lease: Lease::new(
-                        id,
-                        r.try_get(9)?,
-                        owner.clone(),
-                        r.try_get(10)?,
-                        r.try_get(11)?,
-                        r.try_get(12)?,
-                    ),
-                })
-            })
-            .collect()
     }
 
     /// Extends the leases of running attempts. Rows locked by a handler's

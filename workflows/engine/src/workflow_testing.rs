@@ -285,6 +285,7 @@ impl WorkflowHarness {
                 r.try_get(12)?,
                 r.try_get(13)?,
             ),
+            flow: false,
         }))
     }
 }

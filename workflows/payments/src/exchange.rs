@@ -35,6 +35,7 @@
 //! the wire; incoming amounts are parsed through [`AmountStr`], so a JSON
 //! number, an exponent or a sign is refused, never rounded.
 
+pub mod budget;
 pub mod conformance;
 pub mod http;
 pub mod server;
@@ -70,6 +71,16 @@ pub enum Error {
 
 /// The name the issue uses for [`Error`].
 pub use self::Error as ExchangeError;
+
+/// What each request costs against the exchange's request budget
+/// ([`budget::RequestBudget`]): look-ups cost more than writes, as on real exchanges.
+pub mod weight {
+    pub const PLACE_ORDER: u32 = 1;
+    pub const CANCEL_ORDER: u32 = 1;
+    pub const ORDER_LOOKUP: u32 = 2;
+    pub const SUBMIT_WITHDRAWAL: u32 = 1;
+    pub const WITHDRAWAL_LOOKUP: u32 = 2;
+}
 
 impl Error {
     /// True when the call's outcome is unknown: the step goes `in_doubt`.

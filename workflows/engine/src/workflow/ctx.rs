@@ -48,6 +48,8 @@ struct StepInfo {
     idempotency_key: String,
     attempt: i32,
     started_at: DateTime<Utc>,
+    /// The step job's id (a rate-limited call's reservation is the job's).
+    job_id: uuid::Uuid,
     timed_out: bool,
     store: Store,
     /// Where its external call's answer is counted (`None`: the runtime has no metrics).
@@ -89,6 +91,8 @@ pub(crate) enum Role {
 struct CallTrack {
     made: bool,
     in_doubt: Option<String>,
+    /// The call's rate limit had no room for this long.
+    deferred: Option<std::time::Duration>,
 }
 
 /// What a context is made for.
@@ -143,6 +147,7 @@ impl StepCtx {
                 },
                 attempt: p.lease.attempt,
                 started_at: p.lease.attempted_at,
+                job_id: p.lease.job_id,
                 timed_out: p.timed_out,
                 store: p.store.clone(),
                 metrics: p.metrics.cloned(),
@@ -244,6 +249,46 @@ impl StepCtx {
         if let Some(answered) = self.before_call() {
             return answered;
         }
+        self.call_now(call).await
+    }
+
+    /// [`Self::external_call`] under rate-limit key `key` (a `flow_limits` row of the key or
+    /// its class, e.g. `exchange:sim`), charging `weight`. The bucket is charged right before
+    /// the call, shared by every process through Postgres; when it lacks the weight nothing is
+    /// sent, [`ExternalError::Deferred`] comes back, and the step — whatever it returns — runs
+    /// again when the bucket will have refilled, without using an attempt. A key without a
+    /// rate limit costs nothing. A re-run that finds the call answered is not charged again.
+    pub async fn external_call_limited<F, Fut>(
+        &self,
+        key: &str,
+        weight: u32,
+        call: F,
+    ) -> ExternalResult
+    where
+        F: FnOnce(String) -> Fut,
+        Fut: Future<Output = std::result::Result<Value, CallError>>,
+    {
+        if let Some(answered) = self.before_call() {
+            return answered;
+        }
+        match crate::flow::take(&self.info.store, self.info.job_id, key, weight).await {
+            Ok(None) => self.call_now(call).await,
+            Ok(Some(wait)) => {
+                self.track().deferred = Some(wait);
+                Err(ExternalError::Deferred(wait))
+            }
+            Err(e) => Err(ExternalError::NotMade(format!(
+                "the rate limit of {key:?} could not be checked: {e}"
+            ))),
+        }
+    }
+
+    /// Makes the call: intent, call, answer (the checks of [`Self::before_call`] passed).
+    async fn call_now<F, Fut>(&self, call: F) -> ExternalResult
+    where
+        F: FnOnce(String) -> Fut,
+        Fut: Future<Output = std::result::Result<Value, CallError>>,
+    {
         if self.info.lazy.is_some() {
             // The call is made under the workflow's lock, as on the locked path: an operator's
             // cancel waits for the step's checkpoint. While a step body runs, only its own
@@ -369,6 +414,11 @@ impl StepCtx {
     /// The in-doubt reason this run's external call left, taken (once).
     pub(crate) fn take_in_doubt(&self) -> Option<String> {
         self.track().in_doubt.take()
+    }
+
+    /// How long this run's rate-limited call was deferred, taken (once).
+    pub(crate) fn take_deferred(&self) -> Option<std::time::Duration> {
+        self.track().deferred.take()
     }
 
     /// The lease-fenced transaction, for the step's domain writes: they commit together with

@@ -107,7 +107,26 @@ pub struct Workflow {
     /// How many times one step's call is sent again after its reconcile hook
     /// found it [`Reconciled::NotReceived`] before the step fails instead.
     pub max_resends: i32,
+    /// The workflow-wide flow key of an instance, from its input (see [`Workflow::flow_key`]).
+    pub flow_key: Option<FlowKeyFn>,
     misplaced: Option<String>,
+}
+
+/// How a definition derives an instance's workflow-wide flow key from its input.
+#[derive(Clone)]
+pub struct FlowKeyFn(Arc<dyn Fn(&serde_json::Value) -> Option<String> + Send + Sync>);
+
+impl FlowKeyFn {
+    /// The key of an instance with `input` (`None`: the instance is not limited).
+    pub fn key(&self, input: &serde_json::Value) -> Option<String> {
+        (self.0)(input)
+    }
+}
+
+impl std::fmt::Debug for FlowKeyFn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FlowKeyFn")
+    }
 }
 
 impl Workflow {
@@ -121,8 +140,22 @@ impl Workflow {
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             reconcile_attempts: DEFAULT_RECONCILE_ATTEMPTS,
             max_resends: DEFAULT_MAX_RESENDS,
+            flow_key: None,
             misplaced: None,
         }
+    }
+
+    /// Gives each instance a workflow-wide flow key derived from its input (e.g. `user:{id}`):
+    /// an instance holds a slot of its key from its first step's claim until it finishes, so
+    /// with a concurrency limit of 1 on the key (a `flow_limits` row of it or its class), the
+    /// instances of one key run one at a time, in order, across every process. Later
+    /// instances wait, unclaimed, until the slot frees.
+    pub fn flow_key(
+        mut self,
+        key: impl Fn(&serde_json::Value) -> Option<String> + Send + Sync + 'static,
+    ) -> Self {
+        self.flow_key = Some(FlowKeyFn(Arc::new(key)));
+        self
     }
 
     /// Appends a step.

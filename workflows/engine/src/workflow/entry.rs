@@ -27,10 +27,11 @@ struct Starting<'a> {
     id: WorkflowId,
     def: &'a Workflow,
     job: NewJob,
+    flow_key: Option<String>,
 }
 
 impl<'a> Starting<'a> {
-    fn new(registry: &'a WorkflowRegistry, kind: &str) -> Result<Self> {
+    fn new(registry: &'a WorkflowRegistry, kind: &str, input: &Value) -> Result<Self> {
         let def = registry
             .latest(kind)
             .ok_or_else(|| Error::Invalid(format!("no workflow of kind {kind:?} is registered")))?;
@@ -43,7 +44,16 @@ impl<'a> Starting<'a> {
         let max_attempts = Some(def.max_attempts);
         let job = step_job(id, &def.queue, first, Wake::Entry, None, max_attempts);
         job.validate()?;
-        Ok(Self { id, def, job })
+        let flow_key = def.flow_key.as_ref().and_then(|f| f.key(input));
+        if let Some(k) = &flow_key {
+            crate::flow::check_key("workflow flow key", k)?;
+        }
+        Ok(Self {
+            id,
+            def,
+            job,
+            flow_key,
+        })
     }
 
     fn start<'b>(&'b self, input: &'b Value, key: Option<&'b str>, notify: bool) -> NewStart<'b> {
@@ -55,6 +65,7 @@ impl<'a> Starting<'a> {
             first_step: self.def.steps[0].name,
             queue: &self.def.queue,
             unique_key: key,
+            flow_key: self.flow_key.as_deref(),
             job: &self.job,
             notify,
         }
@@ -73,7 +84,7 @@ impl WorkflowRuntime {
         unique_key: Option<&str>,
     ) -> Result<WorkflowId> {
         let store = self.store();
-        let starting = Starting::new(self.registry(), kind)?;
+        let starting = Starting::new(self.registry(), kind, input)?;
         let item = Item {
             id: starting.id,
             kind: starting.def.kind,
@@ -82,6 +93,7 @@ impl WorkflowRuntime {
             first_step: starting.def.steps[0].name,
             queue: starting.def.queue.clone(),
             unique_key: unique_key.map(str::to_owned),
+            flow_key: starting.flow_key.clone(),
             job: starting.job.clone(),
             notify: store.config().notify,
         };
@@ -114,7 +126,7 @@ pub async fn workflow_start_in(
     input: &Value,
     unique_key: Option<&str>,
 ) -> Result<WorkflowId> {
-    let starting = Starting::new(registry, kind)?;
+    let starting = Starting::new(registry, kind, input)?;
     let start = starting.start(input, unique_key, store.config().notify);
     start_in(conn, store, &start).await
 }
@@ -138,7 +150,7 @@ pub async fn workflow_start_for_inbox_in(
             "the input of a workflow started for an inbox entry must be a JSON object".into(),
         ));
     }
-    let starting = Starting::new(registry, kind)?;
+    let starting = Starting::new(registry, kind, input)?;
     let start = starting.start(input, unique_key, store.config().notify);
     start_for_inbox_in(conn, store, &start, entry).await
 }

@@ -121,6 +121,10 @@ pub enum ExternalError {
     /// not be recorded, the step is already journaled).
     #[error("external call not made: {0}")]
     NotMade(String),
+    /// The call's rate limit had no room: nothing was sent, and whatever the step returns
+    /// now, it runs again when the limit's bucket will have refilled, without using an attempt.
+    #[error("external call deferred by its rate limit for {0:?}")]
+    Deferred(std::time::Duration),
 }
 
 impl From<ExternalError> for String {

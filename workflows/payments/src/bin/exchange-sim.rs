@@ -17,6 +17,7 @@
 use clap::Parser;
 use ledgerflow_payments::exchange::server::{SimServerConfig, WebhookTarget, serve_simulator};
 use ledgerflow_payments::exchange::signature::Scheme;
+use ledgerflow_payments::exchange::budget::RequestBudget;
 use ledgerflow_payments::exchange::sim::SimConfig;
 use std::io::Write;
 use std::time::Duration;
@@ -50,6 +51,10 @@ struct Args {
     /// Delay between a withdrawal and its confirmation, in simulated ms.
     #[arg(long, default_value_t = 0)]
     confirm_delay_ms: u64,
+    /// Request budget per API key, `weight/seconds` (`none`: unlimited); over it the
+    /// simulator answers 429 with `Retry-After`, as a real exchange does.
+    #[arg(long, default_value = "1200/60", env = "EXCHANGE_SIM_REQUEST_BUDGET")]
+    request_budget: String,
     /// How long an accept-then-timeout call (order, withdrawal or
     /// notification) holds its answer, in ms.
     #[arg(long, default_value_t = 30_000)]
@@ -82,6 +87,10 @@ async fn main() -> std::io::Result<()> {
             start: now,
             fill_delay_ms: args.fill_delay_ms,
             confirm_delay_ms: args.confirm_delay_ms,
+            budget: match args.request_budget.as_str() {
+                "none" => None,
+                b => Some(RequestBudget::parse(b).map_err(std::io::Error::other)?),
+            },
             ..SimConfig::default()
         },
         webhook,

@@ -21,6 +21,10 @@
 //! | `POST /v1/notifications`, `GET /v1/notifications/{id}`, `/admin/notifications/…` | the simulated email/push provider, see [`crate::notifier::server`] |
 //!
 //! Errors are `{"error": "rejected"|"unknown"|"unavailable", "reason": "…"}`.
+//! Every `/v1/orders…` and `/v1/withdrawals…` request is charged to the caller's request
+//! budget (API key from `Authorization: Bearer …`, else `anonymous`; weights in
+//! [`super::weight`]) before it is processed; over the budget the answer is 429 with
+//! `Retry-After` (whole seconds) and nothing is processed.
 //! Under [`Fault::AcceptThenTimeout`] the call is recorded and the answer is
 //! held for [`SimServerConfig::hang_for`] (then 504): a client with a shorter
 //! timeout sees exactly what a lost answer looks like.
@@ -32,11 +36,12 @@
 
 use super::signature::{self, Scheme};
 use super::sim::{Fault, KeyCounters, SimConfig, SimControls, SimulatedExchange};
-use super::{Error, Event, Exchange, IdempotencyKey, OrderRequest, Result, WithdrawalRequest};
+use super::{Error, Event, IdempotencyKey, OrderRequest, Result, WithdrawalRequest};
 use async_trait::async_trait;
 use poem::http::{HeaderMap, StatusCode};
 use poem::listener::TcpAcceptor;
 use poem::web::{Data, Path};
+use poem::Request;
 use poem::{EndpointExt, Response, Route, Server, get, handler, post, put};
 use reqwest::Url;
 use serde::{Deserialize, Serialize};
@@ -243,6 +248,25 @@ impl App {
     }
 }
 
+/// Charges the request's API key (its bearer token) `weight`; `Err` is the 429 to answer.
+fn charge(app: &App, req: &Request, weight: u32) -> std::result::Result<(), Response> {
+    let key = req
+        .headers()
+        .get(poem::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("anonymous");
+    app.sim.charge(key, weight).map_err(|wait| {
+        let secs = wait.as_millis().div_ceil(1000).max(1);
+        let body = Error::Unavailable(format!("rate limited: retry after {secs} s"));
+        let mut r = json(StatusCode::TOO_MANY_REQUESTS, &body);
+        if let Ok(v) = secs.to_string().parse() {
+            r.headers_mut().insert(poem::http::header::RETRY_AFTER, v);
+        }
+        r
+    })
+}
+
 fn bad_body(e: serde_json::Error) -> Response {
     json(
         StatusCode::UNPROCESSABLE_ENTITY,
@@ -256,62 +280,79 @@ fn healthz() -> &'static str {
 }
 
 #[handler]
-async fn place_order(Data(app): Data<&Arc<App>>, body: Vec<u8>) -> Response {
+async fn place_order(req: &Request, Data(app): Data<&Arc<App>>, body: Vec<u8>) -> Response {
+    if let Err(r) = charge(app, req, super::weight::PLACE_ORDER) {
+        return r;
+    }
     let order: OrderRequest = match serde_json::from_slice(&body) {
         Ok(o) => o,
         Err(e) => return bad_body(e),
     };
-    match app.sim.place_order(&order).await {
+    match app.sim.place_uncharged(&order) {
         Ok(ack) => json(StatusCode::OK, &ack),
         Err(e) => app.error(e).await,
     }
 }
 
 #[handler]
-async fn get_order(Data(app): Data<&Arc<App>>, Path(key): Path<String>) -> Response {
-    match app.sim.get_order_by_key(&IdempotencyKey::new(key)).await {
-        Ok(Some(s)) => json(StatusCode::OK, &s),
-        Ok(None) => json(
+async fn get_order(req: &Request, Data(app): Data<&Arc<App>>, Path(key): Path<String>) -> Response {
+    if let Err(r) = charge(app, req, super::weight::ORDER_LOOKUP) {
+        return r;
+    }
+    match app.sim.order_status(&IdempotencyKey::new(key)) {
+        Some(s) => json(StatusCode::OK, &s),
+        None => json(
             StatusCode::NOT_FOUND,
             &Error::Rejected("no such order".into()),
         ),
-        Err(e) => app.error(e).await,
     }
 }
 
 #[handler]
-async fn cancel_order(Data(app): Data<&Arc<App>>, Path(key): Path<String>) -> Response {
-    match app.sim.cancel_order(&IdempotencyKey::new(key)).await {
+async fn cancel_order(
+    req: &Request,
+    Data(app): Data<&Arc<App>>,
+    Path(key): Path<String>,
+) -> Response {
+    if let Err(r) = charge(app, req, super::weight::CANCEL_ORDER) {
+        return r;
+    }
+    match app.sim.cancel_uncharged(&IdempotencyKey::new(key)) {
         Ok(s) => json(StatusCode::OK, &s),
         Err(e) => app.error(e).await,
     }
 }
 
 #[handler]
-async fn submit_withdrawal(Data(app): Data<&Arc<App>>, body: Vec<u8>) -> Response {
+async fn submit_withdrawal(req: &Request, Data(app): Data<&Arc<App>>, body: Vec<u8>) -> Response {
+    if let Err(r) = charge(app, req, super::weight::SUBMIT_WITHDRAWAL) {
+        return r;
+    }
     let w: WithdrawalRequest = match serde_json::from_slice(&body) {
         Ok(w) => w,
         Err(e) => return bad_body(e),
     };
-    match app.sim.submit_withdrawal(&w).await {
+    match app.sim.submit_uncharged(&w) {
         Ok(ack) => json(StatusCode::OK, &ack),
         Err(e) => app.error(e).await,
     }
 }
 
 #[handler]
-async fn get_withdrawal(Data(app): Data<&Arc<App>>, Path(key): Path<String>) -> Response {
-    match app
-        .sim
-        .get_withdrawal_by_key(&IdempotencyKey::new(key))
-        .await
-    {
-        Ok(Some(s)) => json(StatusCode::OK, &s),
-        Ok(None) => json(
+async fn get_withdrawal(
+    req: &Request,
+    Data(app): Data<&Arc<App>>,
+    Path(key): Path<String>,
+) -> Response {
+    if let Err(r) = charge(app, req, super::weight::WITHDRAWAL_LOOKUP) {
+        return r;
+    }
+    match app.sim.withdrawal_status(&IdempotencyKey::new(key)) {
+        Some(s) => json(StatusCode::OK, &s),
+        None => json(
             StatusCode::NOT_FOUND,
             &Error::Rejected("no such withdrawal".into()),
         ),
-        Err(e) => app.error(e).await,
     }
 }
 

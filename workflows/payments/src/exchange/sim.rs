@@ -80,6 +80,9 @@ pub struct SimConfig {
     pub fill_delay_ms: u64,
     /// Delay between submitting a withdrawal and its confirmation.
     pub confirm_delay_ms: u64,
+    /// The request budget per API key (`None`: unlimited). Over it a request is refused
+    /// before it is processed: `Unavailable` in process, HTTP 429 with `Retry-After`.
+    pub budget: Option<super::budget::RequestBudget>,
 }
 
 impl Default for SimConfig {
@@ -93,6 +96,7 @@ impl Default for SimConfig {
             fee_rate: Decimal::new(1, 3),
             fill_delay_ms: 0,
             confirm_delay_ms: 0,
+            budget: None,
         }
     }
 }
@@ -142,6 +146,9 @@ pub struct Counters {
     pub withdrawals_created: u64,
     /// Events delivered (a duplicate counts twice).
     pub events_delivered: u64,
+    /// Requests refused by the request budget (HTTP 429).
+    #[serde(default)]
+    pub rate_limited: u64,
 }
 
 /// Steers a simulator from a test. Implemented in-process by
@@ -357,6 +364,7 @@ impl State {
 pub struct SimulatedExchange {
     state: Mutex<State>,
     sinks: Mutex<Vec<Arc<dyn FillSink>>>,
+    budget: Mutex<super::budget::BudgetLog>,
 }
 
 impl std::fmt::Debug for SimulatedExchange {
@@ -395,7 +403,62 @@ impl SimulatedExchange {
                 totals: Counters::default(),
             }),
             sinks: Mutex::new(Vec::new()),
+            budget: Mutex::new(super::budget::BudgetLog::default()),
         }
+    }
+
+    /// The API key of in-process calls.
+    pub const IN_PROCESS_KEY: &'static str = "in-process";
+
+    /// Charges `weight` to `api_key`'s request budget now, or says how long until it would
+    /// fit (and counts the refusal).
+    pub fn charge(&self, api_key: &str, weight: u32) -> std::result::Result<(), Duration> {
+        let Some(budget) = lock(&self.state).config.budget else {
+            return Ok(());
+        };
+        let charged =
+            lock(&self.budget).charge(budget, api_key, weight, std::time::Instant::now());
+        if charged.is_err() {
+            lock(&self.state).totals.rate_limited += 1;
+        }
+        charged
+    }
+
+    fn charge_in_process(&self, weight: u32) -> Result<()> {
+        self.charge(Self::IN_PROCESS_KEY, weight).map_err(|wait| {
+            Error::Unavailable(format!(
+                "rate limited: over the request budget, retry after {} ms",
+                wait.as_millis()
+            ))
+        })
+    }
+
+    /// An order's status by key, without charging the budget (the HTTP server charges first).
+    pub fn order_status(&self, key: &IdempotencyKey) -> Option<OrderStatus> {
+        lock(&self.state).orders.get(key).map(Order::status)
+    }
+
+    /// A withdrawal's status by key, without charging the budget.
+    pub fn withdrawal_status(&self, key: &IdempotencyKey) -> Option<WithdrawalStatus> {
+        lock(&self.state)
+            .withdrawals
+            .get(key)
+            .map(Withdrawal::status)
+    }
+
+    /// Places an order without charging the budget.
+    pub fn place_uncharged(&self, order: &OrderRequest) -> Result<OrderAck> {
+        self.place(order)
+    }
+
+    /// Cancels without charging the budget.
+    pub fn cancel_uncharged(&self, key: &IdempotencyKey) -> Result<OrderStatus> {
+        self.cancel(key)
+    }
+
+    /// Submits a withdrawal without charging the budget.
+    pub fn submit_uncharged(&self, w: &WithdrawalRequest) -> Result<WithdrawalAck> {
+        self.submit(w)
     }
 
     /// Adds a sink that receives every delivered event.
@@ -655,18 +718,22 @@ fn validate_order(order: &OrderRequest) -> Result<()> {
 #[async_trait]
 impl Exchange for SimulatedExchange {
     async fn place_order(&self, order: &OrderRequest) -> Result<OrderAck> {
+        self.charge_in_process(super::weight::PLACE_ORDER)?;
         self.place(order)
     }
 
     async fn cancel_order(&self, key: &IdempotencyKey) -> Result<OrderStatus> {
+        self.charge_in_process(super::weight::CANCEL_ORDER)?;
         self.cancel(key)
     }
 
     async fn get_order_by_key(&self, key: &IdempotencyKey) -> Result<Option<OrderStatus>> {
-        Ok(lock(&self.state).orders.get(key).map(Order::status))
+        self.charge_in_process(super::weight::ORDER_LOOKUP)?;
+        Ok(self.order_status(key))
     }
 
     async fn submit_withdrawal(&self, withdrawal: &WithdrawalRequest) -> Result<WithdrawalAck> {
+        self.charge_in_process(super::weight::SUBMIT_WITHDRAWAL)?;
         self.submit(withdrawal)
     }
 
@@ -674,10 +741,8 @@ impl Exchange for SimulatedExchange {
         &self,
         key: &IdempotencyKey,
     ) -> Result<Option<WithdrawalStatus>> {
-        Ok(lock(&self.state)
-            .withdrawals
-            .get(key)
-            .map(Withdrawal::status))
+        self.charge_in_process(super::weight::WITHDRAWAL_LOOKUP)?;
+        Ok(self.withdrawal_status(key))
     }
 }
 

@@ -60,6 +60,37 @@ pub struct WorkflowsConfig {
     pub confirmation_poll: Duration,
     /// Attempts of a notification's send (retried with the store's backoff).
     pub notification_attempts: i32,
+    /// The rate-limit key of the exchange's API key: every call to the exchange charges it
+    /// (see [`flow_limits`]).
+    pub exchange_rate_key: String,
+}
+
+/// The flow key class of withdrawals: `withdrawals:user:{id}`, one workflow-wide key per user.
+pub const WITHDRAWALS_PER_USER: &str = "withdrawals:user:*";
+
+/// The domain's limits, declared in code at start (operators may change them at runtime):
+/// - the exchange's request budget as a token bucket under `exchange_rate_key`, kept just
+///   under the budget (a burst of 2 % but at least 6, two of the heaviest calls; refilled at
+///   the rest less 1 %: over any window at most 99 % of the budget passes, leaving room for
+///   calls that reach the exchange a little after their turn);
+/// - `withdrawals_per_user` withdrawals of one user at a time.
+pub fn flow_limits(
+    config: &WorkflowsConfig,
+    budget: Option<crate::exchange::budget::RequestBudget>,
+    withdrawals_per_user: Option<i32>,
+) -> Vec<ledgerflow_engine::flow::FlowLimit> {
+    use ledgerflow_engine::flow::FlowLimit;
+    let mut limits = Vec::new();
+    if let Some(b) = budget {
+        let weight = i64::from(b.weight);
+        let burst = (weight / 50).max(6);
+        let refill = (weight - burst - (weight / 100).max(1)).max(1);
+        limits.push(FlowLimit::new(config.exchange_rate_key.clone()).rate(burst, refill, b.window));
+    }
+    if let Some(n) = withdrawals_per_user {
+        limits.push(FlowLimit::new(WITHDRAWALS_PER_USER).concurrency(n));
+    }
+    limits
 }
 
 impl Default for WorkflowsConfig {
@@ -71,6 +102,7 @@ impl Default for WorkflowsConfig {
             approval_timeout: Duration::from_secs(48 * 3600),
             confirmation_poll: Duration::from_secs(3600),
             notification_attempts: 10,
+            exchange_rate_key: "exchange:sim".to_string(),
         }
     }
 }

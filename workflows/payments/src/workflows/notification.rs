@@ -235,7 +235,11 @@ async fn send(deps: Arc<Deps>, ctx: StepCtx) -> StepResult {
         // Maybe delivered: never sent again from here, the reconcile hook asks.
         Err(ExternalError::InDoubt(reason)) => Ok(StepOutcome::InDoubt(reason)),
         // Certainly not delivered: retried with backoff, under the same id.
-        Err(e @ (ExternalError::NotSent(_) | ExternalError::NotMade(_))) => Err(e.to_string()),
+        Err(
+            e @ (ExternalError::NotSent(_)
+            | ExternalError::NotMade(_)
+            | ExternalError::Deferred(_)),
+        ) => Err(e.to_string()),
     }
 }
 

@@ -259,7 +259,11 @@ async fn place_order(deps: Arc<Deps>, ctx: StepCtx) -> StepResult {
     };
     let exchange = Arc::clone(&deps.exchange);
     let answer = ctx
-        .external_call(|_| async move { place_once(exchange.as_ref(), &request).await })
+        .external_call_limited(
+            &deps.config.exchange_rate_key,
+            exchange::weight::ORDER_LOOKUP + exchange::weight::PLACE_ORDER,
+            |_| async move { place_once(exchange.as_ref(), &request).await },
+        )
         .await;
     match answer {
         Ok(ack) => {

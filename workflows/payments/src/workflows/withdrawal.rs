@@ -108,6 +108,14 @@ pub fn submit_key(id: Uuid) -> IdempotencyKey {
 pub(super) fn definition(deps: &Arc<Deps>, notifications: &Arc<WorkflowRegistry>) -> Workflow {
     let with_notif = Arc::new((Arc::clone(deps), Arc::clone(notifications)));
     Workflow::new(KIND, 1)
+        // One withdrawal of a user at a time, when the limit of super::WITHDRAWALS_PER_USER
+        // is declared (the worker does; see super::flow_limits).
+        .flow_key(|input| {
+            input
+                .get("user_id")
+                .and_then(|u| u.as_str().map(str::to_owned).or_else(|| u.as_i64().map(|n| n.to_string())))
+                .map(|u| format!("withdrawals:user:{u}"))
+        })
         .step("validate", step_fn(deps, validate))
         .step_with_compensation("hold", step_fn(deps, hold), compensate_fn(deps, release))
         .step("await_approval", step_fn(deps, await_approval))
@@ -477,7 +485,11 @@ async fn submit(deps: Arc<Deps>, ctx: StepCtx) -> StepResult {
     };
     let exchange = Arc::clone(&deps.exchange);
     let answer = ctx
-        .external_call(|_| async move { submit_once(exchange.as_ref(), &request).await })
+        .external_call_limited(
+            &deps.config.exchange_rate_key,
+            exchange::weight::WITHDRAWAL_LOOKUP + exchange::weight::SUBMIT_WITHDRAWAL,
+            |_| async move { submit_once(exchange.as_ref(), &request).await },
+        )
         .await;
     match answer {
         Ok(ack) => {

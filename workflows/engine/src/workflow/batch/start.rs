@@ -53,6 +53,8 @@ pub(crate) struct Item {
     pub first_step: &'static str,
     pub queue: String,
     pub unique_key: Option<String>,
+    /// The instance's workflow-wide flow key.
+    pub flow_key: Option<String>,
     /// The first step's job (due now; its queue is `queue`).
     pub job: NewJob,
     /// Whether the job's queue is woken with NOTIFY (the store's setting;
@@ -71,6 +73,7 @@ impl Item {
             first_step: self.first_step,
             queue: &self.queue,
             unique_key: self.unique_key.as_deref(),
+            flow_key: self.flow_key.as_deref(),
             job: &self.job,
             notify: self.notify,
         }

@@ -22,6 +22,8 @@ pub(crate) struct NewStart<'a> {
     pub first_step: &'a str,
     pub queue: &'a str,
     pub unique_key: Option<&'a str>,
+    /// The instance's workflow-wide flow key.
+    pub flow_key: Option<&'a str>,
     /// The first step's job (due now; its queue is `queue`).
     pub job: &'a NewJob,
     /// Whether the job's queue is woken with NOTIFY.
@@ -40,10 +42,10 @@ macro_rules! start_sql {
             ",
          wf AS (
            INSERT INTO workflows (id, kind, version, state, input, current_step, queue,
-                                  unique_key, created_at, updated_at)
+                                  unique_key, flow_key, created_at, updated_at)
            SELECT $1, $2, $3, 'running', ",
             $input,
-            ", $5, $6, $7, t.n, t.n FROM ",
+            ", $5, $6, $7, $18, t.n, t.n FROM ",
             $from,
             "
            ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL DO NOTHING
@@ -58,6 +60,13 @@ macro_rules! start_sql {
            ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL DO NOTHING
            RETURNING queue
          ),
+         flag AS (
+           INSERT INTO queues (name, flow)
+           SELECT $6, true FROM wf
+           WHERE $18::text IS NOT NULL
+             AND NOT EXISTS (SELECT 1 FROM queues q WHERE q.name = $6 AND q.flow)
+           ON CONFLICT (name) DO UPDATE SET flow = true, updated_at = now()
+         ),
          ntf AS (
            SELECT count(pg_notify($16, queue)) AS n
            FROM (SELECT DISTINCT queue FROM job WHERE $17) q
@@ -68,7 +77,7 @@ macro_rules! start_sql {
     };
 }
 
-/// Binds `$1`–`$17` of [`start_sql`].
+/// Binds `$1`–`$18` of [`start_sql`].
 fn bind<'q, O>(
     query: sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
     store: &Store,
@@ -92,6 +101,7 @@ fn bind<'q, O>(
         .bind(&s.job.unique_key)
         .bind(crate::notify::JOBS_CHANNEL)
         .bind(s.notify)
+        .bind(s.flow_key)
 }
 
 /// The instance holding workflow unique key `key`, after a start found it taken.
@@ -139,7 +149,7 @@ pub(crate) async fn start_for_inbox_in(
          ib AS (
            INSERT INTO inbox (source, dedupe_key, topic, \"partition\", \"offset\", business_id,
                               payload, headers, processed_at)
-           SELECT $18, $19, $20, $21, $22, $23, $24, $25, CASE WHEN $26 THEN t.n END FROM t
+           SELECT $19, $20, $21, $22, $23, $24, $25, $26, CASE WHEN $27 THEN t.n END FROM t
            ON CONFLICT (source, dedupe_key) DO NOTHING
            RETURNING id
          )",
@@ -165,8 +175,8 @@ pub(crate) async fn start_for_inbox_in(
     }
 }
 
-/// The batch statement: `i` is the starts (`$2`–`$16`, one array per column), `$1` the
-/// clock's now (`None`: the database's), `$17` the NOTIFY channel. Row by row it inserts what
+/// The batch statement: `i` is the starts (`$2`–`$16` and `$18`, one array per column), `$1`
+/// the clock's now (`None`: the database's), `$17` the NOTIFY channel. Row by row it inserts what
 /// [`start_sql`] inserts for one start.
 ///
 /// Only inserted workflow rows get a job (`wf JOIN i`), so a taken key enqueues nothing.
@@ -180,15 +190,16 @@ const BATCH_SQL: &str = "WITH t AS (SELECT coalesce($1::timestamptz, now()) AS n
      i AS (
        SELECT * FROM unnest($2::uuid[], $3::text[], $4::int[], $5::jsonb[], $6::text[],
                             $7::text[], $8::text[], $9::uuid[], $10::text[], $11::jsonb[],
-                            $12::int2[], $13::int[], $14::int[], $15::text[], $16::bool[])
+                            $12::int2[], $13::int[], $14::int[], $15::text[], $16::bool[],
+                            $18::text[])
          AS i(id, kind, version, input, first_step, queue, unique_key, job, job_kind, args,
-              priority, max_attempts, timeout_ms, job_key, notify)
+              priority, max_attempts, timeout_ms, job_key, notify, flow_key)
      ),
      wf AS (
        INSERT INTO workflows (id, kind, version, state, input, current_step, queue,
-                              unique_key, created_at, updated_at)
+                              unique_key, flow_key, created_at, updated_at)
        SELECT i.id, i.kind, i.version, 'running', i.input, i.first_step, i.queue,
-              i.unique_key, t.n, t.n
+              i.unique_key, i.flow_key, t.n, t.n
        FROM i, t
        ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL DO NOTHING
        RETURNING id
@@ -201,6 +212,13 @@ const BATCH_SQL: &str = "WITH t AS (SELECT coalesce($1::timestamptz, now()) AS n
        FROM wf JOIN i ON i.id = wf.id, t
        ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL DO NOTHING
        RETURNING queue, workflow_id
+     ),
+     flag AS (
+       INSERT INTO queues (name, flow)
+       SELECT DISTINCT i.queue, true FROM wf JOIN i ON i.id = wf.id
+       WHERE i.flow_key IS NOT NULL
+         AND NOT EXISTS (SELECT 1 FROM queues q WHERE q.name = i.queue AND q.flow)
+       ON CONFLICT (name) DO UPDATE SET flow = true, updated_at = now()
      ),
      ntf AS (
        SELECT count(pg_notify($17, q.queue)) AS n
@@ -230,6 +248,7 @@ pub(crate) async fn start_batch_in(
     let timeout_ms: Vec<Option<i32>> = batch.iter().map(|s| s.job.timeout_ms()).collect();
     let job_key: Vec<Option<&str>> = batch.iter().map(|s| s.job.unique_key.as_deref()).collect();
     let notify: Vec<bool> = batch.iter().map(|s| s.notify).collect();
+    let flow_key: Vec<Option<&str>> = batch.iter().map(|s| s.flow_key).collect();
     let rows: Vec<(Uuid, i64)> = sqlx::query_as(BATCH_SQL)
         .bind(now)
         .bind(&id)
@@ -248,6 +267,7 @@ pub(crate) async fn start_batch_in(
         .bind(&job_key)
         .bind(&notify)
         .bind(crate::notify::JOBS_CHANNEL)
+        .bind(&flow_key)
         .fetch_all(&mut *conn)
         .await?;
     Ok(rows.into_iter().map(|(id, _)| id).collect())

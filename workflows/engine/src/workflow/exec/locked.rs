@@ -101,6 +101,12 @@ async fn run_ready(run: Run<'_>, ready: Ready, next: &mut Continued) -> Result<O
         flagged.is_some(),
     );
     let tx = take_tx(&slot).await?;
+    if let Some(wait) = ctx.take_deferred() {
+        // The step's rate-limited call found no room: nothing was sent, nothing is kept, and
+        // the job waits for the bucket without using an attempt.
+        tx.rollback().await?;
+        return Ok(Outcome::Snooze(wait));
+    }
     let done = Done {
         result,
         flagged,

@@ -64,6 +64,16 @@ pub(crate) async fn run_optimistic(
     let started = std::time::Instant::now();
     let result = def.steps[idx].run.call(ctx.clone()).await;
     let tx = slot.lock().await.take();
+    if let Some(wait) = ctx.take_deferred() {
+        // As on the locked path: nothing sent, nothing kept, no attempt used.
+        if let Some(tx) = tx {
+            tx.rollback().await?;
+        }
+        if let Some(held) = &held {
+            held.release().await;
+        }
+        return Ok(Outcome::Snooze(wait));
+    }
     let flagged = ctx.take_in_doubt();
     step_timed(
         run.rt,
