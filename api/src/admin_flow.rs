@@ -242,7 +242,10 @@ impl FlowApi {
         check_key(&name.0)?;
         let mut tx = state.pool().begin().await?;
         if !limits::remove_in(&mut tx, &name.0).await? {
-            return Err(Error::NotFound(format!("flow limit {:?} not found", name.0)));
+            return Err(Error::NotFound(format!(
+                "flow limit {:?} not found",
+                name.0
+            )));
         }
         let audit_id = audit::record(
             &mut *tx,

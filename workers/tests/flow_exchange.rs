@@ -23,10 +23,12 @@ type TestResult = std::result::Result<(), Box<dyn std::error::Error + Send + Syn
 const TRADE_WEIGHT: u64 = 3;
 
 async fn counters(base: &str) -> Result<Counters, Box<dyn std::error::Error + Send + Sync>> {
-    Ok(reqwest::get(format!("{}/admin/counters", base.trim_end_matches('/')))
-        .await?
-        .json()
-        .await?)
+    Ok(
+        reqwest::get(format!("{}/admin/counters", base.trim_end_matches('/')))
+            .await?
+            .json()
+            .await?,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -63,7 +65,9 @@ async fn trades_faster_than_the_budget_get_no_429_and_most_of_the_budget() -> Te
     let mut conn = db.pool.acquire().await?;
     let user = users::create_user(&mut conn, "budget@example.com", "Budget").await?;
     let accounts = ledger::ensure_user_accounts(&mut conn, user, &["USDT"]).await?;
-    let scale = ledger::asset(&mut conn, "USDT").await?.map_or(2, |a| a.scale);
+    let scale = ledger::asset(&mut conn, "USDT")
+        .await?
+        .map_or(2, |a| a.scale);
     ledger::deposit(
         &mut conn,
         "deposit:budget",
@@ -100,11 +104,10 @@ async fn trades_faster_than_the_budget_get_no_429_and_most_of_the_budget() -> Te
     tokio::time::sleep(budget.window * 2).await;
     let after = counters(&base).await?;
     let elapsed = start.elapsed();
-    let deferrals: i64 = sqlx::query_scalar(
-        "SELECT coalesce(sum(deferred), 0)::bigint FROM flow_deferrals",
-    )
-    .fetch_one(&db.pool)
-    .await?;
+    let deferrals: i64 =
+        sqlx::query_scalar("SELECT coalesce(sum(deferred), 0)::bigint FROM flow_deferrals")
+            .fetch_one(&db.pool)
+            .await?;
 
     runner.shutdown(Duration::from_secs(5)).await;
     runtime.shutdown().await;

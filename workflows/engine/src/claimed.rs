@@ -1,7 +1,7 @@
 //! A claimed job: what a handler gets, the one `UPDATE … SET` that leases the jobs a claim
 //! chose (the fast and the controlled claims both use it), and its row mapping.
-use crate::lease::Lease;
 use crate::Result;
+use crate::lease::Lease;
 use chrono::{DateTime, Utc};
 use sqlx::Row;
 use sqlx::postgres::PgRow;
@@ -87,4 +87,3 @@ pub(crate) fn claimed_from_row(
         flow,
     })
 }
-

@@ -47,6 +47,7 @@ pub mod cron;
 pub mod dead_letter;
 pub mod error;
 pub mod fenced;
+pub mod flow;
 pub mod inbox;
 pub mod job;
 pub mod lease;
@@ -58,7 +59,6 @@ pub mod queue;
 pub mod retry;
 pub mod signal;
 pub mod store;
-pub mod flow;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod workflow;

@@ -138,7 +138,8 @@ impl Store {
             return crate::flow::gate::insert(conn, job, self.now(), self.config.notify).await;
         }
         let mut out = self.insert_chunk(conn, std::slice::from_ref(job)).await?;
-        out.pop().ok_or_else(|| Error::Invalid("the insert returned no row".into()))
+        out.pop()
+            .ok_or_else(|| Error::Invalid("the insert returned no row".into()))
     }
 
     /// Enqueues many jobs in one transaction, in chunks of a few thousand rows

@@ -93,7 +93,8 @@ impl Env {
     }
 
     fn advance_ms(&self, ms: i64) {
-        self.clock.set(self.clock.get() + TimeDelta::milliseconds(ms));
+        self.clock
+            .set(self.clock.get() + TimeDelta::milliseconds(ms));
     }
 }
 
@@ -163,7 +164,8 @@ async fn concurrent_claimers_never_exceed_a_key_limit() -> TestResult {
     assert!(worst <= 2, "a key had {worst} running jobs, limit 2");
     assert_eq!(done.load(Ordering::SeqCst), 400, "every job ran once");
     assert_eq!(
-        env.count("SELECT count(*) FROM jobs WHERE state <> 'completed'").await?,
+        env.count("SELECT count(*) FROM jobs WHERE state <> 'completed'")
+            .await?,
         0
     );
     Ok(())
@@ -179,14 +181,21 @@ async fn a_slot_frees_when_the_expired_lease_is_rescued() -> TestResult {
     env.insert(keyed("acct:1", 2)).await?;
     let first = env.claim("default", 10).await?;
     assert_eq!(first.len(), 1);
-    assert!(env.claim("default", 10).await?.is_empty(), "the slot is held");
+    assert!(
+        env.claim("default", 10).await?.is_empty(),
+        "the slot is held"
+    );
     env.advance_ms(31_000);
-    assert!(env.claim("default", 10).await?.is_empty(), "expired but not rescued yet");
+    assert!(
+        env.claim("default", 10).await?.is_empty(),
+        "expired but not rescued yet"
+    );
     assert_eq!(env.store.job_rescue_expired(100).await?, 1);
     let again = env.claim("default", 10).await?;
     assert_eq!(again.len(), 1, "the rescued slot is free again");
     assert_eq!(
-        env.count("SELECT count(*) FROM jobs WHERE state = 'running'").await?,
+        env.count("SELECT count(*) FROM jobs WHERE state = 'running'")
+            .await?,
         1
     );
     Ok(())
@@ -207,7 +216,11 @@ async fn a_queue_limit_caps_the_queue_and_changes_at_runtime() -> TestResult {
     assert!(env.claim("bulk", 10).await?.is_empty());
     env.admin_set(&FlowLimit::new("queue:bulk").concurrency(5))
         .await?;
-    assert_eq!(env.claim("bulk", 10).await?.len(), 2, "the raised limit applies at once");
+    assert_eq!(
+        env.claim("bulk", 10).await?.len(),
+        2,
+        "the raised limit applies at once"
+    );
     // A code declaration does not overwrite the operator's change.
     flow::limits::declare(&env.db.pool, &[FlowLimit::new("queue:bulk").concurrency(3)]).await?;
     let status = flow::limits::status(&env.db.pool, Some("queue:bulk")).await?;
@@ -284,13 +297,19 @@ async fn a_rate_limit_defers_jobs_in_turn_without_using_attempts() -> TestResult
     .fetch_all(&env.db.pool)
     .await?;
     assert_eq!(waits, vec![(500, 0), (1000, 0), (1500, 0)]);
-    assert_eq!(env.count("SELECT count(*) FROM flow_reservations").await?, 3);
+    assert_eq!(
+        env.count("SELECT count(*) FROM flow_reservations").await?,
+        3
+    );
     env.advance_ms(500);
     env.store.job_promote_due(100).await?;
     let next = env.claim("default", 10).await?;
     assert_eq!(next.len(), 1, "the first deferred job's turn, prepaid");
     assert_eq!(next[0].lease.attempt, 1);
-    assert_eq!(env.count("SELECT count(*) FROM flow_reservations").await?, 2);
+    assert_eq!(
+        env.count("SELECT count(*) FROM flow_reservations").await?,
+        2
+    );
     let status = flow::limits::status(&env.db.pool, Some("exchange:sim")).await?;
     assert_eq!(status[0].deferred, 3);
     Ok(())
@@ -302,8 +321,8 @@ async fn trailing_debounce_runs_once_with_the_last_args() -> TestResult {
     let window = Duration::from_secs(2);
     let mut ids = HashSet::new();
     for n in 0..50 {
-        let job = NewJob::new("notify", json!({ "n": n }))
-            .debounce("user:7", window, Debounce::Trailing);
+        let job =
+            NewJob::new("notify", json!({ "n": n })).debounce("user:7", window, Debounce::Trailing);
         ids.insert(env.insert(job).await?.id());
         env.advance_ms(10);
     }
@@ -320,7 +339,11 @@ async fn trailing_debounce_runs_once_with_the_last_args() -> TestResult {
     assert_eq!(env.claim("default", 10).await?.len(), 1);
     // Once it started, the next trigger is a new job.
     let next = env
-        .insert(NewJob::new("notify", json!({ "n": 50 })).debounce("user:7", window, Debounce::Trailing))
+        .insert(NewJob::new("notify", json!({ "n": 50 })).debounce(
+            "user:7",
+            window,
+            Debounce::Trailing,
+        ))
         .await?;
     assert!(next.is_new());
     Ok(())
@@ -333,9 +356,16 @@ async fn leading_debounce_and_throttles() -> TestResult {
     let lead = || NewJob::new("l", json!({})).debounce("lead", w, Debounce::Leading);
     assert!(env.insert(lead()).await?.is_new());
     assert_eq!(env.insert(lead()).await?, Inserted::Dropped);
-    assert_eq!(env.claim("default", 10).await?.len(), 1, "the first runs at once");
+    assert_eq!(
+        env.claim("default", 10).await?.len(),
+        1,
+        "the first runs at once"
+    );
     env.advance_ms(1001);
-    assert!(env.insert(lead()).await?.is_new(), "a trigger after the window runs again");
+    assert!(
+        env.insert(lead()).await?.is_new(),
+        "a trigger after the window runs again"
+    );
 
     let drop = || NewJob::new("d", json!({})).throttle("td", 2, w, Throttle::Drop);
     assert!(env.insert(drop()).await?.is_new());
@@ -433,7 +463,11 @@ async fn workflow_keys_run_one_at_a_time_and_calls_wait_for_their_bucket() -> Te
     assert_eq!(run_all(&env, &rt).await?.len(), 2);
     // Round 2: a's and c's calls: one goes, the other is deferred (bucket of 1).
     let outcomes = run_all(&env, &rt).await?;
-    assert_eq!(outcomes.len(), 2, "b still waits: a holds user:1 across its steps");
+    assert_eq!(
+        outcomes.len(),
+        2,
+        "b still waits: a holds user:1 across its steps"
+    );
     assert_eq!(calls.load(Ordering::SeqCst), 1);
     assert!(outcomes.iter().any(|o| matches!(o, Outcome::Snooze(_))));
     assert_eq!(
@@ -444,9 +478,16 @@ async fn workflow_keys_run_one_at_a_time_and_calls_wait_for_their_bucket() -> Te
     );
     env.advance_ms(1000);
     env.store.job_promote_due(10).await?;
-    assert_eq!(run_all(&env, &rt).await?.len(), 2, "the deferred call and b's first step");
+    assert_eq!(
+        run_all(&env, &rt).await?.len(),
+        2,
+        "the deferred call and b's first step"
+    );
     assert_eq!(calls.load(Ordering::SeqCst), 2);
-    assert_eq!(env.count("SELECT count(*) FROM flow_reservations").await?, 0);
+    assert_eq!(
+        env.count("SELECT count(*) FROM flow_reservations").await?,
+        0
+    );
     env.advance_ms(1000);
     run_all(&env, &rt).await?;
     for id in [a, b, c] {
@@ -460,7 +501,8 @@ async fn workflow_keys_run_one_at_a_time_and_calls_wait_for_their_bucket() -> Te
 #[tokio::test]
 async fn low_priorities_age_until_they_run() -> TestResult {
     let env = Env::new().await?;
-    env.insert(NewJob::new("low", json!({})).priority(3)).await?;
+    env.insert(NewJob::new("low", json!({})).priority(3))
+        .await?;
     env.advance_ms(1000);
     for n in 0..3 {
         env.insert(NewJob::new("high", json!({ "n": n }))).await?;

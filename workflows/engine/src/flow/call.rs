@@ -42,4 +42,3 @@ pub async fn take(
     tx.commit().await?;
     Ok(wait)
 }
-

@@ -67,4 +67,3 @@ pub async fn claim(
         .map(|r| claimed_from_row(r, queue, owner, true))
         .collect()
 }
-

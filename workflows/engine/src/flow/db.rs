@@ -236,7 +236,10 @@ pub(crate) struct Apply<'a> {
 /// Statement 3: leases the chosen jobs, admits their workflows, defers the rate-limited ones
 /// (`scheduled` until their bucket will have refilled: no attempt used), and stores the
 /// buckets and the deferral counts. Returns the leased rows.
-pub(crate) async fn apply(conn: &mut PgConnection, a: &Apply<'_>) -> Result<Vec<sqlx::postgres::PgRow>> {
+pub(crate) async fn apply(
+    conn: &mut PgConnection,
+    a: &Apply<'_>,
+) -> Result<Vec<sqlx::postgres::PgRow>> {
     const SQL: &str = concat!(
         "WITH t AS (SELECT coalesce($4::timestamptz, now()) AS n),
          adm AS (UPDATE workflows SET flow_admitted = true WHERE id = ANY($5::uuid[])),
@@ -268,7 +271,12 @@ pub(crate) async fn apply(conn: &mut PgConnection, a: &Apply<'_>) -> Result<Vec<
          ),
          pick AS (SELECT unnest($1::uuid[]) AS id)
          ",
-        lease_update!("pick, t", "j.id = pick.id AND j.state = 'available'", "$2", "$3")
+        lease_update!(
+            "pick, t",
+            "j.id = pick.id AND j.state = 'available'",
+            "$2",
+            "$3"
+        )
     );
     let (def_ids, def_at): (Vec<Uuid>, Vec<DateTime<Utc>>) = a.defer.iter().copied().unzip();
     let lv_keys: Vec<&str> = a.levels.iter().map(|(k, _)| k.as_str()).collect();
@@ -336,7 +344,11 @@ pub(crate) async fn lock_bucket(
 }
 
 /// Uses up job `job`'s reservation under `key`, if it has one (under the key's lock).
-pub(crate) async fn take_reservation(conn: &mut PgConnection, job: Uuid, key: &str) -> Result<bool> {
+pub(crate) async fn take_reservation(
+    conn: &mut PgConnection,
+    job: Uuid,
+    key: &str,
+) -> Result<bool> {
     let done = sqlx::query("DELETE FROM flow_reservations WHERE job_id = $1 AND key = $2")
         .bind(job)
         .bind(key)

@@ -329,7 +329,10 @@ mod tests {
         assert_eq!(d.unreserve, vec![Uuid::from_u128(3)]);
         assert_eq!(
             d.defer,
-            vec![(Uuid::from_u128(5), later + chrono::Duration::milliseconds(1000))]
+            vec![(
+                Uuid::from_u128(5),
+                later + chrono::Duration::milliseconds(1000)
+            )]
         );
     }
 

@@ -40,7 +40,9 @@ pub(crate) async fn insert(
     notify: bool,
 ) -> Result<Inserted> {
     let Some(gate) = &job.flow.gate else {
-        return Err(crate::Error::Invalid("the job has no debounce or throttle".into()));
+        return Err(crate::Error::Invalid(
+            "the job has no debounce or throttle".into(),
+        ));
     };
     let mut tx = conn.begin().await?;
     let (sql, key, window, limit): (&str, &str, _, i64) = match gate {

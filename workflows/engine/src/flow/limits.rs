@@ -291,9 +291,11 @@ fn status_from_row(r: &sqlx::postgres::PgRow) -> Result<KeyStatus> {
             refill: rt.refill,
             window_ms: i64::try_from(rt.window.as_millis()).unwrap_or(i64::MAX),
         };
-        let level = millis
-            .zip(at)
-            .map(|(millis, at)| super::decide::Level { millis, owed: 0, at });
+        let level = millis.zip(at).map(|(millis, at)| super::decide::Level {
+            millis,
+            owed: 0,
+            at,
+        });
         bucket.level(level, now) / 1000
     });
     Ok(KeyStatus {

@@ -90,7 +90,9 @@ pub(crate) fn check_key(what: &str, key: &str) -> Result<()> {
         return Err(Error::Invalid(format!("{what} must be 1..=256 bytes")));
     }
     if key.chars().any(char::is_control) {
-        return Err(Error::Invalid(format!("{what} must not contain control characters")));
+        return Err(Error::Invalid(format!(
+            "{what} must not contain control characters"
+        )));
     }
     Ok(())
 }

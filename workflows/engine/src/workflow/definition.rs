@@ -114,7 +114,10 @@ pub struct Workflow {
 
 /// How a definition derives an instance's workflow-wide flow key from its input.
 #[derive(Clone)]
-pub struct FlowKeyFn(Arc<dyn Fn(&serde_json::Value) -> Option<String> + Send + Sync>);
+pub struct FlowKeyFn(Arc<KeyOf>);
+
+/// A function from an instance's input to its key.
+type KeyOf = dyn Fn(&serde_json::Value) -> Option<String> + Send + Sync;
 
 impl FlowKeyFn {
     /// The key of an instance with `input` (`None`: the instance is not limited).

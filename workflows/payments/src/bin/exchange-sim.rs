@@ -15,9 +15,9 @@
 //! Stops on Ctrl-C or SIGTERM.
 
 use clap::Parser;
+use ledgerflow_payments::exchange::budget::RequestBudget;
 use ledgerflow_payments::exchange::server::{SimServerConfig, WebhookTarget, serve_simulator};
 use ledgerflow_payments::exchange::signature::Scheme;
-use ledgerflow_payments::exchange::budget::RequestBudget;
 use ledgerflow_payments::exchange::sim::SimConfig;
 use std::io::Write;
 use std::time::Duration;

@@ -18,7 +18,7 @@ impl RequestBudget {
         window: Duration::from_secs(60),
     };
 
-    /// Parses `weight/seconds`, e.g. `1200/60`.
+    /// Parses `weight/seconds` (whole seconds), e.g. `1200/60`.
     pub fn parse(s: &str) -> Result<Self, String> {
         let (w, secs) = s
             .split_once('/')
@@ -27,16 +27,16 @@ impl RequestBudget {
             .trim()
             .parse()
             .map_err(|_| format!("bad weight in request budget {s:?}"))?;
-        let secs: f64 = secs
+        let secs: u64 = secs
             .trim()
             .parse()
             .map_err(|_| format!("bad seconds in request budget {s:?}"))?;
-        if weight == 0 || !(secs > 0.0) {
+        if weight == 0 || secs == 0 {
             return Err(format!("request budget {s:?} must be positive"));
         }
         Ok(Self {
             weight,
-            window: Duration::from_secs_f64(secs),
+            window: Duration::from_secs(secs),
         })
     }
 }

@@ -38,10 +38,10 @@ use super::signature::{self, Scheme};
 use super::sim::{Fault, KeyCounters, SimConfig, SimControls, SimulatedExchange};
 use super::{Error, Event, IdempotencyKey, OrderRequest, Result, WithdrawalRequest};
 use async_trait::async_trait;
+use poem::Request;
 use poem::http::{HeaderMap, StatusCode};
 use poem::listener::TcpAcceptor;
 use poem::web::{Data, Path};
-use poem::Request;
 use poem::{EndpointExt, Response, Route, Server, get, handler, post, put};
 use reqwest::Url;
 use serde::{Deserialize, Serialize};
@@ -248,15 +248,15 @@ impl App {
     }
 }
 
-/// Charges the request's API key (its bearer token) `weight`; `Err` is the 429 to answer.
-fn charge(app: &App, req: &Request, weight: u32) -> std::result::Result<(), Response> {
+/// Charges the request's API key (its bearer token) `weight`; `Some` is the 429 to answer.
+fn charge(app: &App, req: &Request, weight: u32) -> Option<Response> {
     let key = req
         .headers()
         .get(poem::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("anonymous");
-    app.sim.charge(key, weight).map_err(|wait| {
+    app.sim.charge(key, weight).err().map(|wait| {
         let secs = wait.as_millis().div_ceil(1000).max(1);
         let body = Error::Unavailable(format!("rate limited: retry after {secs} s"));
         let mut r = json(StatusCode::TOO_MANY_REQUESTS, &body);
@@ -281,7 +281,7 @@ fn healthz() -> &'static str {
 
 #[handler]
 async fn place_order(req: &Request, Data(app): Data<&Arc<App>>, body: Vec<u8>) -> Response {
-    if let Err(r) = charge(app, req, super::weight::PLACE_ORDER) {
+    if let Some(r) = charge(app, req, super::weight::PLACE_ORDER) {
         return r;
     }
     let order: OrderRequest = match serde_json::from_slice(&body) {
@@ -296,7 +296,7 @@ async fn place_order(req: &Request, Data(app): Data<&Arc<App>>, body: Vec<u8>) -
 
 #[handler]
 async fn get_order(req: &Request, Data(app): Data<&Arc<App>>, Path(key): Path<String>) -> Response {
-    if let Err(r) = charge(app, req, super::weight::ORDER_LOOKUP) {
+    if let Some(r) = charge(app, req, super::weight::ORDER_LOOKUP) {
         return r;
     }
     match app.sim.order_status(&IdempotencyKey::new(key)) {
@@ -314,7 +314,7 @@ async fn cancel_order(
     Data(app): Data<&Arc<App>>,
     Path(key): Path<String>,
 ) -> Response {
-    if let Err(r) = charge(app, req, super::weight::CANCEL_ORDER) {
+    if let Some(r) = charge(app, req, super::weight::CANCEL_ORDER) {
         return r;
     }
     match app.sim.cancel_uncharged(&IdempotencyKey::new(key)) {
@@ -325,7 +325,7 @@ async fn cancel_order(
 
 #[handler]
 async fn submit_withdrawal(req: &Request, Data(app): Data<&Arc<App>>, body: Vec<u8>) -> Response {
-    if let Err(r) = charge(app, req, super::weight::SUBMIT_WITHDRAWAL) {
+    if let Some(r) = charge(app, req, super::weight::SUBMIT_WITHDRAWAL) {
         return r;
     }
     let w: WithdrawalRequest = match serde_json::from_slice(&body) {
@@ -344,7 +344,7 @@ async fn get_withdrawal(
     Data(app): Data<&Arc<App>>,
     Path(key): Path<String>,
 ) -> Response {
-    if let Err(r) = charge(app, req, super::weight::WITHDRAWAL_LOOKUP) {
+    if let Some(r) = charge(app, req, super::weight::WITHDRAWAL_LOOKUP) {
         return r;
     }
     match app.sim.withdrawal_status(&IdempotencyKey::new(key)) {

@@ -416,8 +416,7 @@ impl SimulatedExchange {
         let Some(budget) = lock(&self.state).config.budget else {
             return Ok(());
         };
-        let charged =
-            lock(&self.budget).charge(budget, api_key, weight, std::time::Instant::now());
+        let charged = lock(&self.budget).charge(budget, api_key, weight, std::time::Instant::now());
         if charged.is_err() {
             lock(&self.state).totals.rate_limited += 1;
         }

@@ -236,9 +236,8 @@ async fn send(deps: Arc<Deps>, ctx: StepCtx) -> StepResult {
         Err(ExternalError::InDoubt(reason)) => Ok(StepOutcome::InDoubt(reason)),
         // Certainly not delivered: retried with backoff, under the same id.
         Err(
-            e @ (ExternalError::NotSent(_)
-            | ExternalError::NotMade(_)
-            | ExternalError::Deferred(_)),
+            e
+            @ (ExternalError::NotSent(_) | ExternalError::NotMade(_) | ExternalError::Deferred(_)),
         ) => Err(e.to_string()),
     }
 }

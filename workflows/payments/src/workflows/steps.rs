@@ -198,7 +198,8 @@ pub(super) async fn exchange_call_failed(
             Ok(StepOutcome::Fail(format!("{what} rejected: {reason}")))
         }
         ExternalError::InDoubt(reason) => Ok(StepOutcome::InDoubt(reason)),
-        e @ (ExternalError::NotSent(_) | ExternalError::NotMade(_) | ExternalError::Deferred(_)) => {
+        e
+        @ (ExternalError::NotSent(_) | ExternalError::NotMade(_) | ExternalError::Deferred(_)) => {
             Err(e.to_string())
         }
     }

@@ -113,7 +113,11 @@ pub(super) fn definition(deps: &Arc<Deps>, notifications: &Arc<WorkflowRegistry>
         .flow_key(|input| {
             input
                 .get("user_id")
-                .and_then(|u| u.as_str().map(str::to_owned).or_else(|| u.as_i64().map(|n| n.to_string())))
+                .and_then(|u| {
+                    u.as_str()
+                        .map(str::to_owned)
+                        .or_else(|| u.as_i64().map(|n| n.to_string()))
+                })
                 .map(|u| format!("withdrawals:user:{u}"))
         })
         .step("validate", step_fn(deps, validate))
