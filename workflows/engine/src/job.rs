@@ -108,6 +108,7 @@ pub struct NewJob {
     pub(crate) unique_key: Option<String>,
     pub(crate) workflow_id: Option<Uuid>,
     pub(crate) workflow_step: Option<String>,
+    pub(crate) traceparent: Option<String>,
 }
 
 impl NewJob {
@@ -125,6 +126,9 @@ impl NewJob {
             unique_key: None,
             workflow_id: None,
             workflow_step: None,
+            // The enqueuer's span, so the job's attempts continue its trace (`None`, and no
+            // cost beyond a branch, with tracing off).
+            traceparent: crate::trace::current_traceparent(),
         }
     }
 
@@ -184,6 +188,13 @@ impl NewJob {
     pub fn workflow(mut self, workflow_id: Uuid, step: impl Into<String>) -> Self {
         self.workflow_id = Some(workflow_id);
         self.workflow_step = Some(step.into());
+        self
+    }
+
+    /// The W3C `traceparent` the job's attempts continue (by default the current span's when
+    /// the job was built; `None` starts none).
+    pub fn traceparent(mut self, traceparent: Option<String>) -> Self {
+        self.traceparent = traceparent;
         self
     }
 

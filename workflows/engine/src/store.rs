@@ -66,6 +66,8 @@ pub struct ClaimedJob {
     pub run_at: DateTime<Utc>,
     /// The attempt's lease (attempt number, token, owner).
     pub lease: Lease,
+    /// The W3C trace context the job was enqueued under (`None`: tracing was off).
+    pub traceparent: Option<String>,
 }
 
 /// `d` in whole milliseconds, as statements bind durations (saturating).
@@ -147,11 +149,12 @@ impl Store {
             "WITH t AS (SELECT coalesce($12::timestamptz, now()) AS n),
              ins AS (
                INSERT INTO jobs (id, queue, kind, args, state, priority, max_attempts, timeout_ms,
-                                 run_at, unique_key, workflow_id, workflow_step, created_at)
+                                 run_at, unique_key, workflow_id, workflow_step, created_at,
+                                 traceparent)
                SELECT $1, $2, $3, $4,
                       CASE WHEN coalesce($8, t.n) <= t.n THEN 'available'::job_state
                            ELSE 'scheduled'::job_state END,
-                      $5, $6, $7, coalesce($8, t.n), $9, $10, $11, t.n
+                      $5, $6, $7, coalesce($8, t.n), $9, $10, $11, t.n, $15
                FROM t
                ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL DO NOTHING
                RETURNING id, state, queue
@@ -176,6 +179,7 @@ impl Store {
         .bind(self.now())
         .bind(self.config.notify)
         .bind(JOBS_CHANNEL)
+        .bind(&job.traceparent)
         .fetch_optional(&mut *conn)
         .await?;
         if let Some(row) = row {
@@ -233,7 +237,8 @@ impl Store {
             Vec::with_capacity(n),
             Vec::with_capacity(n),
         );
-        let (mut keys, mut wf_ids, mut wf_steps) = (
+        let (mut keys, mut wf_ids, mut wf_steps, mut traceparents) = (
+            Vec::with_capacity(n),
             Vec::with_capacity(n),
             Vec::with_capacity(n),
             Vec::with_capacity(n),
@@ -251,21 +256,24 @@ impl Store {
             keys.push(j.unique_key.as_deref());
             wf_ids.push(j.workflow_id);
             wf_steps.push(j.workflow_step.as_deref());
+            traceparents.push(j.traceparent.as_deref());
         }
         let rows = sqlx::query(
             "WITH t AS (SELECT coalesce($12::timestamptz, now()) AS n),
              ins AS (
                INSERT INTO jobs (id, queue, kind, args, state, priority, max_attempts, timeout_ms,
-                                 run_at, unique_key, workflow_id, workflow_step, created_at)
+                                 run_at, unique_key, workflow_id, workflow_step, created_at,
+                                 traceparent)
                SELECT s.id, s.queue, s.kind, s.args,
                       CASE WHEN coalesce(s.run_at, t.n) <= t.n THEN 'available'::job_state
                            ELSE 'scheduled'::job_state END,
                       s.priority, s.max_attempts, s.timeout_ms, coalesce(s.run_at, t.n),
-                      s.unique_key, s.workflow_id, s.workflow_step, t.n
+                      s.unique_key, s.workflow_id, s.workflow_step, t.n, s.traceparent
                FROM unnest($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::int2[], $6::int4[],
-                           $7::int4[], $8::timestamptz[], $9::text[], $10::uuid[], $11::text[])
+                           $7::int4[], $8::timestamptz[], $9::text[], $10::uuid[], $11::text[],
+                           $15::text[])
                     AS s(id, queue, kind, args, priority, max_attempts, timeout_ms, run_at,
-                         unique_key, workflow_id, workflow_step),
+                         unique_key, workflow_id, workflow_step, traceparent),
                     t
                ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL DO NOTHING
                RETURNING id, state, queue
@@ -290,6 +298,7 @@ impl Store {
         .bind(self.now())
         .bind(self.config.notify)
         .bind(JOBS_CHANNEL)
+        .bind(&traceparents)
         .fetch_all(&mut *conn)
         .await?;
         let mut inserted = std::collections::HashSet::with_capacity(rows.len());
@@ -386,7 +395,7 @@ impl Store {
              WHERE j.id = next.id
              RETURNING j.id, j.kind, j.args, j.priority, j.timeout_ms, j.workflow_id,
                        j.workflow_step, j.created_at, j.run_at, j.lease_token, j.attempt,
-                       j.max_attempts, j.attempted_at",
+                       j.max_attempts, j.attempted_at, j.traceparent",
         )
         .bind(queue)
         .bind(i64::from(limit))
@@ -419,6 +428,7 @@ impl Store {
                         r.try_get(11)?,
                         r.try_get(12)?,
                     ),
+                    traceparent: r.try_get(13)?,
                 })
             })
             .collect()
