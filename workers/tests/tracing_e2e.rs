@@ -13,7 +13,8 @@
 //! - the trade's domain event goes outbox row → relay → Kafka (`traceparent` header) →
 //!   ingress → job, each a child of the one before, still in the caller's trace;
 //! - every span the API, the restarted worker and the edge exported in that trace has its
-//!   parent in the trace (or is the caller's child): no orphan, no second root.
+//!   parent in the trace (or is the caller's child): no orphan, no second root;
+//! - the logs are JSON, and a line logged in the trade's steps carries its trace id.
 //!
 //! Logs: `$CARGO_TARGET_TMPDIR/tracing_e2e/`.
 #[path = "common/broker.rs"]
@@ -280,7 +281,8 @@ async fn a_trade_is_one_trace_across_api_worker_kill_9_restart_and_kafka() -> Te
             p.stop(Duration::from_secs(10))?;
         }
         let spans = receiver.trace(caller_trace);
-        check_trace(&spans, caller_span, workflow, &consumed)
+        check_trace(&spans, caller_span, workflow, &consumed)?;
+        check_logs(&worker.log, caller_trace)
     }
     .await;
     if result.is_err() {
@@ -294,6 +296,24 @@ async fn a_trade_is_one_trace_across_api_worker_kill_9_restart_and_kafka() -> Te
     sim.stop().await?;
     eprintln!("tracing e2e finished in {:.1}s", t0.elapsed().as_secs_f64());
     result
+}
+
+/// With tracing on the logs are JSON, and what the restarted worker logged about the trade's
+/// in-doubt call (the intent the killed worker left) carries the caller's trace id.
+fn check_logs(log: &std::path::Path, caller_trace: &str) -> TestResult {
+    let text = std::fs::read_to_string(log)?;
+    let second = text
+        .split("===== worker generation 2 =====")
+        .nth(1)
+        .ok_or("no second worker generation in the log")?;
+    let line = second
+        .lines()
+        .find(|l| l.contains("workflow step in doubt"))
+        .ok_or("the restarted worker logged no in-doubt step")?;
+    let json: serde_json::Value = serde_json::from_str(line)?;
+    assert_eq!(json["trace_id"], caller_trace, "{line}");
+    assert_eq!(json["span_id"].as_str().map(str::len), Some(16), "{line}");
+    Ok(())
 }
 
 /// The assertions over the caller's trace (see the module docs).
