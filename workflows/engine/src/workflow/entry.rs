@@ -203,6 +203,7 @@ pub async fn workflow_retry_in(
         queue,
         seq,
         state,
+        traceparent,
     }) = operator::retry_in(conn, store, id).await?
     else {
         return Ok(false);
@@ -212,7 +213,11 @@ pub async fn workflow_retry_in(
     } else {
         Wake::Retry { seq }
     };
-    let job = step_job(id, &queue, &step, wake, None, None);
+    let mut job = step_job(id, &queue, &step, wake, None, None);
+    // The resumed step continues its workflow's trace, not the operator's request's.
+    if traceparent.is_some() {
+        job = job.traceparent(traceparent);
+    }
     store.job_insert_in(conn, &job).await?;
     Ok(true)
 }
