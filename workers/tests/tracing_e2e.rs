@@ -14,7 +14,9 @@
 //!   ingress → job, each a child of the one before, still in the caller's trace;
 //! - every span the API, the restarted worker and the edge exported in that trace has its
 //!   parent in the trace (or is the caller's child): no orphan, no second root;
-//! - the logs are JSON, and a line logged in the trade's steps carries its trace id.
+//! - the logs are JSON, and a line logged in the trade's steps carries its trace id;
+//! - a webhook that arrives with a `traceparent` continues its sender's trace: the intake's
+//!   request span and the start of the workflow that processes it.
 //!
 //! Logs: `$CARGO_TARGET_TMPDIR/tracing_e2e/`.
 #[path = "common/broker.rs"]
@@ -276,10 +278,47 @@ async fn a_trade_is_one_trace_across_api_worker_kill_9_restart_and_kafka() -> Te
         .await?;
         let consumed = consumed.ok_or("the consumed event's job stored no trace context")?;
 
+        // A webhook that arrives with the sender's traceparent: its intake and the workflow it
+        // starts continue the sender's trace.
+        let (sender_trace, sender_span) = ("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331");
+        let body = serde_json::to_vec(&json!({
+            "id": "evt_traced_sender",
+            "type": "order.cancelled",
+            "idempotency_key": "traced-nobody:place_order",
+            "exchange_order_id": "ord_traced_nobody",
+            "created_at": chrono::Utc::now(),
+        }))?;
+        let signature = ledgerflow_payments::exchange::signature::stripe_header(
+            secret.as_bytes(),
+            chrono::Utc::now().timestamp(),
+            &body,
+        );
+        let answer = client
+            .post(format!("http://{api_addr}/v1/webhooks/{PROVIDER}"))
+            .header(ledgerflow_payments::exchange::signature::STRIPE_HEADER, signature)
+            .header("content-type", "application/json")
+            .header("traceparent", format!("00-{sender_trace}-{sender_span}-01"))
+            .body(body)
+            .send()
+            .await?;
+        assert!(answer.status().is_success(), "{}", answer.text().await?);
+        let started: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM workflows WHERE kind = 'payments.webhook' AND traceparent LIKE $1",
+        )
+        .bind(format!("00-{sender_trace}-%"))
+        .fetch_one(&db.pool)
+        .await?;
+        assert_eq!(started, 1, "the webhook's workflow continues the sender's trace");
+
         // Stop everything gracefully: whatever is buffered is exported.
         for p in [&mut api, &mut worker, &mut edge] {
             p.stop(Duration::from_secs(10))?;
         }
+        let intake = receiver.trace(sender_trace);
+        let request = one(&intake, "POST /v1/webhooks/{provider}")?;
+        assert_eq!(request.parent_span_id, sender_span, "the intake continues the sender");
+        let start = one(&intake, "workflow.start")?;
+        assert_eq!(start.parent_span_id, request.span_id);
         let spans = receiver.trace(caller_trace);
         check_trace(&spans, caller_span, workflow, &consumed)?;
         check_logs(&worker.log, caller_trace)
