@@ -67,11 +67,16 @@ pub struct WorkflowView {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// The id of the trace the workflow was started in (W3C, 32 hex digits), to look it up in
+    /// the tracing backend; absent when tracing was off for the process that started it.
+    pub trace_id: Option<String>,
 }
 
 impl From<WorkflowRow> for WorkflowView {
     fn from(w: WorkflowRow) -> Self {
+        let trace_id = w.trace_id().map(str::to_owned);
         Self {
+            trace_id,
             id: w.id,
             kind: w.kind,
             version: w.version,

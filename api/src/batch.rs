@@ -37,6 +37,7 @@ use std::collections::{BTreeSet, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::oneshot;
+use tracing::Instrument;
 use uuid::Uuid;
 
 /// What a POST creates.
@@ -75,9 +76,21 @@ pub(crate) struct Creation {
     pub fingerprint: String,
     /// The workflow's input.
     pub input: Value,
+    /// The request's span ([`Creation::request_span`]): the transaction runner writes the
+    /// start in it, so the workflow's trace is the request's.
+    pub span: tracing::Span,
 }
 
 impl Creation {
+    /// The current request's span with tracing on; none (and no cost) with it off.
+    pub(crate) fn request_span() -> tracing::Span {
+        if ledgerflow_engine::trace::enabled() {
+            tracing::Span::current()
+        } else {
+            tracing::Span::none()
+        }
+    }
+
     /// The workflow's unique key: what makes a concurrent request with the
     /// same `Idempotency-Key` wait for the first one.
     fn unique_key(&self) -> String {
@@ -238,6 +251,7 @@ async fn write(
         &c.input,
         Some(&c.unique_key()),
     )
+    .instrument(c.span.clone())
     .await
     .map_err(idempotency::start_failed)?;
     let recorded = match c.resource {

@@ -4,6 +4,8 @@
 //! 2. gives the request an id (a sane incoming `X-Request-Id`, or a new
 //!    UUID), runs it in a `request` tracing span carrying that id — so an
 //!    internal error is logged with it — and answers it in `X-Request-Id`;
+//!    with tracing on, that span continues an incoming W3C `traceparent`
+//!    (docs/decisions/0011);
 //! 3. refuses a URI with a control character in its decoded path or query
 //!    (400, [`crate::input::check_uri`]);
 //! 4. refuses a body over the limit with 413 — by `Content-Length` when
@@ -152,13 +154,17 @@ pub fn wrap<E: Endpoint + 'static>(
             let path = req.uri().path().to_string();
             let route = routes.label(&path);
             let id = request_id(&req);
-            let span = tracing::info_span!("request", request_id = %id, listener, %method, route);
+            let span = tracing::info_span!("request", request_id = %id, listener, %method, route,
+                otel.name = tracing::field::Empty, otel.kind = tracing::field::Empty,
+                http.response.status_code = tracing::field::Empty);
+            continue_trace(&span, &req, &method, &route);
             let gauge = metrics.in_flight.with_label_values(&[listener]);
             gauge.inc();
             let client = match req.remote_addr().0 {
                 poem::Addr::SocketAddr(a) => Some(a.ip()),
                 _ => None,
             };
+            let span_of_status = span.clone();
             let work = handle(&ep, req, &limits).instrument(span);
             let mut resp = crate::throttle::CLIENT.scope(client, work).await;
             gauge.dec();
@@ -170,6 +176,9 @@ pub fn wrap<E: Endpoint + 'static>(
             }
             if let Ok(value) = HeaderValue::from_str(&id) {
                 resp.headers_mut().insert(REQUEST_ID, value);
+            }
+            if ledgerflow_engine::trace::enabled() {
+                span_of_status.record("http.response.status_code", resp.status().as_u16());
             }
             let status = resp.status().as_u16().to_string();
             metrics
@@ -183,6 +192,22 @@ pub fn wrap<E: Endpoint + 'static>(
             Ok(resp)
         }
     })
+}
+
+/// With tracing on, names the request's span for its trace (`POST /v1/trades`: the route
+/// template, never the raw path) and makes it a child of the caller's span when the request
+/// carries a W3C `traceparent` (a client, a webhook sender), else the root of a new trace.
+fn continue_trace(span: &tracing::Span, req: &Request, method: &str, route: &str) {
+    if !ledgerflow_engine::trace::enabled() {
+        return;
+    }
+    span.record("otel.name", format!("{method} {route}"));
+    span.record("otel.kind", "server");
+    let incoming = req
+        .headers()
+        .get(ledgerflow_engine::trace::TRACEPARENT)
+        .and_then(|v| v.to_str().ok());
+    ledgerflow_engine::trace::continue_from(span, incoming);
 }
 
 /// The client's `X-Request-Id` when it is 1–64 characters of

@@ -391,6 +391,7 @@ impl PublicApi {
         };
         let input = serde_json::to_value(&input).map_err(|e| Error::Internal(e.to_string()))?;
         let creation = Creation {
+            span: Creation::request_span(),
             resource: Resource::Trade,
             user,
             key: idem,
@@ -477,6 +478,7 @@ impl PublicApi {
         };
         let input = serde_json::to_value(&input).map_err(|e| Error::Internal(e.to_string()))?;
         let creation = Creation {
+            span: Creation::request_span(),
             resource: Resource::Withdrawal,
             user,
             key: idem,

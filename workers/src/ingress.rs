@@ -88,6 +88,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 // ----------------------------------------------------------------- handlers
 
@@ -232,6 +233,7 @@ pub trait MessageHandler: Send + Sync + 'static {
     ) -> Result<(), BatchError> {
         for (i, msg) in msgs.iter().enumerate() {
             self.handle(&mut *conn, store, msg)
+                .instrument(crate::ingress_trace::message_span(msg))
                 .await
                 .map_err(|e| BatchError::at(i, e))?;
         }
@@ -267,7 +269,11 @@ impl MessageHandler for EnqueueJob {
         let jobs = msgs
             .iter()
             .enumerate()
-            .map(|(i, m)| self.job(m).map_err(|e| BatchError::at(i, e)))
+            .map(|(i, m)| {
+                // Built in the message's span: the job continues the producer's trace.
+                let _span = crate::ingress_trace::message_span(m).entered();
+                self.job(m).map_err(|e| BatchError::at(i, e))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         store
             .job_insert_many_in(conn, &jobs)
@@ -1417,7 +1423,10 @@ async fn apply(
     let dedupe_key = msg.dedupe_key();
     let inserted = inbox_insert_in(&mut tx, &inbox_entry(msg, &source, &dedupe_key)).await?;
     if inserted.is_new() {
-        handler.handle(&mut tx, store, msg).await?;
+        handler
+            .handle(&mut tx, store, msg)
+            .instrument(crate::ingress_trace::message_span(msg))
+            .await?;
     }
     tx.commit().await?;
     Ok(inserted)

@@ -13,6 +13,7 @@
 use crate::kafka::{ID_HEADER, RelayConfig, backoff};
 use ledgerflow_engine::Store;
 use ledgerflow_engine::outbox::{OutboxRow, outbox_claim_in, outbox_mark_published_in};
+use ledgerflow_engine::trace::TRACEPARENT;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use std::collections::HashSet;
@@ -201,6 +202,28 @@ async fn relay_once(
     })
 }
 
+/// With tracing on, the `traceparent` of a `kafka.publish` span continuing the row's stored
+/// context (the span of the transaction that wrote it), which the message carries instead of
+/// the stored one; `None` (the stored header, if any, goes as it is) with tracing off.
+fn publish_traceparent(row: &OutboxRow) -> Option<String> {
+    if !ledgerflow_engine::trace::enabled() {
+        return None;
+    }
+    let span = tracing::info_span!(
+        "kafka.publish",
+        otel.name = %format_args!("{} publish", row.topic),
+        otel.kind = "producer",
+        messaging.system = "kafka",
+        messaging.destination = %row.topic,
+        outbox.id = %row.id,
+    );
+    ledgerflow_engine::trace::continue_from(
+        &span,
+        row.headers.get(TRACEPARENT).and_then(|v| v.as_str()),
+    );
+    ledgerflow_engine::trace::traceparent_of(&span)
+}
+
 /// The key a row is ordered by (its id when it has no key).
 fn order_key(row: &OutboxRow) -> String {
     row.key.clone().unwrap_or_else(|| row.id.to_string())
@@ -215,9 +238,16 @@ fn send(
         key: ID_HEADER,
         value: Some(id.as_str()),
     });
+    let traceparent = publish_traceparent(row);
+    if let Some(tp) = &traceparent {
+        headers = headers.insert(Header {
+            key: TRACEPARENT,
+            value: Some(tp.as_str()),
+        });
+    }
     if let Some(map) = row.headers.as_object() {
         for (k, v) in map {
-            if k == ID_HEADER {
+            if k == ID_HEADER || (k == TRACEPARENT && traceparent.is_some()) {
                 continue;
             }
             let value = match v {

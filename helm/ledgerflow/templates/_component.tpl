@@ -116,6 +116,10 @@ spec:
                   name: {{ $root.Values.notifier.existingSecret }}
                   key: {{ $root.Values.notifier.existingSecretKey }}
             {{- end }}
+            {{- if $root.Values.tracing.otlpEndpoint }}
+            - name: OTEL_SERVICE_NAME
+              value: {{ printf "ledgerflow-%s" .component | quote }}
+            {{- end }}
             {{- with $v.extraEnv }}
             {{- toYaml . | nindent 12 }}
             {{- end }}

@@ -127,6 +127,11 @@ LEDGERFLOW_EXCHANGE_URL: {{ . | quote }}
 {{- with .Values.notifier.url }}
 LEDGERFLOW_NOTIFIER_URL: {{ . | quote }}
 {{- end }}
+{{- with .Values.tracing.otlpEndpoint }}
+OTEL_EXPORTER_OTLP_ENDPOINT: {{ . | quote }}
+OTEL_TRACES_SAMPLER: {{ $.Values.tracing.sampler | quote }}
+OTEL_TRACES_SAMPLER_ARG: {{ $.Values.tracing.samplerArg | quote }}
+{{- end }}
 {{- with .Values.withdrawalPolicy }}
 LEDGERFLOW_WITHDRAWAL_POLICY: {{ include "ledgerflow.withdrawalPolicyJson" . | quote }}
 {{- end }}
@@ -176,7 +181,7 @@ the value to set.
 {{- if eq $key "LEDGERFLOW_NOTIFIER_API_KEY" }}
 {{- fail "config.extraEnv.LEDGERFLOW_NOTIFIER_API_KEY would put a secret in values (and in a ConfigMap): name a Secret in notifier.existingSecret instead" }}
 {{- end }}
-{{- if has $key (list "DATABASE_URL" "KAFKA_BROKERS" "LEDGERFLOW_API_ADDR" "LEDGERFLOW_ADMIN_ADDR" "LEDGERFLOW_OPS_ADDR" "LEDGERFLOW_SHUTDOWN_GRACE_SECS" "RUST_LOG" "LEDGERFLOW_LOG_FORMAT" "LEDGERFLOW_PGBOUNCER" "LEDGERFLOW_EXCHANGE_URL" "LEDGERFLOW_NOTIFIER_URL" "LEDGERFLOW_WITHDRAWAL_POLICY") }}
+{{- if has $key (list "DATABASE_URL" "KAFKA_BROKERS" "LEDGERFLOW_API_ADDR" "LEDGERFLOW_ADMIN_ADDR" "LEDGERFLOW_OPS_ADDR" "LEDGERFLOW_SHUTDOWN_GRACE_SECS" "RUST_LOG" "LEDGERFLOW_LOG_FORMAT" "LEDGERFLOW_PGBOUNCER" "LEDGERFLOW_EXCHANGE_URL" "LEDGERFLOW_NOTIFIER_URL" "LEDGERFLOW_WITHDRAWAL_POLICY" "OTEL_EXPORTER_OTLP_ENDPOINT" "OTEL_TRACES_SAMPLER" "OTEL_TRACES_SAMPLER_ARG" "OTEL_SERVICE_NAME") }}
 {{- fail (printf "config.extraEnv.%s is set by the chart from another value; set that value instead (see README)" $key) }}
 {{- end }}
 {{- end }}

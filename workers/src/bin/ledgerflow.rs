@@ -33,6 +33,7 @@ use ledgerflow_workers::kafka::{IngressConfig, KafkaConfig, RelayConfig};
 use ledgerflow_workers::metrics::{CronMetrics, RelayMetrics, RunnerMetrics};
 use ledgerflow_workers::relay::{Relay, RelayHandle};
 use ledgerflow_workers::runner::{JobContext, QueueConfig, Registry, Runner, RunnerConfig};
+use ledgerflow_workers::telemetry::{self, LogTo};
 use ledgerflow_workers::{ops, scheduler};
 use sqlx::Connection;
 use sqlx::postgres::PgPoolOptions;
@@ -171,22 +172,17 @@ enum Role {
     Relay,
 }
 
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let json = std::env::var("LEDGERFLOW_LOG_FORMAT").is_ok_and(|f| f == "json");
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
-    init_tracing();
+    // Logs, and traces when `OTEL_EXPORTER_OTLP_ENDPOINT` is set (docs/decisions/0011).
+    let telemetry = telemetry::init("info", LogTo::Stdout)?;
+    let result = command(cli).await;
+    telemetry.shutdown().await;
+    result
+}
+
+async fn command(cli: Cli) -> Result<()> {
     let url = cli
         .database_url
         .context("DATABASE_URL is not set (e.g. postgres://user:pass@host:5432/db)")?;

@@ -14,6 +14,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::sync::{Notify, mpsc};
 use tokio::task::AbortHandle;
+use tracing::Instrument;
 
 /// Handler tasks currently running, so shutdown can abort them after the
 /// grace period.
@@ -104,6 +105,7 @@ impl tower::Service<Task<Claimed>> for Dispatch {
             }
             let started = std::time::Instant::now();
             let timeout = job.timeout;
+            let span = job_span(&job);
             let handler = this.shared.registry.get(&kind);
             let ctx = JobContext::new(job, this.shared.store.clone());
             let run_kind = kind.clone();
@@ -119,7 +121,7 @@ impl tower::Service<Task<Claimed>> for Dispatch {
                     None => handler.perform(ctx).await,
                 }
             };
-            let spawned = tokio::spawn(run);
+            let spawned = tokio::spawn(run.instrument(span));
             this.executing.insert(lease.job_id, spawned.abort_handle());
             let joined = spawned.await;
             this.executing.remove(lease.job_id);
@@ -168,6 +170,25 @@ fn wake_after(this: &Dispatch, d: Duration) {
             }
         }
     });
+}
+
+/// The span of one attempt (none with tracing off): a child of the context the job was
+/// enqueued under, so an attempt after a crash, a retry or a restart continues the trace of
+/// the request that enqueued it (decision 0011).
+fn job_span(job: &ledgerflow_engine::store::ClaimedJob) -> tracing::Span {
+    if !ledgerflow_engine::trace::enabled() {
+        return tracing::Span::none();
+    }
+    let span = tracing::info_span!(
+        "job",
+        otel.name = %format_args!("job {}", job.kind),
+        job.id = %job.id,
+        job.kind = %job.kind,
+        job.queue = %job.queue,
+        attempt = job.lease.attempt,
+    );
+    ledgerflow_engine::trace::continue_from(&span, job.traceparent.as_deref());
+    span
 }
 
 fn panic_text(e: tokio::task::JoinError) -> String {

@@ -455,7 +455,8 @@ pub const GAUGED_WORKFLOW_STATES: [WorkflowState; 4] = [
 ];
 
 const WORKFLOW_COLUMNS: &str = "id, kind, version, state, input, output, current_step, \
-    wait_reason, wait_until, queue, unique_key, error, created_at, updated_at, finished_at";
+    wait_reason, wait_until, queue, unique_key, error, created_at, updated_at, finished_at, \
+    traceparent";
 
 // ---------------------------------------------------------- dead letters
 

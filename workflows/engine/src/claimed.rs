@@ -27,6 +27,8 @@ pub struct ClaimedJob {
     /// Claimed through flow control (its queue has keys or limits): its end may free a slot
     /// that a job left waiting needs, so the runner looks again for work when it ends.
     pub flow: bool,
+    /// The W3C trace context the job was enqueued under (`None`: tracing was off).
+    pub traceparent: Option<String>,
 }
 
 /// `UPDATE jobs j SET <lease> FROM <from> WHERE <where> RETURNING <claimed columns>`: the one
@@ -50,7 +52,7 @@ macro_rules! lease_update {
             $where,
             " RETURNING j.id, j.kind, j.args, j.priority, j.timeout_ms, j.workflow_id,
                        j.workflow_step, j.created_at, j.run_at, j.lease_token, j.attempt,
-                       j.max_attempts, j.attempted_at"
+                       j.max_attempts, j.attempted_at, j.traceparent"
         )
     };
 }
@@ -85,5 +87,6 @@ pub(crate) fn claimed_from_row(
             r.try_get(12)?,
         ),
         flow,
+        traceparent: r.try_get(13)?,
     })
 }

@@ -109,6 +109,7 @@ pub struct NewJob {
     pub(crate) workflow_id: Option<Uuid>,
     pub(crate) workflow_step: Option<String>,
     pub(crate) flow: crate::flow::JobFlow,
+    pub(crate) traceparent: Option<String>,
 }
 
 impl NewJob {
@@ -127,6 +128,9 @@ impl NewJob {
             workflow_id: None,
             workflow_step: None,
             flow: crate::flow::JobFlow::default(),
+            // The enqueuer's span, so the job's attempts continue its trace (`None`, and no
+            // cost beyond a branch, with tracing off).
+            traceparent: crate::trace::current_traceparent(),
         }
     }
 
@@ -241,6 +245,13 @@ impl NewJob {
             window,
             mode,
         });
+        self
+    }
+
+    /// The W3C `traceparent` the job's attempts continue (by default the current span's when
+    /// the job was built; `None` starts none).
+    pub fn traceparent(mut self, traceparent: Option<String>) -> Self {
+        self.traceparent = traceparent;
         self
     }
 

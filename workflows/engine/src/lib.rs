@@ -31,6 +31,8 @@
 //! - [`admin_query`] — operators' filtered, paginated reads of jobs and workflows;
 //! - [`cron`] — durable cron schedules and their catch-up;
 //! - [`error`] — the engine's error type;
+//! - [`trace`] — the W3C trace context stored with jobs, workflows and outbox rows, and
+//!   whether tracing is on (docs/decisions/0011);
 //! - `workflow_testing` — (feature `testing`) `WorkflowHarness`, which runs
 //!   workflow step jobs in-process with a runtime's production handler and
 //!   asserts on jobs, signals and journals.
@@ -61,6 +63,7 @@ pub mod signal;
 pub mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod trace;
 pub mod workflow;
 #[cfg(feature = "testing")]
 pub mod workflow_testing;

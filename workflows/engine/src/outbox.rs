@@ -68,17 +68,36 @@ pub async fn outbox_insert_in(conn: &mut PgConnection, event: &NewOutboxEvent<'_
     }
     let id = Uuid::now_v7();
     let empty = serde_json::Value::Object(serde_json::Map::new());
+    let headers = event.headers.unwrap_or(&empty);
+    let traced = traced_headers(id, event.topic, headers);
     sqlx::query(
         "INSERT INTO outbox (id, topic, key, headers, payload) VALUES ($1, $2, $3, $4, $5)",
     )
     .bind(id)
     .bind(event.topic)
     .bind(event.key)
-    .bind(event.headers.unwrap_or(&empty))
+    .bind(traced.as_ref().unwrap_or(headers))
     .bind(event.payload)
     .execute(&mut *conn)
     .await?;
     Ok(id)
+}
+
+/// With tracing on, `headers` plus the `traceparent` of an `outbox.insert` span (a child of the
+/// current one) that the relay's message continues; `None` (store `headers` as they are) with
+/// tracing off, or when the caller set a `traceparent` of its own.
+fn traced_headers(id: Uuid, topic: &str, headers: &serde_json::Value) -> Option<serde_json::Value> {
+    if !crate::trace::enabled() || headers.get(crate::trace::TRACEPARENT).is_some() {
+        return None;
+    }
+    let span = tracing::info_span!("outbox.insert", outbox.id = %id, messaging.destination = topic);
+    let traceparent = crate::trace::traceparent_of(&span)?;
+    let mut map = headers.as_object().cloned().unwrap_or_default();
+    map.insert(
+        crate::trace::TRACEPARENT.to_owned(),
+        serde_json::Value::String(traceparent),
+    );
+    Some(serde_json::Value::Object(map))
 }
 
 /// Claims up to `limit` unpublished rows on the caller's connection, which

@@ -152,7 +152,7 @@ pub async fn signal_send_in(
     // Statement-level snapshot taken after the advisory lock: a step that
     // registered its wait before we got the lock is visible here.
     let waiting = sqlx::query(
-        "SELECT id, current_step, queue FROM workflows
+        "SELECT id, current_step, queue, traceparent FROM workflows
          WHERE state = 'waiting' AND wait_signal_name = $1 AND wait_correlation_key = $2
            AND current_step IS NOT NULL
          ORDER BY id",
@@ -166,7 +166,7 @@ pub async fn signal_send_in(
         let wf: WorkflowId = row.try_get(0)?;
         let step: String = row.try_get(1)?;
         let queue: String = row.try_get(2)?;
-        let job = step_job(
+        let mut job = step_job(
             wf,
             &queue,
             &step,
@@ -174,6 +174,11 @@ pub async fn signal_send_in(
             None,
             None,
         );
+        // The woken step continues its workflow's trace, not the sender's (decision 0011).
+        let traceparent: Option<String> = row.try_get(3)?;
+        if traceparent.is_some() {
+            job = job.traceparent(traceparent);
+        }
         store.job_insert_in(conn, &job).await?;
         woke.push(wf);
     }

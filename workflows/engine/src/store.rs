@@ -191,7 +191,8 @@ impl Store {
             Vec::with_capacity(n),
             Vec::with_capacity(n),
         );
-        let (mut keys, mut wf_ids, mut wf_steps) = (
+        let (mut keys, mut wf_ids, mut wf_steps, mut traceparents) = (
+            Vec::with_capacity(n),
             Vec::with_capacity(n),
             Vec::with_capacity(n),
             Vec::with_capacity(n),
@@ -214,6 +215,7 @@ impl Store {
             keys.push(j.unique_key.as_deref());
             wf_ids.push(j.workflow_id);
             wf_steps.push(j.workflow_step.as_deref());
+            traceparents.push(j.traceparent.as_deref());
             flow_keys.push(j.flow.key.as_deref());
             rate_keys.push(j.flow.rate.as_ref().map(|(k, _)| k.as_str()));
             rate_weights.push(
@@ -232,11 +234,11 @@ impl Store {
                SELECT s.*, row_number() OVER (PARTITION BY s.queue, s.flow_key ORDER BY s.ord) AS nth
                FROM unnest($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::int2[], $6::int4[],
                            $7::int4[], $8::timestamptz[], $9::text[], $10::uuid[], $11::text[],
-                           $15::text[], $16::text[], $17::int4[])
+                           $15::text[], $16::text[], $17::int4[], $18::text[])
                     WITH ORDINALITY
                     AS s(id, queue, kind, args, priority, max_attempts, timeout_ms, run_at,
                          unique_key, workflow_id, workflow_step, flow_key, rate_key, rate_weight,
-                         ord)
+                         traceparent, ord)
              ),
              heads AS (
                SELECT q.queue,
@@ -265,7 +267,7 @@ impl Store {
              ins AS (
                INSERT INTO jobs (id, queue, kind, args, state, priority, max_attempts, timeout_ms,
                                  run_at, unique_key, workflow_id, workflow_step, created_at,
-                                 flow_key, rate_key, rate_weight, fair_seq)
+                                 flow_key, rate_key, rate_weight, fair_seq, traceparent)
                SELECT s.id, s.queue, s.kind, s.args,
                       CASE WHEN coalesce(s.run_at, t.n) <= t.n THEN 'available'::job_state
                            ELSE 'scheduled'::job_state END,
@@ -274,7 +276,8 @@ impl Store {
                       s.flow_key, s.rate_key, s.rate_weight,
                       CASE WHEN s.flow_key IS NULL THEN h.h
                            ELSE greatest(h.h - k.step, coalesce(k.last, h.h - k.step))
-                                + s.nth * k.step END
+                                + s.nth * k.step END,
+                      s.traceparent
                FROM s JOIN heads h ON h.queue = s.queue
                     LEFT JOIN keyed k ON k.queue = s.queue AND k.flow_key = s.flow_key, t
                ORDER BY s.ord
@@ -304,6 +307,7 @@ impl Store {
         .bind(&flow_keys)
         .bind(&rate_keys)
         .bind(&rate_weights)
+        .bind(&traceparents)
         .fetch_all(&mut *conn)
         .await?;
         if jobs.iter().any(|j| j.flow.controlled()) {

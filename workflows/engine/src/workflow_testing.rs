@@ -253,7 +253,7 @@ impl WorkflowHarness {
              WHERE j.id = next.id
              RETURNING j.id, j.queue, j.kind, j.args, j.priority, j.timeout_ms, j.workflow_id,
                        j.workflow_step, j.created_at, j.run_at, j.lease_token, j.attempt,
-                       j.max_attempts, j.attempted_at",
+                       j.max_attempts, j.attempted_at, j.traceparent",
         )
         .bind(WORKFLOW_JOB_KIND)
         .bind(self.store.now())
@@ -286,6 +286,7 @@ impl WorkflowHarness {
                 r.try_get(13)?,
             ),
             flow: false,
+            traceparent: r.try_get(14)?,
         }))
     }
 }

@@ -25,6 +25,7 @@ mod workflow;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use ledgerflow_workers::telemetry::{self, LogTo};
 
 #[derive(Parser)]
 #[command(
@@ -50,17 +51,15 @@ enum Command {
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    match Cli::parse().command {
+    // The same subscriber as `ledgerflow`'s, so `OTEL_EXPORTER_OTLP_ENDPOINT` measures the
+    // cost of tracing (docs/benchmarks.md).
+    let telemetry = telemetry::init("error", LogTo::Stderr)?;
+    let result = match Cli::parse().command {
         Command::Queue(args) => queue::run(args).await,
         Command::Workflow(args) => workflow::run(args).await,
         Command::Api(args) => api::run(args).await,
         Command::Ingress(args) => ingress::run(args).await,
-    }
+    };
+    telemetry.shutdown().await;
+    result
 }

@@ -14,19 +14,19 @@ use sqlx::{Acquire, PgConnection};
 use uuid::Uuid;
 
 /// The columns every gated insert writes, `$1`–`$8`; `$9` is the clock's now, `$10` the
-/// key, `$11` the window in ms.
+/// key, `$11` the window in ms, `$14` the trace context.
 macro_rules! gated_insert {
     ($state:literal, $run_at:literal, $key_col:literal, $tail:literal) => {
         concat!(
             "INSERT INTO jobs (id, queue, kind, args, state, priority, max_attempts, timeout_ms,
-                               run_at, ",
+                               run_at, traceparent, ",
             $key_col,
             ", created_at)
              SELECT $1, $2, $3, $4, ",
             $state,
             ", $5, $6, $7, ",
             $run_at,
-            ", $10, t.n FROM t ",
+            ", $14::text, $10, t.n FROM t ",
             $tail
         )
     };
@@ -87,6 +87,7 @@ pub(crate) async fn insert(
         .bind(i64::try_from(window.as_millis()).unwrap_or(i64::MAX))
         .bind(limit)
         .bind(JOBS_CHANNEL)
+        .bind(&job.traceparent)
         .fetch_optional(&mut *tx)
         .await?;
     tx.commit().await?;

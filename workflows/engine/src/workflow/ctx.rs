@@ -24,6 +24,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::{Mutex, OwnedMappedMutexGuard, OwnedMutexGuard};
+use tracing::Instrument;
 
 /// What a step function gets: who it is, the workflow's input, the outputs of earlier steps,
 /// and the lease-fenced transaction its domain writes go into.
@@ -283,8 +284,32 @@ impl StepCtx {
         }
     }
 
-    /// Makes the call: intent, call, answer (the checks of [`Self::before_call`] passed).
+    /// Makes the call (the checks of [`Self::before_call`] passed), in its span.
     async fn call_now<F, Fut>(&self, call: F) -> ExternalResult
+    where
+        F: FnOnce(String) -> Fut,
+        Fut: Future<Output = std::result::Result<Value, CallError>>,
+    {
+        let span = self.call_span();
+        self.make_call(call).instrument(span).await
+    }
+
+    /// The span of an external call (none with tracing off), with the idempotency key the
+    /// other side sees: the key ties this span to that side's logs.
+    fn call_span(&self) -> tracing::Span {
+        if !crate::trace::enabled() {
+            return tracing::Span::none();
+        }
+        tracing::info_span!(
+            "external_call",
+            workflow.id = %self.info.workflow_id,
+            workflow.step = %self.info.step,
+            idempotency_key = %self.info.idempotency_key,
+        )
+    }
+
+    /// [`Self::external_call`] once it is to be made: intent, call, answer.
+    async fn make_call<F, Fut>(&self, call: F) -> ExternalResult
     where
         F: FnOnce(String) -> Fut,
         Fut: Future<Output = std::result::Result<Value, CallError>>,
@@ -425,12 +450,24 @@ impl StepCtx {
     /// the step's checkpoint, or not at all. Hold the guard only while writing and drop it
     /// before returning.
     pub async fn db(&self) -> Result<StepDb> {
-        let mut guard = self.tx.clone().lock_owned().await;
-        if guard.is_none() {
-            self.open_lazily(&mut guard).await?;
+        // The span covers getting the transaction (on a lazy path: opening it and taking the
+        // workflow's lock); the statements run through the guard are the caller's, after it.
+        let span = if crate::trace::enabled() {
+            tracing::info_span!("step.db", workflow.id = %self.info.workflow_id,
+                workflow.step = %self.info.step)
+        } else {
+            tracing::Span::none()
+        };
+        async {
+            let mut guard = self.tx.clone().lock_owned().await;
+            if guard.is_none() {
+                self.open_lazily(&mut guard).await?;
+            }
+            OwnedMutexGuard::try_map(guard, |slot| slot.as_mut().map(FencedTx::conn))
+                .map_err(|_| Error::Invalid("the step's transaction is closed".to_string()))
         }
-        OwnedMutexGuard::try_map(guard, |slot| slot.as_mut().map(FencedTx::conn))
-            .map_err(|_| Error::Invalid("the step's transaction is closed".to_string()))
+        .instrument(span)
+        .await
     }
 
     /// On a lazy path (a step started without a transaction), opens the step's fenced

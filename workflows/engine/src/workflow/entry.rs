@@ -19,6 +19,7 @@ use crate::inbox::{InboxEntry, InboxInserted};
 use crate::{Error, NewJob, Result, Store};
 use serde_json::Value;
 use sqlx::PgConnection;
+use tracing::Instrument;
 use uuid::Uuid;
 
 /// A start of `kind` at its newest registered version: the new instance's id, the definition,
@@ -83,8 +84,22 @@ impl WorkflowRuntime {
         input: &Value,
         unique_key: Option<&str>,
     ) -> Result<WorkflowId> {
+        let span = start_span(kind);
+        // Built in the span: the workflow row and its first job store the span's context.
+        let starting = span.in_scope(|| Starting::new(self.registry(), kind, input))?;
+        span.record("workflow.id", tracing::field::display(starting.id));
+        self.start_with(starting, input, unique_key)
+            .instrument(span)
+            .await
+    }
+
+    async fn start_with(
+        &self,
+        starting: Starting<'_>,
+        input: &Value,
+        unique_key: Option<&str>,
+    ) -> Result<WorkflowId> {
         let store = self.store();
-        let starting = Starting::new(self.registry(), kind, input)?;
         let item = Item {
             id: starting.id,
             kind: starting.def.kind,
@@ -126,9 +141,24 @@ pub async fn workflow_start_in(
     input: &Value,
     unique_key: Option<&str>,
 ) -> Result<WorkflowId> {
-    let starting = Starting::new(registry, kind, input)?;
+    let span = start_span(kind);
+    let starting = span.in_scope(|| Starting::new(registry, kind, input))?;
+    span.record("workflow.id", tracing::field::display(starting.id));
     let start = starting.start(input, unique_key, store.config().notify);
-    start_in(conn, store, &start).await
+    start_in(conn, store, &start).instrument(span).await
+}
+
+/// The span of a workflow's start (none with tracing off): the workflow row and its first job
+/// store its context, so every step of the instance continues this trace (decision 0011).
+fn start_span(kind: &str) -> tracing::Span {
+    if !crate::trace::enabled() {
+        return tracing::Span::none();
+    }
+    tracing::info_span!(
+        "workflow.start",
+        workflow.kind = kind,
+        workflow.id = tracing::field::Empty
+    )
 }
 
 /// Records `entry` in the inbox and, when it is new, starts a workflow of `kind` for it whose
@@ -150,9 +180,13 @@ pub async fn workflow_start_for_inbox_in(
             "the input of a workflow started for an inbox entry must be a JSON object".into(),
         ));
     }
-    let starting = Starting::new(registry, kind, input)?;
+    let span = start_span(kind);
+    let starting = span.in_scope(|| Starting::new(registry, kind, input))?;
+    span.record("workflow.id", tracing::field::display(starting.id));
     let start = starting.start(input, unique_key, store.config().notify);
-    start_for_inbox_in(conn, store, &start, entry).await
+    start_for_inbox_in(conn, store, &start, entry)
+        .instrument(span)
+        .await
 }
 
 /// Cancels a workflow that has not finished (operator action, on the caller's connection so
@@ -181,6 +215,7 @@ pub async fn workflow_retry_in(
         queue,
         seq,
         state,
+        traceparent,
     }) = operator::retry_in(conn, store, id).await?
     else {
         return Ok(false);
@@ -190,7 +225,11 @@ pub async fn workflow_retry_in(
     } else {
         Wake::Retry { seq }
     };
-    let job = step_job(id, &queue, &step, wake, None, None);
+    let mut job = step_job(id, &queue, &step, wake, None, None);
+    // The resumed step continues its workflow's trace, not the operator's request's.
+    if traceparent.is_some() {
+        job = job.traceparent(traceparent);
+    }
     store.job_insert_in(conn, &job).await?;
     Ok(true)
 }

@@ -51,6 +51,8 @@ pub(crate) struct Resumed {
     pub seq: i32,
     /// `Running` (the failed step runs again) or `Compensating` (its compensation does).
     pub state: WorkflowState,
+    /// The workflow's trace context, which the resuming job continues (decision 0011).
+    pub traceparent: Option<String>,
 }
 
 /// Resumes a `failed` workflow: a failed step runs again; a workflow whose compensation
@@ -71,7 +73,7 @@ pub(crate) async fn retry_in(
                               WHERE ws.workflow_id = w0.id AND ws.step = w0.current_step) AS status
                FROM workflows w0 WHERE w0.id = $1 FOR NO KEY UPDATE) s
          WHERE w.id = s.id AND w.state = 'failed' AND w.current_step IS NOT NULL
-         RETURNING w.current_step, w.queue, w.wait_seq, w.state",
+         RETURNING w.current_step, w.queue, w.wait_seq, w.state, w.traceparent",
     )
     .bind(id)
     .bind(store.now())
@@ -85,6 +87,7 @@ pub(crate) async fn retry_in(
         queue: row.try_get(1)?,
         seq: row.try_get(2)?,
         state: row.try_get::<String, _>(3)?.parse()?,
+        traceparent: row.try_get(4)?,
     }))
 }
 

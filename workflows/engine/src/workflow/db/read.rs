@@ -25,9 +25,16 @@ pub struct WorkflowRow {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// The W3C trace context the instance was started under (`None`: tracing was off).
+    pub traceparent: Option<String>,
 }
 
 impl WorkflowRow {
+    /// The id of the trace the instance belongs to (decision 0011).
+    pub fn trace_id(&self) -> Option<&str> {
+        self.traceparent.as_deref().and_then(crate::trace::trace_id)
+    }
+
     /// The state, parsed.
     pub fn state(&self) -> Result<WorkflowState> {
         self.state.parse()
@@ -83,7 +90,7 @@ pub async fn workflow_get_in(
 ) -> Result<Option<WorkflowRow>> {
     Ok(sqlx::query_as::<_, WorkflowRow>(
         "SELECT id, kind, version, state, input, output, current_step, wait_reason, wait_until,
-                queue, unique_key, error, created_at, updated_at, finished_at
+                queue, unique_key, error, created_at, updated_at, finished_at, traceparent
          FROM workflows WHERE id = $1",
     )
     .bind(id)

@@ -31,21 +31,25 @@ pub(crate) struct NewStart<'a> {
 }
 
 /// The one-start statement: `$inbox` is an extra CTE (or nothing) that `$input` and `$from`
-/// may use; the workflow row and its first step's job (due now, with its NOTIFY unless `$17`
-/// is false) are inserted by the same parts in both forms. The job part inserts what
+/// may use; `$tp` is the parameter holding the trace context both rows store (bound after
+/// the others, so its number differs between the forms); `$18` is the workflow-wide flow
+/// key. The workflow row and its first step's job (due now, with its NOTIFY unless `$17` is
+/// false) are inserted by the same parts in both forms. The job part inserts what
 /// `Store::job_insert_in` inserts for a job due now.
 macro_rules! start_sql {
-    ($inbox:literal, $input:literal, $from:literal, $select:literal) => {
+    ($inbox:literal, $input:literal, $from:literal, $tp:literal, $select:literal) => {
         concat!(
             "WITH t AS (SELECT coalesce($8::timestamptz, now()) AS n)",
             $inbox,
             ",
          wf AS (
            INSERT INTO workflows (id, kind, version, state, input, current_step, queue,
-                                  unique_key, flow_key, created_at, updated_at)
+                                  unique_key, flow_key, created_at, updated_at, traceparent)
            SELECT $1, $2, $3, 'running', ",
             $input,
-            ", $5, $6, $7, $18, t.n, t.n FROM ",
+            ", $5, $6, $7, $18, t.n, t.n, ",
+            $tp,
+            "::text FROM ",
             $from,
             "
            ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL DO NOTHING
@@ -53,9 +57,12 @@ macro_rules! start_sql {
          ),
          job AS (
            INSERT INTO jobs (id, queue, kind, args, state, priority, max_attempts, timeout_ms,
-                             run_at, unique_key, workflow_id, workflow_step, created_at)
+                             run_at, unique_key, workflow_id, workflow_step, created_at,
+                             traceparent)
            SELECT $9, $6, $10, $11, 'available'::job_state, $12, $13, $14, t.n, $15, wf.id,
-                  $5, t.n
+                  $5, t.n, ",
+            $tp,
+            "
            FROM wf, t
            ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL DO NOTHING
            RETURNING queue
@@ -126,8 +133,9 @@ pub(crate) async fn start_in(
     store: &Store,
     s: &NewStart<'_>,
 ) -> Result<WorkflowId> {
-    const SQL: &str = start_sql!("", "$4", "t", "wf.id, (SELECT n FROM ntf) FROM wf");
+    const SQL: &str = start_sql!("", "$4", "t", "$19", "wf.id, (SELECT n FROM ntf) FROM wf");
     let inserted: Option<(Uuid, i64)> = bind(sqlx::query_as(SQL), store, s)
+        .bind(&s.job.traceparent)
         .fetch_optional(&mut *conn)
         .await?;
     match inserted {
@@ -155,10 +163,12 @@ pub(crate) async fn start_for_inbox_in(
          )",
         "$4::jsonb || jsonb_build_object('inbox_id', ib.id)",
         "t, ib",
+        "$28",
         "(SELECT id FROM ib), (SELECT id FROM wf), (SELECT n FROM ntf)"
     );
     let (inbox_id, workflow_id, _notified): (Option<i64>, Option<Uuid>, i64) = entry
         .bind(bind(sqlx::query_as(SQL), store, s))
+        .bind(&s.job.traceparent)
         .fetch_one(&mut *conn)
         .await?;
     match (inbox_id, workflow_id) {
@@ -191,24 +201,26 @@ const BATCH_SQL: &str = "WITH t AS (SELECT coalesce($1::timestamptz, now()) AS n
        SELECT * FROM unnest($2::uuid[], $3::text[], $4::int[], $5::jsonb[], $6::text[],
                             $7::text[], $8::text[], $9::uuid[], $10::text[], $11::jsonb[],
                             $12::int2[], $13::int[], $14::int[], $15::text[], $16::bool[],
-                            $18::text[])
+                            $18::text[], $19::text[])
          AS i(id, kind, version, input, first_step, queue, unique_key, job, job_kind, args,
-              priority, max_attempts, timeout_ms, job_key, notify, flow_key)
+              priority, max_attempts, timeout_ms, job_key, notify, flow_key, traceparent)
      ),
      wf AS (
        INSERT INTO workflows (id, kind, version, state, input, current_step, queue,
-                              unique_key, flow_key, created_at, updated_at)
+                              unique_key, flow_key, created_at, updated_at, traceparent)
        SELECT i.id, i.kind, i.version, 'running', i.input, i.first_step, i.queue,
-              i.unique_key, i.flow_key, t.n, t.n
+              i.unique_key, i.flow_key, t.n, t.n, i.traceparent
        FROM i, t
        ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL DO NOTHING
        RETURNING id
      ),
      job AS (
        INSERT INTO jobs (id, queue, kind, args, state, priority, max_attempts, timeout_ms,
-                         run_at, unique_key, workflow_id, workflow_step, created_at)
+                         run_at, unique_key, workflow_id, workflow_step, created_at,
+                         traceparent)
        SELECT i.job, i.queue, i.job_kind, i.args, 'available'::job_state, i.priority,
-              i.max_attempts, i.timeout_ms, t.n, i.job_key, wf.id, i.first_step, t.n
+              i.max_attempts, i.timeout_ms, t.n, i.job_key, wf.id, i.first_step, t.n,
+              i.traceparent
        FROM wf JOIN i ON i.id = wf.id, t
        ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL DO NOTHING
        RETURNING queue, workflow_id
@@ -249,6 +261,8 @@ pub(crate) async fn start_batch_in(
     let job_key: Vec<Option<&str>> = batch.iter().map(|s| s.job.unique_key.as_deref()).collect();
     let notify: Vec<bool> = batch.iter().map(|s| s.notify).collect();
     let flow_key: Vec<Option<&str>> = batch.iter().map(|s| s.flow_key).collect();
+    let traceparent: Vec<Option<&str>> =
+        batch.iter().map(|s| s.job.traceparent.as_deref()).collect();
     let rows: Vec<(Uuid, i64)> = sqlx::query_as(BATCH_SQL)
         .bind(now)
         .bind(&id)
@@ -268,6 +282,7 @@ pub(crate) async fn start_batch_in(
         .bind(&notify)
         .bind(crate::notify::JOBS_CHANNEL)
         .bind(&flow_key)
+        .bind(&traceparent)
         .fetch_all(&mut *conn)
         .await?;
     Ok(rows.into_iter().map(|(id, _)| id).collect())

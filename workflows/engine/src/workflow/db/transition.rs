@@ -137,7 +137,7 @@ macro_rules! checkpoint_sql {
 }
 
 /// [`checkpoint_sql`] for a step with a successor (`$11` its name, `$12` whether it waits for
-/// `$13`, a timer). The job part inserts what `Store::job_insert_in` inserts for a step job.
+/// `$13`, a timer; `$24` the trace context its job continues). The job part inserts what `Store::job_insert_in` inserts for a step job.
 const ADVANCE_SQL: &str = checkpoint_sql!(
     "UPDATE workflows
      SET state = CASE WHEN $12 THEN 'waiting' ELSE 'running' END,
@@ -147,11 +147,12 @@ const ADVANCE_SQL: &str = checkpoint_sql!(
      FROM t WHERE id = $1",
     ", next AS (
        INSERT INTO jobs (id, queue, kind, args, state, priority, max_attempts, timeout_ms,
-                         run_at, unique_key, workflow_id, workflow_step, created_at)
+                         run_at, unique_key, workflow_id, workflow_step, created_at,
+                         traceparent)
        SELECT $14, $15, $16, $17,
               CASE WHEN coalesce($13::timestamptz, t.n) <= t.n THEN 'available'::job_state
                    ELSE 'scheduled'::job_state END,
-              $18, $19, $20, coalesce($13::timestamptz, t.n), $21, $1, $11, t.n
+              $18, $19, $20, coalesce($13::timestamptz, t.n), $21, $1, $11, t.n, $24
        FROM t
        ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL DO NOTHING
        RETURNING state, queue
@@ -237,6 +238,7 @@ pub(crate) async fn checkpoint_in(
                 .bind(&next_job.unique_key)
                 .bind(crate::notify::JOBS_CHANNEL)
                 .bind(cp.notify)
+                .bind(&next_job.traceparent)
         }
     };
     let (completed, _notified) = query.fetch_one(&mut *conn).await?;

@@ -30,6 +30,7 @@ pub(crate) async fn run_step(
         && let Some(def) = rt.registry().get(&snap.wf.kind, snap.wf.version).cloned()
         && let Some(idx) = def.index_of(&args.step)
     {
+        super::record_path("inline");
         return run_optimistic(run, snap, (&def, idx), None, next).await;
     }
     // A delivery's first step: one delivery of the workflow at a time in this process, and
@@ -53,12 +54,14 @@ pub(crate) async fn run_step(
         if let Some(def) = rt.registry().get(&snap.wf.kind, snap.wf.version).cloned()
             && let Some(idx) = def.index_of(&args.step)
         {
+            super::record_path("batch");
             return run_optimistic(run, snap, (&def, idx), Some(handle), next).await;
         }
         // Not a step this worker runs: the locked path says what becomes of the job, once the
         // batch let go of the row.
         handle.release().await;
     }
+    super::record_path("locked");
     let ready = match prepare_locked(run, next).await? {
         Prepared::Done(outcome) => return Ok(outcome),
         Prepared::Run(ready) => *ready,

@@ -22,6 +22,7 @@ use crate::metrics::StepRunOutcome;
 use crate::store::ClaimedJob;
 use crate::{Outcome, Store};
 use std::collections::{HashMap, HashSet};
+use tracing::Instrument;
 
 pub(crate) mod after;
 pub(crate) mod in_doubt;
@@ -115,7 +116,10 @@ impl StepHandler {
                 inline: may_move,
             };
             let mut next = Continued::default();
-            let outcome = match locked::run_step(run, carried.take(), &mut next).await {
+            let outcome = match locked::run_step(run, carried.take(), &mut next)
+                .instrument(step_span(&current, &args))
+                .await
+            {
                 Ok(outcome) => outcome,
                 Err(e) => {
                     tracing::warn!(job_id = %current.id, workflow_id = %args.workflow_id,
@@ -172,6 +176,33 @@ async fn record_inlined(store: &Store, job: &ClaimedJob, steps: u32, outcome: Ou
             "recording an inlined step's outcome failed; left to the runner"),
     }
     outcome
+}
+
+/// The span of one step attempt (none with tracing off): a child of the job's span, which
+/// continues the context stored with the job; the path it takes is recorded by [`record_path`].
+fn step_span(job: &ClaimedJob, args: &StepArgs) -> tracing::Span {
+    if !crate::trace::enabled() {
+        return tracing::Span::none();
+    }
+    tracing::info_span!(
+        "workflow.step",
+        otel.name = %format_args!("step {}", args.step),
+        workflow.id = %args.workflow_id,
+        workflow.step = %args.step,
+        job.id = %job.id,
+        attempt = job.lease.attempt,
+        lease.token = %job.lease.token,
+        exec.path = tracing::field::Empty,
+    )
+}
+
+/// Records on the current step span which path the step took: `inline` (a successor this
+/// delivery moved its row on to, run optimistically), `batch` (a first step held by a locked
+/// batch, run optimistically) or `locked`.
+pub(crate) fn record_path(path: &'static str) {
+    if crate::trace::enabled() {
+        tracing::Span::current().record("exec.path", path);
+    }
 }
 
 /// One delivery's step run: the runtime, the job, its decoded arguments, and until when (if at
