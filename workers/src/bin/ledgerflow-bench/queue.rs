@@ -11,8 +11,10 @@
 //!   handler start minus an instant taken just before the enqueue call (same process, monotonic
 //!   clock: the send instant travels in the job's args as nanoseconds since a process anchor).
 //!
-//! - **fair**: fairness latency with a skewed backlog. A runner is started; `--fair-big` jobs of
-//!   one key are enqueued, then `--fair-small-keys` keys with `--fair-small` jobs each. Reports
+//! - **fair**: fairness latency with a skewed backlog. `--fair-big` jobs of one key are
+//!   enqueued, then `--fair-small-keys` keys with `--fair-small` jobs each, and only then is the
+//!   runner started (a runner working during the enqueue keeps up with it on this machine, so
+//!   no backlog would form). Reports
 //!   the pickup latency (`attempted_at - created_at`, both on the database's clock) of the small
 //!   keys' jobs and of the big key's, p50/p99/max. The keys carry no limit (fairness is the
 //!   claim order alone); `--fair-baseline` enqueues the same jobs without keys (plain FIFO).
@@ -470,11 +472,6 @@ async fn fairness(args: &Args, db: &BenchDb, bg_pct: u32) -> Result<Fairness> {
     );
     prefill(args, db).await?;
     let store = store(db);
-    let registry = Registry::new().register(KIND, |_ctx: JobContext| async { Outcome::Complete });
-    let runner = Runner::start(store.clone(), registry, runner_config(args)).await?;
-    // Let the runner connect, LISTEN and go idle, as W2 does.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-
     let job = |group: &str, key: String, i: usize| {
         let job = NewJob::new(KIND, json!({ "g": group, "i": i })).queue(QUEUE);
         if args.fair_baseline {
@@ -493,6 +490,8 @@ async fn fairness(args: &Args, db: &BenchDb, bg_pct: u32) -> Result<Fairness> {
     for batch in big.chunks(ENQUEUE_BATCH).chain(small.chunks(ENQUEUE_BATCH)) {
         store.job_insert_many(batch).await?;
     }
+    let registry = Registry::new().register(KIND, |_ctx: JobContext| async { Outcome::Complete });
+    let runner = Runner::start(store.clone(), registry, runner_config(args)).await?;
     let n = i64::try_from(big.len() + small.len())?;
     let deadline = Instant::now() + DRAIN_TIMEOUT;
     loop {
