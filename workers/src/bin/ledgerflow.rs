@@ -600,10 +600,30 @@ fn payments_workflows(
     })?)))
 }
 
+/// The no-op's arguments: `{"sleep_ms": n}` holds the job `running` for `n` ms (at most
+/// [`NOOP_MAX_SLEEP_MS`]) before it completes. Fault tests of the shipped binary need a job
+/// that occupies its lease and its flow slot for a while; anything else is ignored, so every
+/// existing `ledgerflow.noop` job still completes at once.
+#[derive(serde::Deserialize, Default)]
+struct NoopArgs {
+    #[serde(default)]
+    sleep_ms: u64,
+}
+
+/// Bounds the no-op's sleep, so a mistyped argument cannot hold a worker slot for hours.
+const NOOP_MAX_SLEEP_MS: u64 = 60_000;
+
 /// The worker role's handlers: the built-in no-op, and the workflow runtime's step handler
 /// when payments workflows are configured.
 fn worker_handlers(workflows: Option<&WorkflowRuntime>) -> Registry {
-    let registry = Registry::new().register("ledgerflow.noop", |_: JobContext| async {
+    let registry = Registry::new().register("ledgerflow.noop", |ctx: JobContext| async move {
+        // Arguments that are not an object (or have no sleep) mean no sleep: the no-op never
+        // fails on its input.
+        let args: NoopArgs = ctx.args().unwrap_or_default();
+        if args.sleep_ms > 0 {
+            let ms = args.sleep_ms.min(NOOP_MAX_SLEEP_MS);
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        }
         Outcome::Complete
     });
     match workflows {

@@ -11,6 +11,19 @@
 //!   handler start minus an instant taken just before the enqueue call (same process, monotonic
 //!   clock: the send instant travels in the job's args as nanoseconds since a process anchor).
 //!
+//! - **fair**: fairness latency with a skewed backlog. `--fair-big` jobs of one key are
+//!   enqueued, then `--fair-small-keys` keys with `--fair-small` jobs each, and only then is the
+//!   runner started (a runner working during the enqueue keeps up with it on this machine, so
+//!   no backlog would form). Reports
+//!   the pickup latency (`attempted_at - created_at`, both on the database's clock) of the small
+//!   keys' jobs and of the big key's, p50/p99/max. The keys carry no limit (fairness is the
+//!   claim order alone); `--fair-baseline` enqueues the same jobs without keys (plain FIFO).
+//!
+//! `--flow` puts W1 under flow control (issue 14): `keys` gives job `j` the key
+//! `k:{j % --flow-keys}` and declares `k:*` with a concurrency of `--flow-limit`; `queue`
+//! declares `queue:bench` with a concurrency of `--flow-limit` and no keys. The limits are
+//! declared before the enqueue, as code declares them at start.
+//!
 //! `--history N` first fills each database with N completed jobs and `--backlog N` with N
 //! available jobs of another queue, so the effect of a large table can be measured.
 //!
@@ -20,6 +33,7 @@
 
 use crate::common::{BenchDb, CommonArgs, PoolArgs, percentile, print_table, quiet, write_json};
 use anyhow::{Context, Result, bail, ensure};
+use ledgerflow_engine::flow::limits::{self, FlowLimit};
 use ledgerflow_engine::{NewJob, Outcome, Store, StoreConfig};
 use ledgerflow_workers::{JobContext, QueueConfig, Registry, Runner, RunnerConfig};
 use serde_json::json;
@@ -94,12 +108,71 @@ pub struct Args {
     /// `RunnerConfig::poll_interval` in milliseconds (default: the runner's).
     #[arg(long)]
     poll_ms: Option<u64>,
+
+    /// W1 under flow control: `none`, `keys` (per-key limit) or `queue` (a queue limit).
+    #[arg(long, value_enum, default_value_t = Flow::None)]
+    flow: Flow,
+
+    /// `--flow keys`: how many keys the jobs spread over.
+    #[arg(long, default_value_t = 1_000)]
+    flow_keys: usize,
+
+    /// `--flow keys`: each key's concurrency; `--flow queue`: the queue's.
+    #[arg(long, default_value_t = 1)]
+    flow_limit: i32,
+
+    /// fair: jobs of the one big key, enqueued first.
+    #[arg(long, default_value_t = 10_000)]
+    fair_big: usize,
+
+    /// fair: small keys, enqueued after the big key's jobs.
+    #[arg(long, default_value_t = 20)]
+    fair_small_keys: usize,
+
+    /// fair: jobs per small key.
+    #[arg(long, default_value_t = 10)]
+    fair_small: usize,
+
+    /// fair: the same jobs without flow keys (plain FIFO), for comparison.
+    #[arg(long)]
+    fair_baseline: bool,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 enum Workload {
     W1,
     W2,
+    Fair,
+}
+
+/// W1's flow control.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum Flow {
+    /// No keys, no limits.
+    None,
+    /// `k:{j % --flow-keys}` with `k:*` limited to `--flow-limit`.
+    Keys,
+    /// `queue:bench` limited to `--flow-limit`.
+    Queue,
+}
+
+/// The fair workload's figures: pickup latency of the small keys' jobs and the big key's.
+#[derive(Debug, Clone, Copy)]
+struct Fairness {
+    small: Pickup,
+    big: Pickup,
+    /// When the last small job and the last big job were picked up, after the first enqueue.
+    small_done_s: f64,
+    big_done_s: f64,
+    bg_pct: u32,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Pickup {
+    n: usize,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -150,7 +223,17 @@ pub async fn run(args: Args) -> Result<()> {
     } else {
         None
     };
-    report(&args, w1, w2)
+    let fair = if args.workloads.contains(&Workload::Fair) {
+        let bg_pct = quiet(common).await?;
+        let db = BenchDb::create(common, &args.pool).await?;
+        let out = fairness(&args, &db, bg_pct).await;
+        let r = db.finish(out).await?;
+        print_fair(&args, &r);
+        Some(r)
+    } else {
+        None
+    };
+    report(&args, w1, w2, fair)
 }
 
 /// The store, runner settings and handler the workloads share.
@@ -234,12 +317,20 @@ async fn throughput(args: &Args, db: &BenchDb, bg_pct: u32) -> Result<Throughput
     // The poller's own connection, opened before anything is timed.
     let mut poller = db.connect().await?;
 
+    declare_flow(args, db).await?;
+
     let t0 = Instant::now();
     let mut i = 0;
     while i < n {
         let k = ENQUEUE_BATCH.min(n - i);
         let batch: Vec<NewJob> = (i..i + k)
-            .map(|j| NewJob::new(KIND, json!({ "i": j })).queue(QUEUE))
+            .map(|j| {
+                let job = NewJob::new(KIND, json!({ "i": j })).queue(QUEUE);
+                match args.flow {
+                    Flow::Keys => job.flow_key(format!("k:{}", j % args.flow_keys)),
+                    Flow::None | Flow::Queue => job,
+                }
+            })
             .collect();
         store.job_insert_many(&batch).await?;
         i += k;
@@ -358,6 +449,131 @@ async fn latency(args: &Args, db: &BenchDb, bg_pct: u32) -> Result<Latency> {
     })
 }
 
+/// Declares W1's limits (`--flow`).
+async fn declare_flow(args: &Args, db: &BenchDb) -> Result<()> {
+    let limit = match args.flow {
+        Flow::None => return Ok(()),
+        Flow::Keys => {
+            ensure!(args.flow_keys > 0, "--flow-keys must be at least 1");
+            FlowLimit::new("k:*")
+        }
+        Flow::Queue => FlowLimit::new(ledgerflow_engine::flow::queue_key(QUEUE)),
+    };
+    limits::declare(&db.pool, &[limit.concurrency(args.flow_limit)]).await?;
+    Ok(())
+}
+
+/// fair: a runner works the queue while one key's big backlog and then the small keys' jobs
+/// are enqueued; pickup latency per group from the rows.
+async fn fairness(args: &Args, db: &BenchDb, bg_pct: u32) -> Result<Fairness> {
+    ensure!(
+        args.fair_big > 0 && args.fair_small_keys > 0 && args.fair_small > 0,
+        "--fair-big, --fair-small-keys and --fair-small must be at least 1"
+    );
+    prefill(args, db).await?;
+    let store = store(db);
+    let job = |group: &str, key: String, i: usize| {
+        let job = NewJob::new(KIND, json!({ "g": group, "i": i })).queue(QUEUE);
+        if args.fair_baseline {
+            job
+        } else {
+            job.flow_key(key)
+        }
+    };
+    let big: Vec<NewJob> = (0..args.fair_big)
+        .map(|i| job("big", "big:0".into(), i))
+        .collect();
+    // Small keys interleaved in the batch, as independent users' jobs would arrive.
+    let small: Vec<NewJob> = (0..args.fair_small_keys * args.fair_small)
+        .map(|i| job("small", format!("small:{}", i % args.fair_small_keys), i))
+        .collect();
+    for batch in big.chunks(ENQUEUE_BATCH).chain(small.chunks(ENQUEUE_BATCH)) {
+        store.job_insert_many(batch).await?;
+    }
+    let registry = Registry::new().register(KIND, |_ctx: JobContext| async { Outcome::Complete });
+    let runner = Runner::start(store.clone(), registry, runner_config(args)).await?;
+    let n = i64::try_from(big.len() + small.len())?;
+    let deadline = Instant::now() + DRAIN_TIMEOUT;
+    loop {
+        let done: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM jobs WHERE queue = $1 AND state = 'completed'
+               AND completed_by IS DISTINCT FROM 'history'",
+        )
+        .bind(QUEUE)
+        .fetch_one(&db.pool)
+        .await?;
+        if done == n {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{} of {n} jobs unfinished after {}s",
+                n - done,
+                DRAIN_TIMEOUT.as_secs()
+            );
+        }
+        tokio::time::sleep(DONE_POLL).await;
+    }
+    runner.shutdown(SHUTDOWN_GRACE).await;
+
+    // Both instants are the database's: no clock between processes is involved.
+    let rows: Vec<(String, f64, f64)> = sqlx::query_as(
+        "SELECT args->>'g',
+                extract(epoch FROM attempted_at - created_at)::float8 * 1000,
+                extract(epoch FROM attempted_at - min(created_at) OVER ())::float8
+         FROM jobs WHERE queue = $1 AND args ? 'g'",
+    )
+    .bind(QUEUE)
+    .fetch_all(&db.pool)
+    .await?;
+    let group = |g: &str| -> (Pickup, f64) {
+        let mut xs: Vec<f64> = rows.iter().filter(|r| r.0 == g).map(|r| r.1).collect();
+        let last = rows
+            .iter()
+            .filter(|r| r.0 == g)
+            .map(|r| r.2)
+            .fold(0.0, f64::max);
+        xs.sort_by(f64::total_cmp);
+        let pickup = Pickup {
+            n: xs.len(),
+            p50_ms: percentile(&xs, 50.0),
+            p99_ms: percentile(&xs, 99.0),
+            max_ms: xs.last().copied().unwrap_or_default(),
+        };
+        (pickup, last)
+    };
+    let (small, small_done_s) = group("small");
+    let (big, big_done_s) = group("big");
+    Ok(Fairness {
+        small,
+        big,
+        small_done_s,
+        big_done_s,
+        bg_pct,
+    })
+}
+
+fn print_fair(args: &Args, r: &Fairness) {
+    let mode = if args.fair_baseline {
+        "no keys (FIFO)"
+    } else {
+        "keyed"
+    };
+    eprintln!(
+        "fair ({mode}): small keys p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms, last picked at {:.2}s; \
+         big key p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms, last picked at {:.2}s (bg {}%)",
+        r.small.p50_ms,
+        r.small.p99_ms,
+        r.small.max_ms,
+        r.small_done_s,
+        r.big.p50_ms,
+        r.big.p99_ms,
+        r.big.max_ms,
+        r.big_done_s,
+        r.bg_pct
+    );
+}
+
 fn print_w1(r: &Throughput) {
     eprintln!(
         "W1: enqueue {:.0} jobs/s, processing {:.0} jobs/s, wall {:.2}s (bg {}%)",
@@ -372,9 +588,20 @@ fn print_w2(r: &Latency) {
     );
 }
 
-fn report(args: &Args, w1: Option<Throughput>, w2: Option<Latency>) -> Result<()> {
+fn report(
+    args: &Args,
+    w1: Option<Throughput>,
+    w2: Option<Latency>,
+    fair: Option<Fairness>,
+) -> Result<()> {
+    let flow = match args.flow {
+        Flow::None => "none".to_string(),
+        Flow::Keys => format!("{} keys, limit {} each", args.flow_keys, args.flow_limit),
+        Flow::Queue => format!("queue limit {}", args.flow_limit),
+    };
     let mut rows: Vec<(&str, String)> = vec![
         ("jobs (W1)", args.jobs.to_string()),
+        ("flow control (W1)", flow.clone()),
         (
             "concurrency / prefetch",
             format!("{} / {}", args.concurrency, args.prefetch),
@@ -401,6 +628,20 @@ fn report(args: &Args, w1: Option<Throughput>, w2: Option<Latency>) -> Result<()
             ("W2 max ms", format!("{:.2}", r.max_ms)),
             ("W2 job_insert p50 ms", format!("{:.2}", r.insert_p50_ms)),
             ("W2 job_insert p99 ms", format!("{:.2}", r.insert_p99_ms)),
+        ]);
+    }
+    if let Some(r) = &fair {
+        rows.extend([
+            ("fair small p50 ms", format!("{:.1}", r.small.p50_ms)),
+            ("fair small p99 ms", format!("{:.1}", r.small.p99_ms)),
+            ("fair small max ms", format!("{:.1}", r.small.max_ms)),
+            ("fair big p50 ms", format!("{:.1}", r.big.p50_ms)),
+            ("fair big p99 ms", format!("{:.1}", r.big.p99_ms)),
+            (
+                "fair small / big done s",
+                format!("{:.2} / {:.2}", r.small_done_s, r.big_done_s),
+            ),
+            ("fair bg_pct", r.bg_pct.to_string()),
         ]);
     }
     let bg = format!(
@@ -465,6 +706,17 @@ fn report(args: &Args, w1: Option<Throughput>, w2: Option<Latency>) -> Result<()
         "pool_size": args.pool.pool_size,
         "test_before_acquire": args.pool.test_before_acquire,
         "bg_pct": bg,
+        "flow": flow,
+        "fair_baseline": fair.map(|_| args.fair_baseline),
+        "fair_small_n": fair.map(|r| r.small.n),
+        "fair_small_p50_ms": fair.map(|r| r.small.p50_ms),
+        "fair_small_p99_ms": fair.map(|r| r.small.p99_ms),
+        "fair_small_max_ms": fair.map(|r| r.small.max_ms),
+        "fair_big_n": fair.map(|r| r.big.n),
+        "fair_big_p50_ms": fair.map(|r| r.big.p50_ms),
+        "fair_big_p99_ms": fair.map(|r| r.big.p99_ms),
+        "fair_small_done_s": fair.map(|r| r.small_done_s),
+        "fair_big_done_s": fair.map(|r| r.big_done_s),
     });
     write_json(args.common.json.as_deref(), &doc)?;
     Ok(())
@@ -486,5 +738,6 @@ mod tests {
         };
         assert_eq!((q.jobs, q.concurrency, q.prefetch), (20_000, 32, 100));
         assert_eq!(q.workloads, vec![Workload::W1, Workload::W2]);
+        assert_eq!((q.flow, q.flow_keys, q.flow_limit), (Flow::None, 1_000, 1));
     }
 }
