@@ -1,7 +1,7 @@
-//! A reproduction of a head-of-line block in the controlled claim (issue 14), kept as an
-//! ignored test until the claim is fixed: a key at its limit with a backlog larger than the
-//! claim's candidate window (4 × the jobs wanted, 16..=2,000) hides every job behind it, so
-//! free keys wait although handler slots are idle. Run with `--ignored` to see it fail.
+//! A head-of-line block the controlled claim must not have (found by the flow-control kill
+//! test's author): a key at its limit with a backlog larger than the claim's candidate window
+//! (4 × the jobs wanted, 16..=2,000) must not hide the free keys behind it while handler slots
+//! are idle.
 use ledgerflow_engine::flow::{self, FlowLimit};
 use ledgerflow_engine::testing::TestDb;
 use ledgerflow_engine::{NewJob, Store};
@@ -11,10 +11,9 @@ use std::sync::Arc;
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
 /// 200 priority-0 jobs of one key limited to 1, then 50 priority-1 jobs of 50 free keys: a claim
-/// of 8 should take the hot key's one job and 7 free keys' jobs. It takes 1 (every candidate in
-/// its window of 32 is the hot key's), and the next claim of 8 takes none.
+/// of 8 takes the hot key's one job and 7 free keys' jobs; the next claim of 8 takes 8 free
+/// keys' jobs (the hot key is full).
 #[tokio::test]
-#[ignore = "issue 14: the controlled claim's candidate window is blocked by one full key's backlog"]
 async fn a_full_keys_backlog_does_not_hide_free_keys() -> TestResult {
     let db = TestDb::new().await?;
     let store = Store::new(db.pool.clone());

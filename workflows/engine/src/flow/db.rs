@@ -51,9 +51,13 @@ pub(crate) struct Found {
 }
 
 /// Statement 1: locks up to `window` available jobs of `queue` in claim order (skipping rows
-/// others hold), resolves the limits of their keys and of the queue, and takes the advisory
-/// lock of every limited key, in hash order (one global order: claimers never deadlock).
-/// Commits asynchronously, as the fast claim does.
+/// others hold, jobs of keys this statement's snapshot already sees at their limit, and a
+/// key's jobs beyond its limit among the first `8 × window` — so one key's backlog cannot fill
+/// the window and hide the free keys behind it), resolves
+/// the limits of their keys and of the queue, and takes the advisory lock of every limited key,
+/// in hash order (one global order: claimers never deadlock). The snapshot's view of full keys
+/// is only a filter: statement 2 decides under the locks. Commits asynchronously, as the fast
+/// claim does.
 pub(crate) async fn lock_candidates(
     conn: &mut PgConnection,
     queue: &str,
@@ -61,17 +65,58 @@ pub(crate) async fn lock_candidates(
 ) -> Result<Found> {
     let rows = sqlx::query(
         "WITH t AS (SELECT set_config('synchronous_commit', 'off', true) AS async_commit),
+         held AS (
+           SELECT flow_key AS k, count(*) AS n FROM jobs
+           WHERE state = 'running' AND flow_key IS NOT NULL GROUP BY 1
+           UNION ALL
+           SELECT flow_key, count(*) FROM workflows
+           WHERE flow_admitted AND finished_at IS NULL AND flow_key IS NOT NULL GROUP BY 1
+         ),
+         full_keys AS (
+           SELECT h.k FROM held h
+           JOIN LATERAL (SELECT f.concurrency FROM flow_limits f
+                         WHERE f.key = h.k OR f.key = flow_class(h.k)
+                         ORDER BY f.key = h.k DESC LIMIT 1) l ON true
+           GROUP BY h.k, l.concurrency
+           HAVING sum(h.n) >= l.concurrency
+         ),
+         pre AS (
+           SELECT j.id, coalesce(j.flow_key, w.flow_key) AS k,
+                  j.priority, j.fair_seq, j.run_at
+           FROM jobs j
+           LEFT JOIN workflows w
+             ON w.id = j.workflow_id AND w.flow_key IS NOT NULL AND NOT w.flow_admitted
+           WHERE j.state = 'available' AND j.queue = $1
+             AND NOT EXISTS (SELECT 1 FROM queues q WHERE q.name = $1 AND q.paused)
+             AND (j.flow_key IS NULL OR j.flow_key NOT IN (SELECT k FROM full_keys))
+             AND (w.flow_key IS NULL OR w.flow_key NOT IN (SELECT k FROM full_keys))
+           ORDER BY j.priority, j.fair_seq, j.run_at, j.id
+           LIMIT $2 * 8
+         ),
+         ranked AS (
+           SELECT pre.*, row_number() OVER (PARTITION BY pre.k
+                                            ORDER BY priority, fair_seq, run_at, id) AS nth
+           FROM pre
+         ),
+         pick AS (
+           SELECT r.id FROM ranked r
+           LEFT JOIN LATERAL (SELECT f.concurrency FROM flow_limits f
+                              WHERE f.key = r.k OR f.key = flow_class(r.k)
+                              ORDER BY f.key = r.k DESC LIMIT 1) l ON r.k IS NOT NULL
+           WHERE r.k IS NULL OR r.nth <= coalesce(l.concurrency, $2)
+           ORDER BY r.priority, r.fair_seq, r.run_at, r.id
+           LIMIT $2
+         ),
          c AS (
            SELECT j.id, j.flow_key, j.rate_key, j.rate_weight, w.flow_key AS wf_key, w.id AS wf_id,
                   r.job_id IS NOT NULL AS prepaid, j.priority, j.fair_seq, j.run_at
            FROM jobs j
+           JOIN pick ON pick.id = j.id
            LEFT JOIN workflows w
              ON w.id = j.workflow_id AND w.flow_key IS NOT NULL AND NOT w.flow_admitted
            LEFT JOIN flow_reservations r ON r.job_id = j.id AND r.key = j.rate_key
-           WHERE j.state = 'available' AND j.queue = $1
-             AND NOT EXISTS (SELECT 1 FROM queues q WHERE q.name = $1 AND q.paused)
+           WHERE j.state = 'available'
            ORDER BY j.priority, j.fair_seq, j.run_at, j.id
-           LIMIT $2
            FOR UPDATE OF j SKIP LOCKED
          ),
          keys AS (
