@@ -200,6 +200,7 @@ try {
     ['queues', 'Queues', '#queues-table'],
     ['workflows', 'Workflows', '#workflows-table'],
     ['cron', 'Cron schedules', null],
+    ['flow', 'Flow limits', '#flow-table'],
     ['dead-letters', 'Dead letters', '#dead-jobs-table'],
     ['approvals', 'Withdrawal approvals', null],
     ['policy', 'Withdrawal policy', '#policy-table'],

@@ -9,6 +9,8 @@
  *   (configuration or an admin's override); set or reset an asset's override.
  * - Access (role security): admins (create, rotate a credential, disable) and a user's API keys
  *   (look up by email, revoke). A new credential is shown once, in the page, never stored.
+ * - Flow limits (every role reads; operators change): each limit with its holders, waiters,
+ *   tokens and deferrals; set a limit (the whole limit) or remove it.
  */
 'use strict';
 
@@ -157,6 +159,61 @@
       keysTable);
   }
 
+  // ------------------------------------------------------------------ flow limits
+
+  async function flowView(parts, params, view) {
+    const items = (await api('GET', '/flow/limits')).limits || [];
+    const shown = (v) => (v === undefined || v === null ? '—' : String(v));
+    const rate = (r) => (r ? r.capacity + ' + ' + r.refill + ' / ' + r.window_ms + ' ms' : '—');
+    const cols = [
+      ['key', (l) => el('span', { class: 'mono' }, l.key)],
+      ['concurrency', (l) => shown(l.concurrency)],
+      ['rate (capacity + refill / window)', (l) => rate(l.rate)],
+      ['weight', (l) => shown(l.fair_weight)],
+      ['holders', (l) => shown(l.holders)],
+      ['waiters', (l) => shown(l.waiters)],
+      ['tokens', (l) => shown(l.tokens)],
+      ['deferred', (l) => shown(l.deferred)],
+      ['source', (l) => l.source + (l.reason ? ': ' + l.reason : '')],
+      ['updated', (l) => time(l.updated_at)],
+      ['', (l) => el('button', { type: 'button', needs: 'operate', class: 'danger',
+        onclick: () => mutate('Remove limit ' + l.key, 'The key falls back to its class\'s limit, or none.',
+          (reason) => api('POST', '/flow/limits/' + encodeURIComponent(l.key) + '/remove', { body: { reason } }),
+          () => 'Limit ' + l.key + ' removed', () => route()) }, 'Remove…')],
+    ];
+    const field = (name, hint) => el('label', null, name.replace(/_/g, ' '),
+      el('input', { name, placeholder: hint, inputmode: 'numeric', spellcheck: 'false' }));
+    const form = el('form', { id: 'flow-form', class: 'filters' },
+      el('label', null, 'key', el('input', { name: 'key', required: true, placeholder: 'user:* or queue:<name>', spellcheck: 'false' })),
+      field('concurrency', 'none'), field('fair_weight', '1'),
+      field('rate_capacity', 'none'), field('rate_refill', ''), field('rate_window_ms', ''),
+      el('button', { type: 'submit', needs: 'operate' }, 'Set limit…'));
+    form.onsubmit = (e) => {
+      e.preventDefault();
+      const data = new FormData(form);
+      const num = (k) => {
+        const v = String(data.get(k) || '').trim();
+        return v === '' ? null : Number(v);
+      };
+      const key = String(data.get('key') || '').trim();
+      const body = { concurrency: num('concurrency'), fair_weight: num('fair_weight') };
+      if (num('rate_capacity') !== null) {
+        body.rate = { capacity: num('rate_capacity'), refill: num('rate_refill'), window_ms: num('rate_window_ms') };
+      }
+      mutate('Set limit ' + key, 'Every worker applies it at its next claim.',
+        (reason) => api('PUT', '/flow/limits/' + encodeURIComponent(key), { body: { ...body, reason } }),
+        () => 'Limit ' + key + ' set', () => route());
+    };
+    view.show(
+      el('h1', null, 'Flow limits'),
+      el('p', { class: 'muted' }, 'Concurrency limits, rate limits and fairness weights per key, '
+        + 'class (user:*) or queue (queue:<name>). Changes need the operate permission and a reason, and are audited.'),
+      el('div', { class: 'actions' }, el('button', { type: 'button', onclick: () => route() }, 'Refresh')),
+      table('flow-table', cols, items, (l) => ({ 'data-key': l.key })),
+      form);
+  }
+
   lf.addView('policy', policyView);
   lf.addView('access', accessView);
+  lf.addView('flow', flowView);
 })();
