@@ -102,7 +102,9 @@ pub struct SetLimitRequest {
 
 /// A limit after a change.
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct LimitActionResult {
+    /// The limit as it is now (absent after a removal).
     pub limit: Option<LimitView>,
     pub audit_id: Uuid,
 }
@@ -145,7 +147,7 @@ impl FlowApi {
 
     /// One limit.
     #[oai(
-        path = "/v1/flow/limits/:key",
+        path = "/v1/flow/limits/:limit_key",
         method = "get",
         operation_id = "get_flow_limit",
         tag = "Tag::Flow"
@@ -154,19 +156,19 @@ impl FlowApi {
         &self,
         state: Data<&AppState>,
         key: AdminKey,
-        name: Path<String>,
+        limit_key: Path<String>,
     ) -> Result<Json<LimitView>> {
         auth::admin(&state, &key, Permission::Read).await?;
-        check_key(&name.0)?;
-        one(&state, &name.0)
+        check_key(&limit_key.0)?;
+        one(&state, &limit_key.0)
             .await?
             .map(Json)
-            .ok_or_else(|| Error::NotFound(format!("flow limit {:?} not found", name.0)))
+            .ok_or_else(|| Error::NotFound(format!("flow limit {:?} not found", limit_key.0)))
     }
 
     /// Sets a limit (creating it, or replacing it whole); audited.
     #[oai(
-        path = "/v1/flow/limits/:key",
+        path = "/v1/flow/limits/:limit_key",
         method = "put",
         operation_id = "set_flow_limit",
         tag = "Tag::Flow"
@@ -175,13 +177,13 @@ impl FlowApi {
         &self,
         state: Data<&AppState>,
         key: AdminKey,
-        name: Path<String>,
+        limit_key: Path<String>,
         body: Json<SetLimitRequest>,
     ) -> Result<Json<LimitActionResult>> {
         let admin = auth::admin(&state, &key, Permission::Operate).await?;
         let why = reason(body.reason.as_str())?;
-        check_key(&name.0)?;
-        let mut limit = FlowLimit::new(name.0.clone());
+        check_key(&limit_key.0)?;
+        let mut limit = FlowLimit::new(limit_key.0.clone());
         limit.concurrency = body.concurrency;
         limit.fair_weight = body.fair_weight.unwrap_or(1);
         if let Some(r) = &body.rate {
@@ -208,16 +210,16 @@ impl FlowApi {
             &NewEntry {
                 action: "flow.limit.set",
                 target_type: "flow_limit",
-                target_id: &name.0,
+                target_id: &limit_key.0,
                 reason: &why,
                 details: serde_json::to_value(&limit).unwrap_or_default(),
             },
         )
         .await?;
         tx.commit().await?;
-        log_action(&admin, "flow.limit.set", &name.0);
+        log_action(&admin, "flow.limit.set", &limit_key.0);
         Ok(Json(LimitActionResult {
-            limit: one(&state, &name.0).await?,
+            limit: one(&state, &limit_key.0).await?,
             audit_id,
         }))
     }
@@ -225,7 +227,7 @@ impl FlowApi {
     /// Removes a limit (the key falls back to its class's limit, or none, until the
     /// application declares it again at its next start); audited.
     #[oai(
-        path = "/v1/flow/limits/:key/remove",
+        path = "/v1/flow/limits/:limit_key/remove",
         method = "post",
         operation_id = "remove_flow_limit",
         tag = "Tag::Flow"
@@ -234,17 +236,17 @@ impl FlowApi {
         &self,
         state: Data<&AppState>,
         key: AdminKey,
-        name: Path<String>,
+        limit_key: Path<String>,
         body: Json<ActionRequest>,
     ) -> Result<Json<LimitActionResult>> {
         let admin = auth::admin(&state, &key, Permission::Operate).await?;
         let why = reason(body.reason.as_str())?;
-        check_key(&name.0)?;
+        check_key(&limit_key.0)?;
         let mut tx = state.pool().begin().await?;
-        if !limits::remove_in(&mut tx, &name.0).await? {
+        if !limits::remove_in(&mut tx, &limit_key.0).await? {
             return Err(Error::NotFound(format!(
                 "flow limit {:?} not found",
-                name.0
+                limit_key.0
             )));
         }
         let audit_id = audit::record(
@@ -253,14 +255,14 @@ impl FlowApi {
             &NewEntry {
                 action: "flow.limit.remove",
                 target_type: "flow_limit",
-                target_id: &name.0,
+                target_id: &limit_key.0,
                 reason: &why,
                 details: serde_json::json!({}),
             },
         )
         .await?;
         tx.commit().await?;
-        log_action(&admin, "flow.limit.remove", &name.0);
+        log_action(&admin, "flow.limit.remove", &limit_key.0);
         Ok(Json(LimitActionResult {
             limit: None,
             audit_id,
@@ -271,6 +273,6 @@ impl FlowApi {
 /// Route templates, for metrics labels.
 pub(crate) const ROUTES: &[&str] = &[
     "/v1/flow/limits",
-    "/v1/flow/limits/{key}",
-    "/v1/flow/limits/{key}/remove",
+    "/v1/flow/limits/{limit_key}",
+    "/v1/flow/limits/{limit_key}/remove",
 ];
