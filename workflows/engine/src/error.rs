@@ -71,12 +71,17 @@ pub(crate) fn is_transient_db(e: &sqlx::Error) -> bool {
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed
         | sqlx::Error::Protocol(_) => true,
-        sqlx::Error::Database(db) => matches!(
-            db.code().as_deref(),
-            // serialization_failure, deadlock_detected, admin_shutdown,
-            // crash_shutdown, cannot_connect_now
-            Some("40001" | "40P01" | "57P01" | "57P02" | "57P03")
-        ),
+        sqlx::Error::Database(db) => db.code().as_deref().is_some_and(|code| {
+            // serialization_failure, deadlock_detected, admin_shutdown, crash_shutdown,
+            // cannot_connect_now, too_many_connections, and every connection exception
+            // (class 08) — which is also how PgBouncer reports a server it cannot log in to
+            // during a failover ("server_login_retry", 08P01): the database is away, the
+            // work is not at fault.
+            matches!(
+                code,
+                "40001" | "40P01" | "57P01" | "57P02" | "57P03" | "53300"
+            ) || code.starts_with("08")
+        }),
         _ => false,
     }
 }
