@@ -24,7 +24,7 @@ use ledgerflow_payments::exchange::http::{HttpConfig, HttpExchange};
 use ledgerflow_payments::notifier::http::{HttpConfig as NotifierHttpConfig, HttpNotifier};
 use ledgerflow_payments::notifier::{Notifier, SimulatedNotifier};
 use ledgerflow_payments::workflows::{
-    Deps, WorkflowsConfig, flow_limits, registry as payments_registry,
+    Deps, WorkflowsConfig, digest::NotificationDigest, flow_limits, registry as payments_registry,
 };
 use ledgerflow_workers::ingress::{
     EnqueueJob, HandlerRegistry, Ingress, IngressHandle, SendSignal,
@@ -138,10 +138,6 @@ struct RunArgs {
     #[arg(long, env = "LEDGERFLOW_NO_NOTIFY")]
     no_notify: bool,
 
-    /// Postgres is reached through PgBouncer (or another pooler) in transaction mode: keep no
-    /// session state. Implies --no-notify (a LISTEN would be lost with its server connection;
-    /// fetchers poll every --poll-ms). See docs/decisions/0009 for the PgBouncer version this
-    /// needs (named prepared statements).
     /// The exchange's request budget per API key, `weight/seconds` (`none`: unlimited): the
     /// payments workflows keep their exchange calls under it (a shared rate limit).
     #[arg(long, env = "LEDGERFLOW_EXCHANGE_BUDGET", default_value = "1200/60")]
@@ -149,6 +145,21 @@ struct RunArgs {
     /// Withdrawals of one user that may run at once (0: no limit).
     #[arg(long, env = "LEDGERFLOW_WITHDRAWALS_PER_USER", default_value_t = 1)]
     withdrawals_per_user: i32,
+    /// One user's notifications go out as one digest this many milliseconds after the latest
+    /// (0: each event sends its own).
+    #[arg(long, env = "LEDGERFLOW_NOTIFY_DIGEST_MS", default_value_t = 1000)]
+    notify_digest_ms: u64,
+    /// ...and no later than this many milliseconds after the first it carries.
+    #[arg(
+        long,
+        env = "LEDGERFLOW_NOTIFY_DIGEST_MAX_MS",
+        default_value_t = 10_000
+    )]
+    notify_digest_max_ms: u64,
+    /// Postgres is reached through PgBouncer (or another pooler) in transaction mode: keep no
+    /// session state. Implies --no-notify (a LISTEN would be lost with its server connection;
+    /// fetchers poll every --poll-ms). See docs/decisions/0009 for the PgBouncer version this
+    /// needs (named prepared statements).
     #[arg(long, env = "LEDGERFLOW_PGBOUNCER")]
     pgbouncer: bool,
 
@@ -304,7 +315,11 @@ async fn run(url: &str, args: RunArgs) -> Result<()> {
     let stop = CancellationToken::new();
     let mut background = Vec::new();
     let withdrawal_policy = args.policy.load()?;
-    let workflows = payments_workflows(&withdrawal_policy)?;
+    let digest = (args.notify_digest_ms > 0).then(|| NotificationDigest {
+        window: Duration::from_millis(args.notify_digest_ms),
+        max_wait: Duration::from_millis(args.notify_digest_max_ms.max(args.notify_digest_ms)),
+    });
+    let workflows = payments_workflows(&withdrawal_policy, digest)?;
     if workflows.is_some() {
         let budget = match args.exchange_budget.as_str() {
             "none" => None,
@@ -563,6 +578,7 @@ fn ingress_handlers(config: &IngressConfig) -> Result<HandlerRegistry> {
 /// role starts them (trades, withdrawals, webhook processing).
 fn payments_workflows(
     withdrawal_policy: &ledgerflow_payments::policy::Policy,
+    notification_digest: Option<NotificationDigest>,
 ) -> Result<Option<Arc<WorkflowRegistry>>> {
     let Ok(url) = std::env::var("LEDGERFLOW_EXCHANGE_URL") else {
         tracing::info!("LEDGERFLOW_EXCHANGE_URL is not set: payments workflows are off");
@@ -595,6 +611,7 @@ fn payments_workflows(
         notifier,
         config: WorkflowsConfig {
             withdrawal_policy: withdrawal_policy.clone(),
+            notification_digest,
             ..WorkflowsConfig::default()
         },
     })?)))

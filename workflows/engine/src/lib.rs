@@ -79,9 +79,10 @@ pub use signal::{SignalSent, signal_send, signal_send_in};
 pub use store::{Store, StoreConfig};
 pub use workflow::{
     CallError, ExecConfig, ExternalError, ExternalResult, Inline, LockBatchStats, Reconciled,
-    Resolution, StepCtx, StepDef, StepHandler, StepOutcome, StepsRun, WORKFLOW_JOB_KIND, Workflow,
-    WorkflowId, WorkflowRegistry, WorkflowRuntime, WorkflowState, workflow_cancel_in,
-    workflow_resolve_in, workflow_retry_in, workflow_start_for_inbox_in, workflow_start_in,
+    Resolution, StartDebounce, StepCtx, StepDef, StepHandler, StepOutcome, StepsRun,
+    WORKFLOW_JOB_KIND, Workflow, WorkflowId, WorkflowRegistry, WorkflowRuntime, WorkflowState,
+    workflow_cancel_in, workflow_resolve_in, workflow_retry_in, workflow_start_debounced_in,
+    workflow_start_for_inbox_in, workflow_start_in,
 };
 
 /// The workspace's migrations, embedded at compile time.

@@ -3,8 +3,8 @@
 //! The first test of a run migrates a template database (named after a hash of
 //! the migrations, so a changed schema gets a new template) under an advisory
 //! lock; every test then clones it with `CREATE DATABASE … TEMPLATE`, which is
-//! fast and gives full isolation. `cargo xtask test` drops leftover clones
-//! before each run.
+//! fast and gives full isolation. A passing test drops its clone; `cargo xtask
+//! test` drops leftovers (failed or killed tests) before each run.
 //!
 //! The server comes from `TEST_DATABASE_URL` (or `DATABASE_URL`), defaulting to
 //! the role and database that `cargo xtask test` creates.
@@ -70,6 +70,40 @@ impl TestDb {
     pub fn connect_options(&self) -> Result<PgConnectOptions> {
         Ok(PgConnectOptions::from_str(&self.url)?)
     }
+}
+
+impl Drop for TestDb {
+    /// Drops the database when its test passed; a failed test's database is kept for inspection
+    /// (and dropped by the next `cargo xtask test`). A run of the whole suite otherwise leaves
+    /// hundreds of them, gigabytes that once filled the disk.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        let name = self.name.clone();
+        // Its own thread and runtime: drop may run inside (or after) the test's runtime.
+        let dropped = std::thread::spawn(move || drop_database(&name)).join();
+        if let Ok(Err(e)) = dropped {
+            eprintln!("test database {} left behind: {e}", self.name);
+        }
+    }
+}
+
+fn drop_database(name: &str) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(sqlx::Error::Io)?;
+    rt.block_on(async {
+        let mut admin =
+            PgConnection::connect_with(&PgConnectOptions::from_str(&server_url())?).await?;
+        // FORCE ends the test's own pool connections and any child process still attached.
+        sqlx::query(&format!(r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#))
+            .execute(&mut admin)
+            .await?;
+        admin.close().await?;
+        Ok(())
+    })
 }
 
 fn template_name() -> String {

@@ -4,99 +4,22 @@
 //!
 //! Time is a [`ManualClock`]; nothing sleeps except the concurrent-claimers test, which runs
 //! real tasks against one database.
-use chrono::{DateTime, TimeDelta, Utc};
-use ledgerflow_engine::flow::{self, Debounce, FlowLimit, LimitChange, Throttle};
+use ledgerflow_engine::flow::{self, FlowLimit};
 use ledgerflow_engine::store::ClaimedJob;
-use ledgerflow_engine::testing::TestDb;
 use ledgerflow_engine::{
-    ExecConfig, ExternalError, Inserted, JobState, ManualClock, NewJob, Outcome, Result,
-    RetryPolicy, StepCtx, StepOutcome, Store, StoreConfig, Workflow, WorkflowRegistry,
-    WorkflowRuntime,
+    ExecConfig, ExternalError, NewJob, Outcome, Result, StepCtx, StepOutcome, Workflow,
+    WorkflowRegistry, WorkflowRuntime,
 };
-use serde_json::{Value, json};
-use std::collections::{HashMap, HashSet};
+use serde_json::json;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use uuid::Uuid;
 
-type TestResult = std::result::Result<(), Box<dyn std::error::Error + Send + Sync>>;
+mod flow_env;
 
-fn t0() -> DateTime<Utc> {
-    DateTime::from_timestamp(1_893_456_000, 0).expect("a valid timestamp")
-}
-
-struct Env {
-    db: TestDb,
-    clock: ManualClock,
-    store: Store,
-}
-
-impl Env {
-    async fn new() -> Result<Self> {
-        let db = TestDb::new().await?;
-        let clock = ManualClock::new(t0());
-        let store = Self::store_on(&db, &clock);
-        Ok(Self { db, clock, store })
-    }
-
-    fn store_on(db: &TestDb, clock: &ManualClock) -> Store {
-        Store::with_config(
-            db.pool.clone(),
-            StoreConfig {
-                lease_ttl: Duration::from_secs(30),
-                notify: false,
-                retry: RetryPolicy {
-                    base: Duration::from_secs(10),
-                    max: Duration::from_secs(3600),
-                    jitter: 0.0,
-                },
-            },
-        )
-        .with_clock(Arc::new(clock.clone()))
-    }
-
-    /// Another process's store: its own cache of flow-controlled queues.
-    fn other(&self) -> Store {
-        Self::store_on(&self.db, &self.clock)
-    }
-
-    async fn claim(&self, queue: &str, n: u32) -> Result<Vec<ClaimedJob>> {
-        self.store.job_claim(queue, &Arc::from("w"), n).await
-    }
-
-    async fn insert(&self, job: NewJob) -> Result<Inserted> {
-        self.store.job_insert(&job).await
-    }
-
-    async fn complete(&self, jobs: &[ClaimedJob]) -> Result<()> {
-        let leases: Vec<_> = jobs.iter().map(|j| (j.id, j.lease.token)).collect();
-        self.store.job_complete_many(&leases).await?;
-        Ok(())
-    }
-
-    async fn count(&self, sql: &str) -> Result<i64> {
-        Ok(sqlx::query_scalar(sql).fetch_one(&self.db.pool).await?)
-    }
-
-    async fn admin_set(&self, limit: &FlowLimit) -> Result<()> {
-        let mut conn = self.db.pool.acquire().await?;
-        flow::limits::set_in(
-            &mut conn,
-            &LimitChange {
-                limit,
-                by: "test-admin",
-                reason: "test",
-            },
-        )
-        .await
-    }
-
-    fn advance_ms(&self, ms: i64) {
-        self.clock
-            .set(self.clock.get() + TimeDelta::milliseconds(ms));
-    }
-}
+use flow_env::{Env, TestResult, t0};
 
 fn keyed(key: &str, n: usize) -> NewJob {
     NewJob::new("k", json!({ "key": key, "n": n })).flow_key(key)
@@ -312,78 +235,6 @@ async fn a_rate_limit_defers_jobs_in_turn_without_using_attempts() -> TestResult
     );
     let status = flow::limits::status(&env.db.pool, Some("exchange:sim")).await?;
     assert_eq!(status[0].deferred, 3);
-    Ok(())
-}
-
-#[tokio::test]
-async fn trailing_debounce_runs_once_with_the_last_args() -> TestResult {
-    let env = Env::new().await?;
-    let window = Duration::from_secs(2);
-    let mut ids = HashSet::new();
-    for n in 0..50 {
-        let job =
-            NewJob::new("notify", json!({ "n": n })).debounce("user:7", window, Debounce::Trailing);
-        ids.insert(env.insert(job).await?.id());
-        env.advance_ms(10);
-    }
-    assert_eq!(ids.len(), 1, "one pending job");
-    let (args, state, run_at): (Value, JobState, DateTime<Utc>) =
-        sqlx::query_as("SELECT args, state, run_at FROM jobs")
-            .fetch_one(&env.db.pool)
-            .await?;
-    assert_eq!(args, json!({ "n": 49 }));
-    assert_eq!(state, JobState::Scheduled);
-    assert_eq!(run_at, t0() + TimeDelta::milliseconds(490 + 2000));
-    env.advance_ms(2000);
-    env.store.job_promote_due(10).await?;
-    assert_eq!(env.claim("default", 10).await?.len(), 1);
-    // Once it started, the next trigger is a new job.
-    let next = env
-        .insert(NewJob::new("notify", json!({ "n": 50 })).debounce(
-            "user:7",
-            window,
-            Debounce::Trailing,
-        ))
-        .await?;
-    assert!(next.is_new());
-    Ok(())
-}
-
-#[tokio::test]
-async fn leading_debounce_and_throttles() -> TestResult {
-    let env = Env::new().await?;
-    let w = Duration::from_secs(1);
-    let lead = || NewJob::new("l", json!({})).debounce("lead", w, Debounce::Leading);
-    assert!(env.insert(lead()).await?.is_new());
-    assert_eq!(env.insert(lead()).await?, Inserted::Dropped);
-    assert_eq!(
-        env.claim("default", 10).await?.len(),
-        1,
-        "the first runs at once"
-    );
-    env.advance_ms(1001);
-    assert!(
-        env.insert(lead()).await?.is_new(),
-        "a trigger after the window runs again"
-    );
-
-    let drop = || NewJob::new("d", json!({})).throttle("td", 2, w, Throttle::Drop);
-    assert!(env.insert(drop()).await?.is_new());
-    assert!(env.insert(drop()).await?.is_new());
-    assert_eq!(env.insert(drop()).await?, Inserted::Dropped);
-
-    let delay = || NewJob::new("y", json!({})).throttle("ty", 2, w, Throttle::Delay);
-    for _ in 0..5 {
-        assert!(env.insert(delay()).await?.is_new());
-    }
-    let starts: Vec<i64> = sqlx::query_scalar(
-        "SELECT (extract(epoch FROM run_at - $1) * 1000)::bigint FROM jobs
-         WHERE throttle_key = 'ty' ORDER BY run_at",
-    )
-    .bind(env.clock.get())
-    .fetch_all(&env.db.pool)
-    .await?;
-    assert_eq!(starts, vec![0, 0, 1000, 1000, 2000]);
     Ok(())
 }
 

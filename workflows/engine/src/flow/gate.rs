@@ -98,7 +98,9 @@ pub(crate) async fn insert(
     })
 }
 
-async fn lock(conn: &mut PgConnection, key: &str) -> Result<()> {
+/// Takes the transaction-scoped lock of gate key `key`: a debounce or throttle key, or the
+/// key of a debounced workflow start.
+pub(crate) async fn lock(conn: &mut PgConnection, key: &str) -> Result<()> {
     sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext('gate:' || $2))")
         .bind(super::db::LOCK_CLASS)
         .bind(key)

@@ -5,6 +5,7 @@
 //! commits with the request's idempotency row, an operator action with its audit row — and
 //! need only the store and the definitions (a step may start a workflow of another registry).
 use super::batch::start::{Item, Submitted};
+use super::db::debounce::{Delay, start_debounced_in};
 use super::db::lock::lock_workflow;
 use super::db::operator::{self, Resumed, step_status_in};
 use super::db::start::{NewStart, start_for_inbox_in, start_in};
@@ -146,6 +147,51 @@ pub async fn workflow_start_in(
     span.record("workflow.id", tracing::field::display(starting.id));
     let start = starting.start(input, unique_key, store.config().notify);
     start_in(conn, store, &start).instrument(span).await
+}
+
+/// How [`workflow_start_debounced_in`] holds a start back.
+#[derive(Debug, Clone, Copy)]
+pub struct StartDebounce<'a> {
+    /// The debounce key, e.g. `notify:user:{id}` (one namespace with [`NewJob::debounce`]'s).
+    pub key: &'a str,
+    /// The first step begins this long after the latest start under the key.
+    pub window: std::time::Duration,
+    /// ... and no later than this long after the first, so that a steady stream of starts
+    /// cannot hold it back forever (`None`: no bound).
+    pub max_wait: Option<std::time::Duration>,
+}
+
+/// Starts a workflow of `kind` debounced under a key (trailing), on the caller's connection:
+/// while an instance started under the key has not begun its first step, starting again
+/// returns that instance, gives it `input` and pushes its first step to `window` from now
+/// (never past `max_wait` after the first start). Once its first step has begun, the next
+/// start is a new instance. Starts of one key take turns on a lock held to the end of the
+/// caller's transaction.
+pub async fn workflow_start_debounced_in(
+    conn: &mut PgConnection,
+    store: &Store,
+    registry: &WorkflowRegistry,
+    kind: &str,
+    input: &Value,
+    debounce: &StartDebounce<'_>,
+) -> Result<WorkflowId> {
+    crate::flow::check_key("debounce key", debounce.key)?;
+    let millis = |d: std::time::Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+    if debounce.window.is_zero() {
+        return Err(Error::Invalid("a debounce window must be positive".into()));
+    }
+    let delay = Delay {
+        window_ms: millis(debounce.window),
+        max_wait_ms: debounce.max_wait.map(millis),
+    };
+    let span = start_span(kind);
+    let starting = span.in_scope(|| Starting::new(registry, kind, input))?;
+    span.record("workflow.id", tracing::field::display(starting.id));
+    // No NOTIFY: the first job is not due now.
+    let start = starting.start(input, None, false);
+    start_debounced_in(conn, store, &start, debounce.key, delay)
+        .instrument(span)
+        .await
 }
 
 /// The span of a workflow's start (none with tracing off): the workflow row and its first job

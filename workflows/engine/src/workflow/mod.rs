@@ -110,8 +110,8 @@ pub use definition::{
     Workflow,
 };
 pub use entry::{
-    workflow_cancel_in, workflow_resolve_in, workflow_retry_in, workflow_start_for_inbox_in,
-    workflow_start_in,
+    StartDebounce, workflow_cancel_in, workflow_resolve_in, workflow_retry_in,
+    workflow_start_debounced_in, workflow_start_for_inbox_in, workflow_start_in,
 };
 pub use exec::{StepHandler, StepsRun};
 pub use outcome::{

@@ -8,6 +8,8 @@
 //! - [`notification`] — `payments.notification`: render → send (one external
 //!   call deduplicated by notification id; in doubt → reconciled by asking
 //!   the provider, re-sent under the same id only when it has nothing);
+//! - [`digest`]       — one user's notifications debounced into one message, a
+//!   `payments.notification` instance started debounced per user;
 //! - [`webhook`]      — `payments.webhook`: a verified exchange event becomes
 //!   the signal its workflow waits for;
 //! - `steps`          — the step pieces trade and withdrawal share (row
@@ -20,6 +22,7 @@
 //! provider call carries the step's idempotency key and goes through
 //! `StepCtx::external_call` (contract rule 3).
 
+pub mod digest;
 pub mod notification;
 mod steps;
 pub mod trade;
@@ -60,6 +63,9 @@ pub struct WorkflowsConfig {
     pub confirmation_poll: Duration,
     /// Attempts of a notification's send (retried with the store's backoff).
     pub notification_attempts: i32,
+    /// One user's notifications are debounced into digests ([`digest`]); `None`: every event
+    /// sends its own.
+    pub notification_digest: Option<digest::NotificationDigest>,
     /// The rate-limit key of the exchange's API key: every call to the exchange charges it
     /// (see [`flow_limits`]).
     pub exchange_rate_key: String,
@@ -102,6 +108,7 @@ impl Default for WorkflowsConfig {
             approval_timeout: Duration::from_secs(48 * 3600),
             confirmation_poll: Duration::from_secs(3600),
             notification_attempts: 10,
+            notification_digest: None,
             exchange_rate_key: "exchange:sim".to_string(),
         }
     }

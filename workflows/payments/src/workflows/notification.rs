@@ -3,7 +3,9 @@
 //!
 //! Steps:
 //! 1. `render` — insert the `notifications` row (id = the dedupe id,
-//!    `ON CONFLICT DO NOTHING`) and render subject and body from the template.
+//!    `ON CONFLICT DO NOTHING`) and render subject and body from the template;
+//!    a digest ([`super::digest`]) instead takes its user's batched rows and
+//!    renders them as one message under its own id (`digest:{workflow_id}`).
 //! 2. `send`   — one external call ([`StepCtx::external_call`]: the intent is
 //!    committed on the step's journal row, under the step's idempotency key,
 //!    before anything goes out): `Notifier::send` with the notification's
@@ -27,7 +29,9 @@
 //!
 //! [`Notifier::delivery_status`]: crate::notifier::Notifier::delivery_status
 //! [`StepCtx::external_call`]: ledgerflow_engine::StepCtx::external_call
-use super::{Deps, db, now_param, output, reconcile_fn, refusal_or_retry, step_fn, str_field};
+use super::{
+    Deps, db, digest, now_param, output, reconcile_fn, refusal_or_retry, step_fn, str_field,
+};
 use crate::ids::UserId;
 use crate::notifier::{self, Channel, Notification, Notifier, SendReceipt};
 use ledgerflow_engine::workflow::{
@@ -36,6 +40,7 @@ use ledgerflow_engine::workflow::{
 use ledgerflow_engine::{StepCtx, StepOutcome, Workflow};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use sqlx::PgConnection;
 use std::sync::Arc;
 
 /// The workflow's kind.
@@ -118,13 +123,47 @@ async fn render(_deps: Arc<Deps>, ctx: StepCtx) -> StepResult {
         Ok(None) => return refusal_or_retry(crate::Error::UserNotFound(input.user_id)),
         Err(e) => return refusal_or_retry(e),
     };
+    let to = match input.channel {
+        Channel::Email => user.email,
+        Channel::Push => user.id.to_string(),
+    };
+    if input.template == digest::TEMPLATE {
+        let id = notification_id(&ctx, &input);
+        let items = digest::gather(&mut conn, input.user_id, &id).await?;
+        if items.is_empty() {
+            // Every row was taken by the digest before this one: nothing to send.
+            return Ok(StepOutcome::Finish(
+                json!({ "notification_id": id, "notifications": [] }),
+            ));
+        }
+        let (subject, body) = digest::render(&items);
+        return Ok(StepOutcome::Continue(json!({
+            "to": to, "subject": subject, "body": body, "notifications": digest::ids(&items),
+        })));
+    }
+    insert_row(&mut conn, &ctx, &input, false).await?;
+    let (subject, body) = render_template(&input.template, &input.payload);
+    Ok(StepOutcome::Continue(
+        json!({ "to": to, "subject": subject, "body": body }),
+    ))
+}
+
+/// Writes `input`'s `notifications` row (once: the id is its key), `batched` when a digest is
+/// to carry it.
+pub(super) async fn insert_row(
+    conn: &mut PgConnection,
+    ctx: &StepCtx,
+    input: &NotificationInput,
+    batched: bool,
+) -> Result<(), String> {
     let channel = match input.channel {
         Channel::Email => "email",
         Channel::Push => "push",
     };
     sqlx::query(
-        "INSERT INTO notifications (id, user_id, channel, template, payload, status, created_at)
-         VALUES ($1, $2, $3, $4, $5, 'pending', coalesce($6::timestamptz, now()))
+        "INSERT INTO notifications (id, user_id, channel, template, payload, status, batched,
+                                    created_at)
+         VALUES ($1, $2, $3, $4, $5, 'pending', $6, coalesce($7::timestamptz, now()))
          ON CONFLICT (id) DO NOTHING",
     )
     .bind(&input.id)
@@ -132,18 +171,21 @@ async fn render(_deps: Arc<Deps>, ctx: StepCtx) -> StepResult {
     .bind(channel)
     .bind(&input.template)
     .bind(&input.payload)
-    .bind(now_param(&ctx))
-    .execute(&mut *conn)
+    .bind(batched)
+    .bind(now_param(ctx))
+    .execute(conn)
     .await
     .map_err(|e| format!("insert notification: {e}"))?;
-    let to = match input.channel {
-        Channel::Email => user.email,
-        Channel::Push => user.id.to_string(),
-    };
-    let (subject, body) = render_template(&input.template, &input.payload);
-    Ok(StepOutcome::Continue(
-        json!({ "to": to, "subject": subject, "body": body }),
-    ))
+    Ok(())
+}
+
+/// The provider's dedupe id of the message: the input's id, or a digest's own.
+fn notification_id(ctx: &StepCtx, input: &NotificationInput) -> String {
+    if input.template == digest::TEMPLATE {
+        digest::message_id(ctx.workflow_id())
+    } else {
+        input.id.clone()
+    }
 }
 
 /// The message the `send` step sends: the rendered output under the
@@ -151,7 +193,7 @@ async fn render(_deps: Arc<Deps>, ctx: StepCtx) -> StepResult {
 fn message(ctx: &StepCtx, input: &NotificationInput) -> Result<Notification, String> {
     let rendered = output(ctx, "render")?;
     Ok(Notification {
-        id: input.id.clone(),
+        id: notification_id(ctx, input),
         channel: input.channel,
         to: str_field(rendered, "to")?.to_owned(),
         subject: str_field(rendered, "subject")?.to_owned(),
@@ -178,14 +220,14 @@ fn sent_output(id: &str, receipt: &SendReceipt) -> Value {
 }
 
 /// Marks the row `sent` with the provider's message id, in the step's (or
-/// the reconcile hook's) transaction.
+/// the reconcile hook's) transaction; for a digest, every row it carries.
 async fn mark_sent(ctx: &StepCtx, id: &str, provider_message_id: &str) -> Result<(), String> {
     let mut conn = db(ctx).await?;
     sqlx::query(
         "UPDATE notifications
          SET status = 'sent', provider_message_id = $2, error = NULL,
              sent_at = coalesce($3::timestamptz, now())
-         WHERE id = $1",
+         WHERE id = $1 OR digest_id = $1",
     )
     .bind(id)
     .bind(provider_message_id)
@@ -196,15 +238,18 @@ async fn mark_sent(ctx: &StepCtx, id: &str, provider_message_id: &str) -> Result
     Ok(())
 }
 
-/// Marks the row `rejected` with the provider's reason.
+/// Marks the row (a digest's rows) `rejected` with the provider's reason.
 async fn mark_rejected(ctx: &StepCtx, id: &str, reason: &str) -> Result<(), String> {
     let mut conn = db(ctx).await?;
-    sqlx::query("UPDATE notifications SET status = 'rejected', error = $2 WHERE id = $1")
-        .bind(id)
-        .bind(reason)
-        .execute(&mut *conn)
-        .await
-        .map_err(|e| format!("mark rejected: {e}"))?;
+    sqlx::query(
+        "UPDATE notifications SET status = 'rejected', error = $2
+         WHERE id = $1 OR digest_id = $1",
+    )
+    .bind(id)
+    .bind(reason)
+    .execute(&mut *conn)
+    .await
+    .map_err(|e| format!("mark rejected: {e}"))?;
     Ok(())
 }
 
@@ -212,6 +257,7 @@ async fn mark_rejected(ctx: &StepCtx, id: &str, reason: &str) -> Result<(), Stri
 async fn send(deps: Arc<Deps>, ctx: StepCtx) -> StepResult {
     let input: NotificationInput = ctx.input_as()?;
     let message = message(&ctx, &input)?;
+    let id = message.id.clone();
     let notifier = Arc::clone(&deps.notifier);
     let answer = ctx
         .external_call(|_key| async move {
@@ -223,11 +269,11 @@ async fn send(deps: Arc<Deps>, ctx: StepCtx) -> StepResult {
         Ok(receipt) => {
             let receipt: SendReceipt =
                 serde_json::from_value(receipt).map_err(|e| format!("send receipt: {e}"))?;
-            mark_sent(&ctx, &input.id, &receipt.provider_message_id).await?;
-            Ok(StepOutcome::Finish(sent_output(&input.id, &receipt)))
+            mark_sent(&ctx, &id, &receipt.provider_message_id).await?;
+            Ok(StepOutcome::Finish(sent_output(&id, &receipt)))
         }
         Err(ExternalError::Rejected(reason)) => {
-            mark_rejected(&ctx, &input.id, &reason).await?;
+            mark_rejected(&ctx, &id, &reason).await?;
             Ok(StepOutcome::Fail(format!(
                 "notification rejected: {reason}"
             )))

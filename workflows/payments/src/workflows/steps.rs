@@ -7,6 +7,7 @@
 //! statement stays a complete static string per table: no SQL is assembled
 //! at run time (the rejected alternative, `format!` with a table name, would
 //! make every statement's text depend on a branch nobody reads in review).
+use super::digest::NotificationDigest;
 use super::notification::{self, NotificationInput};
 use super::{EVENTS_TOPIC, db, now_param, output, refusal_or_retry, str_field};
 use crate::ids::AccountId;
@@ -229,13 +230,18 @@ pub(super) async fn emit_event(
 }
 
 /// Starts the user's notification workflow in the step's transaction, once
-/// (unique key `notification:{id}`); returns its workflow id.
+/// (unique key `notification:{id}`), or, with `digest`, writes the notification for the
+/// user's debounced digest ([`super::digest`]); returns the workflow id.
 pub(super) async fn start_notification(
     conn: &mut PgConnection,
     ctx: &StepCtx,
     notifications: &WorkflowRegistry,
     input: &NotificationInput,
+    digest: Option<&NotificationDigest>,
 ) -> Result<WorkflowId, String> {
+    if let Some(digest) = digest {
+        return super::digest::enqueue(conn, ctx, notifications, input, digest).await;
+    }
     let args = serde_json::to_value(input).map_err(|e| e.to_string())?;
     let unique = format!("notification:{}", input.id);
     workflow_start_in(

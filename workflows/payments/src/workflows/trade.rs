@@ -521,7 +521,7 @@ async fn settle(_deps: Arc<Deps>, ctx: StepCtx) -> StepResult {
 
 /// Step 6: enqueue the user's notification (once, by unique key).
 async fn notify(deps: Arc<(Arc<Deps>, Arc<WorkflowRegistry>)>, ctx: StepCtx) -> StepResult {
-    let (_, notifications) = deps.as_ref();
+    let (deps, notifications) = deps.as_ref();
     let input: TradeInput = ctx.input_as()?;
     let id = ctx.workflow_id();
     let settled = output(&ctx, "settle")?.clone();
@@ -534,7 +534,14 @@ async fn notify(deps: Arc<(Arc<Deps>, Arc<WorkflowRegistry>)>, ctx: StepCtx) -> 
                          "quote": input.quote, "settlement": settled }),
     };
     let mut conn = db(&ctx).await?;
-    let started = steps::start_notification(&mut conn, &ctx, notifications, &notification).await?;
+    let started = steps::start_notification(
+        &mut conn,
+        &ctx,
+        notifications,
+        &notification,
+        deps.config.notification_digest.as_ref(),
+    )
+    .await?;
     Ok(StepOutcome::Finish(
         json!({ "trade_id": id, "status": "settled", "notification_workflow": started }),
     ))

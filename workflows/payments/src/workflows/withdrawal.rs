@@ -580,7 +580,7 @@ async fn await_confirmation(deps: Arc<Deps>, ctx: StepCtx) -> StepResult {
 
 /// Step 6.
 async fn finalize(deps: Arc<(Arc<Deps>, Arc<WorkflowRegistry>)>, ctx: StepCtx) -> StepResult {
-    let (_, notifications) = deps.as_ref();
+    let (deps, notifications) = deps.as_ref();
     let v = validated(&ctx)?;
     let input: WithdrawalInput = ctx.input_as()?;
     let confirmed = output(&ctx, "await_confirmation")?.clone();
@@ -631,7 +631,14 @@ async fn finalize(deps: Arc<(Arc<Deps>, Arc<WorkflowRegistry>)>, ctx: StepCtx) -
         payload: json!({ "withdrawal_id": id, "amount": v.amount, "asset": v.asset.code,
                          "address": input.address, "tx_hash": tx_hash }),
     };
-    steps::start_notification(&mut conn, &ctx, notifications, &notification).await?;
+    steps::start_notification(
+        &mut conn,
+        &ctx,
+        notifications,
+        &notification,
+        deps.config.notification_digest.as_ref(),
+    )
+    .await?;
     Ok(StepOutcome::Finish(
         json!({ "withdrawal_id": id, "status": "completed", "transfer_id": transfer }),
     ))

@@ -1,7 +1,7 @@
 //! Every statement of the workflow runtime (layer 2), one file per concern: locks and journal
 //! reads ([`lock`]), the transitions side by side ([`transition`], [`failure`], [`wait`]), the
-//! external call's intent and answer ([`call`]), starts ([`start`]), operator statements
-//! ([`operator`]) and reads ([`read`]).
+//! external call's intent and answer ([`call`]), starts ([`start`], [`debounce`]), operator
+//! statements ([`operator`]) and reads ([`read`]).
 //!
 //! Functions here take plain parameter structs (a step's place, a completion, a checkpoint
 //! item) — never a definition, a step context or the runtime — so the execution layer decides
@@ -12,6 +12,7 @@ use crate::workflow::wire::{Wake, WorkflowId, step_job};
 use chrono::{DateTime, Utc};
 
 pub(crate) mod call;
+pub(crate) mod debounce;
 pub(crate) mod failure;
 pub(crate) mod lock;
 pub(crate) mod operator;
