@@ -368,8 +368,9 @@ pub struct Event {
 /// retry it).
 #[async_trait]
 pub trait Exchange: Send + Sync {
-    /// Places a limit order; a repeat of the key returns the original ack
-    /// (a repeat with different parameters is [`Error::Rejected`]).
+    /// Places a limit order; a repeat of the key returns the original ack, or
+    /// the original rejection (a repeat with different parameters is
+    /// [`Error::Rejected`]).
     async fn place_order(&self, order: &OrderRequest) -> Result<OrderAck>;
 
     /// Cancels the order placed with `key`. Idempotent: cancelling a
@@ -378,13 +379,14 @@ pub trait Exchange: Send + Sync {
     async fn cancel_order(&self, key: &IdempotencyKey) -> Result<OrderStatus>;
 
     /// The reconcile query: the order placed with `key`, if the exchange has
-    /// one.
+    /// one; [`Error::Rejected`] when the order placed with `key` was rejected
+    /// (a repeat of the key would be rejected the same way).
     async fn get_order_by_key(&self, key: &IdempotencyKey) -> Result<Option<OrderStatus>>;
 
     /// Submits a withdrawal; a repeat of the key returns the original ack.
     async fn submit_withdrawal(&self, withdrawal: &WithdrawalRequest) -> Result<WithdrawalAck>;
 
-    /// The reconcile query for withdrawals.
+    /// The reconcile query for withdrawals (a rejected one: [`Error::Rejected`]).
     async fn get_withdrawal_by_key(&self, key: &IdempotencyKey)
     -> Result<Option<WithdrawalStatus>>;
 }

@@ -138,6 +138,39 @@ async fn accept_then_timeout_is_reconciled_with_one_order() -> TestResult {
     env.assert_ledger_balanced().await
 }
 
+/// The exchange refused the order and the answer was lost: the step goes in doubt, and the
+/// reconcile look-up finds the rejection, so the trade is rejected as the answer would have
+/// made it — the order is not sent again (a re-send would let a crash change the outcome).
+#[tokio::test]
+async fn a_lost_rejection_is_reconciled_as_the_rejection() -> TestResult {
+    let env = Env::new().await?;
+    let user = env.user_with("USDT", "1000").await?;
+    let id = env.start_trade(user, "buy", "0.5", "100").await?;
+    let key = trade::order_key(id);
+    env.sim.set_fault_for(
+        &key,
+        Fault::RejectThenTimeout {
+            reason: "no liquidity".into(),
+        },
+    );
+    env.run().await?;
+    assert_eq!(env.state(id).await?, "compensated");
+    assert_eq!(env.row_status("trades", id).await?, "rejected");
+    let placed = env
+        .h
+        .journal(id)
+        .await?
+        .into_iter()
+        .find(|s| s.step == trade::PLACE_ORDER_STEP)
+        .ok_or("the step is journaled")?;
+    assert_eq!(placed.resolved_by.as_deref(), Some("reconcile"));
+    let c = env.sim.counters_for(&key);
+    assert_eq!(c.place_calls, 1, "never re-sent");
+    assert_eq!(c.orders_created, 0);
+    assert_eq!(env.balance(user, "USDT").await?, (dec("1000"), dec("0")));
+    env.assert_ledger_balanced().await
+}
+
 #[tokio::test]
 async fn unfilled_order_times_out_cancels_and_releases() -> TestResult {
     let env = Env::new().await?;

@@ -168,10 +168,15 @@ async fn reject(ex: &dyn Exchange, c: &dyn SimControls) {
     );
     let reason = expect_rejected(ex.place_order(&order).await, case);
     assert!(reason.contains("insufficient balance"), "[{case}] {reason}");
-    assert!(
-        ok(ex.get_order_by_key(&order.idempotency_key).await, case).is_none(),
-        "[{case}] a rejected order does not exist"
+    // The key keeps its answer: a look-up and a repeat (a retry after a lost answer) get the
+    // same rejection, and no order exists.
+    let looked_up = expect_rejected(ex.get_order_by_key(&order.idempotency_key).await, case);
+    assert_eq!(
+        looked_up, reason,
+        "[{case}] the look-up answers the rejection"
     );
+    let again = expect_rejected(ex.place_order(&order).await, case);
+    assert_eq!(again, reason, "[{case}] a repeat answers the rejection");
     let counters = ok(c.counters_for(&order.idempotency_key).await, case);
     assert_eq!(counters.orders_created, 0, "[{case}]");
 }
@@ -325,10 +330,15 @@ async fn withdrawals(ex: &dyn Exchange, c: &dyn SimControls) {
     );
     let reason = expect_rejected(ex.submit_withdrawal(&w).await, case);
     assert!(reason.contains("whitelisted"), "[{case}] {reason}");
-    assert!(
-        ok(ex.get_withdrawal_by_key(&w.idempotency_key).await, case).is_none(),
-        "[{case}]"
+    let looked_up = expect_rejected(ex.get_withdrawal_by_key(&w.idempotency_key).await, case);
+    assert_eq!(
+        looked_up, reason,
+        "[{case}] the look-up answers the rejection"
     );
+    let again = expect_rejected(ex.submit_withdrawal(&w).await, case);
+    assert_eq!(again, reason, "[{case}] a repeat answers the rejection");
+    let counters = ok(c.counters_for(&w.idempotency_key).await, case);
+    assert_eq!(counters.withdrawals_created, 0, "[{case}]");
 
     let case = "withdrawal in doubt";
     let w = sample_withdrawal("conf:wd-doubt");

@@ -10,10 +10,10 @@
 //! | method and path | answer |
 //! |---|---|
 //! | `POST /v1/orders` ([`OrderRequest`]) | 200 [`super::OrderAck`], 422 rejected |
-//! | `GET /v1/orders/by-key/{key}` | 200 [`super::OrderStatus`], 404 |
+//! | `GET /v1/orders/by-key/{key}` | 200 [`super::OrderStatus`], 404, 422 (the order was rejected) |
 //! | `POST /v1/orders/by-key/{key}/cancel` | 200 [`super::OrderStatus`], 422 |
 //! | `POST /v1/withdrawals` ([`WithdrawalRequest`]) | 200 [`super::WithdrawalAck`], 422 |
-//! | `GET /v1/withdrawals/by-key/{key}` | 200 [`super::WithdrawalStatus`], 404 |
+//! | `GET /v1/withdrawals/by-key/{key}` | 200 [`super::WithdrawalStatus`], 404, 422 (rejected) |
 //! | `PUT /admin/fault` (`{"fault": Fault or null, "key": null or "…"}`) | 204 |
 //! | `POST /admin/advance` (`{"ms": n}`) | 200 [`AdvanceReport`] |
 //! | `GET /admin/counters`, `GET /admin/counters/{key}` | 200 counters |
@@ -300,11 +300,12 @@ async fn get_order(req: &Request, Data(app): Data<&Arc<App>>, Path(key): Path<St
         return r;
     }
     match app.sim.order_status(&IdempotencyKey::new(key)) {
-        Some(s) => json(StatusCode::OK, &s),
-        None => json(
+        Ok(Some(s)) => json(StatusCode::OK, &s),
+        Ok(None) => json(
             StatusCode::NOT_FOUND,
             &Error::Rejected("no such order".into()),
         ),
+        Err(e) => app.error(e).await,
     }
 }
 
@@ -348,11 +349,12 @@ async fn get_withdrawal(
         return r;
     }
     match app.sim.withdrawal_status(&IdempotencyKey::new(key)) {
-        Some(s) => json(StatusCode::OK, &s),
-        None => json(
+        Ok(Some(s)) => json(StatusCode::OK, &s),
+        Ok(None) => json(
             StatusCode::NOT_FOUND,
             &Error::Rejected("no such withdrawal".into()),
         ),
+        Err(e) => app.error(e).await,
     }
 }
 

@@ -42,10 +42,17 @@ pub enum Fault {
         /// The delay in milliseconds.
         delay_ms: u64,
     },
-    /// Refuse the call with this reason ([`Error::Rejected`]); nothing is
-    /// recorded.
+    /// Refuse the call with this reason ([`Error::Rejected`]). A key's own
+    /// rejection is remembered: a repeat and a look-up of the key answer it.
+    /// The global one (the venue refusing everything for a while) is not.
     Reject {
         /// The reason returned.
+        reason: String,
+    },
+    /// Refuse the call (remembered like a key's own [`Fault::Reject`]), then
+    /// lose the answer ([`Error::Unknown`]): the caller must reconcile.
+    RejectThenTimeout {
+        /// The reason recorded.
         reason: String,
     },
 }
@@ -229,6 +236,9 @@ struct State {
     key_faults: HashMap<IdempotencyKey, Fault>,
     orders: HashMap<IdempotencyKey, Order>,
     withdrawals: HashMap<IdempotencyKey, Withdrawal>,
+    /// The keys whose order or withdrawal was rejected, with the reason: a repeat of the key
+    /// and a look-up by it answer the same rejection (an idempotent API replays its answer).
+    rejected: HashMap<IdempotencyKey, String>,
     /// Due time → items, in insertion order within one instant.
     pending: BTreeMap<(DateTime<Utc>, u64), Pending>,
     per_key: HashMap<IdempotencyKey, KeyCounters>,
@@ -236,16 +246,42 @@ struct State {
 }
 
 impl State {
+    /// The rejection recorded for `key`, if any, as the error a repeat answers.
+    fn rejection(&self, key: &IdempotencyKey) -> Result<()> {
+        match self.rejected.get(key) {
+            Some(reason) => Err(Error::Rejected(reason.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Records that the request under `key` was rejected, and answers it.
+    fn reject<T>(&mut self, key: &IdempotencyKey, e: Error) -> Result<T> {
+        if let Error::Rejected(reason) = &e {
+            self.rejected.insert(key.clone(), reason.clone());
+        }
+        Err(e)
+    }
+
     fn next_id(&mut self, prefix: &str) -> String {
         self.seq += 1;
         format!("{prefix}_{:x}_{:06}", self.config.seed, self.seq)
     }
 
     /// The fault for this call: a key's one-shot fault wins over the global one.
-    fn take_fault(&mut self, key: &IdempotencyKey) -> Option<Fault> {
-        self.key_faults
-            .remove(key)
-            .or_else(|| self.global_fault.clone())
+    /// The fault for `key`, and whether it was the key's own (else the global one).
+    fn take_fault_of(&mut self, key: &IdempotencyKey) -> (Option<Fault>, bool) {
+        match self.key_faults.remove(key) {
+            Some(f) => (Some(f), true),
+            None => (self.global_fault.clone(), false),
+        }
+    }
+
+    /// A [`Fault::Reject`]: the key's own is a decision about the request, recorded like any
+    /// rejection; the global one is the venue refusing all business for a while (maintenance),
+    /// not a decision about the key, so a later repeat may pass.
+    fn refuse<T>(&mut self, key: &IdempotencyKey, own: bool, reason: &str) -> Result<T> {
+        let e = Error::Rejected(reason.to_string());
+        if own { self.reject(key, e) } else { Err(e) }
     }
 
     fn schedule(&mut self, delay_ms: u64, item: Pending) {
@@ -398,6 +434,7 @@ impl SimulatedExchange {
                 key_faults: HashMap::new(),
                 orders: HashMap::new(),
                 withdrawals: HashMap::new(),
+                rejected: HashMap::new(),
                 pending: BTreeMap::new(),
                 per_key: HashMap::new(),
                 totals: Counters::default(),
@@ -432,17 +469,20 @@ impl SimulatedExchange {
         })
     }
 
-    /// An order's status by key, without charging the budget (the HTTP server charges first).
-    pub fn order_status(&self, key: &IdempotencyKey) -> Option<OrderStatus> {
-        lock(&self.state).orders.get(key).map(Order::status)
+    /// An order's status by key, without charging the budget (the HTTP server charges first):
+    /// [`Error::Rejected`] when the order placed with the key was rejected.
+    pub fn order_status(&self, key: &IdempotencyKey) -> Result<Option<OrderStatus>> {
+        let st = lock(&self.state);
+        st.rejection(key)?;
+        Ok(st.orders.get(key).map(Order::status))
     }
 
-    /// A withdrawal's status by key, without charging the budget.
-    pub fn withdrawal_status(&self, key: &IdempotencyKey) -> Option<WithdrawalStatus> {
-        lock(&self.state)
-            .withdrawals
-            .get(key)
-            .map(Withdrawal::status)
+    /// A withdrawal's status by key, without charging the budget: [`Error::Rejected`] when the
+    /// withdrawal submitted with the key was rejected.
+    pub fn withdrawal_status(&self, key: &IdempotencyKey) -> Result<Option<WithdrawalStatus>> {
+        let st = lock(&self.state);
+        st.rejection(key)?;
+        Ok(st.withdrawals.get(key).map(Withdrawal::status))
     }
 
     /// Places an order without charging the budget.
@@ -545,11 +585,18 @@ impl SimulatedExchange {
                 status: existing.state,
             });
         }
-        let fault = st.take_fault(key);
+        st.rejection(key)?;
+        let (fault, own) = st.take_fault_of(key);
         if let Some(Fault::Reject { reason }) = &fault {
-            return Err(Error::Rejected(reason.clone()));
+            return st.refuse(key, own, reason);
         }
-        validate_order(order)?;
+        if let Some(Fault::RejectThenTimeout { reason }) = &fault {
+            st.rejected.insert(key.clone(), reason.clone());
+            return Err(Error::Unknown("simulated timeout after a rejection".into()));
+        }
+        if let Err(e) = validate_order(order) {
+            return st.reject(key, e);
+        }
         let exchange_order_id = st.next_id("ord");
         st.orders.insert(
             key.clone(),
@@ -640,15 +687,20 @@ impl SimulatedExchange {
                 status: existing.state,
             });
         }
-        let fault = st.take_fault(key);
+        st.rejection(key)?;
+        let (fault, own) = st.take_fault_of(key);
         if let Some(Fault::Reject { reason }) = &fault {
-            return Err(Error::Rejected(reason.clone()));
+            return st.refuse(key, own, reason);
+        }
+        if let Some(Fault::RejectThenTimeout { reason }) = &fault {
+            st.rejected.insert(key.clone(), reason.clone());
+            return Err(Error::Unknown("simulated timeout after a rejection".into()));
         }
         if w.amount.is_negative() {
-            return Err(Error::Rejected("amount must be positive".into()));
+            return st.reject(key, Error::Rejected("amount must be positive".into()));
         }
         if w.address.trim().is_empty() {
-            return Err(Error::Rejected("address is empty".into()));
+            return st.reject(key, Error::Rejected("address is empty".into()));
         }
         let withdrawal_id = st.next_id("wd");
         st.withdrawals.insert(
@@ -728,7 +780,7 @@ impl Exchange for SimulatedExchange {
 
     async fn get_order_by_key(&self, key: &IdempotencyKey) -> Result<Option<OrderStatus>> {
         self.charge_in_process(super::weight::ORDER_LOOKUP)?;
-        Ok(self.order_status(key))
+        self.order_status(key)
     }
 
     async fn submit_withdrawal(&self, withdrawal: &WithdrawalRequest) -> Result<WithdrawalAck> {
@@ -741,7 +793,7 @@ impl Exchange for SimulatedExchange {
         key: &IdempotencyKey,
     ) -> Result<Option<WithdrawalStatus>> {
         self.charge_in_process(super::weight::WITHDRAWAL_LOOKUP)?;
-        Ok(self.withdrawal_status(key))
+        self.withdrawal_status(key)
     }
 }
 

@@ -330,6 +330,13 @@ pub async fn reconcile_order(deps: Arc<Deps>, ctx: StepCtx, key: String) -> Reco
         Ok(None) => Ok(Reconciled::NotReceived(format!(
             "the exchange has no order with key {key}"
         ))),
+        // It arrived and was refused: the outcome the answer would have brought.
+        Err(exchange::Error::Rejected(reason)) => {
+            let mut conn = db(&ctx).await?;
+            ROW.set_status(&mut conn, &ctx, "rejected", Some(&reason))
+                .await?;
+            Ok(Reconciled::Failed(format!("order rejected: {reason}")))
+        }
         Err(exchange::Error::Unknown(_)) => Ok(Reconciled::Unknown),
         Err(e) => Err(e.to_string()),
     }
