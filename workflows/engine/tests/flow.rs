@@ -7,10 +7,10 @@
 use ledgerflow_engine::flow::{self, FlowLimit};
 use ledgerflow_engine::store::ClaimedJob;
 use ledgerflow_engine::{
-    ExecConfig, ExternalError, NewJob, Outcome, Result, StepCtx, StepOutcome, Workflow,
-    WorkflowRegistry, WorkflowRuntime,
+    CallError, ExecConfig, ExternalError, NewJob, Outcome, Reconciled, Result, StepCtx,
+    StepOutcome, Workflow, WorkflowRegistry, WorkflowRuntime,
 };
-use serde_json::json;
+use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -276,6 +276,101 @@ async fn run_all(env: &Env, rt: &WorkflowRuntime) -> Result<Vec<Outcome>> {
         outcomes.push(outcome);
     }
     Ok(outcomes)
+}
+
+/// A hook's rate-limited request (`StepCtx::rate_limit`) over the bucket makes nothing and
+/// waits for its turn: the reconcile hook's deferred run is not an ask, and the compensation's
+/// uses no attempt (the workflow allows one). The bucket holds one token, refilled every 30 s,
+/// and the clock moves a second at a time.
+#[tokio::test]
+async fn hooks_wait_for_their_bucket_without_asks_or_attempts() -> TestResult {
+    let env = Env::new().await?;
+    flow::limits::declare(
+        &env.db.pool,
+        &[FlowLimit::new("exchange:sim").rate(1, 1, Duration::from_secs(30))],
+    )
+    .await?;
+    let (asked, cancelled) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (a, c) = (asked.clone(), cancelled.clone());
+    let wf = Workflow::new("order", 1)
+        .max_attempts(1)
+        .step("hold", |_ctx: StepCtx| async {
+            Ok(StepOutcome::Continue(json!({})))
+        })
+        .compensate(move |ctx: StepCtx, _output: Value| {
+            let c = c.clone();
+            async move {
+                ctx.rate_limit("exchange:sim", 1)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                c.fetch_add(1, Ordering::SeqCst);
+                Ok(json!({ "released": true }))
+            }
+        })
+        .step("place", |ctx: StepCtx| async move {
+            match ctx
+                .external_call(|_key| async {
+                    Err(CallError::Unknown("the answer was lost".into()))
+                })
+                .await
+            {
+                Err(ExternalError::InDoubt(reason)) => Ok(StepOutcome::InDoubt(reason)),
+                other => Err(format!("expected in doubt, got {other:?}")),
+            }
+        })
+        .reconcile(move |ctx: StepCtx, _key: String| {
+            let a = a.clone();
+            async move {
+                ctx.rate_limit("exchange:sim", 1)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                a.fetch_add(1, Ordering::SeqCst);
+                Ok(Reconciled::Failed("the venue has no such order".into()))
+            }
+        });
+    let rt = WorkflowRuntime::with_config(
+        env.store.clone(),
+        WorkflowRegistry::new().register(wf)?,
+        ExecConfig::LOCKED_ONLY,
+    );
+    // Someone else just used the bucket's one token.
+    assert_eq!(
+        flow::take(&env.store, Uuid::now_v7(), "exchange:sim", 1).await?,
+        None
+    );
+    let id = rt.start("order", &json!({}), None).await?;
+    let mut snoozed = 0;
+    for _ in 0..200 {
+        env.store.job_promote_due(100).await?;
+        for outcome in run_all(&env, &rt).await? {
+            snoozed += usize::from(matches!(outcome, Outcome::Snooze(_)));
+        }
+        let state: String = sqlx::query_scalar("SELECT state FROM workflows WHERE id = $1")
+            .bind(id)
+            .fetch_one(&env.db.pool)
+            .await?;
+        if state != "running" && state != "waiting" && state != "compensating" {
+            assert_eq!(state, "compensated");
+            break;
+        }
+        env.advance_ms(1000);
+    }
+    assert_eq!(asked.load(Ordering::SeqCst), 1);
+    assert_eq!(cancelled.load(Ordering::SeqCst), 1);
+    assert!(
+        snoozed >= 2,
+        "the reconcile and the compensation each waited ({snoozed})"
+    );
+    let (asks, status): (i32, String) = sqlx::query_as(
+        "SELECT reconcile_attempts, status FROM workflow_steps
+         WHERE workflow_id = $1 AND step = 'place'",
+    )
+    .bind(id)
+    .fetch_one(&env.db.pool)
+    .await?;
+    assert_eq!((asks, status.as_str()), (1, "failed"), "one ask counted");
+    rt.shutdown().await;
+    Ok(())
 }
 
 /// A workflow-wide key holds its slot from the first step's claim to the workflow's end: the

@@ -272,8 +272,23 @@ impl StepCtx {
         if let Some(answered) = self.before_call() {
             return answered;
         }
+        self.rate_limit(key, weight).await?;
+        self.call_now(call).await
+    }
+
+    /// Charges `weight` to rate-limit key `key` for a request this run makes outside
+    /// [`Self::external_call_limited`]: a look-up, or a call from a compensation or a reconcile
+    /// hook. When the bucket lacks the weight, [`ExternalError::Deferred`] comes back: make no
+    /// request and return (any result) — the run's writes are discarded and its job runs again
+    /// at the bucket's turn, without using an attempt (a reconcile hook's deferred run does
+    /// not count as an ask). A key without a rate limit costs nothing.
+    pub async fn rate_limit(
+        &self,
+        key: &str,
+        weight: u32,
+    ) -> std::result::Result<(), ExternalError> {
         match crate::flow::take(&self.info.store, self.info.job_id, key, weight).await {
-            Ok(None) => self.call_now(call).await,
+            Ok(None) => Ok(()),
             Ok(Some(wait)) => {
                 self.track().deferred = Some(wait);
                 Err(ExternalError::Deferred(wait))

@@ -192,6 +192,16 @@ where
     move |ctx, key| f(Arc::clone(&deps), ctx, key)
 }
 
+/// Charges an exchange request of `weight` made outside `external_call_limited` (a look-up, a
+/// cancel) to the exchange's rate-limit key. Over the budget the error says so and the run makes
+/// no request: the engine discards the run and repeats it at the bucket's turn, without using
+/// an attempt.
+async fn charge_exchange(deps: &Deps, ctx: &StepCtx, weight: u32) -> Result<(), String> {
+    ctx.rate_limit(&deps.config.exchange_rate_key, weight)
+        .await
+        .map_err(|e| e.to_string())
+}
+
 /// The step's fenced connection, or a transient error.
 async fn db(ctx: &StepCtx) -> Result<ledgerflow_engine::workflow::StepDb, String> {
     ctx.db().await.map_err(|e| format!("step transaction: {e}"))

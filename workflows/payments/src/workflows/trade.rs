@@ -26,7 +26,8 @@
 //!    key `notification:trade:{id}:settled`) and finishes.
 use super::steps::{self, Row};
 use super::{
-    Deps, compensate_fn, db, now_param, output, reconcile_fn, refusal_or_retry, step_fn, str_field,
+    Deps, charge_exchange, compensate_fn, db, now_param, output, reconcile_fn, refusal_or_retry,
+    step_fn, str_field,
 };
 use crate::exchange::{self, IdempotencyKey, OrderRequest, OrderState, OrderStatus, Side};
 use crate::ids::{AccountId, UserId};
@@ -313,6 +314,7 @@ pub(super) fn call_error(e: exchange::Error) -> CallError {
 /// Reconcile hook of `place_order`: what became of the in-doubt order?
 pub async fn reconcile_order(deps: Arc<Deps>, ctx: StepCtx, key: String) -> ReconcileResult {
     let key = IdempotencyKey::new(key);
+    charge_exchange(&deps, &ctx, exchange::weight::ORDER_LOOKUP).await?;
     match deps.exchange.get_order_by_key(&key).await {
         Ok(Some(status)) => {
             let mut conn = db(&ctx).await?;
@@ -345,11 +347,13 @@ pub async fn reconcile_order(deps: Arc<Deps>, ctx: StepCtx, key: String) -> Reco
 /// Compensation of `place_order`: cancel the order (idempotent by key).
 /// A filled order cannot be undone here: the compensation keeps failing
 /// and the workflow ends `failed` for an operator.
-pub async fn cancel_order(deps: Arc<Deps>, _ctx: StepCtx, output: Value) -> CompensationResult {
+pub async fn cancel_order(deps: Arc<Deps>, ctx: StepCtx, output: Value) -> CompensationResult {
     let key = IdempotencyKey::new(str_field(&output, "idempotency_key")?);
+    charge_exchange(&deps, &ctx, exchange::weight::CANCEL_ORDER).await?;
     match deps.exchange.cancel_order(&key).await {
         Ok(status) => Ok(json!({ "cancelled": status.exchange_order_id })),
         Err(exchange::Error::Rejected(reason)) => {
+            charge_exchange(&deps, &ctx, exchange::weight::ORDER_LOOKUP).await?;
             match deps
                 .exchange
                 .get_order_by_key(&key)
@@ -391,6 +395,7 @@ async fn await_fill(deps: Arc<Deps>, ctx: StepCtx) -> StepResult {
         ));
     }
     // Timed out: cancel at the exchange (idempotent by key), unless it filled.
+    charge_exchange(&deps, &ctx, exchange::weight::CANCEL_ORDER).await?;
     match deps.exchange.cancel_order(&key).await {
         Ok(status) if status.state == OrderState::Filled => {
             Ok(StepOutcome::Continue(fill_from_status(&status)?))
@@ -403,6 +408,7 @@ async fn await_fill(deps: Arc<Deps>, ctx: StepCtx) -> StepResult {
             Ok(StepOutcome::Fail(reason.to_string()))
         }
         Err(exchange::Error::Rejected(reason)) => {
+            charge_exchange(&deps, &ctx, exchange::weight::ORDER_LOOKUP).await?;
             match deps
                 .exchange
                 .get_order_by_key(&key)

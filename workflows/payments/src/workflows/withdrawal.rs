@@ -28,7 +28,8 @@
 //!    notification; finishes.
 use super::steps::{self, Row};
 use super::{
-    Deps, compensate_fn, db, now_param, output, reconcile_fn, refusal_or_retry, step_fn, str_field,
+    Deps, charge_exchange, compensate_fn, db, now_param, output, reconcile_fn, refusal_or_retry,
+    step_fn, str_field,
 };
 use crate::exchange::{self, IdempotencyKey, WithdrawalRequest, WithdrawalState};
 use crate::ids::{AccountId, AdminId, UserId};
@@ -534,6 +535,7 @@ pub async fn submit_once(
 /// Reconcile hook of `submit`.
 pub async fn reconcile_submit(deps: Arc<Deps>, ctx: StepCtx, key: String) -> ReconcileResult {
     let key = IdempotencyKey::new(key);
+    charge_exchange(&deps, &ctx, exchange::weight::WITHDRAWAL_LOOKUP).await?;
     match deps.exchange.get_withdrawal_by_key(&key).await {
         Ok(Some(status)) => {
             let mut conn = db(&ctx).await?;
@@ -566,6 +568,7 @@ async fn await_confirmation(deps: Arc<Deps>, ctx: StepCtx) -> StepResult {
     let submitted = output(&ctx, SUBMIT_STEP)?;
     let key = IdempotencyKey::new(str_field(submitted, "idempotency_key")?);
     if ctx.timed_out() {
+        charge_exchange(&deps, &ctx, exchange::weight::WITHDRAWAL_LOOKUP).await?;
         match deps.exchange.get_withdrawal_by_key(&key).await {
             Ok(Some(s)) if s.state == WithdrawalState::Confirmed => {
                 return Ok(StepOutcome::Continue(json!({

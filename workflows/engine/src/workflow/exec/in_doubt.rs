@@ -52,8 +52,15 @@ pub(crate) async fn run_reconcile(
         prior_call: own.and_then(|j| j.call),
     };
     let (ctx, slot) = StepCtx::new(ctx_for, Some(tx), None);
-    let result = reconcile.call(ctx, idempotency_key(wf.id, step)).await;
+    let result = reconcile
+        .call(ctx.clone(), idempotency_key(wf.id, step))
+        .await;
     let mut tx = take_tx(&slot).await?;
+    if let Some(wait) = ctx.take_deferred() {
+        // Its rate-limited look-up found no room: not an ask; again at the bucket's turn.
+        tx.rollback().await?;
+        return Ok(Outcome::Snooze(wait));
+    }
     reconcile_asked_in(tx.conn(), wf.id, step, n).await?;
     let store = run.rt.store();
     let verdict = match result {

@@ -42,8 +42,13 @@ pub(crate) async fn run_compensation(
         prior_call: None,
     };
     let (ctx, slot) = StepCtx::new(ctx_for, Some(tx), None);
-    let result = compensate.call(ctx, output).await;
+    let result = compensate.call(ctx.clone(), output).await;
     let mut tx = take_tx(&slot).await?;
+    if let Some(wait) = ctx.take_deferred() {
+        // Its rate-limited call found no room: nothing kept, no attempt used.
+        tx.rollback().await?;
+        return Ok(Outcome::Snooze(wait));
+    }
     let at = step_at(wf, def, idx);
     let lease = &run.job.lease;
     match result {
