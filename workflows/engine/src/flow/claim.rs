@@ -1,7 +1,8 @@
 //! The controlled claim of a flow-controlled queue: one transaction of three statements.
 //!
 //! 1. Lock a window of available jobs in claim order (`SKIP LOCKED`), resolve their keys'
-//!    limits, and take the advisory lock of every limited key in one global order.
+//!    limits, and take the advisory lock of every limited key in one global order. When full
+//!    keys' backlogs hid the free keys from the usual look-ahead, start again with a deeper one.
 //! 2. Count the holders of those keys. This statement's snapshot is taken after the locks,
 //!    and a claimer releases its locks only when it commits, so every earlier claim of those
 //!    keys is visible: two claimers can never both see the last free slot.
@@ -15,11 +16,19 @@ use crate::claimed::{ClaimedJob, claimed_from_row};
 use crate::{Result, Store};
 use std::sync::Arc;
 
-/// How many candidates a claim for `want` jobs looks at: enough to step over jobs whose key
-/// is full without starving the claim, bounded so a claim stays one short statement.
+/// How many candidates a claim for `want` jobs locks: a quarter more than it wants, for the
+/// few a concurrent claim fills first (keys already full, and a key's jobs beyond its limit,
+/// are left out before locking), bounded so a claim stays one short statement.
 fn window(want: u32) -> i64 {
-    (i64::from(want) * 4).clamp(16, 2_000)
+    let want = i64::from(want);
+    (want + (want / 4).max(4)).clamp(1, 2_000)
 }
+
+/// How far past the window a claim looks for candidates before locking (× the window): the
+/// usual look-ahead, and the deeper one a claim retries with when the usual one ended short
+/// among full keys' backlogs (which the per-key cap leaves out).
+const LOOK_AHEAD: i64 = 8;
+const DEEP_LOOK_AHEAD: i64 = 40;
 
 /// Claims up to `want` jobs of flow-controlled `queue` for `owner`.
 pub async fn claim(
@@ -29,7 +38,14 @@ pub async fn claim(
     want: u32,
 ) -> Result<Vec<ClaimedJob>> {
     let mut tx = store.pool().begin().await?;
-    let found = db::lock_candidates(&mut tx, queue, window(want)).await?;
+    let mut found = db::lock_candidates(&mut tx, queue, window(want), LOOK_AHEAD).await?;
+    if found.short_of_depth {
+        // Behind a full key's backlog: look again, deeper, from scratch (no lock is taken
+        // twice, so the global lock order holds).
+        tx.rollback().await?;
+        tx = store.pool().begin().await?;
+        found = db::lock_candidates(&mut tx, queue, window(want), DEEP_LOOK_AHEAD).await?;
+    }
     if found.candidates.is_empty() {
         tx.commit().await?;
         return Ok(Vec::new());

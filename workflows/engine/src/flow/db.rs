@@ -48,12 +48,16 @@ pub(crate) struct Found {
     pub candidates: Vec<Candidate>,
     /// The limited keys (locked), with their limits.
     pub limits: HashMap<String, KeyLimit>,
+    /// Fewer candidates than there was room for, and the look-ahead ended at its depth: free
+    /// keys may lie deeper, behind full keys' backlogs.
+    pub short_of_depth: bool,
 }
 
-/// Statement 1: locks up to `window` available jobs of `queue` in claim order (skipping rows
+/// Statement 1: locks up to `window` available jobs of `queue` (no more than the queue limit's
+/// free slots, when it has one) in claim order (skipping rows
 /// others hold, jobs of keys this statement's snapshot already sees at their limit, and a
-/// key's jobs beyond its limit among the first `8 × window` — so one key's backlog cannot fill
-/// the window and hide the free keys behind it), resolves
+/// key's jobs beyond its limit among the first `depth` × the window — so one key's backlog
+/// cannot fill the window and hide the free keys behind it), resolves
 /// the limits of their keys and of the queue, and takes the advisory lock of every limited key,
 /// in hash order (one global order: claimers never deadlock). The snapshot's view of full keys
 /// is only a filter: statement 2 decides under the locks. Commits asynchronously, as the fast
@@ -62,6 +66,7 @@ pub(crate) async fn lock_candidates(
     conn: &mut PgConnection,
     queue: &str,
     window: i64,
+    depth: i64,
 ) -> Result<Found> {
     let rows = sqlx::query(
         "WITH t AS (SELECT set_config('synchronous_commit', 'off', true) AS async_commit),
@@ -71,6 +76,17 @@ pub(crate) async fn lock_candidates(
            UNION ALL
            SELECT flow_key, count(*) FROM workflows
            WHERE flow_admitted AND finished_at IS NULL AND flow_key IS NOT NULL GROUP BY 1
+         ),
+         room AS (
+           -- Under a queue limit, no more candidates than the queue's free slots this snapshot
+           -- sees (statement 2 decides under the lock): a claim waiting for one slot to free
+           -- locks one job, not a window.
+           SELECT CASE WHEN l.concurrency IS NULL THEN $2::bigint
+                       ELSE least($2::bigint, greatest(0, l.concurrency - (
+                              SELECT count(*) FROM jobs
+                              WHERE state = 'running' AND queue = $1)))
+                  END AS n
+           FROM (SELECT (SELECT concurrency FROM flow_limits WHERE key = $3) AS concurrency) l
          ),
          full_keys AS (
            SELECT h.k FROM held h
@@ -91,7 +107,7 @@ pub(crate) async fn lock_candidates(
              AND (j.flow_key IS NULL OR j.flow_key NOT IN (SELECT k FROM full_keys))
              AND (w.flow_key IS NULL OR w.flow_key NOT IN (SELECT k FROM full_keys))
            ORDER BY j.priority, j.fair_seq, j.run_at, j.id
-           LIMIT $2 * 8
+           LIMIT least(16000, (SELECT n FROM room) * $5)
          ),
          ranked AS (
            SELECT pre.*, row_number() OVER (PARTITION BY pre.k
@@ -105,7 +121,7 @@ pub(crate) async fn lock_candidates(
                               ORDER BY f.key = r.k DESC LIMIT 1) l ON r.k IS NOT NULL
            WHERE r.k IS NULL OR r.nth <= coalesce(l.concurrency, $2)
            ORDER BY r.priority, r.fair_seq, r.run_at, r.id
-           LIMIT $2
+           LIMIT (SELECT n FROM room)
          ),
          c AS (
            SELECT j.id, j.flow_key, j.rate_key, j.rate_weight, w.flow_key AS wf_key, w.id AS wf_id,
@@ -146,6 +162,10 @@ pub(crate) async fn lock_candidates(
            SELECT 1, NULL, lim.k, NULL, NULL, NULL, lim.concurrency, lim.rate_capacity,
                   lim.rate_refill, lim.rate_window_ms, NULL, NULL, NULL, NULL, NULL
            FROM lim
+           UNION ALL
+           SELECT 2, NULL, NULL, NULL, NULL, NULL, NULL, (SELECT count(*) FROM pre),
+                  least(16000, (SELECT n FROM room) * $5), (SELECT n FROM room),
+                  NULL, NULL, NULL, NULL, NULL
          ) x, locked, t
          ORDER BY x.part, x.priority, x.fair_seq, x.run_at, x.id",
     )
@@ -153,13 +173,25 @@ pub(crate) async fn lock_candidates(
     .bind(window)
     .bind(super::queue_key(queue))
     .bind(LOCK_CLASS)
+    .bind(depth)
     .fetch_all(&mut *conn)
     .await?;
     let mut limits = HashMap::new();
     let mut raw = Vec::new();
+    let mut short_of_depth = false;
     for r in &rows {
         let part: i32 = r.try_get(0)?;
-        if part == 1 {
+        if part == 2 {
+            let scanned: Option<i64> = r.try_get(7)?;
+            let looked: Option<i64> = r.try_get(8)?;
+            let room: Option<i64> = r.try_get(9)?;
+            let wanted = usize::try_from(room.unwrap_or(0)).unwrap_or(0);
+            let picked = rows
+                .iter()
+                .filter(|r| r.try_get::<i32, _>(0).ok() == Some(0))
+                .count();
+            short_of_depth = scanned == looked && picked < wanted;
+        } else if part == 1 {
             let key: String = r.try_get(2)?;
             let concurrency: Option<i32> = r.try_get(6)?;
             let cap: Option<i64> = r.try_get(7)?;
@@ -211,7 +243,11 @@ pub(crate) async fn lock_candidates(
             prepaid,
         })
         .collect();
-    Ok(Found { candidates, limits })
+    Ok(Found {
+        candidates,
+        limits,
+        short_of_depth,
+    })
 }
 
 /// Statement 2, under the key locks and so with a snapshot that sees every earlier claim of
