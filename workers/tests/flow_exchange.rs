@@ -113,6 +113,11 @@ async fn trades_faster_than_the_budget_get_no_429_and_most_of_the_budget() -> Te
     runtime.shutdown().await;
     sim.stop().await?;
 
+    eprintln!(
+        "exchange budget used: {} of {} weight in two windows, {deferrals} deferrals",
+        (after.orders_created - before.orders_created) * TRADE_WEIGHT,
+        2 * budget.weight
+    );
     assert_eq!(after.rate_limited, 0, "the exchange answered 429");
     let spent = (after.orders_created - before.orders_created) * TRADE_WEIGHT;
     let allowed = 2 * u64::from(budget.weight);
@@ -120,11 +125,10 @@ async fn trades_faster_than_the_budget_get_no_429_and_most_of_the_budget() -> Te
         spent <= allowed,
         "{spent} weight in two windows, budget {allowed}"
     );
-    // The floor is below what the issue asks ("within a few percent"): measured 80-92 % on
-    // this 2-core machine with a 10 s window (docs/benchmarks.md, Flow control); the gap is
-    // open on issue 14.
+    // The bucket keeps its burst and 1 % of the budget in reserve for calls that reach the
+    // exchange late, so about 97 % is the ceiling; measured 95-96.5 % (docs/benchmarks.md).
     assert!(
-        spent * 100 >= allowed * 70,
+        spent * 100 >= allowed * 90,
         "only {spent} weight of {allowed} in two windows ({elapsed:?}, {deferrals} deferrals)"
     );
     Ok(())
