@@ -8,7 +8,7 @@
 //!
 //! The server comes from `TEST_DATABASE_URL` (or `DATABASE_URL`), defaulting to
 //! the role and database that `cargo xtask test` creates.
-use crate::{MIGRATOR, Result};
+use crate::{MIGRATOR, ManualClock, Result, RetryPolicy, Store, StoreConfig};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
 use std::str::FromStr;
@@ -104,6 +104,24 @@ fn drop_database(name: &str) -> Result<()> {
         admin.close().await?;
         Ok(())
     })
+}
+
+/// The store the deterministic tests share: on `pool`, driven by `clock`, with 30 s leases, no
+/// NOTIFY, and retries from 10 s to an hour without jitter (so every backoff is exact).
+pub fn manual_store(pool: &PgPool, clock: &ManualClock) -> Store {
+    Store::with_config(
+        pool.clone(),
+        StoreConfig {
+            lease_ttl: std::time::Duration::from_secs(30),
+            notify: false,
+            retry: RetryPolicy {
+                base: std::time::Duration::from_secs(10),
+                max: std::time::Duration::from_secs(3600),
+                jitter: 0.0,
+            },
+        },
+    )
+    .with_clock(std::sync::Arc::new(clock.clone()))
 }
 
 fn template_name() -> String {

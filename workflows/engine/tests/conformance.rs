@@ -12,10 +12,9 @@ use chrono::{DateTime, Utc};
 use ledgerflow_engine::store::ClaimedJob;
 use ledgerflow_engine::testing::TestDb;
 use ledgerflow_engine::{
-    CallError, ExecConfig, Inline, ManualClock, NewJob, Outcome, Reconciled, Resolution,
-    RetryPolicy, StepCtx, StepHandler, StepOutcome, Store, StoreConfig, WORKFLOW_JOB_KIND,
-    Workflow, WorkflowId, WorkflowRegistry, WorkflowRuntime, signal_send, workflow_cancel_in,
-    workflow_resolve_in, workflow_retry_in,
+    CallError, ExecConfig, Inline, ManualClock, NewJob, Outcome, Reconciled, Resolution, StepCtx,
+    StepHandler, StepOutcome, Store, WORKFLOW_JOB_KIND, Workflow, WorkflowId, WorkflowRegistry,
+    WorkflowRuntime, signal_send, workflow_cancel_in, workflow_resolve_in, workflow_retry_in,
 };
 use serde_json::{Value, json};
 use std::future::Future;
@@ -66,19 +65,7 @@ impl Rig {
     async fn new(registry: WorkflowRegistry, config: ExecConfig) -> TestResult<Self> {
         let db = TestDb::with_pool_size(16).await?;
         let clock = ManualClock::new(t0());
-        let store = Store::with_config(
-            db.pool.clone(),
-            StoreConfig {
-                lease_ttl: Duration::from_secs(30),
-                notify: false,
-                retry: RetryPolicy {
-                    base: Duration::from_secs(10),
-                    max: Duration::from_secs(3600),
-                    jitter: 0.0,
-                },
-            },
-        )
-        .with_clock(Arc::new(clock.clone()));
+        let store = ledgerflow_engine::testing::manual_store(&db.pool, &clock);
         sqlx::query("CREATE TABLE effects (workflow_id uuid NOT NULL, what text NOT NULL)")
             .execute(&db.pool)
             .await?;

@@ -8,9 +8,8 @@ use ledgerflow_engine::testing::TestDb;
 use ledgerflow_engine::workflow::StepRow;
 use ledgerflow_engine::workflow_testing::WorkflowHarness;
 use ledgerflow_engine::{
-    CallError, ExternalError, ManualClock, Reconciled, Resolution, Result, RetryPolicy, StepCtx,
-    StepOutcome, Store, StoreConfig, Workflow, WorkflowId, WorkflowRegistry, workflow_resolve_in,
-    workflow_retry_in,
+    CallError, ExternalError, ManualClock, Reconciled, Resolution, Result, StepCtx, StepOutcome,
+    Store, Workflow, WorkflowId, WorkflowRegistry, workflow_resolve_in, workflow_retry_in,
 };
 use serde_json::{Value, json};
 use std::collections::HashMap;
@@ -35,19 +34,7 @@ impl Env {
     async fn new() -> Result<Self> {
         let db = TestDb::new().await?;
         let clock = ManualClock::new(t0());
-        let store = Store::with_config(
-            db.pool.clone(),
-            StoreConfig {
-                lease_ttl: Duration::from_secs(30),
-                notify: false,
-                retry: RetryPolicy {
-                    base: Duration::from_secs(10),
-                    max: Duration::from_secs(3600),
-                    jitter: 0.0,
-                },
-            },
-        )
-        .with_clock(Arc::new(clock.clone()));
+        let store = ledgerflow_engine::testing::manual_store(&db.pool, &clock);
         Ok(Self {
             _db: db,
             clock,

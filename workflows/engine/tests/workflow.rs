@@ -11,9 +11,9 @@ use ledgerflow_engine::testing::TestDb;
 use ledgerflow_engine::workflow::{StepRow, WorkflowRow, workflow_get_in, workflow_steps_in};
 use ledgerflow_engine::workflow_testing::WorkflowHarness;
 use ledgerflow_engine::{
-    ExecConfig, Inline, ManualClock, NewJob, Outcome, Result, RetryPolicy, SignalSent, StepCtx,
-    StepHandler, StepOutcome, Store, StoreConfig, WORKFLOW_JOB_KIND, Workflow, WorkflowId,
-    WorkflowRegistry, WorkflowRuntime, signal_send, workflow_cancel_in, workflow_retry_in,
+    ExecConfig, Inline, ManualClock, NewJob, Outcome, Result, SignalSent, StepCtx, StepHandler,
+    StepOutcome, Store, WORKFLOW_JOB_KIND, Workflow, WorkflowId, WorkflowRegistry, WorkflowRuntime,
+    signal_send, workflow_cancel_in, workflow_retry_in,
 };
 use serde_json::{Value, json};
 use sqlx::PgPool;
@@ -42,19 +42,7 @@ impl Env {
     async fn new() -> Result<Self> {
         let db = TestDb::new().await?;
         let clock = ManualClock::new(t0());
-        let store = Store::with_config(
-            db.pool.clone(),
-            StoreConfig {
-                lease_ttl: Duration::from_secs(30),
-                notify: false,
-                retry: RetryPolicy {
-                    base: Duration::from_secs(10),
-                    max: Duration::from_secs(3600),
-                    jitter: 0.0,
-                },
-            },
-        )
-        .with_clock(Arc::new(clock.clone()));
+        let store = ledgerflow_engine::testing::manual_store(&db.pool, &clock);
         sqlx::query("CREATE TABLE effects (workflow_id uuid NOT NULL, step text NOT NULL)")
             .execute(&db.pool)
             .await?;

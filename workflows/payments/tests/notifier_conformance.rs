@@ -17,7 +17,7 @@ use chrono::{DateTime, Utc};
 use ledgerflow_engine::testing::TestDb;
 use ledgerflow_engine::workflow::StepRow;
 use ledgerflow_engine::workflow_testing::WorkflowHarness;
-use ledgerflow_engine::{ManualClock, RetryPolicy, Store, StoreConfig, WorkflowId};
+use ledgerflow_engine::{ManualClock, WorkflowId};
 use ledgerflow_payments::exchange::conformance as exchange_conformance;
 use ledgerflow_payments::exchange::http::{HttpConfig as ExchangeHttpConfig, HttpExchange};
 use ledgerflow_payments::exchange::server::{HttpSimControls, RunningSimulator, SimServerConfig};
@@ -246,19 +246,7 @@ impl Env {
     ) -> TestResult<Self> {
         let db = TestDb::new().await?;
         let clock = ManualClock::new(t0());
-        let store = Store::with_config(
-            db.pool.clone(),
-            StoreConfig {
-                lease_ttl: Duration::from_secs(30),
-                notify: false,
-                retry: RetryPolicy {
-                    base: Duration::from_secs(10),
-                    max: Duration::from_secs(3600),
-                    jitter: 0.0,
-                },
-            },
-        )
-        .with_clock(Arc::new(clock.clone()));
+        let store = ledgerflow_engine::testing::manual_store(&db.pool, &clock);
         let server = server().await;
         let registry = workflows::registry(Deps {
             exchange: Arc::new(SimulatedExchange::new(SimConfig::default())),

@@ -4,9 +4,8 @@ use chrono::{DateTime, TimeDelta, Utc};
 use ledgerflow_engine::flow::{self, FlowLimit, LimitChange};
 use ledgerflow_engine::store::ClaimedJob;
 use ledgerflow_engine::testing::TestDb;
-use ledgerflow_engine::{Inserted, ManualClock, NewJob, Result, RetryPolicy, Store, StoreConfig};
+use ledgerflow_engine::{Inserted, ManualClock, NewJob, Result, Store};
 use std::sync::Arc;
-use std::time::Duration;
 
 pub type TestResult = std::result::Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
@@ -29,19 +28,7 @@ impl Env {
     }
 
     pub fn store_on(db: &TestDb, clock: &ManualClock) -> Store {
-        Store::with_config(
-            db.pool.clone(),
-            StoreConfig {
-                lease_ttl: Duration::from_secs(30),
-                notify: false,
-                retry: RetryPolicy {
-                    base: Duration::from_secs(10),
-                    max: Duration::from_secs(3600),
-                    jitter: 0.0,
-                },
-            },
-        )
-        .with_clock(Arc::new(clock.clone()))
+        ledgerflow_engine::testing::manual_store(&db.pool, clock)
     }
 
     /// Another process's store: its own cache of flow-controlled queues.

@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use ledgerflow_engine::testing::TestDb;
 use ledgerflow_engine::workflow_testing::WorkflowHarness;
-use ledgerflow_engine::{ManualClock, RetryPolicy, Store, StoreConfig, WorkflowId};
+use ledgerflow_engine::{ManualClock, WorkflowId};
 use ledgerflow_payments::exchange::Event;
 use ledgerflow_payments::exchange::sim::{SimConfig, SimulatedExchange};
 use ledgerflow_payments::ledger;
@@ -63,19 +63,7 @@ impl Env {
     pub async fn with_config(config: WorkflowsConfig) -> TestResult<Self> {
         let db = TestDb::with_pool_size(24).await?;
         let clock = ManualClock::new(t0());
-        let store = Store::with_config(
-            db.pool.clone(),
-            StoreConfig {
-                lease_ttl: Duration::from_secs(30),
-                notify: false,
-                retry: RetryPolicy {
-                    base: Duration::from_secs(10),
-                    max: Duration::from_secs(3600),
-                    jitter: 0.0,
-                },
-            },
-        )
-        .with_clock(Arc::new(clock.clone()));
+        let store = ledgerflow_engine::testing::manual_store(&db.pool, &clock);
         let sim = Arc::new(SimulatedExchange::new(SimConfig::default()));
         let notifier = Arc::new(SimulatedNotifier::new());
         let registry = workflows::registry(Deps {
