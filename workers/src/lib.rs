@@ -6,11 +6,10 @@
 //!
 //! Kafka ingress consumers, the cron scheduler and the outbox relay join this
 //! crate as their own modules; [`telemetry`] installs every binary's logs and
-//! traces, [`ingress_trace`] continues a consumed message's trace.
+//! traces, [`ingress::trace`] continues a consumed message's trace.
 
 pub mod dead_letters;
 pub mod ingress;
-pub mod ingress_trace;
 pub mod kafka;
 pub mod metrics;
 pub mod ops;
