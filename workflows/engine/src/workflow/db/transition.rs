@@ -14,7 +14,7 @@
 //!
 //! They share their journal upsert ([`journal_completed_on_conflict`]); that the rest of what
 //! they write agrees is proven by the engine's conformance suite
-//! (`workflows/engine/tests/conformance.rs`), which runs every workflow behaviour under each
+//! (`workflows/engine/tests/conformance/`), which runs every workflow behaviour under each
 //! execution configuration — and so through each of these shapes — and compares the rows. The
 //! one difference by design is the moved job row: [`checkpoint_move_in`] gives it the
 //! successor's unique key and `run_at` (an index change), [`checkpoint_batch_in`] keeps them so
