@@ -52,6 +52,7 @@ pub mod error;
 mod flow_metrics;
 pub mod idempotency;
 pub mod input;
+pub mod json_body;
 pub mod metrics;
 pub mod middleware;
 pub mod ops;

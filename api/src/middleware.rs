@@ -13,7 +13,7 @@
 //!    and stopping there (chunked bodies without a length are bounded the
 //!    same way, so memory per request is bounded by the limit);
 //! 5. refuses a JSON body with a duplicate key or a U+0000 (400,
-//!    [`crate::input::check_json_body`]), except on the routes whose
+//!    [`crate::json_body::check_json_body`]), except on the routes whose
 //!    handlers verify raw bytes first ([`Limits::raw_bodies`]: webhooks,
 //!    whose signature decides before anything else);
 //! 6. runs the request under a deadline (503 `timeout` problem past it),
@@ -257,7 +257,7 @@ async fn handle<E: Endpoint>(ep: &E, req: Request, limits: &Limits) -> Response 
                 }
             };
             if !body.is_empty()
-                && let Err(e) = crate::input::check_json_body(&body)
+                && let Err(e) = crate::json_body::check_json_body(&body)
             {
                 return e.into_response();
             }

@@ -390,7 +390,7 @@ pub async fn receive(
     }
     // Signed, but still judged like every other JSON body: no duplicate
     // key (which of two ids would the provider have meant?), no U+0000.
-    let checked = crate::input::check_json_body(&body).and_then(|()| {
+    let checked = crate::json_body::check_json_body(&body).and_then(|()| {
         serde_json::from_slice::<Value>(&body)
             .map_err(|_| Error::Validation("the body is not JSON".into()))
     });
