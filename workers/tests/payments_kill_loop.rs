@@ -38,11 +38,9 @@ mod private_pg;
 #[path = "common/proc.rs"]
 mod proc;
 
-use ledgerflow_payments::exchange::server::{
-    HttpSimControls, RunningSimulator, SimServerConfig, WebhookTarget,
-};
-use ledgerflow_payments::exchange::signature::Scheme;
+use ledgerflow_payments::exchange::server::{HttpSimControls, RunningSimulator};
 use ledgerflow_payments::exchange::sim::SimConfig;
+use payments_load::PROVIDER;
 use payments_load::{
     Accepted, Client, ExchangeCalls, Request, Rng, TestResult, User, check_payments, env_u64,
     fund_user, plan, run_client,
@@ -62,7 +60,6 @@ const DEFAULT_SEED: u64 = 20_261_207;
 const DEFAULT_CHAOS_SECS: u64 = 35;
 const DATABASE: &str = "ledgerflow";
 /// The webhook provider name the simulator posts as.
-const PROVIDER: &str = "exchange";
 const USERS: usize = 4;
 
 // ----------------------------------------------------------- latency proxy
@@ -325,22 +322,16 @@ impl Rig {
         let (api_addr, admin_addr) = (port()?, port()?);
         let (api_ops, worker_ops) = (port()?, port()?);
         let secret = format!("kill-loop-secret-{seed:x}-{}", Uuid::now_v7().simple());
-        let sim = RunningSimulator::start(SimServerConfig {
-            sim: SimConfig {
+        let sim = payments_load::start_simulator(
+            &api_addr,
+            &secret,
+            SimConfig {
                 seed,
                 fill_delay_ms: 300,
                 confirm_delay_ms: 300,
                 ..SimConfig::default()
             },
-            webhook: Some(WebhookTarget {
-                url: format!("http://{api_addr}/v1/webhooks/{PROVIDER}"),
-                secret: secret.clone(),
-                scheme: Scheme::Stripe,
-            }),
-            tick: Some(Duration::from_millis(100)),
-            delivery_timeout: Duration::from_secs(3),
-            ..SimServerConfig::default()
-        })
+        )
         .await?;
         let sim_url = sim.base_url();
         let controls = HttpSimControls::new(&sim_url, None)?;

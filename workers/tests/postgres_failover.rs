@@ -50,12 +50,10 @@ use broker::Broker;
 use chrono::{DateTime, Utc};
 use forwarder::Forwarder;
 use ledgerflow_engine::{NewJob, Store};
-use ledgerflow_payments::exchange::server::{
-    HttpSimControls, RunningSimulator, SimServerConfig, WebhookTarget,
-};
-use ledgerflow_payments::exchange::signature::Scheme;
+use ledgerflow_payments::exchange::server::{HttpSimControls, RunningSimulator};
 use ledgerflow_payments::exchange::sim::SimConfig;
 use ledgerflow_payments::workflows::EVENTS_TOPIC;
+use payments_load::PROVIDER;
 use payments_load::{
     Accepted, Client, ExchangeCalls, Rng, TestResult, User, check_payments, env_u64, fund_user,
     plan, run_client,
@@ -74,7 +72,6 @@ const DEFAULT_SEED: u64 = 20_261_208;
 const DATABASE: &str = "ledgerflow";
 const STANDBY: &str = "standby1";
 /// The webhook provider name the simulator posts as.
-const PROVIDER: &str = "exchange";
 const USERS: usize = 3;
 /// How long the load runs; the faults come at fixed points inside it.
 const LOAD: Duration = Duration::from_secs(36);
@@ -177,22 +174,16 @@ impl Rig {
         let port = || private_pg::free_port().map(|p| format!("127.0.0.1:{p}"));
         let (api_addr, admin_addr) = (port()?, port()?);
         let secret = format!("failover-secret-{seed:x}-{}", Uuid::now_v7().simple());
-        let sim = RunningSimulator::start(SimServerConfig {
-            sim: SimConfig {
+        let sim = payments_load::start_simulator(
+            &api_addr,
+            &secret,
+            SimConfig {
                 seed,
                 fill_delay_ms: 300,
                 confirm_delay_ms: 300,
                 ..SimConfig::default()
             },
-            webhook: Some(WebhookTarget {
-                url: format!("http://{api_addr}/v1/webhooks/{PROVIDER}"),
-                secret: secret.clone(),
-                scheme: Scheme::Stripe,
-            }),
-            tick: Some(Duration::from_millis(100)),
-            delivery_timeout: Duration::from_secs(3),
-            ..SimServerConfig::default()
-        })
+        )
         .await?;
         let sim_url = sim.base_url();
         let controls = HttpSimControls::new(&sim_url, None)?;

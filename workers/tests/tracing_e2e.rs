@@ -34,11 +34,10 @@ mod proc;
 use broker::Broker;
 use common::wait_for;
 use ledgerflow_engine::testing::TestDb;
-use ledgerflow_payments::exchange::server::{RunningSimulator, SimServerConfig, WebhookTarget};
-use ledgerflow_payments::exchange::signature::Scheme;
 use ledgerflow_payments::exchange::sim::SimConfig;
 use ledgerflow_payments::workflows::EVENTS_TOPIC;
 use otlp::{Receiver, Span};
+use payments_load::PROVIDER;
 use payments_load::{Request, Side, TestResult, fund_user};
 use proc::Proc;
 use serde_json::json;
@@ -47,7 +46,6 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
-const PROVIDER: &str = "exchange";
 /// The queue the ingress turns the trade's events into; no worker runs it, so the job stays
 /// for the test to read.
 const CONSUMED_QUEUE: &str = "traced";
@@ -90,20 +88,14 @@ async fn a_trade_is_one_trace_across_api_worker_kill_9_restart_and_kafka() -> Te
     let port = || private_pg::free_port().map(|p| format!("127.0.0.1:{p}"));
     let (api_addr, admin_addr) = (port()?, port()?);
     let secret = format!("tracing-secret-{}", Uuid::now_v7().simple());
-    let sim = RunningSimulator::start(SimServerConfig {
-        sim: SimConfig {
+    let sim = payments_load::start_simulator(
+        &api_addr,
+        &secret,
+        SimConfig {
             fill_delay_ms: 200,
             ..SimConfig::default()
         },
-        webhook: Some(WebhookTarget {
-            url: format!("http://{api_addr}/v1/webhooks/{PROVIDER}"),
-            secret: secret.clone(),
-            scheme: Scheme::Stripe,
-        }),
-        tick: Some(Duration::from_millis(100)),
-        delivery_timeout: Duration::from_secs(3),
-        ..SimServerConfig::default()
-    })
+    )
     .await?;
     let sim_url = sim.base_url();
 

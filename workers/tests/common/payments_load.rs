@@ -9,8 +9,11 @@
 //! `postgres_failover.rs` (the database taken away).
 // Each test binary that includes this uses a different part of it.
 #![allow(dead_code)]
-use ledgerflow_payments::exchange::server::HttpSimControls;
-use ledgerflow_payments::exchange::sim::{Counters, SimControls};
+use ledgerflow_payments::exchange::server::{
+    HttpSimControls, RunningSimulator, SimServerConfig, WebhookTarget,
+};
+use ledgerflow_payments::exchange::signature::Scheme;
+use ledgerflow_payments::exchange::sim::{Counters, SimConfig, SimControls};
 use ledgerflow_payments::exchange::{OrderState, WithdrawalState};
 use ledgerflow_payments::workflows::{trade, withdrawal};
 use ledgerflow_payments::{Amount, UserId, ledger, users};
@@ -54,6 +57,31 @@ impl Rng {
     pub fn pick<T: Copy>(&mut self, items: &[T]) -> T {
         items[usize::try_from(self.below(items.len() as u64)).unwrap_or(0)]
     }
+}
+
+/// The webhook provider name the end-to-end tests register (Stripe-style signatures).
+pub const PROVIDER: &str = "exchange";
+
+/// The exchange simulator of the end-to-end tests: `sim`'s behaviour, its events signed with
+/// `secret` and POSTed to the API at `api_addr` (`/v1/webhooks/{PROVIDER}`) as they fall due,
+/// every 100 ms of wall time.
+pub async fn start_simulator(
+    api_addr: &str,
+    secret: &str,
+    sim: SimConfig,
+) -> TestResult<RunningSimulator> {
+    Ok(RunningSimulator::start(SimServerConfig {
+        sim,
+        webhook: Some(WebhookTarget {
+            url: format!("http://{api_addr}/v1/webhooks/{PROVIDER}"),
+            secret: secret.to_string(),
+            scheme: Scheme::Stripe,
+        }),
+        tick: Some(Duration::from_millis(100)),
+        delivery_timeout: Duration::from_secs(3),
+        ..SimServerConfig::default()
+    })
+    .await?)
 }
 
 pub fn env_u64(name: &str) -> Option<u64> {
