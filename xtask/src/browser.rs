@@ -79,21 +79,14 @@ fn ensure_chromium() -> Result<PathBuf> {
              CHROMIUM to its path"
         );
     }
-    if !is_root()? {
+    if !cmd::is_root()? {
         bail!(
             "Chromium is not installed: run `sudo apt-get install -y chromium chromium-driver` \
              (or set CHROMIUM to an installed Chromium)"
         );
     }
     println!("Chromium missing: installing Debian's chromium with apt-get");
-    let apt = |args: &[&str]| {
-        let mut c = Command::new("apt-get");
-        c.env("DEBIAN_FRONTEND", "noninteractive").args(args);
-        c
-    };
-    // A fresh machine may have no package lists yet.
-    cmd::run(&mut apt(&["update"]))?;
-    cmd::run(&mut apt(&["install", "-y", "chromium", "chromium-driver"]))?;
+    cmd::apt_install(&["chromium", "chromium-driver"])?;
     if !path.exists() {
         bail!(
             "apt-get installed chromium but {} is missing",
@@ -101,10 +94,6 @@ fn ensure_chromium() -> Result<PathBuf> {
         );
     }
     Ok(path)
-}
-
-fn is_root() -> Result<bool> {
-    Ok(cmd::read(Command::new("id").arg("-u"))? == "0")
 }
 
 /// Node's version (e.g. `v20.20.2`), or an error saying how to install a recent one.

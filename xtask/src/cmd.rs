@@ -118,6 +118,27 @@ fn is_executable(path: &Path) -> bool {
         .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
+/// True when this process runs as root (and so may install packages).
+pub fn is_root() -> Result<bool> {
+    Ok(read(Command::new("id").arg("-u"))? == "0")
+}
+
+/// Installs Debian `packages` with apt-get, non-interactively, after updating the package
+/// lists (a fresh machine may have none). The caller checks [`is_root`] first, with its own
+/// advice for a developer who is not.
+pub fn apt_install(packages: &[&str]) -> Result<()> {
+    for args in [
+        &["update"][..],
+        &[&["install", "-y"][..], packages].concat()[..],
+    ] {
+        run(Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdin(Stdio::null()))?;
+    }
+    Ok(())
+}
+
 /// Cargo's target directory: `$CARGO_TARGET_DIR` (relative to `root` when
 /// relative) or `root/target`.
 pub fn target_dir(root: &std::path::Path) -> std::path::PathBuf {

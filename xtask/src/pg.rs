@@ -247,10 +247,6 @@ fn require_tool(tool: &str, package: &str) -> Result<()> {
     Ok(())
 }
 
-fn is_root() -> Result<bool> {
-    Ok(cmd::read(Command::new("id").arg("-u"))? == "0")
-}
-
 /// A Debian cluster as listed by `pg_lsclusters`.
 struct ClusterInfo {
     port: u16,
@@ -319,7 +315,7 @@ fn ensure_server_installed() -> Result<()> {
     if Path::new(SERVER_BINARY).exists() && cmd::which("pg_ctlcluster").is_some() {
         return Ok(());
     }
-    if !is_root()? {
+    if !cmd::is_root()? {
         bail!(
             "PostgreSQL {PG_MAJOR} is not installed ({SERVER_BINARY} is missing): install it with \
              `sudo apt-get install -y postgresql-{PG_MAJOR}`, or set TEST_DATABASE_URL to a server \
@@ -327,18 +323,7 @@ fn ensure_server_installed() -> Result<()> {
         );
     }
     println!("PostgreSQL {PG_MAJOR} is not installed: installing postgresql-{PG_MAJOR}");
-    cmd::run(
-        Command::new("apt-get")
-            .arg("update")
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .stdin(Stdio::null()),
-    )?;
-    cmd::run(
-        Command::new("apt-get")
-            .args(["install", "-y", &format!("postgresql-{PG_MAJOR}")])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .stdin(Stdio::null()),
-    )?;
+    cmd::apt_install(&[&format!("postgresql-{PG_MAJOR}")])?;
     if !Path::new(SERVER_BINARY).exists() {
         bail!("installed postgresql-{PG_MAJOR}, but {SERVER_BINARY} is still missing");
     }
@@ -377,7 +362,7 @@ fn postgres_psql(port: u16) -> Result<Command> {
     let me = cmd::read(Command::new("id").arg("-un"))?;
     let mut c = if me == "postgres" {
         Command::new("psql")
-    } else if is_root()? {
+    } else if cmd::is_root()? {
         let mut c = Command::new("runuser");
         c.args(["-u", "postgres", "--", "psql"]);
         c

@@ -25,18 +25,11 @@ pub fn ensure_installed() -> Result<()> {
         );
         return Ok(());
     }
-    if cmd::read(Command::new("id").arg("-u"))? != "0" {
+    if !cmd::is_root()? {
         bail!("pgbouncer is not installed: `sudo apt-get install -y pgbouncer`");
     }
     println!("pgbouncer is not installed: installing it (Debian)");
-    for args in [&["update"][..], &["install", "-y", "pgbouncer"][..]] {
-        cmd::run(
-            Command::new("apt-get")
-                .args(args)
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .stdin(Stdio::null()),
-        )?;
-    }
+    cmd::apt_install(&["pgbouncer"])?;
     ensure!(
         Path::new(BINARY).is_file(),
         "installed pgbouncer, but {BINARY} is missing"
@@ -103,7 +96,7 @@ impl PgBouncer {
         );
         std::fs::write(dir.join("pgbouncer.ini"), ini)?;
         // PgBouncer refuses to run as root.
-        let root = cmd::read(Command::new("id").arg("-u"))? == "0";
+        let root = cmd::is_root()?;
         let mut c = if root {
             cmd::run(
                 Command::new("chown")

@@ -112,7 +112,7 @@ fn ensure_actionlint() -> Result<PathBuf> {
 }
 
 fn install_shellcheck() -> Result<()> {
-    if cmd::read(Command::new("id").arg("-u"))? != "0" {
+    if !cmd::is_root()? {
         println!(
             "warning: shellcheck is not installed (apt-get install shellcheck): actionlint \
              skips the workflows' run: scripts"

@@ -27,18 +27,11 @@ pub fn ensure_installed() -> Result<()> {
     if Path::new(PROMETHEUS).is_file() && Path::new(PROMTOOL).is_file() {
         return Ok(());
     }
-    if cmd::read(Command::new("id").arg("-u"))? != "0" {
+    if !cmd::is_root()? {
         bail!("prometheus is not installed: `sudo apt-get install -y prometheus`");
     }
     println!("prometheus is not installed: installing it (Debian)");
-    for args in [&["update"][..], &["install", "-y", "prometheus"][..]] {
-        cmd::run(
-            Command::new("apt-get")
-                .args(args)
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .stdin(Stdio::null()),
-        )?;
-    }
+    cmd::apt_install(&["prometheus"])?;
     ensure!(
         Path::new(PROMETHEUS).is_file() && Path::new(PROMTOOL).is_file(),
         "installed prometheus, but {PROMETHEUS} or {PROMTOOL} is missing"
