@@ -53,7 +53,7 @@ pub struct LimitView {
     pub holders: i64,
     /// Jobs (or workflows) waiting for it.
     pub waiters: i64,
-    /// The bucket's tokens now (negative while deferred work has reserved ahead).
+    /// The bucket's tokens now (what is owed to deferred callers is not deducted).
     pub tokens: Option<i64>,
     /// Jobs and calls the bucket deferred so far.
     pub deferred: i64,
@@ -67,7 +67,7 @@ impl From<KeyStatus> for LimitView {
             rate: s.limit.rate.map(|r| RateView {
                 capacity: r.capacity,
                 refill: r.refill,
-                window_ms: i64::try_from(r.window.as_millis()).unwrap_or(i64::MAX),
+                window_ms: r.window_ms(),
             }),
             fair_weight: s.limit.fair_weight,
             source: s.source,

@@ -29,7 +29,7 @@ impl FlowGauges {
             )?,
             tokens: gauge(
                 "ledgerflow_flow_tokens",
-                "Weight in a rate limit's bucket now (negative while deferred work reserved ahead)",
+                "Weight in a rate limit's bucket now (what deferred callers are owed is not deducted)",
             )?,
             deferred: gauge(
                 "ledgerflow_flow_deferrals",

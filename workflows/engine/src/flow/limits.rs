@@ -25,6 +25,13 @@ pub struct Rate {
     pub window: Duration,
 }
 
+impl Rate {
+    /// The window in milliseconds, as stored.
+    pub fn window_ms(&self) -> i64 {
+        i64::try_from(self.window.as_millis()).unwrap_or(i64::MAX)
+    }
+}
+
 mod window_ms {
     use serde::{Deserialize, Deserializer, Serializer};
     use std::time::Duration;
@@ -137,9 +144,53 @@ pub struct KeyStatus {
     pub deferred: i64,
 }
 
-fn window_ms(l: &FlowLimit) -> Option<i64> {
-    l.rate
-        .map(|r| i64::try_from(r.window.as_millis()).unwrap_or(i64::MAX))
+/// Who writes a limit row: code (a declaration) or an operator (with a reason).
+enum Writer<'a> {
+    Code,
+    Admin { by: &'a str, reason: &'a str },
+}
+
+/// Writes `l`'s row, the one statement behind [`declare`] and [`set_in`]: an operator's write
+/// always lands (and makes the row `admin`); code's lands only on a row code wrote, and only
+/// when it changes something (so restarts do not touch `updated_at`).
+async fn upsert(conn: &mut PgConnection, l: &FlowLimit, writer: Writer<'_>) -> Result<()> {
+    l.validate()?;
+    let (source, by, reason) = match writer {
+        Writer::Code => ("code", "code", None),
+        Writer::Admin { by, reason } => ("admin", by, Some(reason)),
+    };
+    sqlx::query(
+        "INSERT INTO flow_limits (key, concurrency, rate_capacity, rate_refill, rate_window_ms,
+                                  fair_weight, source, reason, updated_by)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+         ON CONFLICT (key) DO UPDATE
+           SET concurrency = excluded.concurrency, rate_capacity = excluded.rate_capacity,
+               rate_refill = excluded.rate_refill, rate_window_ms = excluded.rate_window_ms,
+               fair_weight = excluded.fair_weight, source = excluded.source,
+               reason = excluded.reason, updated_by = excluded.updated_by, updated_at = now()
+           WHERE excluded.source = 'admin'
+              OR (flow_limits.source = 'code'
+                  AND (flow_limits.concurrency, flow_limits.rate_capacity, flow_limits.rate_refill,
+                       flow_limits.rate_window_ms, flow_limits.fair_weight)
+                      IS DISTINCT FROM
+                      (excluded.concurrency, excluded.rate_capacity, excluded.rate_refill,
+                       excluded.rate_window_ms, excluded.fair_weight))",
+    )
+    .bind(&l.key)
+    .bind(l.concurrency)
+    .bind(l.rate.map(|r| r.capacity))
+    .bind(l.rate.map(|r| r.refill))
+    .bind(l.rate.map(|r| r.window_ms()))
+    .bind(l.fair_weight)
+    .bind(source)
+    .bind(reason)
+    .bind(by)
+    .execute(&mut *conn)
+    .await?;
+    if let Some(q) = l.queue() {
+        super::db::flag_queue(conn, q).await?;
+    }
+    Ok(())
 }
 
 /// Declares limits from code: inserts each row, or updates a row code wrote; a row an
@@ -147,33 +198,7 @@ fn window_ms(l: &FlowLimit) -> Option<i64> {
 pub async fn declare(pool: &PgPool, limits: &[FlowLimit]) -> Result<()> {
     let mut tx = pool.begin().await?;
     for l in limits {
-        l.validate()?;
-        sqlx::query(
-            "INSERT INTO flow_limits (key, concurrency, rate_capacity, rate_refill,
-                                      rate_window_ms, fair_weight, source, updated_by)
-             VALUES ($1, $2, $3, $4, $5, $6, 'code', 'code')
-             ON CONFLICT (key) DO UPDATE
-               SET concurrency = excluded.concurrency, rate_capacity = excluded.rate_capacity,
-                   rate_refill = excluded.rate_refill, rate_window_ms = excluded.rate_window_ms,
-                   fair_weight = excluded.fair_weight, updated_at = now()
-               WHERE flow_limits.source = 'code'
-                 AND (flow_limits.concurrency, flow_limits.rate_capacity, flow_limits.rate_refill,
-                      flow_limits.rate_window_ms, flow_limits.fair_weight)
-                     IS DISTINCT FROM
-                     (excluded.concurrency, excluded.rate_capacity, excluded.rate_refill,
-                      excluded.rate_window_ms, excluded.fair_weight)",
-        )
-        .bind(&l.key)
-        .bind(l.concurrency)
-        .bind(l.rate.map(|r| r.capacity))
-        .bind(l.rate.map(|r| r.refill))
-        .bind(window_ms(l))
-        .bind(l.fair_weight)
-        .execute(&mut *tx)
-        .await?;
-        if let Some(q) = l.queue() {
-            super::db::flag_queue(&mut tx, q).await?;
-        }
+        upsert(&mut tx, l, Writer::Code).await?;
     }
     tx.commit().await?;
     Ok(())
@@ -182,32 +207,11 @@ pub async fn declare(pool: &PgPool, limits: &[FlowLimit]) -> Result<()> {
 /// An operator sets a limit (source `admin`: code declarations leave it alone from now on),
 /// on the caller's connection, so the caller's audit row commits with it.
 pub async fn set_in(conn: &mut PgConnection, change: &LimitChange<'_>) -> Result<()> {
-    let l = change.limit;
-    l.validate()?;
-    sqlx::query(
-        "INSERT INTO flow_limits (key, concurrency, rate_capacity, rate_refill, rate_window_ms,
-                                  fair_weight, source, reason, updated_by)
-         VALUES ($1, $2, $3, $4, $5, $6, 'admin', $7, $8)
-         ON CONFLICT (key) DO UPDATE
-           SET concurrency = excluded.concurrency, rate_capacity = excluded.rate_capacity,
-               rate_refill = excluded.rate_refill, rate_window_ms = excluded.rate_window_ms,
-               fair_weight = excluded.fair_weight, source = 'admin', reason = excluded.reason,
-               updated_by = excluded.updated_by, updated_at = now()",
-    )
-    .bind(&l.key)
-    .bind(l.concurrency)
-    .bind(l.rate.map(|r| r.capacity))
-    .bind(l.rate.map(|r| r.refill))
-    .bind(window_ms(l))
-    .bind(l.fair_weight)
-    .bind(change.reason)
-    .bind(change.by)
-    .execute(&mut *conn)
-    .await?;
-    if let Some(q) = l.queue() {
-        super::db::flag_queue(conn, q).await?;
-    }
-    Ok(())
+    let writer = Writer::Admin {
+        by: change.by,
+        reason: change.reason,
+    };
+    upsert(conn, change.limit, writer).await
 }
 
 /// An operator removes a limit (the key is then governed by its class row, or unlimited, until
